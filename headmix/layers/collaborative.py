@@ -1,0 +1,112 @@
+"""Collaborative multi-head attention (Cordonnier, Loukas & Jaggi, 2020).
+
+All heads share one query projection ``W_Q`` and one key projection ``W_K`` of size ``key_dim``
+(``D~k``, independent of ``H * head_dim``); head ``h`` re-weights the shared query dimensions by
+its mixing row ``m_h``::
+
+    scores_h = (x W_Q diag(m_h)) (x W_K)^T / sqrt(head_dim)
+
+Values and the output projection are as in multi-head attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_positive_int
+from .base import Attention, zero_rows_without_keys
+from .mha import MultiHeadAttention
+
+
+class CollaborativeAttention(Attention):
+    """Collaborative attention: one shared query/key of size ``key_dim`` and a mixing matrix ``M`` ``(H, key_dim)``.
+
+    The shared key is computed once per position and enters the fused attention kernel as a single
+    key head broadcast over the ``H`` query heads (a stride-0 view, never copied per head), the
+    multi-query shape. At ``key_dim = H * head_dim`` with ``M`` the block "one-hot" pattern (row
+    ``h`` is 1 on head ``h``'s own columns), the layer is exactly multi-head attention; see
+    :meth:`from_multi_head`.
+
+    Parameters (``D`` dim, ``H`` heads, ``Dk`` key_dim): ``2*D*Dk + H*Dk + 2*D*D``
+    (+ ``2*Dk + 2*D`` biases).
+
+    Args:
+        dim, num_heads: as for :class:`MultiHeadAttention`.
+        key_dim: ``D~k``, size of the shared query/key (default ``dim``, i.e. ``H * head_dim``).
+        **options: shared options (``causal``, ``window``, ``bias``, ``rotary``; not ``qk_norm``). With
+            rotary, ``key_dim`` must be a multiple of ``head_dim``: the rotation acts within each
+            block of ``head_dim`` channels of the shared key, as it would per head.
+
+    The mixing matrix starts as the block pattern when ``key_dim`` is a multiple of ``num_heads``
+    (each head owns ``key_dim / H`` shared dimensions, "concatenate" as a starting point), else as
+    all ones.
+
+    Example:
+        >>> import torch
+        >>> from headmix import CollaborativeAttention
+        >>> layer = CollaborativeAttention(dim=64, num_heads=8, key_dim=32)
+        >>> layer(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, key_dim: int | None = None, **options) -> None:
+        super().__init__(dim, num_heads, **options)
+        key_dim = dim if key_dim is None else key_dim
+        check_positive_int("key_dim", key_dim)
+        if self.q_norm is not None:
+            raise ValueError("qk_norm=True is not supported by CollaborativeAttention: there are no per-head keys")
+        if self.rotary is not None and key_dim % self.head_dim:
+            raise ValueError(
+                f"key_dim={key_dim} must be a multiple of head_dim={self.head_dim} when rotary=True "
+                "(the rotation acts within each block of head_dim channels of the shared key)"
+            )
+        self.key_dim = key_dim
+        bias = self.v_proj.bias is not None
+        self.query = nn.Linear(dim, key_dim, bias=bias)  # W~_Q, shared by all heads
+        self.key = nn.Linear(dim, key_dim, bias=bias)  # W~_K, shared by all heads
+        self.mixing = nn.Parameter(block_mixing(num_heads, key_dim))  # M, (H, D~k)
+
+    def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shared_q = self.query(x)[:, None]  # (B, 1, T, D~k)
+        q = shared_q * self.mixing[None, :, None, :]  # head h: x W_Q diag(m_h), (B, H, T, D~k)
+        k = self.key(x)[:, None]  # (B, 1, T, D~k): one key for all heads
+        return q, k
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
+        if is_causal and q.shape[-2] == k.shape[-2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        return zero_rows_without_keys(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale), mask)
+
+    @classmethod
+    def from_multi_head(cls, mha: MultiHeadAttention) -> CollaborativeAttention:
+        """The exact collaborative form of ``mha``: ``key_dim = H * head_dim``, block one-hot mixing."""
+        layer = cls(
+            mha.dim, mha.num_heads, causal=mha.causal, window=mha.window, bias=mha.v_proj.bias is not None,
+            rotary=mha.rotary is not None,
+            rotary_base=mha.rotary.base if mha.rotary is not None else 10000.0,
+            rotary_fraction=mha.rotary.rot_dim / mha.head_dim if mha.rotary is not None else 1.0,
+        ).to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+        layer.load_state_dict(
+            {
+                "query.weight": mha.q_proj.weight, "key.weight": mha.k_proj.weight,
+                "v_proj.weight": mha.v_proj.weight, "out_proj.weight": mha.out_proj.weight,
+                **({"query.bias": mha.q_proj.bias, "key.bias": mha.k_proj.bias, "v_proj.bias": mha.v_proj.bias,
+                    "out_proj.bias": mha.out_proj.bias} if mha.v_proj.bias is not None else {}),
+                "mixing": block_mixing(mha.num_heads, mha.dim),
+            }
+        )
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, key_dim={self.key_dim}"
+
+
+def block_mixing(num_heads: int, key_dim: int) -> Tensor:
+    """``(H, key_dim)`` mixing matrix: head ``h`` owns columns ``h*key_dim/H .. (h+1)*key_dim/H``
+    (all ones if ``key_dim`` is not a multiple of ``H``)."""
+    if key_dim % num_heads:
+        return torch.ones(num_heads, key_dim)
+    return torch.repeat_interleave(torch.eye(num_heads), key_dim // num_heads, dim=1)

@@ -1,0 +1,41 @@
+"""Multi-head attention (Vaswani et al., 2017), the baseline, on PyTorch's fused SDPA."""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Attention, zero_rows_without_keys
+
+
+class MultiHeadAttention(Attention):
+    """Plain multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`.
+
+    Parameters (``D`` = dim): ``4 * D * D`` weights, plus ``4 * D`` biases if ``bias=True``
+    (query, key, value and output projections, each ``D x D``).
+
+    Example:
+        >>> import torch
+        >>> from headmix import MultiHeadAttention
+        >>> layer = MultiHeadAttention(dim=64, num_heads=4)
+        >>> layer(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+
+    See :class:`headmix.layers.base.Attention` for the shared options (``causal``, ``window``,
+    ``bias``, ``rotary``, ``qk_norm``).
+    """
+
+    def __init__(self, dim: int, num_heads: int, **options) -> None:
+        super().__init__(dim, num_heads, **options)
+        bias = self.v_proj.bias is not None
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+
+    def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.split_heads(self.q_proj(x), self.num_heads), self.split_heads(self.k_proj(x), self.num_heads)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        if is_causal and q.shape[-2] == k.shape[-2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return zero_rows_without_keys(out, mask)

@@ -1,0 +1,65 @@
+"""Rotary position embedding (Su et al., 2021), "rotate half" convention, optionally partial.
+
+Channel ``j`` of the rotated part is paired with channel ``j + rot_dim/2`` (the GPT-NeoX / LLaMA
+convention, also the official DCFormer code's). With ``fraction < 1`` only the first
+``fraction * head_dim`` channels of each head rotate (Pythia uses 0.25); the rest pass through.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .._validation import check_positive_int
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate queries/keys by their absolute positions.
+
+    Args:
+        head_dim: channels per head.
+        base: the frequency base ``theta`` (10000 in most models).
+        fraction: share of each head's channels that rotate, in ``(0, 1]``.
+
+    A vector wider than ``head_dim`` (collaborative attention's shared key) is rotated independently
+    within each consecutive block of ``head_dim`` channels.
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, fraction: float = 1.0) -> None:
+        super().__init__()
+        check_positive_int("head_dim", head_dim)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"rotary_fraction={fraction!r} is not allowed: expected 0 < fraction <= 1")
+        if base <= 0:
+            raise ValueError(f"rotary_base={base!r} is not allowed: expected a positive number")
+        rot_dim = int(head_dim * fraction)
+        rot_dim -= rot_dim % 2
+        if rot_dim < 2:
+            raise ValueError(
+                f"rotary_fraction={fraction} of head_dim={head_dim} rotates {rot_dim} channels: need at least 2"
+            )
+        self.head_dim = head_dim
+        self.rot_dim = rot_dim
+        self.base = float(base)
+
+    def cos_sin(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """``cos``, ``sin`` of shape ``(batch or 1, 1, seq, rot_dim)`` for ``positions`` ``(seq,)`` or ``(batch, seq)``."""
+        pos = positions if positions.dim() == 2 else positions[None]
+        # theta_k = base^(-2k / rot_dim), computed in float64 so that every dtype starts from the same angles
+        inv_freq = self.base ** (-torch.arange(0, self.rot_dim, 2, dtype=torch.float64, device=pos.device) / self.rot_dim)
+        angles = (pos[..., None].double() * inv_freq).to(dtype)  # (B, T, rot_dim/2)
+        angles = torch.cat([angles, angles], dim=-1)[:, None]
+        return angles.cos(), angles.sin()
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` of shape ``(batch, heads, seq, channels)``, blockwise over ``head_dim``-sized blocks."""
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.cos_sin(positions, compute_dtype)
+        shape = x.shape
+        blocks = x.reshape(*shape[:-1], shape[-1] // self.head_dim, self.head_dim)
+        rot, rest = blocks[..., : self.rot_dim], blocks[..., self.rot_dim :]
+        half = self.rot_dim // 2
+        rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+        cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over blocks
+        out = (rot.to(compute_dtype) * cos + rotated_half.to(compute_dtype) * sin).to(x.dtype)
+        return torch.cat([out, rest], dim=-1).reshape(shape)

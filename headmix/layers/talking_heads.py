@@ -1,0 +1,50 @@
+"""Talking-heads attention (Shazeer et al., 2020): static learned head mixes around the softmax."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import resolve_backend
+from ..reference import ComposeWeights
+from .mha import MultiHeadAttention
+
+
+class TalkingHeadsAttention(MultiHeadAttention):
+    """Multi-head attention whose logits and weights are mixed across heads by learned ``H x H`` matrices.
+
+    The logits are multiplied by ``P_l = I + W_pre`` before the softmax and the weights by
+    ``P_w = I + W_post`` after it (Shazeer et al., 2020, with ``h_k = h = h_v = H``). The residual
+    form spans every ``H x H`` matrix, like the paper's, and with ``W = 0`` at initialisation a
+    fresh layer computes exactly :class:`MultiHeadAttention`. This is DCMHA's Compose with only its
+    static term, and it runs on the same reference/chunked paths.
+
+    Parameters (``D`` = dim, ``H`` = heads): ``4 * D * D + 2 * H * H`` (+ ``4 * D`` biases).
+
+    Args:
+        dim, num_heads: as for :class:`MultiHeadAttention`.
+        backend: ``"auto"``, ``"reference"`` or ``"chunked"`` (see :mod:`headmix.ops`).
+        chunk_size: query block size of the chunked path.
+        **options: shared options (``causal``, ``window``, ``bias``, ``rotary``, ``qk_norm``).
+
+    Example:
+        >>> import torch
+        >>> from headmix import TalkingHeadsAttention
+        >>> TalkingHeadsAttention(dim=64, num_heads=8)(torch.randn(2, 10, 64)).shape
+        torch.Size([2, 10, 64])
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, backend: str = "auto", chunk_size: int = 128, **options) -> None:
+        super().__init__(dim, num_heads, **options)
+        resolve_backend(backend, 1, chunk_size)  # validates the name now, not at the first call
+        self.backend = backend
+        self.chunk_size = chunk_size
+        self.pre_mix = nn.Parameter(torch.zeros(1, num_heads, num_heads))  # W_pre, (groups=1, H, H)
+        self.post_mix = nn.Parameter(torch.zeros(1, num_heads, num_heads))  # W_post
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size)
+        return core(
+            q, k, v, scale=self.scale, mask=mask, chunk_size=self.chunk_size,
+            pre=ComposeWeights(static=self.pre_mix), post=ComposeWeights(static=self.post_mix),
+        )

@@ -1,0 +1,126 @@
+"""The executable specification: Compose and composed attention, materialised and plain.
+
+Everything else in headmix (the chunked path, later kernels, the layers) is checked against the two
+functions here. They materialise the full ``(batch, heads, query_len, key_len)`` tensors and read
+like the equations of the DCFormer paper (Xiao et al., 2024, eq. 1-5); they are written for
+clarity, not speed.
+
+Notation (paper -> code):
+    A           attention scores (before softmax) or probabilities (after), ``(B, H, T, S)``
+    H, G, M     heads, head groups, heads per group (``H = G * M``); composition mixes heads
+                only within a group
+    R           rank of the dynamic low-rank terms
+    W_b         static head mix, ``static`` ``(G, M, M)``
+    w_q1, w_q2  query-wise low-rank factors at query position i, ``query_w1/query_w2`` ``(B, T, G, R, M)``
+    w_k1, w_k2  key-wise low-rank factors at key position j, ``key_w1/key_w2`` ``(B, S, G, R, M)``
+    w_qg, w_kg  query-wise / key-wise gates, ``query_gate`` ``(B, T, G, M)``, ``key_gate`` ``(B, S, G, M)``
+
+For each query i and key j, with ``a = A[:, i, j]`` the row vector of one group's M head values:
+
+    a' = a + a W_b + (a w_q1) w_q2 + (a w_k1) w_k2 + a * w_qg + a * w_kg
+
+Talking-heads attention (Shazeer et al., 2020) is the special case with only ``W_b``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class ComposeWeights:
+    """The weights of one Compose (pre-softmax or post-softmax). Absent terms are ``None``.
+
+    Shapes (``B`` batch, ``T`` query length, ``S`` key length, ``G`` groups, ``R`` rank, ``M`` heads per group):
+
+    ``static`` ``(G, M, M)``; ``query_w1``, ``query_w2`` ``(B, T, G, R, M)``; ``key_w1``, ``key_w2``
+    ``(B, S, G, R, M)``; ``query_gate`` ``(B, T, G, M)``; ``key_gate`` ``(B, S, G, M)``.
+    """
+
+    static: Tensor | None = None
+    query_w1: Tensor | None = None
+    query_w2: Tensor | None = None
+    key_w1: Tensor | None = None
+    key_w2: Tensor | None = None
+    query_gate: Tensor | None = None
+    key_gate: Tensor | None = None
+
+    def query_slice(self, start: int, end: int) -> ComposeWeights:
+        """The same weights restricted to query positions ``start:end``."""
+        return replace(
+            self,
+            query_w1=None if self.query_w1 is None else self.query_w1[:, start:end],
+            query_w2=None if self.query_w2 is None else self.query_w2[:, start:end],
+            query_gate=None if self.query_gate is None else self.query_gate[:, start:end],
+        )
+
+    def is_identity(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+def compose(a: Tensor, weights: ComposeWeights, groups: int = 1) -> Tensor:
+    """Mix ``a`` ``(B, H, T, S)`` across heads, independently at every (query, key) position.
+
+    Returns a tensor of the same shape: ``a' = a + a W_b + (a w_q1) w_q2 + (a w_k1) w_k2 + a*w_qg + a*w_kg``.
+    """
+    B, H, T, S = a.shape
+    M = H // groups
+    a = a.reshape(B, groups, M, T, S)  # a[b, g, m, i, j]
+    out = a
+    w = weights
+    if w.static is not None:  # a W_b
+        out = out + torch.einsum("bgmts,gmn->bgnts", a, w.static)
+    if w.query_w1 is not None:  # (a w_q1) w_q2, factors taken at query position i (t)
+        hidden = torch.einsum("bgmts,btgrm->bgrts", a, w.query_w1)
+        out = out + torch.einsum("bgrts,btgrn->bgnts", hidden, w.query_w2)
+    if w.key_w1 is not None:  # (a w_k1) w_k2, factors taken at key position j (s)
+        hidden = torch.einsum("bgmts,bsgrm->bgrts", a, w.key_w1)
+        out = out + torch.einsum("bgrts,bsgrn->bgnts", hidden, w.key_w2)
+    if w.query_gate is not None:  # a * w_qg
+        out = out + a * w.query_gate.permute(0, 2, 3, 1)[..., None]  # (B, G, M, T, 1)
+    if w.key_gate is not None:  # a * w_kg
+        out = out + a * w.key_gate.permute(0, 2, 3, 1)[..., None, :]  # (B, G, M, 1, S)
+    return out.reshape(B, H, T, S)
+
+
+def composed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    mask: Tensor | None = None,
+    pre: ComposeWeights | None = None,
+    post: ComposeWeights | None = None,
+    groups: int = 1,
+) -> Tensor:
+    """Attention with Compose before and after the softmax (DCFormer eq. 1-2), fully materialised.
+
+    Args:
+        q: ``(B, H, T, Dk)`` queries.
+        k: ``(B, H or 1, S, Dk)`` keys (one shared key head broadcasts over all query heads).
+        v: ``(B, H, S, Dv)`` values.
+        scale: logit scale, usually ``1/sqrt(Dk)``.
+        mask: bool, broadcastable to ``(B, H, T, S)``, ``True`` where a query may attend.
+        pre, post: Compose weights applied to the scores / probabilities (``None``: identity).
+        groups: number of head groups the compositions act within.
+
+    Returns:
+        ``(B, H, T, Dv)``. A query with no allowed key returns zeros.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # A = Q K^T / sqrt(d)
+    if pre is not None:
+        scores = compose(scores, pre, groups)  # pre-softmax Compose, on the scaled logits
+    if mask is not None:
+        # a finite fill keeps fully masked rows NaN-free; those rows are zeroed below
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    # softmax accumulates in at least float32; the post-Compose runs in the input dtype again
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
+    if post is not None:
+        probs = compose(probs, post, groups)  # post-softmax Compose, on the probabilities
+    return torch.matmul(probs, v)
