@@ -2,7 +2,8 @@
 
 Drop-in attention layers (:class:`MultiHeadAttention`, :class:`TalkingHeadsAttention`,
 :class:`DCMHA`, :class:`CollaborativeAttention`), the reference math they rest on
-(:mod:`headmix.reference`) and its fast paths (:mod:`headmix.ops`).
+(:mod:`headmix.reference`) and its fast paths (:mod:`headmix.ops`), and the DCFormer family of
+Hugging Face language models (:mod:`headmix.models`, registered with the Auto classes on import).
 """
 
 from .layers import (
@@ -14,6 +15,7 @@ from .layers import (
     TalkingHeadsAttention,
 )
 from .masks import attention_mask
+from .models import DCFormerConfig, DCFormerForCausalLM, DCFormerModel, HeadmixCache, upcycle
 from .reference import ComposeWeights, compose, composed_attention
 
 __version__ = "0.1.0"
@@ -21,6 +23,10 @@ __version__ = "0.1.0"
 __all__ = [
     "DCMHA",
     "CollaborativeAttention",
+    "DCFormerConfig",
+    "DCFormerForCausalLM",
+    "DCFormerModel",
+    "HeadmixCache",
     "ComposeWeights",
     "DynamicWeightProjection",
     "MultiHeadAttention",
@@ -29,4 +35,5 @@ __all__ = [
     "attention_mask",
     "compose",
     "composed_attention",
+    "upcycle",
 ]

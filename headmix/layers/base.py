@@ -1,13 +1,15 @@
 """What every headmix attention layer shares: the call convention, masks, rotary, value/output projections.
 
 A layer is called as ``layer(x)`` with ``x`` of shape ``(batch, seq, dim)`` and returns the same
-shape. Subclasses say how queries and keys are made (:meth:`Attention.queries_keys`) and how the
-attention core combines them (:meth:`Attention.attend`); everything else lives here once.
+shape. Subclasses say how queries and keys are made (:meth:`Attention.queries_keys`), what
+per-position state their core needs (:meth:`Attention.composition_state`) and how the attention
+core combines them (:meth:`Attention.attend`); masks, rotary, caching and projections live here once.
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +17,9 @@ from torch import Tensor, nn
 from .._validation import check_divisible, check_input, check_padding_mask, check_positive_int
 from ..masks import attention_mask
 from .rotary import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ..models.cache import LayerCache
 
 
 class Attention(nn.Module):
@@ -69,12 +74,21 @@ class Attention(nn.Module):
         """Queries ``(B, H, T, Dk)`` and keys ``(B, H or 1, T, Dk)`` from ``x`` ``(B, T, D)``, before rotary."""
         raise NotImplementedError
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-        """The attention core: ``(B, H, T, Dv)`` from projected heads.
+    def composition_state(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per-position state the attention core needs besides q, k, v: ``(query_side, key_side)``,
+        dicts of ``(B, T, ...)`` tensors. The key side is what a decoding cache keeps per position."""
+        return {}, {}
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict[str, Tensor]
+    ) -> Tensor:
+        """The attention core: ``(B, H, T, Dv)`` from projected heads ``q`` ``(B, H, T, Dk)``,
+        ``k`` ``(B, H or 1, S, Dk)``, ``v`` ``(B, H, S, Dv)``.
 
         ``mask`` is the boolean ``(B or 1, 1, T, S)`` "may attend" mask; ``is_causal`` says that it is
-        exactly the plain causal mask (so a fused causal kernel may be used instead); ``x`` is the
-        layer input, for layers whose composition depends on it.
+        exactly the plain causal mask over ``T == S`` (so a fused causal kernel may be used);
+        ``state`` holds the query-side state of the new positions and the key-side state of all ``S``
+        keys (see :meth:`composition_state`).
         """
         raise NotImplementedError
 
@@ -84,7 +98,13 @@ class Attention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, heads, -1).transpose(1, 2)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        padding_mask: Tensor | None = None,
+        positions: Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> Tensor:
         """Self-attention over ``x``.
 
         Args:
@@ -93,6 +113,8 @@ class Attention(nn.Module):
                 (keys at padded positions are ignored; a query with no visible key outputs zeros).
             positions: optional ``(seq,)`` or ``(batch, seq)`` token positions for rotary and the
                 causal/window masks (default ``0..seq-1``).
+            cache: optional :class:`headmix.models.cache.LayerCache`: ``x`` holds new tokens, which
+                attend to the cached ones too and are added to the cache.
 
         Returns:
             ``(batch, seq, dim)``.
@@ -103,12 +125,20 @@ class Attention(nn.Module):
             padding_mask = check_padding_mask(padding_mask, B, T)
         if positions is None:
             positions = torch.arange(T, device=x.device)
+        elif positions.shape not in ((T,), (B, T)):
+            raise ValueError(f"positions has shape {tuple(positions.shape)}: expected ({T},) or ({B}, {T})")
         q, k = self.queries_keys(x)
         v = self.split_heads(self.v_proj(x), self.num_heads)
         q, k = self.position_queries_keys(q, k, positions, positions)
-        mask = attention_mask(positions, positions, causal=self.causal, window=self.window, key_padding=padding_mask)
-        is_causal = self.causal and self.window is None and padding_mask is None
-        out = self.attend(q, k, v, x, mask, is_causal)
+        query_state, key_state = self.composition_state(x)
+        keys = {"k": k.transpose(1, 2), "v": v.transpose(1, 2), **key_state}  # every entry (B, T, ...)
+        key_positions, key_valid = positions, padding_mask
+        if cache is not None:
+            valid = padding_mask if padding_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            keys, key_positions, key_valid = cache.update(keys, positions.expand(B, T), valid)
+        mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
+        is_causal = self.causal and self.window is None and key_valid is None
+        out = self.attend(q, keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), mask, is_causal, {**query_state, **keys})
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def position_queries_keys(

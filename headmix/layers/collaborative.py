@@ -74,7 +74,7 @@ class CollaborativeAttention(Attention):
         k = self.key(x)[:, None]  # (B, 1, T, D~k): one key for all heads
         return q, k
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
         k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
         if is_causal and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)

@@ -193,30 +193,34 @@ class DCMHA(MultiHeadAttention):
             for w in self.static.values():
                 w.normal_(0.0, PAPER_INIT_STD) if init == "paper" else w.zero_()
 
-    def compose_weights(self, query_input: Tensor, key_input: Tensor | None = None) -> dict[str, ComposeWeights]:
-        """``{"pre": ComposeWeights, "post": ComposeWeights}`` for query-side input ``(B, T, D)``
-        and key-side input ``(B, S, D)`` (the same tensor in self-attention)."""
-        q_factors, q_gates = self.dynamic(query_input)
-        if key_input is None or key_input is query_input:
-            k_factors, k_gates = q_factors, q_gates
-        else:
-            k_factors, k_gates = self.dynamic(key_input)
-        out = {}
-        for c in self.compositions:
-            qf, kf = q_factors.get((c, "query")), k_factors.get((c, "key"))
-            out[c] = ComposeWeights(
-                static=self.static[c] if c in self.static else None,
-                query_w1=None if qf is None else qf[0],
-                query_w2=None if qf is None else qf[1],
-                key_w1=None if kf is None else kf[0],
-                key_w2=None if kf is None else kf[1],
-                query_gate=q_gates.get((c, "query")),
-                key_gate=k_gates.get((c, "key")),
-            )
-        return out
+    def composition_state(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Dynamic composition weights of every position of ``x`` ``(B, T, D)``, split into the query
+        side (``"pre.query_w1"``, ..., ``"post.query_gate"``) and the key side (``"pre.key_w1"``, ...).
+        A decoding cache keeps the key side, so a new token never recomputes old positions' weights."""
+        factors, gates = self.dynamic(x)
+        query_side: dict[str, Tensor] = {}
+        key_side: dict[str, Tensor] = {}
+        for (composition, side), (w1, w2) in factors.items():
+            target = query_side if side == "query" else key_side
+            target[f"{composition}.{side}_w1"], target[f"{composition}.{side}_w2"] = w1, w2
+        for (composition, side), gate in gates.items():
+            (query_side if side == "query" else key_side)[f"{composition}.{side}_gate"] = gate
+        return query_side, key_side
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, x: Tensor, mask: Tensor | None, is_causal: bool) -> Tensor:
-        weights = self.compose_weights(x)
+    def compose_weights(self, state: dict[str, Tensor]) -> dict[str, ComposeWeights]:
+        """``{"pre": ComposeWeights, "post": ComposeWeights}`` from the static weights and a state of
+        :meth:`composition_state` (query side for the queries, key side for all keys)."""
+        fields = ("query_w1", "query_w2", "key_w1", "key_w2", "query_gate", "key_gate")
+        return {
+            c: ComposeWeights(
+                static=self.static[c] if c in self.static else None,
+                **{f: state.get(f"{c}.{f}") for f in fields},
+            )
+            for c in self.compositions
+        }
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
+        weights = self.compose_weights(state)
         core = resolve_backend(self.backend, q.shape[-2], self.chunk_size)
         return core(
             q, k, v, scale=self.scale, mask=mask, groups=self.groups, chunk_size=self.chunk_size,

@@ -1,0 +1,254 @@
+"""The decoder family through the Hugging Face API: caching, generation, saving, upcycling, presets."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+from helpers import randomise_composition
+from transformers import AutoModelForCausalLM
+
+import headmix  # noqa: F401  (registers the Auto classes)
+from headmix import DCMHA, MultiHeadAttention
+from headmix.models import PRESETS, DCFormerConfig, DCFormerForCausalLM, upcycle
+
+TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
+            max_position_embeddings=256)
+
+
+def tiny_model(seed: int = 0, **overrides) -> DCFormerForCausalLM:
+    torch.manual_seed(seed)
+    model = DCFormerForCausalLM(DCFormerConfig(**{**TINY, **overrides})).eval()
+    for module in model.modules():  # make every composition term matter
+        if isinstance(module, (DCMHA,)) or type(module).__name__ == "TalkingHeadsAttention":
+            randomise_composition(module, std=0.3, seed=seed)
+    return model
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+KINDS = [
+    dict(attention="mha"),
+    dict(attention="talking_heads"),
+    dict(attention="dcmha"),
+    dict(attention="collaborative", collaborative_key_dim=16),
+    dict(attention="dcmha", window_size=6, window_pattern="LG", qk_norm=True),
+    dict(attention=["mha", "dcmha", "talking_heads", "collaborative"], window_size=5, window_pattern="LLLG"),
+    dict(attention="dcmha", backbone="pythia", dcmha_groups=2),
+    dict(attention="mha", backbone="pythia", window_size=7),
+]
+
+
+@pytest.mark.parametrize("options", KINDS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_incremental_decoding_matches_full_forward(options):
+    model = tiny_model(**options)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 30))  # 30 tokens: 5x the window
+    with torch.no_grad():
+        full = model(ids).logits
+        for prefill, step in ((8, 1), (5, 7)):  # prefill then one token at a time; chunked prefill
+            cache = model.new_cache()
+            pieces = [model(ids[:, :prefill], past_key_values=cache, use_cache=True).logits]
+            for start in range(prefill, ids.shape[1], step):
+                pieces.append(model(ids[:, start : start + step], past_key_values=cache, use_cache=True).logits)
+            assert rel_err(torch.cat(pieces, 1), full) <= 1e-4, (prefill, step)
+
+
+def test_rolling_cache_is_bounded_by_window():
+    model = tiny_model(attention="dcmha", window_size=6, window_pattern="LG")
+    cache = model.new_cache()
+    ids = torch.randint(0, TINY["vocab_size"], (1, 40))
+    with torch.no_grad():
+        for t in range(40):
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    lengths = [len(layer) for layer in cache.layers]
+    assert lengths == [5, 40, 5, 40]  # local layers keep window - 1 positions, global layers all
+    assert set(cache.layers[0].state) >= {"k", "v", "pre.key_w1", "pre.key_w2", "pre.key_gate", "post.key_gate"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "chunked"])
+@pytest.mark.parametrize("cls", [MultiHeadAttention, DCMHA])
+def test_token_outside_window_does_not_change_local_layer(cls, backend):
+    options = dict(window=4, rotary=True) | ({"backend": backend, "chunk_size": 3} if cls is DCMHA else {})
+    layer = cls(32, 4, **options)
+    if cls is DCMHA:
+        randomise_composition(layer)
+    x = torch.randn(1, 12, 32)
+    perturbed = x.clone()
+    perturbed[:, 2] += 5.0
+    out, out_p = layer(x), layer(perturbed)
+    assert torch.equal(out[:, 6:], out_p[:, 6:])  # queries 6.. see positions >= 3 only
+    assert not torch.allclose(out[:, 2:6], out_p[:, 2:6])  # inside the window it matters
+
+
+def test_save_and_auto_load_round_trip_is_bit_exact(tmp_path):
+    model = tiny_model(attention="dcmha", window_size=6, window_pattern="LG")
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is DCFormerForCausalLM
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, TINY["vocab_size"], (2, 9))
+    assert torch.equal(model(ids).logits, loaded.eval()(ids).logits)
+
+
+def test_load_in_bfloat16(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+
+
+def _rewrite(tmp_path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model(attention="dcmha").save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_tensor_is_named(tmp_path):
+    _rewrite(tmp_path, lambda t: t.pop("model.layers.1.attention.dynamic.factors"))
+    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.attention.dynamic.factors'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_is_named(tmp_path):
+    _rewrite(tmp_path, lambda t: t.update({"model.layers.0.attention.q_proj.weight": torch.zeros(16, 32)}))
+    with pytest.raises(ValueError, match=r"'model.layers.0.attention.q_proj.weight' .* has shape \(16, 32\): the model expects \(32, 32\)"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(file.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors is truncated or corrupt"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("options", [dict(attention="dcmha", window_size=6, window_pattern="LG"),
+                                     dict(attention="collaborative", backbone="pythia")])
+def test_greedy_generate_equals_argmax_loop(options):
+    model = tiny_model(**options)
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 5))
+    out = model.generate(prompt, max_new_tokens=15, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(15):
+            ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, ids)
+
+
+def test_beam_search_and_sampling_with_cache_match_without():
+    model = tiny_model(attention="dcmha", window_size=6, window_pattern="LG")
+    prompt = torch.randint(0, TINY["vocab_size"], (2, 4))
+    common = dict(max_new_tokens=10, pad_token_id=0)
+    beams = [model.generate(prompt, num_beams=3, do_sample=False, use_cache=c, **common) for c in (True, False)]
+    assert torch.equal(beams[0], beams[1])
+    samples = []
+    for use_cache in (True, False):
+        torch.manual_seed(5)
+        samples.append(model.generate(prompt, do_sample=True, top_k=20, use_cache=use_cache, **common))
+    assert torch.equal(samples[0], samples[1])
+
+
+def test_left_padded_batch_generates_like_single_prompts():
+    model = tiny_model(attention="dcmha", window_size=6, window_pattern="LG")
+    short, long = torch.randint(1, TINY["vocab_size"], (1, 3)), torch.randint(1, TINY["vocab_size"], (1, 7))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1, 1], [1] * 7])
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    for row, prompt in enumerate((short, long)):
+        alone = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert torch.equal(together[row, -8:], alone[0, -8:])
+
+
+@pytest.mark.parametrize("backbone", ["llama", "pythia"])
+@pytest.mark.parametrize("target", ["dcmha", "talking_heads"])
+def test_upcycled_model_has_the_same_logits(backbone, target):
+    torch.manual_seed(0)
+    source = DCFormerForCausalLM(DCFormerConfig(**TINY, backbone=backbone, attention="mha", window_size=6,
+                                                window_pattern="LG")).eval()
+    upcycled = upcycle(source, attention=target)
+    assert {upcycled.config.layer_attention(i) for i in range(4)} == {target}
+    ids = torch.randint(0, TINY["vocab_size"], (2, 20))
+    with torch.no_grad():
+        assert (upcycled(ids).logits - source(ids).logits).abs().max() <= 1e-5
+    # it is a real DCMHA model: training moves the composition away from the identity
+    if target == "dcmha":
+        assert any("dynamic" in n for n, _ in upcycled.named_parameters())
+
+
+def test_upcycle_refuses_non_identity_init():
+    with pytest.raises(ValueError, match="dcmha_init must stay 'identity'"):
+        upcycle(tiny_model(), dcmha_init="paper")
+
+
+PAPER_SIZES = {"405m": 405e6, "834m": 834e6, "1.4b": 1.4e9, "2.8b": 2.8e9, "6.9b": 6.9e9, "70m": 70e6,
+               "160m": 160e6, "410m": 410e6, "1b": 1.0e9, "125m": 125e6}
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if not n.startswith("tiny")])
+def test_preset_parameter_count_matches_paper_size(name):
+    size = next(s for key, s in PAPER_SIZES.items() if key in name.split("-") or name.endswith("-" + key)
+                or name.startswith(key + "-"))
+    computed = DCFormerConfig.from_preset(name).num_parameters()
+    assert abs(computed - size) / size <= 0.05, (name, computed)
+
+
+@pytest.mark.parametrize("name", ["tiny-dcformer++", "tiny-dcpythia", "dcpythia-70m", "dcformer++-405m"])
+def test_closed_form_count_equals_instantiated_model(name):
+    config = DCFormerConfig.from_preset(name)
+    with torch.device("meta"):
+        model = DCFormerForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
+
+
+def test_large_preset_on_meta_device_costs_no_memory():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    with torch.device("meta"):
+        model = DCFormerForCausalLM(DCFormerConfig.from_preset("dcformer++-6.9b"))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert all(p.is_meta for p in model.parameters())
+    assert grown_mib < 300, grown_mib  # the weights alone would be 27 GiB in float32
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(attention="flash"), r"attention='flash' is not allowed: expected one of \('mha', 'talking_heads', 'dcmha', 'collaborative'\)"),
+        (dict(hidden_size=30), r"hidden_size=30 must be divisible by num_attention_heads=4"),
+        (dict(backbone="gpt2"), r"backbone='gpt2' is not allowed"),
+        (dict(window_size=8, window_pattern="LXG"), r"window_pattern='LXG' is not allowed"),
+        (dict(window_pattern="LG"), r"window_pattern='LG' has local layers but window_size=None"),
+        (dict(attention=["mha", "dcmha"]), r"attention has 2 entries: expected one kind per layer"),
+        (dict(dcmha_rank=0), r"dcmha_rank=0 is not allowed"),
+        (dict(rotary_pct=0.0), r"rotary_pct=0.0 is not allowed"),
+    ],
+)
+def test_config_errors_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DCFormerConfig(**{**TINY, **fields})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match=r"preset='dcformer-7b' is not allowed: expected one of"):
+        DCFormerConfig.from_preset("dcformer-7b")
+
+
+def test_preset_docstring_table_is_computed():
+    doc = DCFormerConfig.from_preset.__doc__
+    assert "| dcformer++-2.8b | 32 | 2560 | 32 | dcmha | 256 (LG) |" in doc
+    assert f"{DCFormerConfig.from_preset('pythia-70m').num_parameters() / 1e6:,.1f}M" in doc
+
+
+def test_docstring_example_runs():
+    import doctest
+
+    import headmix.models.modeling
+
+    failures, tried = doctest.testmod(headmix.models.modeling)
+    assert tried > 0 and failures == 0
