@@ -1,4 +1,12 @@
-"""The ``headmix`` command line: one entry point, one subcommand per job."""
+"""The ``headmix`` command line: one entry point, one subcommand per job.
+
+    headmix train [--config FILE] [field=value ...]   train and compare models (default: the embedded job)
+    headmix eval MODEL_DIR --data FILE ...             validation loss / perplexity on text files
+    headmix generate MODEL_DIR --prompt TEXT            stream generated text
+    headmix convert upcycle SRC_DIR OUT_DIR             Transformer++/Pythia -> DCFormer/DCPythia, same outputs
+    headmix presets                                     the model presets with their parameter counts
+    headmix demo                                        the four attention layers side by side
+"""
 
 from __future__ import annotations
 
@@ -7,18 +15,61 @@ import sys
 from collections.abc import Sequence
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headmix", description="Multi-head attention whose heads work together.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser(
+        "train", help="train models and compare them (no arguments: the embedded default job)",
+        description="Train every model in `models` on the same tokens, then print a table and write a plot. "
+        "Fields and defaults: see headmix.training.config.TrainConfig (`headmix train --show-config`).",
+    )
+    train.add_argument("--config", help="YAML file of TrainConfig fields")
+    train.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("overrides", nargs="*", metavar="field=value", help="override any config field, e.g. max_steps=50")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("eval", help="validation loss and perplexity of a saved model on text files")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("--data", nargs="+", required=True, help="text/JSONL/Parquet files or directories")
+    evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluated sequence (default: %(default)s)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    evaluate.add_argument("--text-field", default="text", help="text field of JSONL/Parquet rows (default: %(default)s)")
+    evaluate.add_argument("--max-sequences", type=int, help="evaluate at most this many sequences")
+    evaluate.set_defaults(run=_eval)
+
+    generate = sub.add_parser("generate", help="generate text from a saved model, streamed")
+    generate.add_argument("model_dir")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=100, help="(default: %(default)s)")
+    generate.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    generate.add_argument("--temperature", type=float, default=0.8, help="(default: %(default)s)")
+    generate.add_argument("--top-k", type=int, default=50, help="(default: %(default)s)")
+    generate.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    generate.set_defaults(run=_generate)
+
+    convert = sub.add_parser("convert", help="convert checkpoints")
+    kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
+    upcycle = kinds.add_parser("upcycle", help="Transformer++/Pythia -> DCFormer/DCPythia with identical outputs")
+    upcycle.add_argument("src_dir")
+    upcycle.add_argument("out_dir")
+    upcycle.add_argument("--attention", default="dcmha", choices=["dcmha", "talking_heads"])
+    upcycle.set_defaults(run=_upcycle)
+
+    presets = sub.add_parser("presets", help="list the model presets with their computed parameter counts")
+    presets.set_defaults(run=_presets)
 
     demo = sub.add_parser("demo", help="build the four attention layers and check them against each other")
     demo.add_argument("--dim", type=int, default=256, help="model width (default: %(default)s)")
     demo.add_argument("--heads", type=int, default=8, help="number of heads (default: %(default)s)")
     demo.add_argument("--seq", type=int, default=512, help="sequence length (default: %(default)s)")
     demo.add_argument("--batch", type=int, default=2, help="batch size (default: %(default)s)")
-    demo.set_defaults(run=_run_demo)
+    demo.set_defaults(run=_demo)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
         return args.run(args) or 0
     except ValueError as error:  # bad user input: one clear line, no traceback
@@ -26,7 +77,85 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
+    from .training.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.show_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    from .training.engine import TrainingDiverged
+    from .training.run import run_training
+
+    try:
+        run_training(config)
+    except TrainingDiverged as error:
+        print(f"headmix train: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate_files
+
+    result = evaluate_files(args.model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                            text_field=args.text_field, max_sequences=args.max_sequences)
+    print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
+          f"({result['tokens']:,} predicted tokens in {result['sequences']} sequences of {args.seq_len})")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    import headmix  # noqa: F401  (registers the Auto classes)
+
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    if inputs["input_ids"].shape[1] == 0:
+        raise ValueError("prompt is empty: give at least one token of text")
+    torch.manual_seed(args.seed)
+    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k)
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
+                   streamer=TextStreamer(tokenizer), pad_token_id=tokenizer.eos_token_id, **sampling)
+    return 0
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .models import DCFormerForCausalLM, upcycle
+
+    if not (Path(args.src_dir) / "config.json").is_file():
+        raise ValueError(f"model directory {args.src_dir} does not exist or has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(args.src_dir)
+    if not isinstance(model, DCFormerForCausalLM):
+        raise ValueError(f"{args.src_dir} holds a {type(model).__name__}: expected a headmix model")
+    upcycle(model, attention=args.attention).save_pretrained(args.out_dir)
+    if (Path(args.src_dir) / "tokenizer.json").is_file():
+        AutoTokenizer.from_pretrained(args.src_dir).save_pretrained(args.out_dir)
+    print(f"wrote {args.out_dir}: every mha layer is now {args.attention}, outputs unchanged")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from .models import preset_table
+
+    print(preset_table())
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(dim=args.dim, num_heads=args.heads, seq_len=args.seq, batch=args.batch)

@@ -1,0 +1,150 @@
+"""Training configuration: every default lives in :class:`TrainConfig`, and only there.
+
+A run is configured by (in order of precedence) command-line overrides ``field=value``, a YAML file,
+and the defaults below. The defaults are the embedded job: a tiny DCFormer++ against a tiny
+Transformer++ on the packaged Shakespeare corpus, sized to finish in about five minutes on two CPU
+cores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._validation import check_choice, check_positive_int
+from ..models.configuration import PRESETS
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+STRATEGIES = ("ddp", "fsdp2")
+
+
+@dataclass
+class TrainConfig:
+    """What to train, on what, and how. Every field can be set in YAML or as ``field=value``.
+
+    Models and data:
+        models: presets to train one after the other on the same tokens (see ``headmix presets``).
+        model_overrides: config fields applied to every model (e.g. ``{attention_backend: chunked}``).
+        data: text/JSONL/Parquet files or directories; empty: the embedded Shakespeare corpus.
+        text_field: the field holding the text in JSONL/Parquet rows.
+        tokenizer: a saved tokenizer directory; empty: train a byte-level BPE on the training data (cached).
+        vocab_size: size of the trained BPE vocabulary (also the models' vocabulary).
+        seq_len: tokens per training sequence (packed).
+        validation_fraction: share of documents held out for validation.
+        max_validation_sequences: cap on validation sequences evaluated each time.
+        streaming: stream the tokenised data instead of materialising it (for data larger than memory).
+        num_proc: processes for tokenisation.
+
+    Optimisation:
+        max_steps, batch_size (per device), grad_accum, learning_rate, min_lr_ratio, warmup_steps,
+        weight_decay, adam_beta1, adam_beta2, max_grad_norm, seed.
+
+    Running:
+        output_dir: where checkpoints, logs, the table and the plot go (one sub-directory per model).
+        eval_every, log_every, save_every: in optimizer steps.
+        keep_last: checkpoints kept per model (older ones are deleted).
+        precision: ``auto`` (bf16 on a GPU that supports it, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        distributed: ``ddp`` or ``fsdp2`` when launched with ``torchrun`` on several processes.
+        compile: ``torch.compile`` the model.
+        gradient_checkpointing: recompute activations in the backward pass.
+        cache_dir: tokenizer, corpus and tokenised-data cache (default ``~/.cache/headmix``).
+    """
+
+    models: list[str] = field(default_factory=lambda: ["tiny-dcformer++", "tiny-transformer++"])
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    data: list[str] = field(default_factory=list)
+    text_field: str = "text"
+    tokenizer: str = ""
+    vocab_size: int = 4096
+    seq_len: int = 128
+    validation_fraction: float = 0.02
+    max_validation_sequences: int = 64
+    streaming: bool = False
+    num_proc: int = 2
+    max_steps: int = 180
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    output_dir: str = "runs/default"
+    eval_every: int = 30
+    log_every: int = 10
+    save_every: int = 60
+    keep_last: int = 2
+    precision: str = "auto"
+    distributed: str = "ddp"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    cache_dir: str = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field, its value and what is allowed."""
+        if not self.models:
+            raise ValueError("models is empty: name at least one preset (see `headmix presets`)")
+        for name in self.models:
+            check_choice("models", name, tuple(PRESETS))
+        for name in ("vocab_size", "seq_len", "max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
+                     "save_every", "keep_last", "num_proc", "max_validation_sequences"):
+            check_positive_int(name, getattr(self, name))
+        if not 0.0 < self.validation_fraction < 1.0:
+            raise ValueError(f"validation_fraction={self.validation_fraction!r} is not allowed: expected 0 < x < 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate!r} is not allowed: expected a positive number")
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("distributed", self.distributed, STRATEGIES)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "headmix"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, read as YAML: ``3e-4`` -> float, ``true`` -> bool, ``[a, b]`` -> list."""
+    return yaml.safe_load(text)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file at ``path``, then ``field=value`` overrides.
+
+    Raises:
+        ValueError: for a missing file, an unknown field or a malformed override.
+    """
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not allowed: expected field=value, e.g. max_steps=100")
+        key, _, raw = item.partition("=")
+        values[key.strip()] = parse_value(raw)
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown}: allowed fields are {sorted(fields)}")
+    if isinstance(values.get("models"), str):
+        values["models"] = [values["models"]]
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    return TrainConfig(**values)
