@@ -159,6 +159,8 @@ class ModelResult:
     tokens_per_second: float
     tokens: int
     output_dir: Path
+    world_size: int = 1
+    peak_memory_gib: float | None = None  # peak CUDA memory allocated on rank 0
 
     @property
     def perplexity(self) -> float:
@@ -266,6 +268,8 @@ def train_one(name: str, config: TrainConfig, data: PreparedData) -> ModelResult
         tokens_per_second=(config.max_steps - start_step) * tokens_per_step / elapsed,
         tokens=config.max_steps * tokens_per_step,
         output_dir=output_dir,
+        world_size=args.world_size,
+        peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     )
     if trainer.is_world_process_zero():
         trainer.save_model(str(final_dir))

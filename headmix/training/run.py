@@ -51,12 +51,13 @@ def results_table(results: list[ModelResult], config: TrainConfig) -> str:
         f"Measured {datetime.date.today().isoformat()} on {device}, torch {torch.__version__}; "
         f"{config.max_steps} steps x {config.batch_size * config.grad_accum} sequences x {config.seq_len} tokens each.",
         "",
-        "| model | parameters | validation loss | perplexity | tokens/s (training) |",
-        "|---|---|---|---|---|",
+        "| model | parameters | validation loss | perplexity | tokens/s (training) | processes | tokens/s per process | peak GPU memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        memory = f"{r.peak_memory_gib:.1f} GiB" if r.peak_memory_gib is not None else "-"
         lines.append(f"| {r.name} | {r.parameters / 1e6:.2f}M | {r.validation_loss:.4f} | {r.perplexity:.2f} | "
-                     f"{r.tokens_per_second:,.0f} |")
+                     f"{r.tokens_per_second:,.0f} | {r.world_size} | {r.tokens_per_second / r.world_size:,.0f} | {memory} |")
     return "\n".join(lines)
 
 
