@@ -271,8 +271,8 @@ def train_one(name: str, config: TrainConfig, data: PreparedData) -> ModelResult
         world_size=args.world_size,
         peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
     )
+    trainer.save_model(str(final_dir))  # every rank: under FSDP2 gathering the weights is collective
     if trainer.is_world_process_zero():
-        trainer.save_model(str(final_dir))
         stored = {k: v for k, v in vars(result).items() if k != "output_dir"}
         (final_dir / RESULT).write_text(json.dumps(stored, indent=2))
     trainer.accelerator.wait_for_everyone()
