@@ -252,3 +252,21 @@ def test_docstring_example_runs():
 
     failures, tried = doctest.testmod(headmix.models.modeling)
     assert tried > 0 and failures == 0
+
+
+@pytest.mark.parametrize("attention", ["dcmha", "mha"])
+def test_gradient_checkpointing_gives_the_same_gradients(attention):
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(attention=attention, window_size=6, window_pattern="LG").train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+            assert all(layer.gradient_checkpointing for layer in model.model.layers)
+        calls = []
+        model.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+        model(ids, labels=ids).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
