@@ -264,7 +264,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention):
             model.gradient_checkpointing_enable()
             assert all(layer.gradient_checkpointing for layer in model.model.layers)
         calls = []
-        model.model.layers[0].mlp.register_forward_hook(lambda *args: calls.append(1))
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda *args: calls.append(1))
         model(ids, labels=ids).loss.backward()
         assert len(calls) == (2 if checkpointing else 1)  # recomputed in the backward pass
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
