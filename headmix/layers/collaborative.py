@@ -30,11 +30,14 @@ class CollaborativeAttention(Attention):
     :meth:`from_multi_head`.
 
     Parameters (``D`` dim, ``H`` heads, ``Dk`` key_dim): ``2*D*Dk + H*Dk + 2*D*D``
-    (+ ``2*Dk + 2*D`` biases).
+    (+ ``2*Dk + 2*D`` biases, + ``H*D`` with ``content_bias``).
 
     Args:
         dim, num_heads: as for :class:`MultiHeadAttention`.
         key_dim: ``D~k``, size of the shared query/key (default ``dim``, i.e. ``H * head_dim``).
+        content_bias: add a per-head content term ``x_j . u_h / sqrt(head_dim)`` to the scores of key
+            ``j`` (``u`` of shape ``(H, D)``): what a query bias of multi-head attention becomes after
+            re-parametrization (see :func:`headmix.convert.collaborative.reparametrize`).
         **options: shared options (``causal``, ``window``, ``bias``, ``rotary``; not ``qk_norm``). With
             rotary, ``key_dim`` must be a multiple of ``head_dim``: the rotation acts within each
             block of ``head_dim`` channels of the shared key, as it would per head.
@@ -51,7 +54,9 @@ class CollaborativeAttention(Attention):
         torch.Size([2, 10, 64])
     """
 
-    def __init__(self, dim: int, num_heads: int, *, key_dim: int | None = None, **options) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, *, key_dim: int | None = None, content_bias: bool = False, **options
+    ) -> None:
         super().__init__(dim, num_heads, **options)
         key_dim = dim if key_dim is None else key_dim
         check_positive_int("key_dim", key_dim)
@@ -67,6 +72,12 @@ class CollaborativeAttention(Attention):
         self.query = nn.Linear(dim, key_dim, bias=bias)  # W~_Q, shared by all heads
         self.key = nn.Linear(dim, key_dim, bias=bias)  # W~_K, shared by all heads
         self.mixing = nn.Parameter(block_mixing(num_heads, key_dim))  # M, (H, D~k)
+        self.content_bias = nn.Parameter(torch.zeros(num_heads, dim)) if content_bias else None  # u, (H, D)
+
+    def composition_state(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        if self.content_bias is None:
+            return {}, {}
+        return {}, {"content": x @ self.content_bias.T * self.scale}  # (B, S, H): per key, per head
 
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shared_q = self.query(x)[:, None]  # (B, 1, T, D~k)
@@ -76,6 +87,12 @@ class CollaborativeAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
         k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
+        if "content" in state:  # an additive (B, H, 1, S) term, masked positions at -inf
+            bias = state["content"].permute(0, 2, 1)[:, :, None, :].to(q.dtype)
+            if mask is not None:
+                bias = bias.masked_fill(~mask, float("-inf"))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+            return zero_rows_without_keys(out.nan_to_num(0.0), mask)
         if is_causal and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         return zero_rows_without_keys(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale), mask)
