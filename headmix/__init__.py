@@ -18,6 +18,10 @@ from .masks import attention_mask
 from .models import DCFormerConfig, DCFormerForCausalLM, DCFormerModel, HeadmixCache, upcycle
 from .reference import ComposeWeights, compose, composed_attention
 
+from .convert.collaborative_hf import register_saved_classes as _register_collaborative_classes
+
+_register_collaborative_classes()  # saved collaborative BERT/RoBERTa/DistilBERT/ALBERT/GPT-2 load by Auto class
+
 __version__ = "0.1.0"
 
 __all__ = [

