@@ -4,6 +4,7 @@
     headmix eval MODEL_DIR --data FILE ...             validation loss / perplexity on text files
     headmix generate MODEL_DIR --prompt TEXT            stream generated text
     headmix convert upcycle SRC_DIR OUT_DIR             Transformer++/Pythia -> DCFormer/DCPythia, same outputs
+    headmix convert collab MODEL_DIR OUT_DIR --key-dim-ratio 0.5   MHA -> collaborative attention (BERT, GPT-2, ...)
     headmix presets                                     the model presets with their parameter counts
     headmix demo                                        the four attention layers side by side
 """
@@ -55,6 +56,25 @@ def _parser() -> argparse.ArgumentParser:
     upcycle.add_argument("out_dir")
     upcycle.add_argument("--attention", default="dcmha", choices=["dcmha", "talking_heads"])
     upcycle.set_defaults(run=_upcycle)
+
+    collab = kinds.add_parser(
+        "collab", help="re-parametrize a BERT/RoBERTa/DistilBERT/ALBERT/GPT-2 model as collaborative attention",
+        description="Decompose every attention layer's query-key products (CP/PARAFAC, TensorLy) into one shared "
+        "query/key of size key_dim, print per-layer errors and the savings, and save a model that reloads with "
+        "AutoModel.from_pretrained after `import headmix`.",
+    )
+    collab.add_argument("model_dir")
+    collab.add_argument("out_dir")
+    size = collab.add_mutually_exclusive_group(required=True)
+    size.add_argument("--key-dim", type=int, help="shared key size D~k of every layer")
+    size.add_argument("--key-dim-ratio", type=float, help="D~k as a share of heads x head_dim, e.g. 0.5")
+    collab.add_argument("--calibration", nargs="+", help="text files: decompose data-aware (whitened by real activations)")
+    collab.add_argument("--calibration-sentences", type=int, default=256, help="(default: %(default)s)")
+    collab.add_argument("--init", default="svd", choices=["svd", "random"], help="ALS initialisation (default: %(default)s)")
+    collab.add_argument("--iterations", type=int, default=20, help="ALS iteration cap (default: %(default)s)")
+    collab.add_argument("--tol", type=float, default=1e-8, help="ALS tolerance (default: %(default)s)")
+    collab.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    collab.set_defaults(run=_collab)
 
     presets = sub.add_parser("presets", help="list the model presets with their computed parameter counts")
     presets.set_defaults(run=_presets)
@@ -145,6 +165,58 @@ def _upcycle(args: argparse.Namespace) -> int:
     if (Path(args.src_dir) / "tokenizer.json").is_file():
         AutoTokenizer.from_pretrained(args.src_dir).save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir}: every mha layer is now {args.attention}, outputs unchanged")
+    return 0
+
+
+def _collab(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from transformers import AutoModel, AutoTokenizer
+
+    import headmix  # noqa: F401  (registers the collaborative classes for saving)
+
+    from .convert.collaborative_hf import attention_modules, collect_attention_inputs, convert_to_collaborative
+
+    if not (Path(args.model_dir) / "config.json").is_file():
+        raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
+    model = AutoModel.from_pretrained(args.model_dir).eval()
+    calibration = None
+    tokenizer = None
+    if (Path(args.model_dir) / "tokenizer_config.json").is_file() or (Path(args.model_dir) / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    if args.calibration:
+        from .training.data import resolve_data_files
+
+        if tokenizer is None:
+            raise ValueError(f"--calibration needs the model's tokenizer, and {args.model_dir} has none")
+        _, files = resolve_data_files(args.calibration)
+        lines = [line.strip() for f in files for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = lines[: args.calibration_sentences]
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        batches = [dict(tokenizer(lines[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+                   for i in range(0, len(lines), 32)]
+        calibration = collect_attention_inputs(model, batches)
+    before = sum(p.numel() for p in model.parameters())
+    full = {name: module for name, module in attention_modules(model)}
+    results = convert_to_collaborative(model, key_dim=args.key_dim, key_dim_ratio=args.key_dim_ratio,
+                                       calibration=calibration, init=args.init, n_iter_max=args.iterations,
+                                       tol=args.tol, seed=args.seed)
+    after = sum(p.numel() for p in model.parameters())
+    print(f"{'layer':<44}{'D~k':>6}{'rel. error':>12}")
+    for name, weights in results.items():
+        print(f"{name:<44}{weights.mixing.shape[1]:>6}{weights.relative_error:>12.4f}")
+    d_in = next(iter(results.values())).query.shape[0]
+    key_dim = next(iter(results.values())).mixing.shape[1]
+    print(f"parameters: {before:,} -> {after:,} ({(after - before) / before:+.1%}); query/key projection "
+          f"FLOPs per token per layer: {2 * 2 * d_in * d_in:,} -> {2 * 2 * d_in * key_dim:,} "
+          f"({len(full)} attention module(s)); score FLOPs per query-key pair per layer: "
+          f"{2 * d_in:,} -> {2 * next(iter(results.values())).mixing.shape[0] * key_dim:,} (every head dots the shared "
+          "key of size D~k)")
+    model.save_pretrained(args.out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.out_dir)
+    print(f"wrote {args.out_dir} (loads with AutoModel.from_pretrained after `import headmix`)")
     return 0
 
 

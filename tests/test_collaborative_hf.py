@@ -139,3 +139,17 @@ def test_benchmark_script_runs_on_the_real_packaged_model():
                                 "--no-write"])
     by_method = {r["method"]: r for r in rows}
     assert by_method["data-aware"]["cosine"] > by_method["plain"]["cosine"] > 0.5
+
+
+def test_cli_convert_collab(tmp_path):
+    model = build("bert")
+    model.save_pretrained(tmp_path / "src")
+    result = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
+                             str(tmp_path / "out"), "--key-dim-ratio", "0.5", "--iterations", "5"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "encoder.layer.0.attention.self" in result.stdout and "parameters:" in result.stdout
+    assert (tmp_path / "out" / "config.json").is_file()
+    missing = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "nope"),
+                              str(tmp_path / "out2"), "--key-dim", "8"], capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
