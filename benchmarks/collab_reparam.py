@@ -77,6 +77,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--sentences", type=int, default=256, help="evaluation sentences (default: %(default)s)")
     parser.add_argument("--calibration", type=int, default=256, help="calibration sentences (default: %(default)s)")
     parser.add_argument("--iterations", type=int, default=20, help="ALS iteration cap (default: %(default)s)")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="also report after a distillation fine-tune of this many steps (default: none)")
+    parser.add_argument("--distill-sentences", type=int, default=2048, help="(default: %(default)s)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "headmix"))
     parser.add_argument("--no-write", action="store_true", help="print only; do not write docs/")
     args = parser.parse_args(argv)
@@ -85,8 +88,10 @@ def main(argv=None) -> list[dict]:
 
     torch.manual_seed(0)
     model, tokenizer = load_minilm()
-    pool = real_sentences(args.sentences + args.calibration, seed=0, cache=Path(args.cache))
-    evaluation, calibration_text = pool[: args.sentences], pool[args.sentences :]
+    distill_count = args.distill_sentences if args.distill_steps else 0
+    pool = real_sentences(args.sentences + args.calibration + distill_count, seed=0, cache=Path(args.cache))
+    evaluation, calibration_text = pool[: args.sentences], pool[args.sentences : args.sentences + args.calibration]
+    distill_text = pool[args.sentences + args.calibration :]  # disjoint from the evaluation sentences
     reference = embed(model, tokenizer, evaluation)
     batches = [tokenizer(calibration_text[i : i + 64], padding=True, truncation=True, max_length=128,
                          return_tensors="pt") for i in range(0, len(calibration_text), 64)]
@@ -115,6 +120,17 @@ def main(argv=None) -> list[dict]:
             })
             print(f"  D~k={rows[-1]['key_dim']:>4} {method:<10} cosine {rows[-1]['cosine']:.4f}  "
                   f"overlap {rows[-1]['overlap']:.3f}  error {rows[-1]['error']:.3f}  {seconds:.1f} s", flush=True)
+            if args.distill_steps and ratio < 1.0:
+                from headmix.convert.distill import distill
+
+                start = time.perf_counter()
+                distill(converted, model, tokenizer, distill_text, steps=args.distill_steps)
+                emb = embed(converted, tokenizer, evaluation)
+                rows.append({**rows[-1], "method": f"{method} + distill {args.distill_steps}",
+                             "seconds": rows[-1]["seconds"] + time.perf_counter() - start,
+                             "cosine": (emb * reference).sum(-1).mean().item(), "overlap": neighbour_overlap(reference, emb)})
+                print(f"  D~k={rows[-1]['key_dim']:>4} {rows[-1]['method']:<10} cosine {rows[-1]['cosine']:.4f}  "
+                      f"overlap {rows[-1]['overlap']:.3f}", flush=True)
 
     command = "python benchmarks/collab_reparam.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"all-MiniLM-L6-v2 (6 layers, 12 heads x 32), no fine-tuning; {len(evaluation)} evaluation and "
@@ -122,7 +138,7 @@ def main(argv=None) -> list[dict]:
               f"iterations, SVD init, float64.\nMeasured {datetime.date.today()} on CPU "
               f"({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}, "
               f"tensorly {importlib.metadata.version('tensorly')}.\nCommand: `{command.strip()}`")
-    table = ["| D~k | method | mean cosine | top-10 overlap | rel. error of W_Q W_K^T (mean of layers) | decomposition time |",
+    table = ["| D~k | method | mean cosine | top-10 overlap | rel. error of W_Q W_K^T (mean of layers) | time (decomposition + distillation) |",
              "|---|---|---|---|---|---|"]
     table += [f"| {r['key_dim']} | {r['method']} | {r['cosine']:.4f} | {r['overlap']:.3f} | {r['error']:.3f} | "
               f"{r['seconds']:.1f} s |" for r in rows]
@@ -142,7 +158,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     full = max(r["key_dim"] for r in rows)
-    for method, marker in (("plain", "o"), ("data-aware", "s")):
+    for method, marker in [(m, "os^v"[i % 4]) for i, m in enumerate(dict.fromkeys(r["method"] for r in rows))]:
         points = sorted((r["key_dim"], r["cosine"]) for r in rows if r["method"] == method or r["key_dim"] == full)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=marker, label=method)
     ax.set_xlabel("shared key size D~k (full = 384)")

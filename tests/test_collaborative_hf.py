@@ -153,3 +153,22 @@ def test_cli_convert_collab(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "nope"),
                               str(tmp_path / "out2"), "--key-dim", "8"], capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_distillation_trains_only_collaborative_parameters_and_lowers_the_loss():
+    from transformers import PreTrainedTokenizerFast
+
+    from headmix.convert.distill import distill
+    from headmix.training.data import train_tokenizer
+
+    texts = [f"line {i} of some text with words {i % 7} and {i % 5}" for i in range(64)]
+    tokenizer: PreTrainedTokenizerFast = train_tokenizer(iter(texts), vocab_size=300)
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                                   intermediate_size=64)).eval()
+    student = copy.deepcopy(teacher)
+    convert_to_collaborative(student, key_dim=12, progress=False)
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if "headmix_collaborative" not in n}
+    losses = distill(student, teacher, tokenizer, texts, steps=30, batch_size=16, learning_rate=3e-3, max_length=16)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)
