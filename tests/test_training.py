@@ -73,7 +73,7 @@ def test_train_then_eval_then_generate(corpus_slice, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(corpus_slice, tmp_path):
     cache = tmp_path / "cache"
-    common = ["models=[tiny-dcformer++]", "max_steps=16"]
+    common = ["models=[tiny-dcformer++]", "max_steps=96"]  # long enough that the kill lands mid-run
     reference = headmix(*train_args(corpus_slice, tmp_path / "straight", cache, *common), cache=cache)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -85,7 +85,7 @@ def test_killed_run_resumes_to_the_same_result(corpus_slice, tmp_path):
     deadline = time.time() + 300
     while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    time.sleep(0.3)  # somewhere after step 8: mid-step, mid-eval or mid-save
+    time.sleep(0.05)  # just after step 8: mid-step, mid-eval or mid-save
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "tiny-dcformer++" / "final").exists(), "the run finished before it could be killed"
