@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..layers.collaborative import content_biased_attention
 from .collaborative import CollaborativeWeights, reparametrize
 
 ATTENTION_NAME = "headmix_collaborative"
@@ -87,16 +88,11 @@ def collaborative_attention_function(module: nn.Module, query: Tensor, key: Tens
     mask = attention_mask
     if mask is None and getattr(module, "is_causal", False) and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    dropout_p = dropout if module.training else 0.0
     if collab.content_bias is not None:  # x_j . u_h, the query bias's surviving term
-        bias = (x_k @ collab.content_bias.T * scale).permute(0, 2, 1)[:, :, None, :].to(q.dtype)
-        if mask is None:
-            mask = bias
-        elif mask.dtype == torch.bool:
-            mask = bias.masked_fill(~mask, float("-inf"))
-        else:
-            mask = mask + bias
-    out = F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=scale,
-                                         dropout_p=dropout if module.training else 0.0)
+        out = content_biased_attention(q, k, value, x_k @ collab.content_bias.T * scale, mask, scale, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=scale, dropout_p=dropout_p)
     return out.transpose(1, 2).contiguous(), None
 
 

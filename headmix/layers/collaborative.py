@@ -87,11 +87,8 @@ class CollaborativeAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
         k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
-        if "content" in state:  # an additive (B, H, 1, S) term, masked positions at -inf
-            bias = state["content"].permute(0, 2, 1)[:, :, None, :].to(q.dtype)
-            if mask is not None:
-                bias = bias.masked_fill(~mask, float("-inf"))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if "content" in state:
+            out = content_biased_attention(q, k, v, state["content"], mask, self.scale)
             return zero_rows_without_keys(out.nan_to_num(0.0), mask)
         if is_causal and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
@@ -119,6 +116,28 @@ class CollaborativeAttention(Attention):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, key_dim={self.key_dim}"
+
+
+def content_biased_attention(
+    q: Tensor, k: Tensor, v: Tensor, content: Tensor, mask: Tensor | None, scale: float, dropout_p: float = 0.0
+) -> Tensor:
+    """SDPA with a per-key, per-head additive score term (the collaborative content bias).
+
+    Args:
+        q, k, v: ``(B, H, T, Dk)``, ``(B, H, S, Dk)``, ``(B, H, S, Dv)``.
+        content: ``(B, S, H)``, already scaled, added to every query's score of key ``j`` in head ``h``.
+        mask: ``None``, a boolean "may attend" mask or an additive float mask, broadcastable to ``(B, H, T, S)``.
+
+    A query with no allowed key gets NaN here; callers zero such rows.
+    """
+    bias = content.permute(0, 2, 1)[:, :, None, :].to(q.dtype)  # (B, H, 1, S)
+    if mask is None:
+        attn_mask = bias
+    elif mask.dtype == torch.bool:
+        attn_mask = bias.masked_fill(~mask, float("-inf"))
+    else:
+        attn_mask = mask + bias
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout_p)
 
 
 def block_mixing(num_heads: int, key_dim: int) -> Tensor:

@@ -7,6 +7,7 @@ of the data and settings).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import importlib.metadata
 import json
@@ -109,7 +110,7 @@ def resolve_data_files(paths: list[str]) -> tuple[str, list[str]]:
 
 
 def _check_utf8(file: Path, chunk: int = 1 << 22) -> None:
-    decoder = __import__("codecs").getincrementaldecoder("utf-8")(errors="strict")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     offset = 0
     with file.open("rb") as handle:
         while block := handle.read(chunk):
