@@ -5,6 +5,8 @@
     headmix generate MODEL_DIR --prompt TEXT            stream generated text
     headmix convert upcycle SRC_DIR OUT_DIR             Transformer++/Pythia -> DCFormer/DCPythia, same outputs
     headmix convert collab MODEL_DIR OUT_DIR --key-dim-ratio 0.5   MHA -> collaborative attention (BERT, GPT-2, ...)
+    headmix convert official SRC_DIR OUT_DIR            official DCFormer/DCPythia checkpoint -> headmix
+    headmix convert to-official SRC_DIR OUT_DIR         headmix -> official DCFormer/DCPythia layout
     headmix presets                                     the model presets with their parameter counts
     headmix demo                                        the four attention layers side by side
 """
@@ -75,6 +77,27 @@ def _parser() -> argparse.ArgumentParser:
     collab.add_argument("--tol", type=float, default=1e-8, help="ALS tolerance (default: %(default)s)")
     collab.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     collab.set_defaults(run=_collab)
+
+    official = kinds.add_parser(
+        "official", help="official DCFormer/DCPythia checkpoint (trust_remote_code layout) -> headmix model",
+        description="Stream an official checkpoint directory (config.json + safetensors or .bin, sharded or not) "
+        "into a headmix model directory, tensor by tensor. See headmix.convert.official for the mapping.",
+    )
+    official.add_argument("src_dir")
+    official.add_argument("out_dir")
+    export = kinds.add_parser("to-official", help="headmix model -> the official DCFormer/DCPythia layout")
+    export.add_argument("src_dir")
+    export.add_argument("out_dir")
+    for p in (official, export):
+        p.add_argument("--window-convention", choices=["decode", "prefill"], default=None,
+                       help="official 256-token windows: 'decode' sees the current token and 255 before it (the "
+                       "official decoding cache), 'prefill' 256 before it (its prompt/training mask). "
+                       "Default: decode on import, the recorded one on export")
+        p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                       help="cast floating tensors (default: keep)")
+        p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: %(default)s)")
+    official.set_defaults(run=_official)
+    export.set_defaults(run=_official)
 
     presets = sub.add_parser("presets", help="list the model presets with their computed parameter counts")
     presets.set_defaults(run=_presets)
@@ -217,6 +240,28 @@ def _collab(args: argparse.Namespace) -> int:
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} (loads with AutoModel.from_pretrained after `import headmix`)")
+    return 0
+
+
+def _official(args: argparse.Namespace) -> int:
+    import torch
+
+    from .convert.official import export_official, import_official
+
+    options = dict(dtype=getattr(torch, args.dtype) if args.dtype else None,
+                   max_shard_bytes=int(args.max_shard_size * 1024**3))
+    if args.max_shard_size <= 0:
+        raise ValueError(f"--max-shard-size={args.max_shard_size} is not allowed: expected a positive size in GiB")
+    if args.kind == "official":
+        report = import_official(args.src_dir, args.out_dir, window_convention=args.window_convention or "decode",
+                                 **options)
+        c = report.config
+        print(f"wrote {args.out_dir}: {c.backbone} backbone, {c.num_hidden_layers} layers, attention {c.attention}, "
+              f"window {c.window_size} ({c.window_pattern}), {report.tensors} tensors, {report.bytes / 2**20:,.1f} MiB")
+    else:
+        report = export_official(args.src_dir, args.out_dir, window_convention=args.window_convention, **options)
+        print(f"wrote {args.out_dir}: model_type {report.config['model_type']}, {report.tensors} tensors, "
+              f"{report.bytes / 2**20:,.1f} MiB (the official modelling code is not included)")
     return 0
 
 

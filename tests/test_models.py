@@ -199,9 +199,11 @@ def test_preset_parameter_count_matches_paper_size(name):
     assert abs(computed - size) / size <= 0.05, (name, computed)
 
 
-@pytest.mark.parametrize("name", ["tiny-dcformer++", "tiny-dcpythia", "dcpythia-70m", "dcformer++-405m"])
+@pytest.mark.parametrize("name", ["tiny-dcformer++", "tiny-dcpythia", "dcpythia-70m", "dcformer++-405m",
+                                  "tiny-dcformer++/no-static/mgate"])
 def test_closed_form_count_equals_instantiated_model(name):
-    config = DCFormerConfig.from_preset(name)
+    options = dict(dcmha_static=False, mlp_gate_groups=8) if name.endswith("/mgate") else {}
+    config = DCFormerConfig.from_preset(name.split("/")[0], **options)
     with torch.device("meta"):
         model = DCFormerForCausalLM(config)
     assert sum(p.numel() for p in model.parameters()) == config.num_parameters()
@@ -227,6 +229,8 @@ def test_large_preset_on_meta_device_costs_no_memory():
         (dict(attention=["mha", "dcmha"]), r"attention has 2 entries: expected one kind per layer"),
         (dict(dcmha_rank=0), r"dcmha_rank=0 is not allowed"),
         (dict(rotary_pct=0.0), r"rotary_pct=0.0 is not allowed"),
+        (dict(mlp_gate_groups=7, intermediate_size=64), r"intermediate_size=64 must be divisible by mlp_gate_groups=7"),
+        (dict(mlp_gate_groups=4, backbone="pythia"), r"mlp_gate_groups=4 needs backbone='llama'"),
     ],
 )
 def test_config_errors_name_the_field(fields, message):

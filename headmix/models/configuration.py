@@ -91,6 +91,9 @@ class DCFormerConfig(PretrainedConfig):
         parallel_residual, use_bias, tie_word_embeddings: default from the backbone.
         norm_eps: epsilon of the normalisation layers.
         dcmha_rank, dcmha_groups, dcmha_hidden_dim, dcmha_init: DCMHA options (see :class:`headmix.DCMHA`).
+        dcmha_static: learn the static ``W_b`` head mix of DCMHA (the released official checkpoints did not).
+        mlp_gate_groups: ``E``, or ``None``: split the SwiGLU hidden units into ``E`` groups, each scaled by
+            a softmax gate over groups computed from the input (the official code's ``mgate``; ``llama`` only).
         attention_backend, attention_chunk_size: backend of composed attention (``"auto"``, ``"reference"``, ``"chunked"``).
         collaborative_key_dim: shared key size of collaborative layers (default: hidden_size).
         initializer_range: std of the normal initialisation of linear and embedding weights.
@@ -120,6 +123,8 @@ class DCFormerConfig(PretrainedConfig):
         dcmha_groups: int = 1,
         dcmha_hidden_dim: int | None = None,
         dcmha_init: str = "identity",
+        dcmha_static: bool = True,
+        mlp_gate_groups: int | None = None,
         attention_backend: str = "auto",
         attention_chunk_size: int = 128,
         collaborative_key_dim: int | None = None,
@@ -150,6 +155,8 @@ class DCFormerConfig(PretrainedConfig):
         self.dcmha_groups = dcmha_groups
         self.dcmha_hidden_dim = dcmha_hidden_dim
         self.dcmha_init = dcmha_init
+        self.dcmha_static = dcmha_static
+        self.mlp_gate_groups = mlp_gate_groups
         self.attention_backend = attention_backend
         self.attention_chunk_size = attention_chunk_size
         self.collaborative_key_dim = collaborative_key_dim
@@ -192,6 +199,12 @@ class DCFormerConfig(PretrainedConfig):
         check_choice("attention_backend", self.attention_backend, available_backends())
         if self.collaborative_key_dim is not None:
             check_positive_int("collaborative_key_dim", self.collaborative_key_dim)
+        if self.mlp_gate_groups is not None:
+            check_positive_int("mlp_gate_groups", self.mlp_gate_groups)
+            if self.backbone != "llama":
+                raise ValueError(f"mlp_gate_groups={self.mlp_gate_groups} needs backbone='llama' (a gated SwiGLU); "
+                                 f"backbone is {self.backbone!r}")
+            check_divisible("intermediate_size", self.intermediate_size, "mlp_gate_groups", self.mlp_gate_groups)
 
     # -- derived -----------------------------------------------------------------------------------
     @property
@@ -227,7 +240,8 @@ class DCFormerConfig(PretrainedConfig):
         K = self.dcmha_hidden_dim or 4 * M
         R = self.dcmha_rank
         C, Cg, P = 4, 4, 2  # all terms on, pre and post
-        return 4 * D * D + D * G * C * K + G * C * K * 2 * R * M + D * G * Cg * M + P * G * M * M + bias + qk_norm
+        static = P * G * M * M if self.dcmha_static else 0
+        return 4 * D * D + D * G * C * K + G * C * K * 2 * R * M + D * G * Cg * M + static + bias + qk_norm
 
     def num_parameters(self) -> int:
         """Closed-form parameter count of :class:`DCFormerForCausalLM` with this config (no model is built)."""
@@ -236,7 +250,7 @@ class DCFormerConfig(PretrainedConfig):
         if self.backbone == "pythia":
             mlp = 2 * D * F + ((F + D) if self.use_bias else 0)
         else:
-            mlp = 3 * D * F + ((2 * F + D) if self.use_bias else 0)
+            mlp = 3 * D * F + ((2 * F + D) if self.use_bias else 0) + D * (self.mlp_gate_groups or 0)
         blocks = sum(self.attention_parameters(i) + mlp + 2 * norm for i in range(self.num_hidden_layers))
         return V * D + blocks + norm + (0 if self.tie_word_embeddings else V * D)
 

@@ -42,21 +42,31 @@ def build_attention(config: DCFormerConfig, index: int) -> Attention:
         return TalkingHeadsAttention(D, H, qk_norm=config.qk_norm, **common, **composed)
     if kind == "dcmha":
         return DCMHA(D, H, rank=config.dcmha_rank, groups=config.dcmha_groups, hidden_dim=config.dcmha_hidden_dim,
-                     init=config.dcmha_init, qk_norm=config.qk_norm, **common, **composed)
+                     init=config.dcmha_init, static=config.dcmha_static, qk_norm=config.qk_norm, **common, **composed)
     return CollaborativeAttention(D, H, key_dim=config.collaborative_key_dim, **common)
 
 
 class SwiGLU(nn.Module):
-    """LLaMA's MLP: ``down(silu(gate(x)) * up(x))``."""
+    """LLaMA's MLP: ``down(silu(gate(x)) * up(x))``.
 
-    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
+    With ``gate_groups=E`` the hidden units are split into ``E`` consecutive groups and group ``e``
+    is scaled by ``softmax(x W_g)_e`` (softmax over groups in float32) before ``down``: the official
+    DCFormer code's ``mgate`` MLP.
+    """
+
+    def __init__(self, dim: int, hidden: int, bias: bool, gate_groups: int | None = None) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.group_gate = nn.Linear(dim, gate_groups, bias=False) if gate_groups else None
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        if self.group_gate is not None:
+            scores = self.group_gate(x).float().softmax(-1).to(h.dtype)  # (B, T, E)
+            h = (h.unflatten(-1, (scores.shape[-1], -1)) * scores[..., None]).flatten(-2)
+        return self.down_proj(h)
 
 
 class GeluMLP(nn.Module):
@@ -86,8 +96,10 @@ class DecoderLayer(GradientCheckpointingLayer):
         self.attention_norm = _norm(config)
         self.attention = build_attention(config, index)
         self.mlp_norm = _norm(config)
-        mlp = GeluMLP if config.backbone == "pythia" else SwiGLU
-        self.mlp = mlp(config.hidden_size, config.intermediate_size, config.use_bias)
+        if config.backbone == "pythia":
+            self.mlp = GeluMLP(config.hidden_size, config.intermediate_size, config.use_bias)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias, config.mlp_gate_groups)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None, positions: Tensor, cache: LayerCache | None) -> Tensor:
         attended = self.attention(self.attention_norm(x), padding_mask=padding_mask, positions=positions, cache=cache)
