@@ -80,7 +80,8 @@ class Attention(nn.Module):
         return {}, {}
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict[str, Tensor]
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict[str, Tensor],
+        structure: tuple[bool, int | None] | None = None,
     ) -> Tensor:
         """The attention core: ``(B, H, T, Dv)`` from projected heads ``q`` ``(B, H, T, Dk)``,
         ``k`` ``(B, H or 1, S, Dk)``, ``v`` ``(B, H, S, Dv)``.
@@ -88,7 +89,8 @@ class Attention(nn.Module):
         ``mask`` is the boolean ``(B or 1, 1, T, S)`` "may attend" mask; ``is_causal`` says that it is
         exactly the plain causal mask over ``T == S`` (so a fused causal kernel may be used);
         ``state`` holds the query-side state of the new positions and the key-side state of all ``S``
-        keys (see :meth:`composition_state`).
+        keys (see :meth:`composition_state`). ``structure`` = ``(causal, window)`` says that ``mask`` is
+        exactly that positional mask (no padding, no cache), so a kernel may skip reading it.
         """
         raise NotImplementedError
 
@@ -138,7 +140,9 @@ class Attention(nn.Module):
             keys, key_positions, key_valid = cache.update(keys, positions.expand(B, T), valid)
         mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
         is_causal = self.causal and self.window is None and key_valid is None
-        out = self.attend(q, keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), mask, is_causal, {**query_state, **keys})
+        structure = (self.causal, self.window) if key_valid is None and cache is None else None
+        out = self.attend(q, keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), mask, is_causal,
+                          {**query_state, **keys}, structure)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def position_queries_keys(

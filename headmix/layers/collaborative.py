@@ -85,7 +85,8 @@ class CollaborativeAttention(Attention):
         k = self.key(x)[:, None]  # (B, 1, T, D~k): one key for all heads
         return q, k
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
+               structure: tuple[bool, int | None] | None = None) -> Tensor:
         k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
         if "content" in state:
             out = content_biased_attention(q, k, v, state["content"], mask, self.scale)

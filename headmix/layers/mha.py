@@ -34,7 +34,8 @@ class MultiHeadAttention(Attention):
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.split_heads(self.q_proj(x), self.num_heads), self.split_heads(self.k_proj(x), self.num_heads)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
+               structure: tuple[bool, int | None] | None = None) -> Tensor:
         if is_causal and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)

@@ -42,9 +42,10 @@ class TalkingHeadsAttention(MultiHeadAttention):
         self.pre_mix = nn.Parameter(torch.zeros(1, num_heads, num_heads))  # W_pre, (groups=1, H, H)
         self.post_mix = nn.Parameter(torch.zeros(1, num_heads, num_heads))  # W_post
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict) -> Tensor:
-        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
+               structure: tuple[bool, int | None] | None = None) -> Tensor:
+        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q)
         return core(
-            q, k, v, scale=self.scale, mask=mask, chunk_size=self.chunk_size,
+            q, k, v, scale=self.scale, mask=mask, chunk_size=self.chunk_size, structure=structure,
             pre=ComposeWeights(static=self.pre_mix), post=ComposeWeights(static=self.post_mix),
         )

@@ -1,14 +1,23 @@
 """Fast paths for composed attention, each checked against :mod:`headmix.reference`.
 
-A backend is a function with the signature of :func:`headmix.reference.composed_attention` plus a
-``chunk_size`` keyword. Layers look backends up by name here; kernels register themselves with
-:func:`register_backend`.
+A backend is a function with the signature of :func:`headmix.reference.composed_attention` plus
+``chunk_size`` and ``structure`` keywords (``structure=(causal, window)`` says the mask is exactly
+that positional mask, so a kernel need not read it). Layers look backends up by name here:
+
+* ``"reference"``: :func:`headmix.reference.composed_attention`, materialised (the spec).
+* ``"chunked"``: query blocks with activation checkpointing, linear memory (:mod:`.chunked`).
+* ``"triton"``: fused Triton kernels (:mod:`.triton_dcmha`), registered when ``triton`` imports;
+  runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
+* ``"auto"``: ``triton`` for CUDA tensors in float32/bfloat16/float16 when available, else
+  ``chunked`` beyond one block of queries, else ``reference``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
+import torch
 from torch import Tensor
 
 from .._validation import check_choice, check_positive_int
@@ -18,9 +27,15 @@ from .chunked import chunked_composed_attention
 Backend = Callable[..., Tensor]
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": lambda q, k, v, chunk_size=None, **kw: composed_attention(q, k, v, **kw),
+    "reference": lambda q, k, v, chunk_size=None, structure=None, **kw: composed_attention(q, k, v, **kw),
     "chunked": chunked_composed_attention,
 }
+try:  # optional: the fused kernels need triton (shipped with CUDA builds of torch)
+    from .triton_dcmha import triton_composed_attention
+
+    _BACKENDS["triton"] = triton_composed_attention
+except ImportError:  # pragma: no cover - depends on the installation
+    triton_composed_attention = None
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -32,12 +47,18 @@ def available_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
 
 
-def resolve_backend(name: str, query_len: int, chunk_size: int) -> Backend:
-    """The backend function for ``name``; ``"auto"`` picks chunked when there is more than one block of queries."""
+def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | None = None) -> Backend:
+    """The backend function for ``name``. ``"auto"`` picks ``triton`` for CUDA tensors ``like`` in a
+    supported dtype, else ``chunked`` when there is more than one block of queries, else ``reference``."""
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "auto":
-        name = "chunked" if query_len > chunk_size else "reference"
+        fused = (like is not None and "triton" in _BACKENDS and like.is_cuda
+                 and like.dtype in (torch.float32, torch.bfloat16, torch.float16))
+        name = "triton" if fused else ("chunked" if query_len > chunk_size else "reference")
+    elif name == "triton" and like is not None and not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels slowly on "
+                         "the CPU); use backend='auto' or 'chunked' on the CPU")
     return _BACKENDS[name]
 
 

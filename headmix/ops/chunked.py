@@ -27,8 +27,10 @@ def chunked_composed_attention(
     post: ComposeWeights | None = None,
     groups: int = 1,
     chunk_size: int = 128,
+    structure: tuple[bool, int | None] | None = None,
 ) -> Tensor:
-    """Same arguments and result as :func:`headmix.reference.composed_attention`, queries in blocks of ``chunk_size``."""
+    """Same arguments and result as :func:`headmix.reference.composed_attention`, queries in blocks of
+    ``chunk_size`` (``structure``, a hint for kernels, is not needed: ``mask`` says it all)."""
     T = q.shape[-2]
     if T <= chunk_size:
         return composed_attention(q, k, v, scale=scale, mask=mask, pre=pre, post=post, groups=groups)

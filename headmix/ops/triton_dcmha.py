@@ -1,0 +1,667 @@
+"""Fused composed attention (DCMHA) in Triton: no ``(query x key)`` tensor ever reaches device memory.
+
+Same arguments and result as :func:`headmix.reference.composed_attention`, which is the spec this
+path is tested against (forward and every gradient, ``tests/test_triton.py``).
+
+Design. One program owns a block of ``BLOCK_M`` queries (or keys) for *all* ``M`` heads of one head
+group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)`` tiles.
+
+* Forward, two passes over the keys. Pass 1: scores ``S = scale * Q K^T`` -> pre-Compose -> mask ->
+  running row max and sum per head (online softmax) -> ``lse``. Pass 2: recompute, ``P =
+  exp(S' - lse)``, post-Compose, ``O += P' V``. Stores ``O`` and ``lse`` (``B x H x T`` floats).
+* Backward, three passes, recomputing instead of storing probabilities (``dY`` denotes an upstream
+  gradient; ``Compose^T`` is Compose with ``W_b`` transposed and the two factors of every low-rank
+  term swapped, see :func:`_compose`):
+
+  1. query blocks: ``dP' = dO V^T``, ``dP = Compose_post^T(dP')``, ``Delta = sum_j P * dP`` per
+     (head, query) -- the softmax needs it, and with a post-Compose it is not ``rowsum(dO * O)``;
+     gradients of the query-side post-Compose weights.
+  2. query blocks: ``dS' = P (dP - Delta)``, ``dS = Compose_pre^T(dS')``, ``dQ``; query-side
+     pre-Compose weights; partial sums of the static ``W_b`` gradients (one per program, summed
+     afterwards: no atomics, so results are the same on every run).
+  3. key blocks: ``dK``, ``dV`` and every key-side weight gradient.
+
+Everything accumulates in float32; ``Q K^T``, ``P' V`` and their backward products use the
+inputs' dtype on tensor cores (bf16/fp16) or exact float32 (``input_precision="ieee"``) for float32
+inputs. Masks: causal and sliding-window structure by index arithmetic (key blocks outside the
+window are skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
+
+Limits: head dims and rank are padded to powers of two; ``M = H / groups`` heads per group up to 32.
+Triton is optional: without it (or without a GPU and ``TRITON_INTERPRET=1``) this backend is absent.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..reference import ComposeWeights
+
+NEG = -1.0e30
+FIELDS = ("static", "query_w1", "query_w2", "key_w1", "key_w2", "query_gate", "key_gate")
+
+
+# -- tile helpers ------------------------------------------------------------------------------------
+@triton.jit
+def _qfac(ptr, b, g, r, offs_i, hm, ok, T, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
+    """A query-side factor ``(B, T, G, R, M)`` at rank ``r`` as an ``(MP, BLOCK)`` tile."""
+    p = ptr + (((b * T + offs_i[None, :]) * G + g) * R + r) * M + hm[:, None]
+    return tl.load(p, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _gate(ptr, b, g, offs, hm, ok, T, G: tl.constexpr, M: tl.constexpr):
+    """A gate ``(B, T, G, M)`` as an ``(MP, BLOCK)`` tile."""
+    p = ptr + ((b * T + offs[None, :]) * G + g) * M + hm[:, None]
+    return tl.load(p, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _mix(x, w_ptr, g, hm, M: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+         TRANSPOSE: tl.constexpr, PREC: tl.constexpr):
+    """``out[n] = sum_m x[m] W[g, m, n]`` (``W[g, n, m]`` if ``TRANSPOSE``) on an ``(MP, BM, BN)`` tile."""
+    base = w_ptr + g * M * M
+    h_ok = hm < M
+    if MP >= 16:
+        if TRANSPOSE:
+            wt = tl.load(base + hm[:, None] * M + hm[None, :], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
+        else:
+            wt = tl.load(base + hm[None, :] * M + hm[:, None], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
+        out = tl.dot(wt.to(tl.float32), tl.reshape(x, (MP, BM * BN)), input_precision=PREC)
+        return tl.reshape(out, (MP, BM, BN))
+    else:
+        out = tl.zeros((MP, BM, BN), dtype=tl.float32)
+        for m in tl.static_range(M):
+            xm = tl.sum(tl.where((hm == m)[:, None, None], x, 0.0), 0)
+            if TRANSPOSE:
+                row = tl.load(base + hm * M + m, mask=h_ok, other=0.0).to(tl.float32)
+            else:
+                row = tl.load(base + m * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+            out += xm[None, :, :] * row[:, None, None]
+        return out
+
+
+@triton.jit
+def _compose(x, cw, b, g, offs_i, offs_j, hm, qok, kok, T, S,
+             G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+             BN: tl.constexpr, FLAGS: tl.constexpr, TRANSPOSE: tl.constexpr, PREC: tl.constexpr):
+    """Compose on an ``(MP, BM, BN)`` tile: ``x + x W + (x w_q1) w_q2 + (x w_k1) w_k2 + x (g_q + g_k)``.
+
+    ``TRANSPOSE`` applies the adjoint (what the backward pass needs): ``W`` transposed, ``w_1`` and
+    ``w_2`` swapped, gates unchanged. ``cw`` holds the 7 pointers (static, qw1, qw2, kw1, kw2, qg, kg);
+    ``FLAGS`` says which are present (bit ``k`` for pointer ``k``)."""
+    w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
+    out = x
+    if FLAGS & 1:
+        out += _mix(x, w_ptr, g, hm, M, MP, BM, BN, TRANSPOSE, PREC)
+    if FLAGS & 2:
+        for r in tl.static_range(R):
+            a = _qfac(qw1, b, g, r, offs_i, hm, qok, T, G, R, M)
+            c = _qfac(qw2, b, g, r, offs_i, hm, qok, T, G, R, M)
+            if TRANSPOSE:
+                a, c = c, a
+            hidden = tl.sum(x * a[:, :, None], 0)
+            out += hidden[None, :, :] * c[:, :, None]
+    if FLAGS & 8:
+        for r in tl.static_range(R):
+            a = _qfac(kw1, b, g, r, offs_j, hm, kok, S, G, R, M)
+            c = _qfac(kw2, b, g, r, offs_j, hm, kok, S, G, R, M)
+            if TRANSPOSE:
+                a, c = c, a
+            hidden = tl.sum(x * a[:, None, :], 0)
+            out += hidden[None, :, :] * c[:, None, :]
+    if FLAGS & 32:
+        out += x * _gate(qg, b, g, offs_i, hm, qok, T, G, M)[:, :, None]
+    if FLAGS & 64:
+        out += x * _gate(kg, b, g, offs_j, hm, kok, S, G, M)[:, None, :]
+    return out
+
+
+@triton.jit
+def _valid(b, offs_i, offs_j, T, S, mask_ptr, smb, smt, sms,
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
+    """``(BM, BN)`` "may attend": bounds, causal/window structure (query ``i`` sits at key ``i + S - T``), mask."""
+    ok = (offs_i[:, None] < T) & (offs_j[None, :] < S)
+    pos = offs_i[:, None] + (S - T)
+    if CAUSAL:
+        ok = ok & (offs_j[None, :] <= pos)
+    if WINDOW > 0:
+        ok = ok & (pos - offs_j[None, :] < WINDOW)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + b * smb + offs_i[:, None] * smt + offs_j[None, :] * sms, mask=ok, other=0)
+        ok = ok & (m != 0)
+    return ok
+
+
+@triton.jit
+def _heads(ptr, b, g, offs, d, sb, sh, st, sd, n, M: tl.constexpr, hm):
+    """Rows ``offs`` of every head of group ``g`` as an ``(MP, BLOCK, D)`` tile."""
+    h = g * M + hm
+    p = ptr + b * sb + h[:, None, None] * sh + offs[None, :, None] * st + d[None, None, :] * sd
+    return tl.load(p, mask=(hm < M)[:, None, None] & (offs < n)[None, :, None], other=0.0)
+
+
+@triton.jit
+def _key_range(start_i, T, S, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    lo = 0
+    hi = S
+    if CAUSAL:
+        hi = tl.minimum(S, start_i + BM + S - T)
+    if WINDOW > 0:
+        lo = tl.maximum(0, start_i + S - T - WINDOW + 1)
+        lo = (lo // BN) * BN
+    return lo, hi
+
+
+@triton.jit
+def _query_range(start_j, T, S, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    lo = 0
+    hi = T
+    if CAUSAL:
+        lo = tl.maximum(0, start_j - (S - T))
+        lo = (lo // BM) * BM
+    if WINDOW > 0:
+        hi = tl.minimum(T, tl.maximum(0, start_j + BN + WINDOW - 1 - (S - T)))
+    return lo, hi
+
+
+@triton.jit
+def _grad_rank(acc, contrib, r, RP: tl.constexpr):
+    rr = tl.arange(0, RP)
+    return acc + tl.where((rr == r)[:, None, None], contrib[None, :, :], 0.0)
+
+
+@triton.jit
+def _query_factor_grads(acc_w1, acc_w2, x, dy, w1_ptr, w2_ptr, b, g, offs_i, hm, qok, T,
+                        G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, M: tl.constexpr):
+    """Query-side factor gradients of one Compose ``y = Compose(x)`` from the upstream ``dy``:
+    ``dw_1[i, r, m] += sum_j x_m (dy . w_2[i, r])``, ``dw_2[i, r, n] += sum_j (x . w_1[i, r]) dy_n``."""
+    for r in tl.static_range(R):
+        a = _qfac(w1_ptr, b, g, r, offs_i, hm, qok, T, G, R, M)
+        c = _qfac(w2_ptr, b, g, r, offs_i, hm, qok, T, G, R, M)
+        gq = tl.sum(dy * c[:, :, None], 0)
+        hq = tl.sum(x * a[:, :, None], 0)
+        acc_w1 = _grad_rank(acc_w1, tl.sum(x * gq[None, :, :], 2), r, RP)
+        acc_w2 = _grad_rank(acc_w2, tl.sum(dy * hq[None, :, :], 2), r, RP)
+    return acc_w1, acc_w2
+
+
+@triton.jit
+def _static_grad(acc, x, dy, hm, M: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 PREC: tl.constexpr):
+    """``acc[m, n] += sum_{i,j} x[m, i, j] dy[n, i, j]``."""
+    if MP >= 16:
+        return acc + tl.dot(tl.reshape(x, (MP, BM * BN)), tl.trans(tl.reshape(dy, (MP, BM * BN))),
+                            input_precision=PREC)
+    else:
+        for m in tl.static_range(M):
+            xm = tl.sum(tl.where((hm == m)[:, None, None], x, 0.0), 0)
+            row = tl.sum(tl.sum(xm[None, :, :] * dy, 2), 1)
+            acc += tl.where((hm == m)[:, None], row[None, :], 0.0)
+        return acc
+
+
+# -- forward -------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
+    pw, pq1, pq2, pk1, pk2, pqg, pkg, tw, tq1, tq2, tk1, tk2, tqg, tkg,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
+    T, S, scale,
+    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid_i = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    start_i = pid_i * BM
+    offs_i = start_i + tl.arange(0, BM)
+    hm = tl.arange(0, MP)
+    h_ok = hm < M
+    qok = h_ok[:, None] & (offs_i < T)[None, :]
+    pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
+    post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
+    q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
+    lo, hi = _key_range(start_i, T, S, BM, BN, CAUSAL, WINDOW)
+
+    m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
+    l_i = tl.zeros((MP, BM), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        kok = h_ok[:, None] & (offs_j < S)[None, :]
+        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if PRE != 0:
+            s = _compose(s, pre, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, PRE, False, PREC)
+        valid = _valid(b, offs_i, offs_j, T, S, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        s = tl.where(valid, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        p = tl.where(valid, tl.exp(s - m_new[:, :, None]), 0.0)
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 2)
+        m_i = m_new
+    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
+
+    acc = tl.zeros((MP, BM, DV), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        kok = h_ok[:, None] & (offs_j < S)[None, :]
+        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if PRE != 0:
+            s = _compose(s, pre, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, PRE, False, PREC)
+        valid = _valid(b, offs_i, offs_j, T, S, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
+        if POST != 0:
+            p = _compose(p, post, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, POST, False, PREC)
+        v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    h = g * M + hm
+    dv = tl.arange(0, DV)
+    o_ptrs = o_ptr + b * sob + h[:, None, None] * soh + offs_i[None, :, None] * sot + dv[None, None, :] * sod
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=qok[:, :, None])
+    tl.store(lse_ptr + (b * G * M + h[:, None]) * T + offs_i[None, :], lse, mask=qok)
+
+
+# -- backward ------------------------------------------------------------------------------------------
+@triton.jit
+def _recompute(q, k_ptr, b, g, offs_i, offs_j, hm, qok, kok, lse, pre, T, S, mask_ptr, smb, smt, sms,
+               skb, skh, skt, skd, scale,
+               G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, DK: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+    """Scores ``S`` (before the pre-Compose), probabilities ``P`` and the key tile."""
+    k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
+    s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+    s2 = s
+    if PRE != 0:
+        s2 = _compose(s, pre, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, PRE, False, PREC)
+    valid = _valid(b, offs_i, offs_j, T, S, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+    p = tl.where(valid, tl.exp(s2 - lse[:, :, None]), 0.0)
+    return s, p, k
+
+
+@triton.jit
+def _bwd_query_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dq_ptr,
+    pw, pq1, pq2, pk1, pk2, pqg, pkg, tw, tq1, tq2, tk1, tk2, tqg, tkg,
+    g_q1, g_q2, g_qg, dw_part,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
+    T, S, scale, n_blocks,
+    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr, STAGE: tl.constexpr,
+):
+    """STAGE 1: ``Delta`` and the query-side post-Compose gradients. STAGE 2: ``dQ``, the query-side
+    pre-Compose gradients and per-program partial gradients of both static mixes."""
+    pid_i = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    start_i = pid_i * BM
+    offs_i = start_i + tl.arange(0, BM)
+    hm = tl.arange(0, MP)
+    h_ok = hm < M
+    qok = h_ok[:, None] & (offs_i < T)[None, :]
+    h = g * M + hm
+    pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
+    post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
+    q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
+    do = _heads(do_ptr, b, g, offs_i, tl.arange(0, DV), sob, soh, sot, sod, T, M, hm)
+    row = (b * G * M + h[:, None]) * T + offs_i[None, :]
+    lse = tl.load(lse_ptr + row, mask=qok, other=float("inf"))
+    lo, hi = _key_range(start_i, T, S, BM, BN, CAUSAL, WINDOW)
+    # STAGE 1: post (query side) into slot "post"; STAGE 2: pre (query side)
+    acc_w1 = tl.zeros((RP, MP, BM), dtype=tl.float32)
+    acc_w2 = tl.zeros((RP, MP, BM), dtype=tl.float32)
+    acc_g = tl.zeros((MP, BM), dtype=tl.float32)
+    acc_delta = tl.zeros((MP, BM), dtype=tl.float32)
+    acc_dq = tl.zeros((MP, BM, DK), dtype=tl.float32)
+    acc_wpre = tl.zeros((MP, MP), dtype=tl.float32)
+    acc_wpost = tl.zeros((MP, MP), dtype=tl.float32)
+    delta = tl.load(delta_ptr + row, mask=qok, other=0.0)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        kok = h_ok[:, None] & (offs_j < S)[None, :]
+        s, p, k = _recompute(q, k_ptr, b, g, offs_i, offs_j, hm, qok, kok, lse, pre, T, S, mask_ptr, smb, smt, sms,
+                             skb, skh, skt, skd, scale, G, M, MP, R, DK, BM, BN, PRE, CAUSAL, WINDOW, HAS_MASK, PREC)
+        v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
+        dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)  # dP'
+        dp = dp2
+        if POST != 0:
+            dp = _compose(dp2, post, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, POST, True, PREC)
+        if STAGE == 1:
+            acc_delta += tl.sum(p * dp, 2)
+            if POST & 2:
+                acc_w1, acc_w2 = _query_factor_grads(acc_w1, acc_w2, p, dp2, tq1, tq2, b, g, offs_i, hm, qok, T,
+                                                     G, R, RP, M)
+            if POST & 32:
+                acc_g += tl.sum(p * dp2, 2)
+        else:
+            ds2 = p * (dp - delta[:, :, None])  # dS'
+            ds = ds2
+            if PRE != 0:
+                ds = _compose(ds2, pre, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, PRE, True, PREC)
+            acc_dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+            if PRE & 1:
+                acc_wpre = _static_grad(acc_wpre, s, ds2, hm, M, MP, BM, BN, PREC)
+            if POST & 1:
+                acc_wpost = _static_grad(acc_wpost, p, dp2, hm, M, MP, BM, BN, PREC)
+            if PRE & 2:
+                acc_w1, acc_w2 = _query_factor_grads(acc_w1, acc_w2, s, ds2, pq1, pq2, b, g, offs_i, hm, qok, T,
+                                                     G, R, RP, M)
+            if PRE & 32:
+                acc_g += tl.sum(s * ds2, 2)
+    if STAGE == 1:
+        tl.store(delta_ptr + row, acc_delta, mask=qok)
+    else:
+        dk_ = tl.arange(0, DK)
+        dq_ptrs = dq_ptr + b * sqb + h[:, None, None] * sqh + offs_i[None, :, None] * sqt + dk_[None, None, :] * sqd
+        tl.store(dq_ptrs, (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=qok[:, :, None])
+        part = dw_part + ((bg * n_blocks + pid_i) * 2) * M * M
+        wmask = h_ok[:, None] & h_ok[None, :]
+        tl.store(part + hm[:, None] * M + hm[None, :], acc_wpre, mask=wmask)
+        tl.store(part + M * M + hm[:, None] * M + hm[None, :], acc_wpost, mask=wmask)
+    rr = tl.arange(0, RP)
+    fac = (((b * T + offs_i[None, None, :]) * G + g) * R + rr[:, None, None]) * M + hm[None, :, None]
+    fmask = (rr < R)[:, None, None] & qok[None, :, :]
+    tl.store(g_q1 + fac, acc_w1, mask=fmask)
+    tl.store(g_q2 + fac, acc_w2, mask=fmask)
+    tl.store(g_qg + ((b * T + offs_i[None, :]) * G + g) * M + hm[:, None], acc_g, mask=qok)
+
+
+@triton.jit
+def _bwd_key_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, mask_ptr, dk_ptr, dv_ptr,
+    pw, pq1, pq2, pk1, pk2, pqg, pkg, tw, tq1, tq2, tk1, tk2, tqg, tkg,
+    gp1, gp2, gpg, gt1, gt2, gtg,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
+    T, S, scale,
+    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """``dK``, ``dV`` and the key-side gradients of both Composes, for one block of keys."""
+    pid_j = tl.program_id(0)
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    start_j = pid_j * BN
+    offs_j = start_j + tl.arange(0, BN)
+    hm = tl.arange(0, MP)
+    h_ok = hm < M
+    kok = h_ok[:, None] & (offs_j < S)[None, :]
+    h = g * M + hm
+    pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
+    post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
+    k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
+    v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
+    acc_dk = tl.zeros((MP, BN, DK), dtype=tl.float32)
+    acc_dv = tl.zeros((MP, BN, DV), dtype=tl.float32)
+    pre1 = tl.zeros((RP, MP, BN), dtype=tl.float32)
+    pre2 = tl.zeros((RP, MP, BN), dtype=tl.float32)
+    preg = tl.zeros((MP, BN), dtype=tl.float32)
+    post1 = tl.zeros((RP, MP, BN), dtype=tl.float32)
+    post2 = tl.zeros((RP, MP, BN), dtype=tl.float32)
+    postg = tl.zeros((MP, BN), dtype=tl.float32)
+    lo, hi = _query_range(start_j, T, S, BM, BN, CAUSAL, WINDOW)
+    for start_i in range(lo, hi, BM):
+        offs_i = start_i + tl.arange(0, BM)
+        qok = h_ok[:, None] & (offs_i < T)[None, :]
+        row = (b * G * M + h[:, None]) * T + offs_i[None, :]
+        lse = tl.load(lse_ptr + row, mask=qok, other=float("inf"))
+        delta = tl.load(delta_ptr + row, mask=qok, other=0.0)
+        q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
+        do = _heads(do_ptr, b, g, offs_i, tl.arange(0, DV), sob, soh, sot, sod, T, M, hm)
+        s, p, _k = _recompute(q, k_ptr, b, g, offs_i, offs_j, hm, qok, kok, lse, pre, T, S, mask_ptr, smb, smt, sms,
+                              skb, skh, skt, skd, scale, G, M, MP, R, DK, BM, BN, PRE, CAUSAL, WINDOW, HAS_MASK, PREC)
+        p2 = p
+        if POST != 0:
+            p2 = _compose(p, post, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, POST, False, PREC)
+        acc_dv += tl.dot(tl.trans(p2, (0, 2, 1)).to(do.dtype), do, input_precision=PREC)
+        dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)
+        dp = dp2
+        if POST != 0:
+            dp = _compose(dp2, post, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, POST, True, PREC)
+        ds2 = p * (dp - delta[:, :, None])
+        ds = ds2
+        if PRE != 0:
+            ds = _compose(ds2, pre, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, PRE, True, PREC)
+        acc_dk += tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PREC)
+        if POST & 8:
+            for r in tl.static_range(R):
+                a = _qfac(tk1, b, g, r, offs_j, hm, kok, S, G, R, M)
+                c = _qfac(tk2, b, g, r, offs_j, hm, kok, S, G, R, M)
+                gk = tl.sum(dp2 * c[:, None, :], 0)
+                hk = tl.sum(p * a[:, None, :], 0)
+                post1 = _grad_rank(post1, tl.sum(p * gk[None, :, :], 1), r, RP)
+                post2 = _grad_rank(post2, tl.sum(dp2 * hk[None, :, :], 1), r, RP)
+        if POST & 64:
+            postg += tl.sum(p * dp2, 1)
+        if PRE & 8:
+            for r in tl.static_range(R):
+                a = _qfac(pk1, b, g, r, offs_j, hm, kok, S, G, R, M)
+                c = _qfac(pk2, b, g, r, offs_j, hm, kok, S, G, R, M)
+                gk = tl.sum(ds2 * c[:, None, :], 0)
+                hk = tl.sum(s * a[:, None, :], 0)
+                pre1 = _grad_rank(pre1, tl.sum(s * gk[None, :, :], 1), r, RP)
+                pre2 = _grad_rank(pre2, tl.sum(ds2 * hk[None, :, :], 1), r, RP)
+        if PRE & 64:
+            preg += tl.sum(s * ds2, 1)
+    dk_ = tl.arange(0, DK)
+    dv_ = tl.arange(0, DV)
+    tl.store(dk_ptr + b * skb + h[:, None, None] * skh + offs_j[None, :, None] * skt + dk_[None, None, :] * skd,
+             (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=kok[:, :, None])
+    tl.store(dv_ptr + b * svb + h[:, None, None] * svh + offs_j[None, :, None] * svt + dv_[None, None, :] * svd,
+             acc_dv.to(dv_ptr.dtype.element_ty), mask=kok[:, :, None])
+    rr = tl.arange(0, RP)
+    fac = (((b * S + offs_j[None, None, :]) * G + g) * R + rr[:, None, None]) * M + hm[None, :, None]
+    fmask = (rr < R)[:, None, None] & kok[None, :, :]
+    gate = ((b * S + offs_j[None, :]) * G + g) * M + hm[:, None]
+    tl.store(gp1 + fac, pre1, mask=fmask)
+    tl.store(gp2 + fac, pre2, mask=fmask)
+    tl.store(gpg + gate, preg, mask=kok)
+    tl.store(gt1 + fac, post1, mask=fmask)
+    tl.store(gt2 + fac, post2, mask=fmask)
+    tl.store(gtg + gate, postg, mask=kok)
+
+
+# -- host side -----------------------------------------------------------------------------------------
+def _flags(w: ComposeWeights | None) -> int:
+    if w is None:
+        return 0
+    return sum(1 << i for i, f in enumerate(FIELDS) if getattr(w, f) is not None)
+
+
+def _pointers(w: ComposeWeights | None, dummy: Tensor) -> list[Tensor]:
+    if w is None:
+        return [dummy] * 7
+    return [dummy if getattr(w, f) is None else getattr(w, f).contiguous() for f in FIELDS]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _blocks(MP: int, dk: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) for ``MP`` heads per group: keep an ``MP x BM x BN`` tile in registers."""
+    if MP >= 16:
+        return 16, 16, 8
+    return 32, 32, 4
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int, int]:
+    B, H, T, dk = q.shape
+    if k.shape[1] not in (1, H) or v.shape[1] != H:
+        raise ValueError(f"triton backend: q has {H} heads but k has {k.shape[1]} and v {v.shape[1]}")
+    if H % groups:
+        raise ValueError(f"triton backend: num_heads={H} must be divisible by groups={groups}")
+    M = H // groups
+    if M > 32:
+        raise ValueError(f"triton backend: {M} heads per group is not supported: expected at most 32")
+    ranks = {getattr(w, f).shape[3] for w in (pre, post) if w is not None
+             for f in ("query_w1", "key_w1") if getattr(w, f) is not None}
+    if len(ranks) > 1:
+        raise ValueError(f"triton backend: pre and post Compose must share one rank, got {sorted(ranks)}")
+    R = ranks.pop() if ranks else 1
+    if R > 8:
+        raise ValueError(f"triton backend: rank {R} is not supported: expected at most 8")
+    return M, R
+
+
+def _launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post):
+    M, R = _check(q, k, v, groups, pre, post)
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"triton backend: dtype {q.dtype} is not supported: expected float32, bfloat16 or float16")
+    MP = _next_pow2(M)
+    DK, DV = q.shape[-1], v.shape[-1]
+    if DK != _next_pow2(DK) or DV != _next_pow2(DV) or DK < 16 or DV < 16:
+        raise ValueError(f"triton backend: head dims {DK}, {DV} must be powers of two >= 16")
+    BM, BN, warps = _blocks(MP, DK)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, num_warps=warps)
+
+
+def _mask_args(mask: Tensor | None, B: int, T: int, S: int, dummy: Tensor):
+    if mask is None:
+        return dummy, 0, 0, 0
+    m = mask.expand(mask.shape[0], 1, T, S)[:, 0]
+    if m.dtype != torch.bool:
+        raise ValueError(f"triton backend: mask must be bool, got {m.dtype}")
+    m = m.to(torch.uint8)
+    return m, (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1), m.stride(2)
+
+
+def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window):
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    meta = _launch_meta(q, k, v, groups, pre, post)
+    dummy = q.new_empty(1)
+    o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    m, smb, smt, sms = _mask_args(mask, B, T, S, dummy)
+    grid = (triton.cdiv(T, meta["BM"]), B * groups)
+    warps = meta.pop("num_warps")
+    _fwd_kernel[grid](
+        q, k, v, o, lse, m, *_pointers(pre, dummy), *_pointers(post, dummy),
+        *q.stride(), k.stride(0), k.stride(1) if k.shape[1] > 1 else 0, k.stride(2), k.stride(3), *v.stride(),
+        *o.stride(), smb, smt, sms, T, S, scale,
+        PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
+        num_warps=warps, **meta,
+    )
+    return o, lse
+
+
+def triton_backward(do, q, k, v, o, lse, scale, mask, pre, post, groups, causal, window):
+    """Gradients ``(dq, dk, dv, dpre, dpost)``; ``dpre``/``dpost`` are dicts field -> gradient."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    if k.shape[1] != H:
+        raise ValueError("triton backend: the backward pass needs one key head per query head")
+    meta = _launch_meta(q, k, v, groups, pre, post)
+    warps = meta.pop("num_warps")
+    G, M, R = groups, meta["M"], meta["R"]
+    RP = _next_pow2(R)
+    dummy = q.new_empty(1)
+    do = do.contiguous()
+    m, smb, smt, sms = _mask_args(mask, B, T, S, dummy)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    delta = torch.empty(B, H, T, **f32)
+    n_blocks = triton.cdiv(T, meta["BM"])
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, sms)
+    flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None)
+    pre_ptrs, post_ptrs = _pointers(pre, dummy), _pointers(post, dummy)
+    qgrad = {c: (torch.zeros(B, T, G, R, M, **f32), torch.zeros(B, T, G, R, M, **f32), torch.zeros(B, T, G, M, **f32))
+             for c in ("pre", "post")}
+    dw_part = torch.zeros(B * G, n_blocks, 2, M, M, **f32)
+    grid = (n_blocks, B * G)
+    for stage, c in ((1, "post"), (2, "pre")):
+        _bwd_query_kernel[grid](
+            q, k, v, do, lse, delta, m, dq, *pre_ptrs, *post_ptrs, *qgrad[c], dw_part, *common,
+            T, S, scale, n_blocks, RP=RP, STAGE=stage, num_warps=warps, **meta, **flags,
+        )
+    kgrad = [torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32),
+             torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32)]
+    _bwd_key_kernel[(triton.cdiv(S, meta["BN"]), B * G)](
+        q, k, v, do, lse, delta, m, dk, dv, *pre_ptrs, *post_ptrs, *kgrad, *common,
+        T, S, scale, RP=RP, num_warps=warps, **meta, **flags,
+    )
+    dw = dw_part.view(B, G, n_blocks, 2, M, M).sum(dim=(0, 2))
+    grads = {}
+    for c, w, (k1, k2, kg), idx in (("pre", pre, kgrad[:3], 0), ("post", post, kgrad[3:], 1)):
+        if w is None:
+            grads[c] = {}
+            continue
+        full = dict(static=dw[:, idx], query_w1=qgrad[c][0], query_w2=qgrad[c][1], query_gate=qgrad[c][2],
+                    key_w1=k1, key_w2=k2, key_gate=kg)
+        grads[c] = {f: full[f].to(getattr(w, f).dtype) for f in FIELDS if getattr(w, f) is not None}
+    return dq, dk, dv, grads["pre"], grads["post"]
+
+
+class _TritonComposedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, groups, causal, window, pre_fields, post_fields, *weights):
+        pre = _unflatten(pre_fields, weights[:7])
+        post = _unflatten(post_fields, weights[7:])
+        o, lse = triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
+        ctx.save_for_backward(q, k, v, o, lse, mask, *weights)
+        ctx.meta = (scale, groups, causal, window, pre_fields, post_fields)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, mask, *weights = ctx.saved_tensors
+        scale, groups, causal, window, pre_fields, post_fields = ctx.meta
+        pre = _unflatten(pre_fields, weights[:7])
+        post = _unflatten(post_fields, weights[7:])
+        kk = k if k.shape[1] == q.shape[1] else k.expand(-1, q.shape[1], -1, -1).contiguous()
+        dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, o, lse, scale, mask, pre, post, groups, causal, window)
+        if k.shape[1] != q.shape[1]:
+            dk = dk.sum(1, keepdim=True)
+        wgrads = [dpre.get(f) if pre_fields else None for f in FIELDS] + [dpost.get(f) if post_fields else None
+                                                                           for f in FIELDS]
+        return (dq, dk, dv, None, None, None, None, None, None, None, *wgrads)
+
+
+def _flatten(w: ComposeWeights | None) -> list[Tensor | None]:
+    return [None] * 7 if w is None else [getattr(w, f) for f in FIELDS]
+
+
+def _unflatten(present: bool, tensors) -> ComposeWeights | None:
+    if not present:
+        return None
+    return ComposeWeights(**{f: (t if t is not None and t.numel() > 0 else None) for f, t in zip(FIELDS, tensors)})
+
+
+def triton_composed_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None = None,
+    pre: ComposeWeights | None = None, post: ComposeWeights | None = None, groups: int = 1,
+    chunk_size: int | None = None, structure: tuple[bool, int | None] | None = None,
+    causal: bool = False, window: int | None = None,
+) -> Tensor:
+    """Fused composed attention; arguments as :func:`headmix.reference.composed_attention`.
+
+    ``causal``/``window`` describe a positional mask by structure (query ``i`` at key position
+    ``i + S - T``); they may replace ``mask`` (faster: no mask reads, skipped blocks) or be combined
+    with it. ``structure=(causal, window)`` says that ``mask`` is exactly that positional mask: it is
+    then not read. ``chunk_size`` is accepted for signature compatibility and ignored.
+    """
+    if structure is not None:
+        causal, window, mask = structure[0], structure[1], None
+    pre = None if pre is None or pre.is_identity() else pre
+    post = None if post is None or post.is_identity() else post
+    return _TritonComposedAttention.apply(
+        q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None, post is not None,
+        *_flatten(pre), *_flatten(post),
+    )

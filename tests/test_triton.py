@@ -1,0 +1,172 @@
+"""The fused Triton kernels against the reference: outputs and every gradient, on random shapes.
+
+Without a GPU these run in Triton's interpreter (``TRITON_INTERPRET=1``, set in conftest.py) at tiny
+sizes, in float32 against the float64 reference. GPU-marked tests check bf16 at real sizes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from headmix import DCMHA
+from headmix.masks import attention_mask
+from headmix.ops import available_backends, resolve_backend
+from headmix.reference import ComposeWeights, composed_attention
+
+triton_dcmha = pytest.importorskip("headmix.ops.triton_dcmha")
+FIELDS = triton_dcmha.FIELDS
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def random_weights(B, T, S, G, M, R, fields, generator, dtype=torch.float64):
+    def rnd(*shape):
+        return (0.5 * torch.randn(*shape, generator=generator, dtype=dtype)).requires_grad_()
+
+    out = {}
+    if "static" in fields:
+        out["static"] = rnd(G, M, M)
+    for side, L in (("query", T), ("key", S)):
+        if f"{side}_w1" in fields:
+            out[f"{side}_w1"], out[f"{side}_w2"] = rnd(B, L, G, R, M), rnd(B, L, G, R, M)
+        if f"{side}_gate" in fields:
+            out[f"{side}_gate"] = rnd(B, L, G, M)
+    return ComposeWeights(**out)
+
+
+def leaves(q, k, v, pre, post):
+    return [q, k, v] + [getattr(w, f) for w in (pre, post) if w is not None for f in FIELDS
+                        if getattr(w, f) is not None]
+
+
+def as_float32(w: ComposeWeights | None) -> ComposeWeights | None:
+    if w is None:
+        return None
+    return ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).float().to(DEVICE) for f in FIELDS})
+
+
+def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=FIELDS, pre_on=True, post_on=True,
+            seed=0, tol=1e-5):
+    """Float32 kernels vs the float64 reference: relative error of the output and of every gradient."""
+    g = torch.Generator().manual_seed(seed)
+    M = H // G
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).requires_grad_() for n in (T, S, S))
+    pre = random_weights(B, T, S, G, M, R, fields, g) if pre_on else None
+    post = random_weights(B, T, S, G, M, R, fields, g) if post_on else None
+    key_padding = None
+    if padding:
+        key_padding = torch.ones(B, S, dtype=torch.bool)
+        key_padding[0, : S // 3] = False
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window,
+                          key_padding=key_padding)
+    reference = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    do = torch.randn(reference.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad(reference, leaves(q, k, v, pre, post), do)
+
+    q32, k32, v32 = (t.detach().float().to(DEVICE).requires_grad_() for t in (q, k, v))
+    pre32, post32 = as_float32(pre), as_float32(post)
+    for w in (pre32, post32):
+        for f in FIELDS:
+            if w is not None and getattr(w, f) is not None:
+                setattr(w, f, getattr(w, f).detach().requires_grad_())
+    if padding:  # a general mask, read tile by tile
+        out = triton_dcmha.triton_composed_attention(q32, k32, v32, scale=D**-0.5, mask=mask.to(DEVICE),
+                                                     pre=pre32, post=post32, groups=G)
+    else:  # the positional structure, no mask tensor
+        out = triton_dcmha.triton_composed_attention(q32, k32, v32, scale=D**-0.5, pre=pre32, post=post32,
+                                                     groups=G, causal=causal, window=window)
+    grads = torch.autograd.grad(out, leaves(q32, k32, v32, pre32, post32), do.float().to(DEVICE))
+
+    def rel(a, b):
+        return ((a.double().cpu() - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    errors = [rel(out, reference)] + [rel(a, b) for a, b in zip(grads, expected)]
+    assert max(errors) <= tol, errors
+    return out, grads
+
+
+CASES = [
+    # B, H, T, S, D, G, R, options
+    (1, 4, 20, 20, 16, 1, 2, dict(causal=True)),
+    (2, 4, 33, 33, 16, 2, 2, dict(causal=True, window=7)),
+    (1, 4, 19, 19, 32, 1, 2, dict(causal=False)),
+    (2, 4, 5, 25, 16, 1, 2, dict(causal=True, padding=True)),  # decoding against a cache, padded keys
+    (1, 16, 18, 18, 16, 1, 2, dict(causal=True)),  # 16 heads per group: the tensor-core mixing path
+    (1, 6, 21, 21, 16, 2, 3, dict(causal=True, window=5)),  # 3 heads per group, rank 3: padded to powers of 2
+    (1, 4, 17, 17, 16, 1, 1, dict(causal=True, fields=("query_w1", "key_gate"))),
+    (1, 4, 17, 17, 16, 1, 2, dict(causal=True, fields=("static", "key_w1", "query_gate"), post_on=False)),
+    (1, 4, 17, 17, 16, 1, 2, dict(causal=True, pre_on=False)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7])) + "-" + "-".join(
+    f"{k}{v if not isinstance(v, tuple) else len(v)}" for k, v in c[7].items()))
+def test_kernels_match_reference_forward_and_backward(case):
+    *shape, options = case
+    compare(*shape, **options)
+
+
+def test_results_are_identical_across_runs():
+    first = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)
+    second = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+def test_dcmha_layer_with_triton_backend_matches_reference_backend():
+    torch.manual_seed(0)
+    layer = DCMHA(64, 4, window=6, rotary=True, init="paper", backend="reference").to(DEVICE)
+    x = torch.randn(2, 19, 64, device=DEVICE, requires_grad=True)
+    expected = layer(x)
+    grads_expected = torch.autograd.grad(expected.sum(), [x, *layer.parameters()])
+    layer.backend = "triton"
+    out = layer(x)
+    grads = torch.autograd.grad(out.sum(), [x, *layer.parameters()])
+    assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
+    for a, b in zip(grads, grads_expected):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1e-6)
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert "triton" in available_backends()
+    cpu = torch.zeros(1)
+    assert resolve_backend("auto", 512, 128, cpu).__name__ == "chunked_composed_attention"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        resolve_backend("triton", 16, 128, cpu)
+    q = torch.randn(1, 4, 16, 16, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
+        triton_dcmha.triton_composed_attention(q, q, q, scale=0.25, causal=True)
+    with pytest.raises(ValueError, match="head dims 12, 12 must be powers of two"):
+        x = torch.randn(1, 4, 16, 12, device=DEVICE)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.25, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
+    g = torch.Generator().manual_seed(1)
+    B, H, T, G, R = 2, 16, 300, 1, 2
+    M = H // G
+    q, k, v = (torch.randn(B, H, T, head_dim, generator=g) for _ in range(3))
+    pre = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
+    post = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
+    leaves32 = [t.requires_grad_() for t in leaves(q, k, v, pre, post)]
+    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
+    ref = composed_attention(*leaves32[:3], scale=head_dim**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    do = torch.randn(ref.shape, generator=g)
+    expected = torch.autograd.grad(ref, leaves32, do)
+    low = [t.detach().to("cuda", dtype).requires_grad_() for t in leaves32]
+    it = iter(low[3:])
+    pre_l = ComposeWeights(**{f: next(it) if getattr(pre, f) is not None else None for f in FIELDS})
+    post_l = ComposeWeights(**{f: next(it) if getattr(post, f) is not None else None for f in FIELDS})
+    out = triton_dcmha.triton_composed_attention(*low[:3], scale=head_dim**-0.5, pre=pre_l, post=post_l, groups=G,
+                                                 causal=True)
+    grads = torch.autograd.grad(out, low, do.to("cuda", dtype))
+    for a, b in zip([out, *grads], [ref, *expected]):
+        assert ((a.float().cpu() - b).norm() / b.norm()).item() <= 1e-2
