@@ -8,8 +8,9 @@ that positional mask, so a kernel need not read it). Layers look backends up by 
 * ``"chunked"``: query blocks with activation checkpointing, linear memory (:mod:`.chunked`).
 * ``"triton"``: fused Triton kernels (:mod:`.triton_dcmha`), registered when ``triton`` imports;
   runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
-* ``"auto"``: ``triton`` for CUDA tensors in float32/bfloat16/float16 when available, else
-  ``chunked`` beyond one block of queries, else ``reference``.
+* ``"auto"``: ``triton`` for CUDA tensors in float32/bfloat16/float16 when available (training only
+  up to head dim 64, see :mod:`.triton_dcmha`), else ``chunked`` beyond one block of queries, else
+  ``reference``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ _BACKENDS: dict[str, Backend] = {
 try:  # optional: the fused kernels need triton (shipped with CUDA builds of torch)
     from .triton_dcmha import triton_composed_attention
 
+    from .triton_dcmha import MAX_TRAINING_HEAD_DIM as _MAX_TRAINING_HEAD_DIM
+
     _BACKENDS["triton"] = triton_composed_attention
 except ImportError:  # pragma: no cover - depends on the installation
     triton_composed_attention = None
@@ -54,7 +57,8 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     check_positive_int("chunk_size", chunk_size)
     if name == "auto":
         fused = (like is not None and "triton" in _BACKENDS and like.is_cuda
-                 and like.dtype in (torch.float32, torch.bfloat16, torch.float16))
+                 and like.dtype in (torch.float32, torch.bfloat16, torch.float16)
+                 and (like.shape[-1] <= _MAX_TRAINING_HEAD_DIM or not torch.is_grad_enabled()))
         name = "triton" if fused else ("chunked" if query_len > chunk_size else "reference")
     elif name == "triton" and like is not None and not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels slowly on "

@@ -27,6 +27,9 @@ inputs. Masks: causal and sliding-window structure by index arithmetic (key bloc
 window are skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
 
 Limits: head dims and rank are padded to powers of two; ``M = H / groups`` heads per group up to 32.
+Training (the backward kernels) supports head dims up to 64; at 128 their tiles exceed an H100's
+shared memory (measured), so head dim 128 runs forward only (inference, decoding) and ``"auto"``
+trains such layers on the chunked path.
 Triton is optional: without it (or without a GPU and ``TRITON_INTERPRET=1``) this backend is absent.
 """
 
@@ -41,7 +44,8 @@ from torch import Tensor
 
 from ..reference import ComposeWeights
 
-NEG = -1.0e30
+NEG = tl.constexpr(-1.0e30)
+MAX_TRAINING_HEAD_DIM = 64  # measured on an H100: the backward kernels do not fit shared memory at 128
 FIELDS = ("static", "query_w1", "query_w2", "key_w1", "key_w2", "query_gate", "key_gate")
 
 
@@ -71,7 +75,11 @@ def _mix(x, w_ptr, g, hm, M: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, B
             wt = tl.load(base + hm[:, None] * M + hm[None, :], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
         else:
             wt = tl.load(base + hm[None, :] * M + hm[:, None], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
-        out = tl.dot(wt.to(tl.float32), tl.reshape(x, (MP, BM * BN)), input_precision=PREC)
+        x2 = tl.reshape(x, (MP, BM * BN))
+        if PREC == "ieee":
+            out = tl.dot(wt.to(tl.float32), x2, input_precision=PREC)
+        else:  # 16-bit inputs: a bf16 product (fp32 accumulation) halves the shared memory the operands take
+            out = tl.dot(wt.to(tl.bfloat16), x2.to(tl.bfloat16))
         return tl.reshape(out, (MP, BM, BN))
     else:
         out = tl.zeros((MP, BM, BN), dtype=tl.float32)
@@ -195,8 +203,11 @@ def _static_grad(acc, x, dy, hm, M: tl.constexpr, MP: tl.constexpr, BM: tl.const
                  PREC: tl.constexpr):
     """``acc[m, n] += sum_{i,j} x[m, i, j] dy[n, i, j]``."""
     if MP >= 16:
-        return acc + tl.dot(tl.reshape(x, (MP, BM * BN)), tl.trans(tl.reshape(dy, (MP, BM * BN))),
-                            input_precision=PREC)
+        x2 = tl.reshape(x, (MP, BM * BN))
+        dy2 = tl.trans(tl.reshape(dy, (MP, BM * BN)))
+        if PREC == "ieee":
+            return acc + tl.dot(x2, dy2, input_precision=PREC)
+        return acc + tl.dot(x2.to(tl.bfloat16), dy2.to(tl.bfloat16))
     else:
         for m in tl.static_range(M):
             xm = tl.sum(tl.where((hm == m)[:, None, None], x, 0.0), 0)
@@ -215,7 +226,7 @@ def _fwd_kernel(
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, RELOAD: tl.constexpr,
 ):
     pid_i = tl.program_id(0)
     bg = tl.program_id(1)
@@ -228,7 +239,8 @@ def _fwd_kernel(
     qok = h_ok[:, None] & (offs_i < T)[None, :]
     pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
     post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
-    q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
+    if not RELOAD:
+        q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
     lo, hi = _key_range(start_i, T, S, BM, BN, CAUSAL, WINDOW)
 
     m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
@@ -236,6 +248,8 @@ def _fwd_kernel(
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         kok = h_ok[:, None] & (offs_j < S)[None, :]
+        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
         k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
         s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
         if PRE != 0:
@@ -252,6 +266,8 @@ def _fwd_kernel(
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         kok = h_ok[:, None] & (offs_j < S)[None, :]
+        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
         k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
         s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
         if PRE != 0:
@@ -402,7 +418,6 @@ def _bwd_key_kernel(
     h = g * M + hm
     pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
     post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
-    k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
     v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
     acc_dk = tl.zeros((MP, BN, DK), dtype=tl.float32)
     acc_dv = tl.zeros((MP, BN, DV), dtype=tl.float32)
@@ -527,7 +542,8 @@ def _launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post):
         raise ValueError(f"triton backend: head dims {DK}, {DV} must be powers of two >= 16")
     BM, BN, warps = _blocks(MP, DK)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, num_warps=warps)
+    # one pipeline stage: the (heads x block x block) tiles already fill the shared memory
+    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=1)
 
 
 def _mask_args(mask: Tensor | None, B: int, T: int, S: int, dummy: Tensor):
@@ -550,12 +566,13 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window):
     m, smb, smt, sms = _mask_args(mask, B, T, S, dummy)
     grid = (triton.cdiv(T, meta["BM"]), B * groups)
     warps = meta.pop("num_warps")
+    stages = meta.pop("num_stages")
     _fwd_kernel[grid](
         q, k, v, o, lse, m, *_pointers(pre, dummy), *_pointers(post, dummy),
         *q.stride(), k.stride(0), k.stride(1) if k.shape[1] > 1 else 0, k.stride(2), k.stride(3), *v.stride(),
         *o.stride(), smb, smt, sms, T, S, scale,
         PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
-        num_warps=warps, **meta,
+        RELOAD=meta["DK"] >= 128, num_warps=warps, num_stages=stages, **meta,
     )
     return o, lse
 
@@ -567,7 +584,7 @@ def triton_backward(do, q, k, v, o, lse, scale, mask, pre, post, groups, causal,
     if k.shape[1] != H:
         raise ValueError("triton backend: the backward pass needs one key head per query head")
     meta = _launch_meta(q, k, v, groups, pre, post)
-    warps = meta.pop("num_warps")
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     G, M, R = groups, meta["M"], meta["R"]
     RP = _next_pow2(R)
     dummy = q.new_empty(1)
@@ -589,13 +606,13 @@ def triton_backward(do, q, k, v, o, lse, scale, mask, pre, post, groups, causal,
     for stage, c in ((1, "post"), (2, "pre")):
         _bwd_query_kernel[grid](
             q, k, v, do, lse, delta, m, dq, *pre_ptrs, *post_ptrs, *qgrad[c], dw_part, *common,
-            T, S, scale, n_blocks, RP=RP, STAGE=stage, num_warps=warps, **meta, **flags,
+            T, S, scale, n_blocks, RP=RP, STAGE=stage, num_warps=warps, num_stages=stages, **meta, **flags,
         )
     kgrad = [torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32),
              torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32)]
     _bwd_key_kernel[(triton.cdiv(S, meta["BN"]), B * G)](
         q, k, v, do, lse, delta, m, dk, dv, *pre_ptrs, *post_ptrs, *kgrad, *common,
-        T, S, scale, RP=RP, num_warps=warps, **meta, **flags,
+        T, S, scale, RP=RP, num_warps=warps, num_stages=stages, **meta, **flags,
     )
     dw = dw_part.view(B, G, n_blocks, 2, M, M).sum(dim=(0, 2))
     grads = {}
@@ -644,6 +661,7 @@ def _unflatten(present: bool, tensors) -> ComposeWeights | None:
     return ComposeWeights(**{f: (t if t is not None and t.numel() > 0 else None) for f, t in zip(FIELDS, tensors)})
 
 
+@torch.compiler.disable  # an opaque region for torch.compile: the graph breaks around it, nothing is traced inside
 def triton_composed_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None = None,
     pre: ComposeWeights | None = None, post: ComposeWeights | None = None, groups: int = 1,
@@ -659,6 +677,11 @@ def triton_composed_attention(
     """
     if structure is not None:
         causal, window, mask = structure[0], structure[1], None
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    if needs_grad and max(q.shape[-1], v.shape[-1]) > MAX_TRAINING_HEAD_DIM:
+        raise ValueError(f"triton backend: head dim {q.shape[-1]} is supported for inference only (the backward "
+                         f"kernels' tiles exceed an H100's shared memory above {MAX_TRAINING_HEAD_DIM}); use "
+                         "backend='chunked' or 'auto' to train")
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
     return _TritonComposedAttention.apply(
