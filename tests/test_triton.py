@@ -221,3 +221,23 @@ def test_gpu_head_dim_128_inference_only():
     x = torch.randn(1, 16, 16, 128, device="cuda", requires_grad=True)
     with pytest.raises(ValueError, match="inference only"):
         triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+
+
+def test_attention_benchmark_script_runs_at_a_tiny_size():
+    """benchmarks/attention.py end to end on the CPU (kernels interpreted), so the script cannot rot."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu", "--seq", "32", "--heads", "4", "--head-dim", "16",
+         "--repeat", "1", "--dtype", "float32", "--variants", "sdpa", "dcmha/chunked", "dcmha/triton",
+         "--decode-cache", "32"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 16 |")]
+    assert len(rows) == 3 + 2 * 3  # training rows, then decode rows at batch 1 and 16
+    assert all("error" not in r.lower() and "OOM" not in r for r in rows)
+    assert "torch " in done.stdout and "# command:" in done.stdout
