@@ -1,0 +1,170 @@
+"""Language-model speed: training throughput with MFU, and generation speed, Transformer++ vs DCFormer(++).
+
+Training: random tokens, ``--train-batch`` sequences of ``--seq`` tokens, bf16 weights with fp32
+AdamW states (``torch.optim.AdamW(fused=True)`` on CUDA), ``--steps`` timed steps after
+``--warmup``; tokens/s and model FLOPs utilisation. Model FLOPs per token are
+``6 N + 6 L T D`` (weights, and the causal attention matmuls: ``12 L T D / 2``), ``N`` the
+non-embedding parameters; MFU divides by the bf16 matmul rate measured on this device (an 8192^3
+``torch.matmul``), not a datasheet figure. DCMHA's Compose arithmetic is not counted.
+
+Inference: ``generate()`` with a ``--prompt``-token prompt and ``--new-tokens`` new tokens (greedy,
+our cache), batch 1 and 16; prefill tokens/s from a 1-token generation, decode tokens/s from the
+difference.
+
+    python benchmarks/lm_speed.py                                           # GPU: 125M-class models
+    python benchmarks/lm_speed.py --variants tiny-transformer++ tiny-dcformer++ --device cpu --seq 64 \\
+        --train-batch 2 --steps 2 --warmup 1 --prompt 16 --new-tokens 8 --batches 1     # CPU smoke run
+
+Variants are preset names, plus ``<preset>:global`` (every layer global, no QK-norm: DCFormer
+rather than DCFormer++).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from headmix.models import DCFormerConfig, DCFormerForCausalLM  # noqa: E402
+
+
+def build(variant: str, backend: str, device, dtype) -> DCFormerForCausalLM:
+    preset, _, option = variant.partition(":")
+    overrides = dict(attention_backend=backend)
+    if option == "global":
+        overrides.update(window_size=None, window_pattern=None, qk_norm=False)
+    elif option:
+        raise ValueError(f"variant option {option!r} is not known: expected ':global' or nothing")
+    config = DCFormerConfig.from_preset(preset, **overrides)
+    return DCFormerForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device, dtype) -> float:
+    """Measured dense matmul FLOP/s of this device in ``dtype``."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    reps = 20 if device.type == "cuda" else 3
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def train_speed(model, batch, seq, steps, warmup, device) -> tuple[float, float]:
+    """(tokens/s, peak GiB) of optimizer steps on random tokens."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return batch * seq * steps / elapsed, peak
+
+
+@torch.no_grad()
+def generate_speed(model, batch, prompt, new_tokens, device) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) through ``generate()``."""
+    model.eval()
+    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def run(n):
+        sync(device)
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        sync(device)
+        return time.perf_counter() - t0
+
+    run(2)  # warm-up
+    prefill = run(1)
+    total = run(new_tokens)
+    return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+
+
+def non_embedding_parameters(model) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+",
+                        default=["125m-transformer++", "125m-dcformer++", "125m-dcformer++:global"])
+    parser.add_argument("--backend", default="auto", help="attention backend of composed layers (default: auto)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--train-batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--skip-generate", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rate = matmul_rate(device, dtype)
+    print(f"# headmix LM speed: {name}, {datetime.date.today()}, torch {torch.__version__}, {dtype}, "
+          f"measured matmul rate {rate / 1e12:.1f} TFLOP/s")
+    print(f"# command: python benchmarks/lm_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    rows = []
+    if not args.skip_train:
+        print(f"\n| variant | params (non-emb.) | train tokens/s (seq {args.seq}, batch {args.train_batch}) | MFU | "
+              "peak GiB | vs first |")
+        print("|---|---|---|---|---|---|")
+        first = None
+        for variant in args.variants:
+            torch.manual_seed(0)
+            model = build(variant, args.backend, device, dtype)
+            c = model.config
+            n = non_embedding_parameters(model)
+            tps, peak = train_speed(model, args.train_batch, args.seq, args.steps, args.warmup, device)
+            flops_per_token = 6 * n + 6 * c.num_hidden_layers * args.seq * c.hidden_size
+            first = first or tps
+            print(f"| {variant} | {n / 1e6:.1f}M | {tps:,.0f} | {tps * flops_per_token / rate:.1%} | {peak:.1f} | "
+                  f"{tps / first:.2f} |", flush=True)
+            rows.append(("train", variant, tps))
+            del model
+    if not args.skip_generate:
+        print(f"\n| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) |")
+        print("|---|---|---|---|")
+        for variant in args.variants:
+            torch.manual_seed(0)
+            model = build(variant, args.backend, device, dtype)
+            for batch in args.batches:
+                pre, dec = generate_speed(model, batch, args.prompt, args.new_tokens, device)
+                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} |", flush=True)
+                rows.append(("generate", variant, batch, pre, dec))
+            del model
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
