@@ -167,4 +167,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except ValueError as error:  # bad input: one clear line
+        print(f"lm_speed: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
