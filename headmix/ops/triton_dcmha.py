@@ -506,11 +506,18 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _blocks(MP: int, dk: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for ``MP`` heads per group: keep an ``MP x BM x BN`` tile in registers."""
-    if MP >= 16:
-        return 16, 16, 8
-    return 32, 32, 4
+# Tile shapes per phase ("fwd", "bwd") and padded heads per group: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# One pipeline stage: the (heads x block x block) tiles already fill the shared memory. Tuning scripts
+# (benchmarks/tune_triton.py) may override entries to measure alternatives.
+TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
+    ("fwd", True): (16, 16, 8, 1), ("fwd", False): (32, 32, 4, 1),
+    ("bwd", True): (16, 16, 8, 1), ("bwd", False): (32, 32, 4, 1),
+}
+
+
+def _blocks(MP: int, phase: str) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for ``MP`` heads per group (16+ or fewer)."""
+    return TILES[(phase, MP >= 16)]
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int, int]:
@@ -532,7 +539,7 @@ def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int
     return M, R
 
 
-def _launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post):
+def _launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: str):
     M, R = _check(q, k, v, groups, pre, post)
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"triton backend: dtype {q.dtype} is not supported: expected float32, bfloat16 or float16")
@@ -540,10 +547,10 @@ def _launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post):
     DK, DV = q.shape[-1], v.shape[-1]
     if DK != _next_pow2(DK) or DV != _next_pow2(DV) or DK < 16 or DV < 16:
         raise ValueError(f"triton backend: head dims {DK}, {DV} must be powers of two >= 16")
-    BM, BN, warps = _blocks(MP, DK)
+    BM, BN, warps, stages = _blocks(MP, phase)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    # one pipeline stage: the (heads x block x block) tiles already fill the shared memory
-    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, num_warps=warps, num_stages=1)
+    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, num_warps=warps,
+                num_stages=stages)
 
 
 def _mask_args(mask: Tensor | None, B: int, T: int, S: int, dummy: Tensor):
@@ -559,7 +566,7 @@ def _mask_args(mask: Tensor | None, B: int, T: int, S: int, dummy: Tensor):
 def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window):
     B, H, T, _ = q.shape
     S = k.shape[2]
-    meta = _launch_meta(q, k, v, groups, pre, post)
+    meta = _launch_meta(q, k, v, groups, pre, post, "fwd")
     dummy = q.new_empty(1)
     o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -583,7 +590,7 @@ def triton_backward(do, q, k, v, o, lse, scale, mask, pre, post, groups, causal,
     S = k.shape[2]
     if k.shape[1] != H:
         raise ValueError("triton backend: the backward pass needs one key head per query head")
-    meta = _launch_meta(q, k, v, groups, pre, post)
+    meta = _launch_meta(q, k, v, groups, pre, post, "bwd")
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     G, M, R = groups, meta["M"], meta["R"]
     RP = _next_pow2(R)
