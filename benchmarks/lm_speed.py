@@ -100,7 +100,7 @@ def generate_speed(model, batch, prompt, new_tokens, device) -> tuple[float, flo
         sync(device)
         return time.perf_counter() - t0
 
-    run(2)  # warm-up
+    run(new_tokens)  # warm-up at full length (allocator growth, kernel selection, caches)
     prefill = run(1)
     total = run(new_tokens)
     return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
