@@ -184,17 +184,26 @@ def _grad_rank(acc, contrib, r, RP: tl.constexpr):
 
 
 @triton.jit
-def _query_factor_grads(acc_w1, acc_w2, x, dy, w1_ptr, w2_ptr, b, g, offs_i, hm, qok, T,
-                        G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, M: tl.constexpr):
-    """Query-side factor gradients of one Compose ``y = Compose(x)`` from the upstream ``dy``:
-    ``dw_1[i, r, m] += sum_j x_m (dy . w_2[i, r])``, ``dw_2[i, r, n] += sum_j (x . w_1[i, r]) dy_n``."""
+def _factor_grads(acc_w1, acc_w2, x, dy, w1_ptr, w2_ptr, b, g, offs, hm, ok, L,
+                  G: tl.constexpr, R: tl.constexpr, RP: tl.constexpr, M: tl.constexpr, KEY_SIDE: tl.constexpr):
+    """Factor gradients of one side of ``y = Compose(x)`` from the upstream ``dy``, for the positions
+    ``offs`` of that side (queries: summed over keys; ``KEY_SIDE``: keys, summed over queries):
+    ``dw_1[., r, m] += sum x_m (dy . w_2[., r])``, ``dw_2[., r, n] += sum (x . w_1[., r]) dy_n``."""
     for r in tl.static_range(R):
-        a = _qfac(w1_ptr, b, g, r, offs_i, hm, qok, T, G, R, M)
-        c = _qfac(w2_ptr, b, g, r, offs_i, hm, qok, T, G, R, M)
-        gq = tl.sum(dy * c[:, :, None], 0)
-        hq = tl.sum(x * a[:, :, None], 0)
-        acc_w1 = _grad_rank(acc_w1, tl.sum(x * gq[None, :, :], 2), r, RP)
-        acc_w2 = _grad_rank(acc_w2, tl.sum(dy * hq[None, :, :], 2), r, RP)
+        a = _qfac(w1_ptr, b, g, r, offs, hm, ok, L, G, R, M)
+        c = _qfac(w2_ptr, b, g, r, offs, hm, ok, L, G, R, M)
+        if KEY_SIDE:
+            a3, c3 = a[:, None, :], c[:, None, :]
+        else:
+            a3, c3 = a[:, :, None], c[:, :, None]
+        gr = tl.sum(dy * c3, 0)
+        hr = tl.sum(x * a3, 0)
+        if KEY_SIDE:
+            acc_w1 = _grad_rank(acc_w1, tl.sum(x * gr[None, :, :], 1), r, RP)
+            acc_w2 = _grad_rank(acc_w2, tl.sum(dy * hr[None, :, :], 1), r, RP)
+        else:
+            acc_w1 = _grad_rank(acc_w1, tl.sum(x * gr[None, :, :], 2), r, RP)
+            acc_w2 = _grad_rank(acc_w2, tl.sum(dy * hr[None, :, :], 2), r, RP)
     return acc_w1, acc_w2
 
 
@@ -360,8 +369,8 @@ def _bwd_query_kernel(
         if STAGE == 1:
             acc_delta += tl.sum(p * dp, 2)
             if POST & 2:
-                acc_w1, acc_w2 = _query_factor_grads(acc_w1, acc_w2, p, dp2, tq1, tq2, b, g, offs_i, hm, qok, T,
-                                                     G, R, RP, M)
+                acc_w1, acc_w2 = _factor_grads(acc_w1, acc_w2, p, dp2, tq1, tq2, b, g, offs_i, hm, qok, T,
+                                               G, R, RP, M, False)
             if POST & 32:
                 acc_g += tl.sum(p * dp2, 2)
         else:
@@ -375,8 +384,8 @@ def _bwd_query_kernel(
             if POST & 1:
                 acc_wpost = _static_grad(acc_wpost, p, dp2, hm, M, MP, BM, BN, PREC)
             if PRE & 2:
-                acc_w1, acc_w2 = _query_factor_grads(acc_w1, acc_w2, s, ds2, pq1, pq2, b, g, offs_i, hm, qok, T,
-                                                     G, R, RP, M)
+                acc_w1, acc_w2 = _factor_grads(acc_w1, acc_w2, s, ds2, pq1, pq2, b, g, offs_i, hm, qok, T,
+                                               G, R, RP, M, False)
             if PRE & 32:
                 acc_g += tl.sum(s * ds2, 2)
     if STAGE == 1:
@@ -456,23 +465,11 @@ def _bwd_key_kernel(
             ds = _compose(ds2, pre, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, PRE, True, PREC)
         acc_dk += tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PREC)
         if POST & 8:
-            for r in tl.static_range(R):
-                a = _qfac(tk1, b, g, r, offs_j, hm, kok, S, G, R, M)
-                c = _qfac(tk2, b, g, r, offs_j, hm, kok, S, G, R, M)
-                gk = tl.sum(dp2 * c[:, None, :], 0)
-                hk = tl.sum(p * a[:, None, :], 0)
-                post1 = _grad_rank(post1, tl.sum(p * gk[None, :, :], 1), r, RP)
-                post2 = _grad_rank(post2, tl.sum(dp2 * hk[None, :, :], 1), r, RP)
+            post1, post2 = _factor_grads(post1, post2, p, dp2, tk1, tk2, b, g, offs_j, hm, kok, S, G, R, RP, M, True)
         if POST & 64:
             postg += tl.sum(p * dp2, 1)
         if PRE & 8:
-            for r in tl.static_range(R):
-                a = _qfac(pk1, b, g, r, offs_j, hm, kok, S, G, R, M)
-                c = _qfac(pk2, b, g, r, offs_j, hm, kok, S, G, R, M)
-                gk = tl.sum(ds2 * c[:, None, :], 0)
-                hk = tl.sum(s * a[:, None, :], 0)
-                pre1 = _grad_rank(pre1, tl.sum(s * gk[None, :, :], 1), r, RP)
-                pre2 = _grad_rank(pre2, tl.sum(ds2 * hk[None, :, :], 1), r, RP)
+            pre1, pre2 = _factor_grads(pre1, pre2, s, ds2, pk1, pk2, b, g, offs_j, hm, kok, S, G, R, RP, M, True)
         if PRE & 64:
             preg += tl.sum(s * ds2, 1)
     dk_ = tl.arange(0, DK)
@@ -588,7 +585,7 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window):
     return o, lse
 
 
-def triton_backward(do, q, k, v, o, lse, scale, mask, pre, post, groups, causal, window):
+def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window):
     """Gradients ``(dq, dk, dv, dpre, dpost)``; ``dpre``/``dpost`` are dicts field -> gradient."""
     B, H, T, _ = q.shape
     S = k.shape[2]
@@ -645,18 +642,18 @@ class _TritonComposedAttention(torch.autograd.Function):
         pre = _unflatten(pre_fields, weights[:7])
         post = _unflatten(post_fields, weights[7:])
         o, lse = triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
-        ctx.save_for_backward(q, k, v, o, lse, mask, *weights)
+        ctx.save_for_backward(q, k, v, lse, mask, *weights)
         ctx.meta = (scale, groups, causal, window, pre_fields, post_fields)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, mask, *weights = ctx.saved_tensors
+        q, k, v, lse, mask, *weights = ctx.saved_tensors
         scale, groups, causal, window, pre_fields, post_fields = ctx.meta
         pre = _unflatten(pre_fields, weights[:7])
         post = _unflatten(post_fields, weights[7:])
         kk = k if k.shape[1] == q.shape[1] else k.expand(-1, q.shape[1], -1, -1).contiguous()
-        dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, o, lse, scale, mask, pre, post, groups, causal, window)
+        dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, lse, scale, mask, pre, post, groups, causal, window)
         if k.shape[1] != q.shape[1]:
             dk = dk.sum(1, keepdim=True)
         wgrads = [dpre.get(f) if pre_fields else None for f in FIELDS] + [dpost.get(f) if post_fields else None
