@@ -28,3 +28,35 @@ def test_lm_speed_rejects_an_unknown_variant_option():
                            "--device", "cpu", "--skip-generate"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "variant option 'local' is not known" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_scaling_script_fits_and_reports_a_multiplier(tmp_path):
+    """A tiny quality-per-compute study end to end: tokenise a real play, train 3 + 1 models (2 seeds for
+    the smallest pair), fit, report the multiplier, write JSON/table/PNG; then redo the analysis from JSON."""
+    from headmix.training.data import default_corpus
+
+    play = default_corpus(tmp_path / "cache")[0]
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "scaling.py"), "--transformer", "1,16,2", "1,32,2", "1,48,2",
+         "--dcformer", "1,16,2", "--seq", "32", "--batch", "4", "--epochs", "0.3", "--evals", "2", "--vocab", "300",
+         "--device", "cpu", "--data", str(play), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| transformer++") or
+            line.startswith("| dcformer++ 1x16/2h | 0.")]
+    assert len(rows) == 4 + 2  # 3 sizes + a second seed of the smallest; 2 DCFormer++ seeds
+    multiplier = [line for line in done.stdout.splitlines() if line.startswith("| dcformer++") and "x |" in line]
+    assert len(multiplier) == 1 and float(multiplier[0].split("|")[3].strip().rstrip("x")) > 0
+    assert {p.name for p in out.iterdir()} == {"scaling.json", "scaling_table.md", "scaling.png"}
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--from-json", str(out / "scaling.json"),
+                            "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "scaling_table.md").read_text() == (out / "scaling_table.md").read_text()
+
+
+def test_scaling_script_rejects_a_bad_size():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--transformer", "huge"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "size 'huge' is not known" in done.stderr and "Traceback" not in done.stderr

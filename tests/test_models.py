@@ -274,3 +274,40 @@ def test_gradient_checkpointing_gives_the_same_gradients(attention):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["mha", "talking_heads", "dcmha", "collaborative"])
+def test_flops_per_token_matches_counted_matmuls(attention):
+    """The closed-form FLOPs equal torch's FLOP counter over a forward pass of the materialised path.
+
+    The reference backend computes every (query, key) pair, hence ``causal=False``. Not seen by the
+    counter, so added or removed here: SDPA on the CPU (the MHA layer's attention products) and
+    DCMHA's gates (element-wise).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    T, D, H, L = 24, 48, 6, 2
+    config = DCFormerConfig(vocab_size=97, hidden_size=D, num_hidden_layers=L, num_attention_heads=H,
+                            attention=attention, attention_backend="reference", collaborative_key_dim=24,
+                            dcmha_groups=2 if attention == "dcmha" else 1)
+    model = DCFormerForCausalLM(config)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, 97, (1, T)))
+    counted = counter.get_total_flops() / T
+    if attention == "mha":
+        counted += L * T * 4 * D
+    if attention == "dcmha":
+        counted += L * T * 2 * 4 * H
+    assert counted == config.flops_per_token(T, training=False, causal=False)
+    assert config.flops_per_token(T) == 3 * config.flops_per_token(T, training=False)
+
+
+def test_keys_per_query_follows_the_mask():
+    from headmix.masks import attention_mask
+
+    config = DCFormerConfig(window_size=5, window_pattern="LG")
+    for T in (3, 5, 17):
+        for layer in (0, 1):
+            positions = torch.arange(T)
+            allowed = attention_mask(positions, positions, causal=True, window=config.layer_window(layer))
+            assert config.keys_per_query(layer, T) == pytest.approx(allowed.sum().item() / T)

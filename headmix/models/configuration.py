@@ -254,6 +254,51 @@ class DCFormerConfig(PretrainedConfig):
         blocks = sum(self.attention_parameters(i) + mlp + 2 * norm for i in range(self.num_hidden_layers))
         return V * D + blocks + norm + (0 if self.tie_word_embeddings else V * D)
 
+    def keys_per_query(self, index: int, seq_len: int, causal: bool = True) -> float:
+        """Mean number of keys a query of a ``seq_len``-token sequence attends to in layer ``index``."""
+        check_positive_int("seq_len", seq_len)
+        if not causal:
+            return float(seq_len)
+        w = self.layer_window(index)
+        if w is None or w >= seq_len:
+            return (seq_len + 1) / 2
+        return (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+
+    def flops_per_token(self, seq_len: int, training: bool = True, causal: bool = True) -> float:
+        """Model FLOPs per token of a ``seq_len``-token sequence (2 per multiply-add; training = 3 x forward).
+
+        Counted, per token and layer: every weight matrix once (q/k/v/out projections, MLP, DCMHA's
+        dynamic-weight projections ``hidden``/``factors``/``gates``) and the output head
+        (``2 * matrix parameters``); per (query, key) pair the attention products ``QK^T`` and
+        ``PV`` (``4 * heads * head_dim``; collaborative: ``2 * heads * key_dim + 2 * hidden``) and the
+        composition: talking-heads ``2 * 2 H^2``; DCMHA per pre/post side ``2 H M`` (static, ``M``
+        heads per group), ``8 H R`` (query- and key-wise rank-``R`` terms, project and expand) and
+        ``4 H`` (two gates). Keys per query follow the causal mask and each layer's window
+        (:meth:`keys_per_query`). Not counted: the embedding lookup, norms, softmax, rotary, biases.
+        """
+        D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_attention_heads
+        mlp = (2 if self.backbone == "pythia" else 3) * D * F
+        total = 2.0 * D * V  # output head
+        for i in range(self.num_hidden_layers):
+            kind = self.layer_attention(i)
+            pairs = self.keys_per_query(i, seq_len, causal)
+            if kind == "collaborative":
+                Dk = self.collaborative_key_dim or D
+                total += 2.0 * (2 * D * Dk + 2 * D * D + mlp) + pairs * (2 * H * Dk + 2 * D)
+                continue
+            weights = 4 * D * D + mlp
+            per_pair = 4 * D
+            if kind == "talking_heads":
+                per_pair += 2 * 2 * H * H
+            elif kind == "dcmha":
+                G, R = self.dcmha_groups, self.dcmha_rank
+                M = H // G
+                K = self.dcmha_hidden_dim or 4 * M
+                weights += D * G * 4 * K + G * 4 * K * 2 * R * M + D * G * 4 * M
+                per_pair += 2 * ((2 * H * M if self.dcmha_static else 0) + 8 * H * R + 4 * H)
+            total += 2.0 * weights + pairs * per_pair
+        return total * (3 if training else 1)
+
     # -- presets -----------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DCFormerConfig:
