@@ -8,7 +8,7 @@ DCMHA Compose arithmetic all counted; see that method). The Transformer++ points
 seeds) are fitted by a power law ``log L = a + b log C`` (least squares); DCFormer++'s **compute
 multiplier** is the compute the fit needs to reach DCFormer++'s loss divided by DCFormer++'s own
 compute. Its uncertainty combines the seed-to-seed spread of the final loss (``--seeds`` runs of
-the smallest pair) with the scatter of the Transformer++ points about the fit.
+the smallest size trained as both) with the scatter of the Transformer++ points about the fit.
 
 Sizes are ``name`` (see ``SIZES``) or ``layers,width,heads``; DCFormer++ is the Transformer++ shape
 with DCMHA, QK-norm and local/global layers (``LG``, window ``seq/8``, as the paper's 256 of 2048).
@@ -39,8 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headmix.models import DCFormerConfig, DCFormerForCausalLM  # noqa: E402
 
-# (layers, width, heads): head dim 32, so even the smallest model composes 6 heads
-SIZES = {"xs": (4, 192, 6), "s": (6, 256, 8), "m": (8, 384, 12), "l": (10, 512, 16)}
+# (layers, width, heads): head dim 32, so even the smallest model composes 4 heads
+SIZES = {"xxs": (3, 128, 4), "xs": (4, 192, 6), "s": (6, 256, 8), "m": (8, 384, 12), "l": (10, 512, 16)}
+KINDS = ("transformer++", "dcformer++", "dcformer")
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
@@ -62,7 +63,15 @@ def model_config(kind: str, size: tuple[int, int, int], vocab: int, seq: int) ->
                   vocab_size=vocab, max_position_embeddings=seq)
     if kind == "dcformer++":
         fields.update(attention="dcmha", qk_norm=True, window_size=max(1, seq // 8), window_pattern="LG")
+    elif kind == "dcformer":
+        fields.update(attention="dcmha")
     return DCFormerConfig(**fields)
+
+
+def learning_rate(base: float, width: int) -> float:
+    """``base`` up to width 256, then ``base * 256 / width`` (wider models need smaller steps); the same
+    for every architecture at one size."""
+    return base * min(1.0, 256 / width)
 
 
 # -- data ----------------------------------------------------------------------------------------
@@ -105,7 +114,7 @@ def train_run(config: DCFormerConfig, data: dict, args, seed: int, device, label
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+                            lr=learning_rate(args.lr, config.hidden_size), betas=(0.9, 0.95), fused=device.type == "cuda")
     train = data["train"]
     steps = max(1, round(args.epochs * len(train) / args.batch))
     schedule = get_cosine_with_min_lr_schedule_with_warmup(opt, max(1, steps // 20), steps, min_lr_rate=0.1)
@@ -175,7 +184,7 @@ def analyse(runs: list[dict]) -> dict:
     result["fit"] = {"a": a, "b": b, "rms_log_residual": scatter}
     lo_loss, hi_loss = min(loss for _, loss in baseline), max(loss for _, loss in baseline)
     for label, m in means.items():
-        if not label.startswith("dcformer++"):
+        if label.startswith("transformer++"):
             continue
 
         def multiplier(log_loss: float) -> float:
@@ -207,7 +216,7 @@ def table(runs: list[dict], analysis: dict, header: str) -> str:
         lines.append(f"Transformer++ fit: log L = {fit['a']:.4f} {fit['b']:+.4f} log C "
                      f"(rms residual {fit['rms_log_residual']:.4f} in log L); seed-to-seed sd of the final loss: "
                      f"{analysis['seed_sd']:.4f}")
-        lines += ["", "| DCFormer++ | loss | compute multiplier | 1-sd range | inside the fitted range |",
+        lines += ["", "| model | loss | compute multiplier | 1-sd range | inside the fitted range |",
                   "|---|---|---|---|---|"]
         for label, m in analysis["multipliers"].items():
             lines.append(f"| {label} | {analysis['means'][label]['loss']:.4f} | {m['multiplier']:.2f}x | "
@@ -251,15 +260,18 @@ def plot(runs: list[dict], analysis: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--transformer", nargs="+", type=parse_size, default=["xs", "s", "m", "l"],
+    parser.add_argument("--transformer", nargs="+", type=parse_size, default=["xxs", "xs", "s", "m"],
                         help="Transformer++ sizes (names or layers,width,heads)")
     parser.add_argument("--dcformer", nargs="+", type=parse_size, default=["xs", "s"], help="DCFormer++ sizes")
+    parser.add_argument("--dcformer-global", nargs="*", type=parse_size, default=[],
+                        help="DCFormer sizes (DCMHA, every layer global, no QK-norm): separates DCMHA from DCFormer++'s "
+                             "local layers and QK-norm")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the smallest pair (other runs: one seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--epochs", type=float, default=4.0, help="passes over the training sequences")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate up to width 256 (see learning_rate)")
     parser.add_argument("--evals", type=int, default=8, help="validation evaluations per run")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--data", nargs="*", default=[], help="text files (default: the embedded corpus)")
@@ -281,6 +293,7 @@ def main(argv=None) -> int:
         return 0
     args.transformer = [parse_size(s) if isinstance(s, str) else s for s in args.transformer]
     args.dcformer = [parse_size(s) if isinstance(s, str) else s for s in args.dcformer]
+    args.dcformer_global = [parse_size(s) if isinstance(s, str) else s for s in args.dcformer_global]
 
     if args.tokens_file:
         data = torch.load(args.tokens_file)
@@ -297,9 +310,10 @@ def main(argv=None) -> int:
         return 0
 
     device = torch.device(args.device)
-    plan = [("transformer++", s) for s in args.transformer] + [("dcformer++", s) for s in args.dcformer]
-    smallest = min(args.transformer + args.dcformer, key=lambda s: model_config("transformer++", s, args.vocab, args.seq)
-                   .flops_per_token(args.seq))
+    plan = ([("transformer++", s) for s in args.transformer] + [("dcformer++", s) for s in args.dcformer]
+            + [("dcformer", s) for s in args.dcformer_global])
+    paired = [s for s in args.dcformer if s in args.transformer] or args.transformer + args.dcformer
+    smallest = min(paired, key=lambda s: model_config("transformer++", s, args.vocab, args.seq).flops_per_token(args.seq))
     versions = f"torch {torch.__version__}"
     try:
         import triton
@@ -311,7 +325,7 @@ def main(argv=None) -> int:
     header = (f"Device: {name}; {datetime.date.today().isoformat()}; {versions}\n"
               f"Data: {data['description']}, {len(data['train'])} training / {len(data['validation'])} validation "
               f"sequences of {args.seq} tokens, vocab {args.vocab}; {args.epochs:g} epochs, batch {args.batch}, "
-              f"lr {args.lr:g}\nCommand: python benchmarks/scaling.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
+              f"lr {args.lr:g} (x 256/width above width 256)\nCommand: python benchmarks/scaling.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
     runs = []
     for kind, size in plan:
         seeds = range(args.seed, args.seed + (args.seeds if size == smallest else 1))
