@@ -176,8 +176,17 @@ def analyse(runs: list[dict]) -> dict:
                      "seeds": len(rs), "parameters": rs[0]["parameters"]} for label, rs in groups.items()}
     spreads = [stdev([r["validation_loss"] for r in rs]) for rs in groups.values() if len(rs) > 1]
     seed_sd = max(spreads) if spreads else float("nan")
-    baseline = [(m["flops"], m["loss"]) for label, m in means.items() if label.startswith("transformer++")]
-    result = {"means": means, "seed_sd": seed_sd, "multipliers": {}}
+    baseline = sorted((m["flops"], m["loss"]) for label, m in means.items() if label.startswith("transformer++"))
+    # a bigger model whose loss is no better than a smaller one's is past what this token budget can train:
+    # the fit keeps the compute-efficient part, up to the lowest loss
+    if baseline:
+        best = min(range(len(baseline)), key=lambda i: baseline[i][1])
+        excluded = [label for label, m in means.items() if label.startswith("transformer++") and m["flops"] >
+                    baseline[best][0]]
+        baseline = baseline[: best + 1]
+    else:
+        excluded = []
+    result = {"means": means, "seed_sd": seed_sd, "multipliers": {}, "excluded_from_fit": excluded}
     if len(baseline) < 2:
         return result
     a, b, scatter = fit_power_law(baseline)
@@ -216,6 +225,9 @@ def table(runs: list[dict], analysis: dict, header: str) -> str:
         lines.append(f"Transformer++ fit: log L = {fit['a']:.4f} {fit['b']:+.4f} log C "
                      f"(rms residual {fit['rms_log_residual']:.4f} in log L); seed-to-seed sd of the final loss: "
                      f"{analysis['seed_sd']:.4f}")
+        if analysis["excluded_from_fit"]:
+            lines.append(f"Left out of the fit (more compute, no lower loss at this token budget): "
+                         f"{', '.join(analysis['excluded_from_fit'])}")
         lines += ["", "| model | loss | compute multiplier | 1-sd range | inside the fitted range |",
                   "|---|---|---|---|---|"]
         for label, m in analysis["multipliers"].items():
@@ -260,7 +272,7 @@ def plot(runs: list[dict], analysis: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--transformer", nargs="+", type=parse_size, default=["xxs", "xs", "s", "m"],
+    parser.add_argument("--transformer", nargs="*", type=parse_size, default=["xxs", "xs", "s", "m"],
                         help="Transformer++ sizes (names or layers,width,heads)")
     parser.add_argument("--dcformer", nargs="+", type=parse_size, default=["xs", "s"], help="DCFormer++ sizes")
     parser.add_argument("--dcformer-global", nargs="*", type=parse_size, default=[],
@@ -280,16 +292,17 @@ def main(argv=None) -> int:
     parser.add_argument("--cache-dir", default="")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="directory for scaling.json, scaling_table.md and scaling.png")
-    parser.add_argument("--from-json", metavar="PATH", help="no training: redo the analysis, table and plot of a "
-                        "scaling.json (written to --out)")
+    parser.add_argument("--from-json", metavar="PATH", nargs="+", help="no training: redo the analysis, table and "
+                        "plot of one or more scaling.json files, merged (written to --out)")
     args = parser.parse_args(argv)
     if args.from_json:
-        saved = json.loads(Path(args.from_json).read_text())
-        analysis = analyse(saved["runs"])
-        text = table(saved["runs"], analysis, saved["header"])
+        saved = [json.loads(Path(path).read_text()) for path in args.from_json]
+        runs = [run for part in saved for run in part["runs"]]
+        header = "\n\n".join(dict.fromkeys(part["header"] for part in saved))
+        analysis = analyse(runs)
+        text = table(runs, analysis, header)
         print(text)
-        write_outputs(Path(args.out) if args.out else Path(args.from_json).parent, saved["runs"], analysis, text,
-                      saved["header"])
+        write_outputs(Path(args.out) if args.out else Path(args.from_json[0]).parent, runs, analysis, text, header)
         return 0
     args.transformer = [parse_size(s) if isinstance(s, str) else s for s in args.transformer]
     args.dcformer = [parse_size(s) if isinstance(s, str) else s for s in args.dcformer]
