@@ -198,7 +198,8 @@ def _collab(args: argparse.Namespace) -> int:
 
     import headmix  # noqa: F401  (registers the collaborative classes for saving)
 
-    from .convert.collaborative_hf import attention_modules, collect_attention_inputs, convert_to_collaborative
+    from .convert.collaborative_hf import (attention_modules, collect_attention_inputs, convert_to_collaborative,
+                                          kv_cache_bytes_per_token)
 
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
@@ -236,6 +237,10 @@ def _collab(args: argparse.Namespace) -> int:
           f"({len(full)} attention module(s)); score FLOPs per query-key pair per layer: "
           f"{2 * d_in:,} -> {2 * next(iter(results.values())).mixing.shape[0] * key_dim:,} (every head dots the shared "
           "key of size D~k)")
+    cache = kv_cache_bytes_per_token(model)
+    if cache is not None:
+        print(f"key+value cache per token (all layers, {next(model.parameters()).dtype}): {cache[0]:,} -> {cache[1]:,} "
+              f"bytes ({(cache[1] - cache[0]) / cache[0]:+.1%}; one shared key of D~k per position)")
     model.save_pretrained(args.out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(args.out_dir)

@@ -104,6 +104,20 @@ def test_saved_model_round_trips_in_a_fresh_process(kind, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_converted_model_still_returns_every_hidden_state(kind):
+    """transformers records hidden states per model class; the re-classed model must keep recording them
+    (distillation on every layer needs them), and equal the original's at full rank."""
+    model = build(kind)
+    with torch.no_grad():
+        expected = model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True).hidden_states
+    convert_to_collaborative(model, key_dim_ratio=1.0, progress=False)
+    with torch.no_grad():
+        hidden = model(input_ids=IDS, attention_mask=MASK, output_hidden_states=True).hidden_states
+    assert hidden is not None and len(hidden) == len(expected)
+    assert all(relative(h, e) < 1e-4 for h, e in zip(hidden, expected))
+
+
 def test_gpt2_lm_generates_after_conversion():
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=48, n_layer=2, n_head=6, bos_token_id=0, eos_token_id=0)).eval()
@@ -111,6 +125,38 @@ def test_gpt2_lm_generates_after_conversion():
     expected = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
     convert_to_collaborative(model, key_dim_ratio=1.0, progress=False)
     assert torch.equal(model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0), expected)
+
+
+def test_gpt2_key_cache_holds_the_shared_key_only():
+    """The decoder payoff: a converted GPT-2 caches D~k + H numbers of key per token and layer (the shared
+    key and the content-bias term) instead of H * d, and decoding with that cache equals the full forward."""
+    from transformers import DynamicCache
+
+    from headmix.convert.collaborative_hf import kv_cache_bytes_per_token
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=48, n_layer=2, n_head=6, bos_token_id=0, eos_token_id=0)).eval()
+    assert kv_cache_bytes_per_token(model) == (2 * 2 * 48 * 4, 2 * 2 * 48 * 4)
+    for block in model.transformer.h:  # a query bias, so that the content-bias term is cached too
+        block.attn.c_attn.bias.data.normal_(0, 0.2)
+    convert_to_collaborative(model, key_dim=12, progress=False, n_iter_max=5)
+    ids = torch.randint(1, 100, (2, 11))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = DynamicCache()
+        steps = [model(ids[:, :7], past_key_values=cache, use_cache=True).logits]
+        for t in range(7, 11):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    assert ((torch.cat(steps, dim=1) - full).norm() / full.norm()).item() < 1e-5
+    keys, values = cache.layers[0].keys, cache.layers[0].values
+    assert keys.shape == (2, 1, 11, 12 + 6) and values.shape == (2, 6, 11, 8)
+    measured = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) // (2 * 11)
+    before, after = kv_cache_bytes_per_token(model)
+    assert (before, after) == (2 * 2 * 48 * 4, 2 * (12 + 6 + 48) * 4) and measured == after
+    prompt = ids[:1, :5]
+    with_cache = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False),
+                       with_cache)
 
 
 def test_rotary_model_is_refused_with_the_reason():

@@ -144,6 +144,31 @@ def test_non_dense_inputs_get_gradients_in_place():
         assert not grad[..., D:].any()  # nothing written outside the view
 
 
+def test_torch_compile_traces_the_kernels_without_a_graph_break():
+    """The kernels are torch.library custom ops (fake shapes + autograd): a full-graph compile of forward and
+    backward gives exactly the eager results, and torch's own checks of the op registration pass."""
+    g = torch.Generator().manual_seed(7)
+    B, H, T, D = 1, 4, 19, 16
+    leaves = [torch.randn(B, H, T, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    pre = as_float32(random_weights(B, T, T, 2, H // 2, 2, FIELDS, g))
+    post = as_float32(random_weights(B, T, T, 2, H // 2, 2, ("static", "key_w1", "query_gate"), g))
+
+    def attend(q, k, v):
+        return triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, post=post, groups=2,
+                                                      causal=True, window=5)
+
+    eager = attend(*leaves)
+    eager_grads = torch.autograd.grad(eager.square().sum(), leaves)
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(*leaves)
+    grads = torch.autograd.grad(compiled.square().sum(), leaves)
+    assert torch.equal(compiled, eager) and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
+    weights = [*triton_dcmha._flatten(pre, leaves[0].new_empty(0)), *triton_dcmha._flatten(post, leaves[0].new_empty(0))]
+    torch.library.opcheck(torch.ops.headmix.dcmha_forward.default,
+                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
 def test_results_are_identical_across_runs():
     first = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)
     second = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)

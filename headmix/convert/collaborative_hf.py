@@ -11,6 +11,11 @@ everything else and changes two things per attention module:
   shared ``W~_Q``, ``W~_K``, the mixing matrix and the content bias held by the module's
   ``headmix_collaborative`` child, then SDPA with the host's scaling and mask.
 
+GPT-2 (a decoder) goes one step further, for the key cache: its attention modules get a forward of
+their own that caches, per position, the shared key ``x W~_K`` (``D~k`` numbers) and the content
+bias term ``x u_h`` (one number per head) instead of ``heads x head_dim`` key numbers; the value
+cache is unchanged (:func:`kv_cache_bytes_per_token`).
+
 Rotary-position models (LLaMA, Pythia, ...) are refused: the rotation acts per head between the
 projections and the product, so the products ``W_Q^h W_K^h^T`` that are decomposed do not exist.
 """
@@ -57,8 +62,8 @@ class CollaborativeProjection(nn.Module):
         return layer.to(device=weights.query.device, dtype=dtype)
 
 
-class _ValueOnlyQKV(nn.Module):
-    """GPT-2's fused ``c_attn`` reduced to ``[x, x, x W_V + b_V]``: the input itself as query and key."""
+class _ValueProjection(nn.Module):
+    """GPT-2's fused ``c_attn`` reduced to its value part ``x W_V + b_V`` (same parameter names)."""
 
     def __init__(self, c_attn: nn.Module, dim: int) -> None:
         super().__init__()
@@ -66,34 +71,99 @@ class _ValueOnlyQKV(nn.Module):
         self.bias = nn.Parameter(c_attn.bias[2 * dim :].detach().clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([x, x, x @ self.weight + self.bias], dim=-1)
+        return x @ self.weight + self.bias
+
+
+def shared_key(collab: CollaborativeProjection, x: Tensor) -> Tensor:
+    """What a key position contributes, shared by every head: ``x W~_K`` ``(..., D~k)``, followed by the
+    content-bias term ``x u_h`` of each head ``(..., H)`` when the layer has one."""
+    key = collab.key(x)
+    if collab.content_bias is not None:
+        key = torch.cat([key, x @ collab.content_bias.T], dim=-1)
+    return key
+
+
+def collaborative_attention(module: nn.Module, x_q: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                            scale: float, dropout: float = 0.0) -> Tensor:
+    """Collaborative attention from the query-side input ``x_q`` ``(B, T, D)``, the shared keys
+    ``(B, S, D~k [+ H])`` of :func:`shared_key` and the values ``(B, H, S, d_v)``: ``(B, H, T, d_v)``."""
+    collab: CollaborativeProjection = module.headmix_collaborative
+    heads, key_dim = collab.mixing.shape
+    T, S = x_q.shape[1], key.shape[1]
+    q = collab.query(x_q)[:, None] * collab.mixing[None, :, None, :]  # (B, H, T, D~k)
+    k = key[..., :key_dim][:, None].expand(-1, heads, -1, -1)  # one shared key, a stride-0 view over heads
+    if mask is None and getattr(module, "is_causal", False) and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    dropout_p = dropout if module.training else 0.0
+    if collab.content_bias is not None:  # x_j . u_h, the query bias's surviving term
+        return content_biased_attention(q, k, value, key[..., key_dim:] * scale, mask, scale, dropout_p)
+    return F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def collaborative_attention_function(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                                      attention_mask: Tensor | None, scaling: float | None = None,
                                      dropout: float = 0.0, **kwargs) -> tuple[Tensor, None]:
-    """The attention function of converted modules (signature of transformers' attention interface).
+    """The attention function of converted encoder modules (signature of transformers' attention interface).
 
     ``query``/``key`` arrive as the layer input split into heads ``(B, H, T, d)``; the result is
     ``(B, T, H, d_v)`` like every transformers attention function.
     """
-    collab: CollaborativeProjection = module.headmix_collaborative
     B, H, T, d = query.shape
-    S = key.shape[2]
     x_q = query.transpose(1, 2).reshape(B, T, H * d)
-    x_k = key.transpose(1, 2).reshape(B, S, H * d)
-    q = collab.query(x_q)[:, None] * collab.mixing[None, :, None, :]  # (B, H, T, D~k)
-    k = collab.key(x_k)[:, None].expand(-1, H, -1, -1)  # one shared key, a stride-0 view over heads
+    x_k = key.transpose(1, 2).reshape(B, key.shape[2], H * d)
     scale = scaling if scaling is not None else d ** -0.5
-    mask = attention_mask
-    if mask is None and getattr(module, "is_causal", False) and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    dropout_p = dropout if module.training else 0.0
-    if collab.content_bias is not None:  # x_j . u_h, the query bias's surviving term
-        out = content_biased_attention(q, k, value, x_k @ collab.content_bias.T * scale, mask, scale, dropout_p)
-    else:
-        out = F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+    out = collaborative_attention(module, x_q, shared_key(module.headmix_collaborative, x_k), value, attention_mask,
+                                  scale, dropout)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _gpt2_forward(self, hidden_states: Tensor, past_key_values=None, attention_mask: Tensor | None = None,
+                  encoder_hidden_states: Tensor | None = None, output_attentions: bool | None = False,
+                  **kwargs) -> tuple[Tensor, None]:
+    """GPT-2 self-attention with a collaborative key cache: ``(B, 1, S, D~k [+ H])`` keys, shared by the heads."""
+    if encoder_hidden_states is not None:
+        raise ValueError("collaborative GPT-2 attention supports self-attention only, not cross-attention")
+    B, T, _ = hidden_states.shape
+    value = self.c_attn(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
+    key = shared_key(self.headmix_collaborative, hidden_states)[:, None]
+    if past_key_values is not None:
+        cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+        key, value = cache.update(key, value, self.layer_idx)
+    out = collaborative_attention(self, hidden_states, key[:, 0], value, attention_mask, self.scaling,
+                                  self.attn_dropout.p)
+    out = out.transpose(1, 2).reshape(B, T, -1)
+    return self.resid_dropout(self.c_proj(out)), None
+
+
+_DECODER_MODULES: dict[type, type] = {}
+
+
+def _collaborative_decoder_class(base: type) -> type:
+    if base not in _DECODER_MODULES:
+        _DECODER_MODULES[base] = type(f"Collaborative{base.__name__}", (base,),
+                                      {"forward": _gpt2_forward, "__module__": __name__})
+    return _DECODER_MODULES[base]
+
+
+def kv_cache_bytes_per_token(model: nn.Module, bytes_per_number: int | None = None) -> tuple[int, int] | None:
+    """``(before, after)``: key + value cache bytes per token over all layers of a GPT-2 model before and
+    after conversion (``None`` for encoders, which keep no cache). ``bytes_per_number`` defaults to the
+    parameters' element size."""
+    modules = [m for _, m in attention_modules(model) if _kind(m) == "GPT2Attention"]
+    if not modules:
+        return None
+    size = bytes_per_number or next(model.parameters()).element_size()
+    before = after = 0
+    for module in modules:
+        dim = module.embed_dim
+        before += 2 * dim
+        collab = getattr(module, "headmix_collaborative", None)
+        if collab is None:
+            after += 2 * dim
+        else:
+            heads, key_dim = collab.mixing.shape
+            after += key_dim + (heads if collab.content_bias is not None else 0) + dim
+    return before * size, after * size
 
 
 def _register() -> None:
@@ -107,12 +177,18 @@ def _register() -> None:
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The self-attention modules of a supported model (each shared module once: ALBERT shares one)."""
     names = ("BertSelfAttention", "RobertaSelfAttention", "DistilBertSelfAttention", "AlbertAttention", "GPT2Attention")
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__ in names]
+    return [(n, m) for n, m in model.named_modules() if _kind(m) in names]
+
+
+def _kind(module: nn.Module) -> str:
+    """The transformers class name of an attention module (also once converted and re-classed)."""
+    cls = type(module)
+    return cls.__mro__[1].__name__ if cls in _DECODER_MODULES.values() else cls.__name__
 
 
 def _projections(module: nn.Module) -> tuple[int, Tensor, Tensor | None, Tensor, Tensor | None]:
     """``(heads, W_q, b_q, W_k, b_k)`` as ``nn.Linear``-style ``(out, in)`` weights."""
-    kind = type(module).__name__
+    kind = _kind(module)
     if kind == "GPT2Attention":
         dim = module.embed_dim
         w, b = module.c_attn.weight, module.c_attn.bias  # Conv1D: (in, 3*dim)
@@ -185,9 +261,10 @@ def convert_to_collaborative(
 def _install(module: nn.Module, projection: CollaborativeProjection) -> None:
     """Give ``module`` its collaborative parameters; its query/key projections become identities."""
     module.headmix_collaborative = projection
-    kind = type(module).__name__
+    kind = _kind(module)
     if kind == "GPT2Attention":
-        module.c_attn = _ValueOnlyQKV(module.c_attn, module.embed_dim)
+        module.c_attn = _ValueProjection(module.c_attn, module.embed_dim)
+        module.__class__ = _collaborative_decoder_class(type(module))
     elif kind == "DistilBertSelfAttention":
         module.q_lin, module.k_lin = nn.Identity(), nn.Identity()
     else:
@@ -236,6 +313,12 @@ def _become_collaborative(model: nn.Module, structure: dict[str, dict]) -> None:
     ``from_pretrained`` rebuilds (after ``import headmix``) with the same structure."""
     model.__class__ = _collaborative_model_class(type(model))
     model.config.__class__ = _collaborative_config_class(type(model).__mro__[1].config_class)
+    try:  # transformers >= 5.x records hidden states per model class, registered in __init__: register the new class
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
+    except ImportError:  # older transformers: nothing is registered per class
+        pass
     model.config.headmix_collaborative = structure
     model.config._attn_implementation = ATTENTION_NAME
 

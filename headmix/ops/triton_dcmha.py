@@ -630,39 +630,73 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
         if w is None:
             grads[c] = {}
             continue
-        full = dict(static=dw[:, idx], query_w1=qgrad[c][0], query_w2=qgrad[c][1], query_gate=qgrad[c][2],
+        full = dict(static=dw[:, idx].clone(), query_w1=qgrad[c][0], query_w2=qgrad[c][1], query_gate=qgrad[c][2],
                     key_w1=k1, key_w2=k2, key_gate=kg)
         grads[c] = {f: full[f].to(getattr(w, f).dtype) for f in FIELDS if getattr(w, f) is not None}
     return dq, dk, dv, grads["pre"], grads["post"]
 
 
-class _TritonComposedAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, scale, groups, causal, window, pre_fields, post_fields, *weights):
-        pre = _unflatten(pre_fields, weights[:7])
-        post = _unflatten(post_fields, weights[7:])
-        o, lse = triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
-        ctx.save_for_backward(q, k, v, lse, mask, *weights)
-        ctx.meta = (scale, groups, causal, window, pre_fields, post_fields)
-        return o
-
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, lse, mask, *weights = ctx.saved_tensors
-        scale, groups, causal, window, pre_fields, post_fields = ctx.meta
-        pre = _unflatten(pre_fields, weights[:7])
-        post = _unflatten(post_fields, weights[7:])
-        kk = k if k.shape[1] == q.shape[1] else k.expand(-1, q.shape[1], -1, -1).contiguous()
-        dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, lse, scale, mask, pre, post, groups, causal, window)
-        if k.shape[1] != q.shape[1]:
-            dk = dk.sum(1, keepdim=True)
-        wgrads = [dpre.get(f) if pre_fields else None for f in FIELDS] + [dpost.get(f) if post_fields else None
-                                                                           for f in FIELDS]
-        return (dq, dk, dv, None, None, None, None, None, None, None, *wgrads)
+# -- torch.library custom ops: torch.compile traces through them (fake shapes below) without a graph break --------
+@torch.library.custom_op("headmix::dcmha_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
+                window: int, pre_present: bool, post_present: bool,
+                weights: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``(output, row log-sum-exp)`` of the fused forward kernel."""
+    pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
 
 
-def _flatten(w: ComposeWeights | None) -> list[Tensor | None]:
-    return [None] * 7 if w is None else [getattr(w, f) for f in FIELDS]
+@_forward_op.register_fake
+def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("headmix::dcmha_backward", mutates_args=())
+def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Tensor | None, scale: float,
+                 groups: int, causal: bool, window: int, pre_present: bool, post_present: bool,
+                 weights: list[Tensor]) -> list[Tensor]:
+    """``[dq, dk, dv, then one gradient per present Compose weight, in FIELDS order, pre then post]``."""
+    pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+    kk = k if k.shape[1] == q.shape[1] else k.expand(-1, q.shape[1], -1, -1).contiguous()
+    dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, lse, scale, mask, pre, post, groups, causal, window)
+    if k.shape[1] != q.shape[1]:
+        dk = dk.sum(1, keepdim=True)
+    present = [dpre[f] for f in FIELDS if pre is not None and getattr(pre, f) is not None]
+    present += [dpost[f] for f in FIELDS if post is not None and getattr(post, f) is not None]
+    return [dq, dk, dv, *present]
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present, post_present, weights):
+    present = [w for i, w in enumerate(weights) if (pre_present if i < 7 else post_present) and w.numel() > 0]
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *[torch.empty_like(w) for w in present]]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights = inputs
+    ctx.save_for_backward(q, k, v, output[1], mask, *weights)
+    ctx.meta = (scale, groups, causal, window, pre_present, post_present)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, lse, mask, *weights = ctx.saved_tensors
+    scale, groups, causal, window, pre_present, post_present = ctx.meta
+    dq, dk, dv, *present = _backward_op(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present,
+                                        post_present, weights)
+    grads = iter(present)
+    # absent weights are empty placeholders (custom ops take no None in lists): their "gradients" are empty too
+    wgrads = [next(grads) if (pre_present if i < 7 else post_present) and w.numel() > 0 else torch.zeros_like(w)
+              for i, w in enumerate(weights)]
+    return dq, dk, dv, None, None, None, None, None, None, None, wgrads
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _flatten(w: ComposeWeights | None, empty: Tensor) -> list[Tensor]:
+    """The seven Compose fields of ``w`` in FIELDS order, ``empty`` (no elements) for absent ones."""
+    return [empty] * 7 if w is None else [empty if getattr(w, f) is None else getattr(w, f) for f in FIELDS]
 
 
 def _unflatten(present: bool, tensors) -> ComposeWeights | None:
@@ -671,7 +705,6 @@ def _unflatten(present: bool, tensors) -> ComposeWeights | None:
     return ComposeWeights(**{f: (t if t is not None and t.numel() > 0 else None) for f, t in zip(FIELDS, tensors)})
 
 
-@torch.compiler.disable  # an opaque region for torch.compile: the graph breaks around it, nothing is traced inside
 def triton_composed_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None = None,
     pre: ComposeWeights | None = None, post: ComposeWeights | None = None, groups: int = 1,
@@ -694,7 +727,6 @@ def triton_composed_attention(
                          "backend='chunked' or 'auto' to train")
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
-    return _TritonComposedAttention.apply(
-        q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None, post is not None,
-        *_flatten(pre), *_flatten(post),
-    )
+    out, _ = _forward_op(q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None,
+                         post is not None, [*_flatten(pre, q.new_empty(0)), *_flatten(post, q.new_empty(0))])
+    return out
