@@ -161,6 +161,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-reference-seq", type=int, default=8192, help="skip the materialised path above this")
     parser.add_argument("--max-chunked-seq", type=int, default=8192, help="skip the chunked path above this")
     parser.add_argument("--decode-cache", type=int, default=4096)
+    parser.add_argument("--decode-only", action="store_true", help="only the decode-step table")
     parser.add_argument("--plot", default=None, help="write a PNG of forward+backward time against sequence length")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -185,7 +186,7 @@ def main(argv=None) -> int:
           "vs sdpa (fwd+bwd) |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for D in args.head_dim:
+    for D in args.head_dim if not args.decode_only else []:
         for T in args.seq:
             base = None
             for variant in variants:

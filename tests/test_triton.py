@@ -169,6 +169,37 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
+@pytest.mark.parametrize("T, S, kwargs", [
+    (1, 70, dict(causal=True)),
+    (3, 70, dict(causal=True, window=20)),
+    (2, 45, dict(causal=False, padding=True)),
+])
+def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
+    """Few queries against many keys (decoding with a cache): without gradients the keys are split over
+    programs (two launches: statistics, then outputs with the combined normaliser) and summed."""
+    g = torch.Generator().manual_seed(11)
+    B, H, D, G = 2, 4, 16, 2
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pre = random_weights(B, T, S, G, H // G, 2, FIELDS, g)
+    post = random_weights(B, T, S, G, H // G, 2, FIELDS, g)
+    padding = (torch.arange(S)[None] < torch.tensor([[S], [S - 9]])) if kwargs.get("padding") else None
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=kwargs["causal"],
+                          window=kwargs.get("window"), key_padding=padding)
+    ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    f32 = [t.float().to(DEVICE) for t in (q, k, v)]
+    meta = triton_dcmha._launch_meta(*f32, G, pre, post, "fwd")
+    assert triton_dcmha._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"])[1] > 1
+    structure = None if padding is not None else (kwargs["causal"], kwargs.get("window"))
+    with torch.no_grad():
+        out = triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, mask=mask.to(DEVICE), groups=G,
+                                                     pre=as_float32(pre), post=as_float32(post), structure=structure)
+        whole, _ = triton_dcmha.triton_forward(*f32, D**-0.5, mask.to(DEVICE), as_float32(pre), as_float32(post),
+                                               G, False, 0, split=False)
+    assert (out.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (whole.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
 def test_results_are_identical_across_runs():
     first = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)
     second = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)

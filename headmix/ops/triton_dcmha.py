@@ -235,12 +235,16 @@ def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
     pw, pq1, pq2, pk1, pk2, pqg, pkg, tw, tq1, tq2, tk1, tk2, tqg, tkg,
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
-    T, S, scale,
+    T, S, scale, chunk, n_split,
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    PREC: tl.constexpr, RELOAD: tl.constexpr,
+    PREC: tl.constexpr, RELOAD: tl.constexpr, PHASE: tl.constexpr,
 ):
+    """``PHASE`` 0: both passes over all keys, ``O`` and ``lse`` stored. Split keys (decoding: few queries,
+    many keys; program axis 2 = split of ``chunk`` keys): ``PHASE`` 1 stores each split's row max and sum
+    in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 combines them into ``lse`` and stores the split's
+    unreduced float32 ``P' V`` in ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by the host)."""
     pid_i = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // G
@@ -255,10 +259,17 @@ def _fwd_kernel(
     if not RELOAD:
         q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
     lo, hi = _key_range(start_i, T, S, BM, BN, CAUSAL, WINDOW)
+    h = g * M + hm
+    rows = (b * G * M + h[:, None]) * T + offs_i[None, :]  # (MP, BM) offsets into (B, H, T)
+    n_rows = tl.num_programs(1) * M * T  # B * H * T
+    split = tl.program_id(2)
+    if PHASE != 0:
+        lo = tl.maximum(lo, split * chunk)
+        hi = tl.minimum(hi, split * chunk + chunk)
 
     m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
     l_i = tl.zeros((MP, BM), dtype=tl.float32)
-    for start_j in range(lo, hi, BN):
+    for start_j in range(lo, hi if PHASE != 2 else lo, BN):
         offs_j = start_j + tl.arange(0, BN)
         kok = h_ok[:, None] & (offs_j < S)[None, :]
         if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
@@ -273,6 +284,17 @@ def _fwd_kernel(
         p = tl.where(valid, tl.exp(s - m_new[:, :, None]), 0.0)
         l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 2)
         m_i = m_new
+    if PHASE == 1:
+        tl.store(lse_ptr + split * n_rows + rows, m_i, mask=qok)
+        tl.store(lse_ptr + (n_split + split) * n_rows + rows, l_i, mask=qok)
+        return
+    if PHASE == 2:  # combine the splits' statistics: the post-Compose needs the rows' final normaliser
+        for sp in range(n_split):
+            m_s = tl.load(lse_ptr + sp * n_rows + rows, mask=qok, other=NEG)
+            l_s = tl.load(lse_ptr + (n_split + sp) * n_rows + rows, mask=qok, other=0.0)
+            m_new = tl.maximum(m_i, m_s)
+            l_i = l_i * tl.exp(m_i - m_new) + l_s * tl.exp(m_s - m_new)
+            m_i = m_new
     lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
     acc = tl.zeros((MP, BM, DV), dtype=tl.float32)
@@ -291,11 +313,13 @@ def _fwd_kernel(
             p = _compose(p, post, b, g, offs_i, offs_j, hm, qok, kok, T, S, G, M, MP, R, BM, BN, POST, False, PREC)
         v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    h = g * M + hm
     dv = tl.arange(0, DV)
     o_ptrs = o_ptr + b * sob + h[:, None, None] * soh + offs_i[None, :, None] * sot + dv[None, None, :] * sod
+    if PHASE == 2:
+        o_ptrs += split * n_rows * DV
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=qok[:, :, None])
-    tl.store(lse_ptr + (b * G * M + h[:, None]) * T + offs_i[None, :], lse, mask=qok)
+    if PHASE == 0:
+        tl.store(lse_ptr + rows, lse, mask=qok)
 
 
 # -- backward ------------------------------------------------------------------------------------------
@@ -564,25 +588,48 @@ def _mask_args(mask: Tensor | None, B: int, T: int, S: int, dummy: Tensor):
     return m, (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1), m.stride(2)
 
 
-def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window):
+# Split the keys when the query blocks alone give fewer programs than this (decoding): ~2 per H100 SM.
+SPLIT_TARGET_PROGRAMS = 256
+
+
+def _key_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
+    """``(chunk, n_split)``: keys per split (a multiple of ``BN``) and the number of splits; ``(S, 1)`` when
+    the query blocks already fill the device."""
+    if programs * 2 > SPLIT_TARGET_PROGRAMS:
+        return S, 1
+    chunk = max(BN, triton.cdiv(triton.cdiv(S, SPLIT_TARGET_PROGRAMS // programs), BN) * BN)
+    return chunk, triton.cdiv(S, chunk)
+
+
+def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, split: bool | None = None):
+    """``(O, lse)``; ``lse`` is ``None`` on the split-key path (``split=None``: split when there are few
+    query blocks, as in decoding; splits are for inference: the backward pass needs ``lse``)."""
     B, H, T, _ = q.shape
     S = k.shape[2]
     meta = _launch_meta(q, k, v, groups, pre, post, "fwd")
     dummy = q.new_empty(1)
-    o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     m, smb, smt, sms = _mask_args(mask, B, T, S, dummy)
-    grid = (triton.cdiv(T, meta["BM"]), B * groups)
+    n_blocks = triton.cdiv(T, meta["BM"])
+    chunk, n_split = _key_splits(n_blocks * B * groups, S, meta["BN"]) if split is not False else (S, 1)
     warps = meta.pop("num_warps")
     stages = meta.pop("num_stages")
-    _fwd_kernel[grid](
-        q, k, v, o, lse, m, *_pointers(pre, dummy), *_pointers(post, dummy),
-        *q.stride(), k.stride(0), k.stride(1) if k.shape[1] > 1 else 0, k.stride(2), k.stride(3), *v.stride(),
-        *o.stride(), smb, smt, sms, T, S, scale,
-        PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
-        RELOAD=meta["DK"] >= 128, num_warps=warps, num_stages=stages, **meta,
-    )
-    return o, lse
+    weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
+    strides = (*q.stride(), k.stride(0), k.stride(1) if k.shape[1] > 1 else 0, k.stride(2), k.stride(3), *v.stride())
+    flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
+                 RELOAD=meta["DK"] >= 128, num_warps=warps, num_stages=stages, **meta)
+    if n_split == 1:
+        o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        _fwd_kernel[(n_blocks, B * groups, 1)](q, k, v, o, lse, m, *weights, *strides, *o.stride(), smb, smt, sms,
+                                               T, S, scale, S, 1, PHASE=0, **flags)
+        return o, lse
+    stats = torch.empty(2, n_split, B, H, T, dtype=torch.float32, device=q.device)
+    parts = torch.empty(n_split, B, H, T, v.shape[-1], dtype=torch.float32, device=q.device)
+    for phase in (1, 2):
+        _fwd_kernel[(n_blocks, B * groups, n_split)](q, k, v, parts, stats, m, *weights, *strides,
+                                                     *parts.stride()[1:], smb, smt, sms, T, S, scale, chunk, n_split,
+                                                     PHASE=phase, **flags)
+    return parts.sum(0).to(q.dtype), None
 
 
 def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window):
@@ -643,7 +690,20 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
                 weights: list[Tensor]) -> tuple[Tensor, Tensor]:
     """``(output, row log-sum-exp)`` of the fused forward kernel."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
-    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, split=False)
+
+
+@torch.library.custom_op("headmix::dcmha_inference", mutates_args=())
+def _inference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
+                  window: int, pre_present: bool, post_present: bool, weights: list[Tensor]) -> Tensor:
+    """The output only, without gradients: keys are split over programs when queries are few (decoding)."""
+    pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)[0]
+
+
+@_inference_op.register_fake
+def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
 @_forward_op.register_fake
@@ -720,13 +780,16 @@ def triton_composed_attention(
     """
     if structure is not None:
         causal, window, mask = structure[0], structure[1], None
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+    weights = [getattr(w, f) for w in (pre, post) if w is not None for f in FIELDS if getattr(w, f) is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *weights))
     if needs_grad and max(q.shape[-1], v.shape[-1]) > MAX_TRAINING_HEAD_DIM:
         raise ValueError(f"triton backend: head dim {q.shape[-1]} is supported for inference only (the backward "
                          f"kernels' tiles exceed an H100's shared memory above {MAX_TRAINING_HEAD_DIM}); use "
                          "backend='chunked' or 'auto' to train")
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
-    out, _ = _forward_op(q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None,
-                         post is not None, [*_flatten(pre, q.new_empty(0)), *_flatten(post, q.new_empty(0))])
-    return out
+    args = (q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None,
+            post is not None, [*_flatten(pre, q.new_empty(0)), *_flatten(post, q.new_empty(0))])
+    if not needs_grad:
+        return _inference_op(*args)
+    return _forward_op(*args)[0]
