@@ -149,7 +149,8 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
     backward gives exactly the eager results, and torch's own checks of the op registration pass."""
     g = torch.Generator().manual_seed(7)
     B, H, T, D = 1, 4, 19, 16
-    leaves = [torch.randn(B, H, T, D, generator=g).to(DEVICE).requires_grad_() for _ in range(3)]
+    # (B, T, H, D) storage seen as (B, H, T, D): dense but not contiguous, as projections hand them over
+    leaves = [torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2).requires_grad_() for _ in range(3)]
     pre = as_float32(random_weights(B, T, T, 2, H // 2, 2, FIELDS, g))
     post = as_float32(random_weights(B, T, T, 2, H // 2, 2, ("static", "key_w1", "query_gate"), g))
 
@@ -164,9 +165,14 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
     grads = torch.autograd.grad(compiled.square().sum(), leaves)
     assert torch.equal(compiled, eager) and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
     weights = [*triton_dcmha._flatten(pre, leaves[0].new_empty(0)), *triton_dcmha._flatten(post, leaves[0].new_empty(0))]
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.headmix.dcmha_forward.default,
-                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights), test_utils=checks)
+    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, True, True, weights)
+    do = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2)
+    torch.library.opcheck(torch.ops.headmix.dcmha_backward.default,
+                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, True, True, weights),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("T, S, kwargs", [

@@ -243,8 +243,8 @@ def _fwd_kernel(
 ):
     """``PHASE`` 0: both passes over all keys, ``O`` and ``lse`` stored. Split keys (decoding: few queries,
     many keys; program axis 2 = split of ``chunk`` keys): ``PHASE`` 1 stores each split's row max and sum
-    in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 combines them into ``lse`` and stores the split's
-    unreduced float32 ``P' V`` in ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by the host)."""
+    in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 reads the combined ``lse`` ``(B, H, T)`` and stores
+    the split's unreduced float32 ``P' V`` in ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by the host)."""
     pid_i = tl.program_id(0)
     bg = tl.program_id(1)
     b = bg // G
@@ -288,14 +288,10 @@ def _fwd_kernel(
         tl.store(lse_ptr + split * n_rows + rows, m_i, mask=qok)
         tl.store(lse_ptr + (n_split + split) * n_rows + rows, l_i, mask=qok)
         return
-    if PHASE == 2:  # combine the splits' statistics: the post-Compose needs the rows' final normaliser
-        for sp in range(n_split):
-            m_s = tl.load(lse_ptr + sp * n_rows + rows, mask=qok, other=NEG)
-            l_s = tl.load(lse_ptr + (n_split + sp) * n_rows + rows, mask=qok, other=0.0)
-            m_new = tl.maximum(m_i, m_s)
-            l_i = l_i * tl.exp(m_i - m_new) + l_s * tl.exp(m_s - m_new)
-            m_i = m_new
-    lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
+    if PHASE == 2:  # the rows' final normaliser, combined from the splits' statistics by the host
+        lse = tl.load(lse_ptr + rows, mask=qok, other=float("inf"))
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
     acc = tl.zeros((MP, BM, DV), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
@@ -588,8 +584,8 @@ def _mask_args(mask: Tensor | None, B: int, T: int, S: int, dummy: Tensor):
     return m, (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1), m.stride(2)
 
 
-# Split the keys when the query blocks alone give fewer programs than this (decoding): ~2 per H100 SM.
-SPLIT_TARGET_PROGRAMS = 256
+# Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
+SPLIT_TARGET_PROGRAMS = 128
 
 
 def _key_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
@@ -625,10 +621,14 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, spli
         return o, lse
     stats = torch.empty(2, n_split, B, H, T, dtype=torch.float32, device=q.device)
     parts = torch.empty(n_split, B, H, T, v.shape[-1], dtype=torch.float32, device=q.device)
-    for phase in (1, 2):
-        _fwd_kernel[(n_blocks, B * groups, n_split)](q, k, v, parts, stats, m, *weights, *strides,
-                                                     *parts.stride()[1:], smb, smt, sms, T, S, scale, chunk, n_split,
-                                                     PHASE=phase, **flags)
+    grid = (n_blocks, B * groups, n_split)
+    _fwd_kernel[grid](q, k, v, parts, stats, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, T, S, scale,
+                      chunk, n_split, PHASE=1, **flags)
+    row_max = stats[0].amax(0)
+    lse = row_max + torch.log((stats[1] * torch.exp(stats[0] - row_max)).sum(0))  # -inf + log 0: fully masked row
+    lse = torch.nan_to_num(lse, nan=float("inf"), neginf=float("inf"))
+    _fwd_kernel[grid](q, k, v, parts, lse, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, T, S, scale,
+                      chunk, n_split, PHASE=2, **flags)
     return parts.sum(0).to(q.dtype), None
 
 
@@ -677,7 +677,7 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
         if w is None:
             grads[c] = {}
             continue
-        full = dict(static=dw[:, idx].clone(), query_w1=qgrad[c][0], query_w2=qgrad[c][1], query_gate=qgrad[c][2],
+        full = dict(static=dw[:, idx].clone(memory_format=torch.contiguous_format), query_w1=qgrad[c][0], query_w2=qgrad[c][1], query_gate=qgrad[c][2],
                     key_w1=k1, key_w2=k2, key_gate=kg)
         grads[c] = {f: full[f].to(getattr(w, f).dtype) for f in FIELDS if getattr(w, f) is not None}
     return dq, dk, dv, grads["pre"], grads["post"]
@@ -724,13 +724,14 @@ def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask:
         dk = dk.sum(1, keepdim=True)
     present = [dpre[f] for f in FIELDS if pre is not None and getattr(pre, f) is not None]
     present += [dpost[f] for f in FIELDS if post is not None and getattr(post, f) is not None]
-    return [dq, dk, dv, *present]
+    return [t.contiguous() for t in (dq, dk, dv, *present)]
 
 
 @_backward_op.register_fake
 def _(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present, post_present, weights):
     present = [w for i, w in enumerate(weights) if (pre_present if i < 7 else post_present) and w.numel() > 0]
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), *[torch.empty_like(w) for w in present]]
+    # the kernels write dense, contiguous gradients whatever the inputs' layouts
+    return [q.new_empty(t.shape, dtype=t.dtype) for t in (q, k, v, *present)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
