@@ -57,11 +57,14 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "auto":
-        # decoding (a few queries) stays on the materialised path: measured on an H100 with a 4096-token
-        # cache, one query took 1.2 ms there and 4.2 ms in the fused kernel (docs/kernels.md)
-        fused = (like is not None and "triton" in _BACKENDS and like.is_cuda and query_len > _FUSED_MIN_QUERIES
+        # training: head dims up to 64 (the backward kernels' limit); prefill without gradients: any head dim.
+        # Decoding (a few queries, no gradients) uses the split-key kernel up to head dim 64: measured on an
+        # H100 against a 4096-token cache, 0.56 vs 1.04 ms (batch 1) and 0.69 vs 1.45 ms (batch 16) for the
+        # materialised path; at head dim 128 neither wins clearly (0.73-1.34 vs 0.92-1.25 ms): materialised
+        fused = (like is not None and "triton" in _BACKENDS and like.is_cuda
                  and like.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                 and (like.shape[-1] <= _MAX_TRAINING_HEAD_DIM or not torch.is_grad_enabled()))
+                 and (like.shape[-1] <= _MAX_TRAINING_HEAD_DIM
+                      or (query_len > _FUSED_MIN_QUERIES and not torch.is_grad_enabled())))
         name = "triton" if fused else ("chunked" if query_len > chunk_size else "reference")
     elif name == "triton" and like is not None and not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels slowly on "

@@ -9,6 +9,8 @@ group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)
 * Forward, two passes over the keys. Pass 1: scores ``S = scale * Q K^T`` -> pre-Compose -> mask ->
   running row max and sum per head (online softmax) -> ``lse``. Pass 2: recompute, ``P =
   exp(S' - lse)``, post-Compose, ``O += P' V``. Stores ``O`` and ``lse`` (``B x H x T`` floats).
+  Decoding (no gradients, few query blocks): the keys are split over programs; pass 1 and pass 2
+  become two launches with the splits' statistics combined on the host in between.
 * Backward, three passes, recomputing instead of storing probabilities (``dY`` denotes an upstream
   gradient; ``Compose^T`` is Compose with ``W_b`` transposed and the two factors of every low-rank
   term swapped, see :func:`_compose`):

@@ -1,0 +1,87 @@
+"""Decoding step of the DCMHA attention core: SDPA vs the materialised path vs the fused kernel's
+split-key path at several split targets (``headmix.ops.triton_dcmha.SPLIT_TARGET_PROGRAMS``).
+
+One query against a ``--cache``-token cache, all Compose terms on (rank 2), no gradients; prints a
+table (ms per step, mean of ``--repeat`` after one warm-up) with device, date and versions.
+
+    python benchmarks/decode_splits.py                   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from headmix.ops import resolve_backend  # noqa: E402
+from headmix.reference import ComposeWeights  # noqa: E402
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / repeat * 1e3
+
+
+def weights(B: int, S: int, H: int, R: int, device, dtype) -> ComposeWeights:
+    def rnd(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype) * 0.1
+
+    return ComposeWeights(static=rnd(1, H, H), query_w1=rnd(B, 1, 1, R, H), query_w2=rnd(B, 1, 1, R, H),
+                          key_w1=rnd(B, S, 1, R, H), key_w2=rnd(B, S, 1, R, H), query_gate=rnd(B, 1, 1, H),
+                          key_gate=rnd(B, S, 1, H))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--targets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--repeat", type=int, default=50)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA device")
+    from headmix.ops import triton_dcmha
+
+    import triton
+
+    device, dtype, H, S = torch.device("cuda"), torch.bfloat16, args.heads, args.cache
+    print(f"# decode step: {torch.cuda.get_device_name(device)}, {datetime.date.today()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, bf16, {H} heads, cache {S}, ms per step")
+    print(f"# command: python benchmarks/decode_splits.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print("| head dim | batch | sdpa | materialised | " + " | ".join(f"split target {t}" for t in args.targets) + " |")
+    print("|---" * (4 + len(args.targets)) + "|")
+    reference = resolve_backend("reference", 1, 128)
+    default = triton_dcmha.SPLIT_TARGET_PROGRAMS
+    for D in args.head_dim:
+        for B in args.batches:
+            q = torch.randn(B, H, 1, D, device=device, dtype=dtype)
+            k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(2))
+            pre, post = weights(B, S, H, 2, device, dtype), weights(B, S, H, 2, device, dtype)
+            common = dict(scale=D**-0.5, pre=pre, post=post, structure=(True, None))
+            with torch.no_grad():
+                cells = [timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeat),
+                         timed(lambda: reference(q, k, v, mask=None, groups=1, **common), args.repeat)]
+                for target in args.targets:
+                    triton_dcmha.SPLIT_TARGET_PROGRAMS = target
+                    cells.append(timed(lambda: triton_dcmha.triton_composed_attention(q, k, v, **common), args.repeat))
+                triton_dcmha.SPLIT_TARGET_PROGRAMS = default
+            print(f"| {D} | {B} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
