@@ -210,11 +210,21 @@ def test_distillation_trains_only_collaborative_parameters_and_lowers_the_loss()
     texts = [f"line {i} of some text with words {i % 7} and {i % 5}" for i in range(64)]
     tokenizer: PreTrainedTokenizerFast = train_tokenizer(iter(texts), vocab_size=300)
     torch.manual_seed(0)
+    # weights large enough (initializer_range 0.2) that attention, hence the conversion, matters
     teacher = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
-                                   intermediate_size=64)).eval()
+                                   intermediate_size=64, initializer_range=0.2)).eval()
     student = copy.deepcopy(teacher)
     convert_to_collaborative(student, key_dim=12, progress=False)
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if "headmix_collaborative" not in n}
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+
+    def error() -> float:  # in eval mode, as users embed
+        with torch.no_grad():
+            return (student(**batch).last_hidden_state - teacher(**batch).last_hidden_state).square().mean().item()
+
+    before = error()
     losses = distill(student, teacher, tokenizer, texts, steps=30, batch_size=16, learning_rate=3e-3, max_length=16)
     assert losses[-1] < losses[0]
+    assert not student.training and not teacher.training  # Trainer's train() must not leave dropout on
+    assert error() < 0.7 * before  # measured: 0.077 -> 0.037
     assert all(torch.equal(p, frozen[n]) for n, p in student.named_parameters() if n in frozen)

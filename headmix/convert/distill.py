@@ -30,6 +30,14 @@ class HiddenStateDistillation(nn.Module):
         self.teacher = teacher.eval().requires_grad_(False)
         self.loss = loss
 
+    def train(self, mode: bool = True) -> HiddenStateDistillation:
+        """Both models stay in eval mode (``Trainer`` calls ``train()``): no dropout in the teacher's targets
+        nor in the student, which is fitted to reproduce the teacher's deterministic outputs."""
+        super().train(mode)
+        self.teacher.eval()
+        self.student.eval()
+        return self
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor]:
         every = self.loss == "layers"
         with torch.no_grad():
@@ -72,6 +80,7 @@ def distill(
     """
     if not texts:
         raise ValueError("distillation needs at least one text")
+    was_training = student.training
     for name, p in student.named_parameters():
         p.requires_grad_("headmix_collaborative" in name)
     if not any(p.requires_grad for p in student.parameters()):
@@ -88,4 +97,5 @@ def distill(
         trainer = Trainer(model=HiddenStateDistillation(student, teacher, loss), args=args, train_dataset=data.with_format("torch"))
         trainer.train()
     student.requires_grad_(True)
+    student.train(was_training)
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
