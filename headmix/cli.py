@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     collab.add_argument("--iterations", type=int, default=20, help="ALS iteration cap (default: %(default)s)")
     collab.add_argument("--tol", type=float, default=1e-8, help="ALS tolerance (default: %(default)s)")
     collab.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    collab.add_argument("--distill-steps", type=int, default=0,
+                        help="then fine-tune the collaborative parameters this many steps against the original model "
+                             "on the --calibration texts (every layer's hidden states; default: no fine-tune)")
     collab.set_defaults(run=_collab)
 
     official = kinds.add_parser(
@@ -192,6 +195,7 @@ def _upcycle(args: argparse.Namespace) -> int:
 
 
 def _collab(args: argparse.Namespace) -> int:
+    import copy
     from pathlib import Path
 
     from transformers import AutoModel, AutoTokenizer
@@ -221,6 +225,11 @@ def _collab(args: argparse.Namespace) -> int:
         batches = [dict(tokenizer(lines[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
                    for i in range(0, len(lines), 32)]
         calibration = collect_attention_inputs(model, batches)
+    if args.distill_steps < 0:
+        raise ValueError(f"--distill-steps={args.distill_steps} is not allowed: expected 0 (none) or more")
+    if args.distill_steps and not args.calibration:
+        raise ValueError("--distill-steps needs texts to fine-tune on: pass --calibration FILES")
+    teacher = copy.deepcopy(model) if args.distill_steps else None
     before = sum(p.numel() for p in model.parameters())
     full = {name: module for name, module in attention_modules(model)}
     results = convert_to_collaborative(model, key_dim=args.key_dim, key_dim_ratio=args.key_dim_ratio,
@@ -237,6 +246,12 @@ def _collab(args: argparse.Namespace) -> int:
           f"({len(full)} attention module(s)); score FLOPs per query-key pair per layer: "
           f"{2 * d_in:,} -> {2 * next(iter(results.values())).mixing.shape[0] * key_dim:,} (every head dots the shared "
           "key of size D~k)")
+    if teacher is not None:
+        from .convert.distill import distill
+
+        texts = [line for f in files for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+        losses = distill(model, teacher, tokenizer, texts, steps=args.distill_steps)
+        print(f"distillation: {args.distill_steps} steps on {len(texts):,} lines, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     cache = kv_cache_bytes_per_token(model)
     if cache is not None:
         print(f"key+value cache per token (all layers, {next(model.parameters()).dtype}): {cache[0]:,} -> {cache[1]:,} "

@@ -201,6 +201,30 @@ def test_cli_convert_collab(tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_cli_convert_collab_gpt2_with_calibration_and_distillation(tmp_path):
+    """GPT-2 through the CLI: data-aware decomposition on a text file, a short distillation, the cache line."""
+    from headmix.training.data import train_tokenizer
+
+    lines = [f"the {i % 9} quick brown foxes jump over {i % 4} lazy dogs near line {i}" for i in range(80)]
+    (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
+    tokenizer = train_tokenizer(iter(lines), vocab_size=300)
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=6, initializer_range=0.2,
+                         bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    result = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
+                             str(tmp_path / "out"), "--key-dim", "12", "--iterations", "5", "--calibration",
+                             str(tmp_path / "text.txt"), "--distill-steps", "10"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "distillation: 10 steps on 80 lines" in result.stdout
+    assert "key+value cache per token (all layers, torch.float32): 768 -> 480 bytes (-37.5%" in result.stdout  # 2 x (12 + 48) x 4
+    bad = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
+                          str(tmp_path / "out2"), "--key-dim", "12", "--distill-steps", "10"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--distill-steps needs texts" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_distillation_trains_only_collaborative_parameters_and_lowers_the_loss():
     from transformers import PreTrainedTokenizerFast
 

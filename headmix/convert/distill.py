@@ -67,7 +67,7 @@ def distill(
     texts: list[str],
     steps: int = 200,
     batch_size: int = 32,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 3e-4,
     max_length: int = 64,
     seed: int = 0,
     loss: str = "layers",
