@@ -200,7 +200,7 @@ def analyse(runs: list[dict]) -> dict:
             return math.exp((log_loss - a) / b) / m["flops"]
 
         # one standard deviation in log L: the DCFormer++ mean's seed noise and the fit's scatter
-        sd = math.sqrt((seed_sd / m["loss"]) ** 2 / max(1, m["seeds"]) + scatter**2) if seed_sd == seed_sd else scatter
+        sd = scatter if math.isnan(seed_sd) else math.sqrt((seed_sd / m["loss"]) ** 2 / max(1, m["seeds"]) + scatter**2)
         centre = multiplier(math.log(m["loss"]))
         bounds = sorted([multiplier(math.log(m["loss"]) - sd), multiplier(math.log(m["loss"]) + sd)])
         result["multipliers"][label] = {"multiplier": centre, "low": bounds[0], "high": bounds[1],
@@ -296,7 +296,14 @@ def main(argv=None) -> int:
                         "plot of one or more scaling.json files, merged (written to --out)")
     args = parser.parse_args(argv)
     if args.from_json:
-        saved = [json.loads(Path(path).read_text()) for path in args.from_json]
+        saved = []
+        for path in args.from_json:
+            try:
+                saved.append(json.loads(Path(path).read_text()))
+            except (OSError, ValueError) as error:
+                parser.error(f"--from-json {path}: not a readable scaling.json ({error})")
+            if not isinstance(saved[-1], dict) or "runs" not in saved[-1] or "header" not in saved[-1]:
+                parser.error(f"--from-json {path}: expected a scaling.json written by this script (runs, header)")
         runs = [run for part in saved for run in part["runs"]]
         header = "\n\n".join(dict.fromkeys(part["header"] for part in saved))
         analysis = analyse(runs)
