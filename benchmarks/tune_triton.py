@@ -117,7 +117,8 @@ def main(argv=None) -> int:
                     result = f"{ms:.2f} | {err:.1e}"
                 except Exception as error:  # does not fit this GPU
                     result = f"{type(error).__name__} | -"
-                print(f"| {phase} | {cand[0]} | {cand[1]} | {cand[2]} | {cand[3]} | {mix['pre']},{mix['post']} | {result} |", flush=True)
+                row = [phase, *cand, f"{mix['pre']},{mix['post']}"]
+                print("| " + " | ".join(str(x) for x in row) + f" | {result} |", flush=True)
     triton_dcmha.TILES.clear()
     triton_dcmha.TILES.update(default)
     triton_dcmha.MIX_PRECISION.update(default_mix)

@@ -26,7 +26,6 @@ from ..reference import composed_attention
 from .chunked import chunked_composed_attention
 
 Backend = Callable[..., Tensor]
-_FUSED_MIN_QUERIES = 16
 
 _BACKENDS: dict[str, Backend] = {
     "reference": lambda q, k, v, chunk_size=None, structure=None, **kw: composed_attention(q, k, v, **kw),
@@ -57,14 +56,13 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "auto":
-        # training: head dims up to 64 (the backward kernels' limit); prefill without gradients: any head dim.
-        # Decoding (a few queries, no gradients) uses the split-key kernel up to head dim 64: measured on an
-        # H100 against a 4096-token cache, 0.56 vs 1.04 ms (batch 1) and 0.69 vs 1.45 ms (batch 16) for the
-        # materialised path; at head dim 128 neither wins clearly (0.73-1.34 vs 0.92-1.25 ms): materialised
+        # training: head dims up to 64 (the backward kernels' limit); without gradients (prefill, decoding with
+        # the split-key kernel) any head dim: measured on an H100 against a 4096-token cache (docs/kernels.md),
+        # head dim 64: 0.55-0.56 vs 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the
+        # materialised path; head dim 128: 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms
         fused = (like is not None and "triton" in _BACKENDS and like.is_cuda
                  and like.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                 and (like.shape[-1] <= _MAX_TRAINING_HEAD_DIM
-                      or (query_len > _FUSED_MIN_QUERIES and not torch.is_grad_enabled())))
+                 and (like.shape[-1] <= _MAX_TRAINING_HEAD_DIM or not torch.is_grad_enabled()))
         name = "triton" if fused else ("chunked" if query_len > chunk_size else "reference")
     elif name == "triton" and like is not None and not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels slowly on "

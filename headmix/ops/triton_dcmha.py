@@ -11,22 +11,24 @@ group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)
   exp(S' - lse)``, post-Compose, ``O += P' V``. Stores ``O`` and ``lse`` (``B x H x T`` floats).
   Decoding (no gradients, few query blocks): the keys are split over programs; pass 1 and pass 2
   become two launches with the splits' statistics combined on the host in between.
+* Compose runs as per-position head-mixing matrices on tensor cores (see the "tile helpers" section):
+  ``E_i`` per query (static mix, query-wise terms, query gate) and ``F_j`` per key (key-wise terms).
 * Backward, three passes, recomputing instead of storing probabilities (``dY`` denotes an upstream
-  gradient; ``Compose^T`` is Compose with ``W_b`` transposed and the two factors of every low-rank
-  term swapped, see :func:`_compose`):
+  gradient; ``Compose^T`` is Compose with ``E`` and ``F`` transposed, see :func:`_compose`):
 
   1. query blocks: ``dP' = dO V^T``, ``dP = Compose_post^T(dP')``, ``Delta = sum_j P * dP`` per
      (head, query) -- the softmax needs it, and with a post-Compose it is not ``rowsum(dO * O)``;
-     gradients of the query-side post-Compose weights.
+     gradients of the query-side post-Compose weights (the static mix's as one partial sum per
+     program, summed afterwards: no atomics, so results are the same on every run).
   2. query blocks: ``dS' = P (dP - Delta)``, ``dS = Compose_pre^T(dS')``, ``dQ``; query-side
-     pre-Compose weights; partial sums of the static ``W_b`` gradients (one per program, summed
-     afterwards: no atomics, so results are the same on every run).
+     pre-Compose weights (static mix likewise).
   3. key blocks: ``dK``, ``dV`` and every key-side weight gradient.
 
 Everything accumulates in float32; ``Q K^T``, ``P' V`` and their backward products use the
 inputs' dtype on tensor cores (bf16/fp16) or exact float32 (``input_precision="ieee"``) for float32
-inputs. Masks: causal and sliding-window structure by index arithmetic (key blocks outside the
-window are skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
+inputs; the head-mixing products use ``MIX_PRECISION`` (tf32 before the softmax, bf16 after it).
+Masks: causal and sliding-window structure by index arithmetic (key blocks outside the window are
+skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
 
 Limits: head dims and rank are padded to powers of two; ``M = H / groups`` heads per group up to 32.
 Training (the backward kernels) supports head dims up to 64; at 128 their tiles exceed an H100's
@@ -689,7 +691,8 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
         if w is None:
             grads[c] = {}
             continue
-        full = dict(static=dw[:, idx].clone(memory_format=torch.contiguous_format), query_w1=qgrad[c][0], query_w2=qgrad[c][1], query_gate=qgrad[c][2],
+        full = dict(static=dw[:, idx].clone(memory_format=torch.contiguous_format), query_w1=qgrad[c][0],
+                    query_w2=qgrad[c][1], query_gate=qgrad[c][2],
                     key_w1=k1, key_w2=k2, key_gate=kg)
         grads[c] = {f: full[f].to(getattr(w, f).dtype) for f in FIELDS if getattr(w, f) is not None}
     return dq, dk, dv, grads["pre"], grads["post"]
