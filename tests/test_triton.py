@@ -99,6 +99,8 @@ CASES = [
     (1, 4, 17, 17, 16, 1, 1, dict(causal=True, fields=("query_w1", "key_gate"))),
     (1, 4, 17, 17, 16, 1, 2, dict(causal=True, fields=("static", "key_w1", "query_gate"), post_on=False)),
     (1, 4, 17, 17, 16, 1, 2, dict(causal=True, pre_on=False)),
+    (1, 4, 19, 19, 128, 1, 2, dict(causal=True, window=6)),  # head dim 128: the backward works in 64-wide chunks
+    (1, 16, 18, 18, 128, 1, 2, dict(causal=True, padding=True)),  # ... with 16 heads per group and a mask
 ]
 
 
@@ -109,20 +111,18 @@ def test_kernels_match_reference_forward_and_backward(case):
     compare(*shape, **options)
 
 
-def test_head_dim_128_forward_matches_reference():
-    """Head dim 128 (inference only): the forward re-reads the query tile inside its loops."""
-    g = torch.Generator().manual_seed(4)
-    B, H, T, D = 1, 4, 19, 128
-    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
-    pre = random_weights(B, T, T, 1, H, 2, FIELDS, g)
-    post = random_weights(B, T, T, 1, H, 2, FIELDS, g)
-    with torch.no_grad():
-        mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=6, key_padding=None)
-        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
-        out = triton_dcmha.triton_composed_attention(
-            *(t.float().to(DEVICE) for t in (q, k, v)), scale=D**-0.5, pre=as_float32(pre), post=as_float32(post),
-            causal=True, window=6)
-    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
+def test_training_head_dims_limits():
+    """Above 128 the kernels are inference only; above 64 training needs equal key and value head dims."""
+    x = torch.randn(1, 4, 16, 256, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="head dim 256 is supported for inference only"):
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+    q = torch.randn(1, 4, 16, 128, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 4, 16, 64, device=DEVICE, requires_grad=True)
+    w = random_weights(1, 16, 16, 1, 4, 2, ("static",), torch.Generator().manual_seed(0), torch.float32)
+    w = ComposeWeights(static=w.static.to(DEVICE))
+    out = triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, causal=True, pre=w)
+    with pytest.raises(ValueError, match="needs equal key and value head dims, got 128 and 64"):
+        out.sum().backward()
 
 
 def test_non_dense_inputs_get_gradients_in_place():
@@ -259,7 +259,7 @@ def test_gpu_torch_compile_runs_the_layer():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64])
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
     g = torch.Generator().manual_seed(1)
     B, H, T, G, R = 2, 16, 300, 1, 2
@@ -288,7 +288,7 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-def test_gpu_head_dim_128_inference_only():
+def test_gpu_head_dim_128_inference():
     g = torch.Generator().manual_seed(2)
     B, H, T, D = 1, 16, 200, 128
     q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
@@ -302,9 +302,6 @@ def test_gpu_head_dim_128_inference_only():
         out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
                                                      pre=low, post=low_post, causal=True)
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
-    x = torch.randn(1, 16, 16, 128, device="cuda", requires_grad=True)
-    with pytest.raises(ValueError, match="inference only"):
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
 
 
 def test_attention_benchmark_script_runs_at_a_tiny_size():

@@ -31,9 +31,9 @@ Masks: causal and sliding-window structure by index arithmetic (key blocks outsi
 skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
 
 Limits: head dims and rank are padded to powers of two; ``M = H / groups`` heads per group up to 32.
-Training (the backward kernels) supports head dims up to 64; at 128 their tiles exceed an H100's
-shared memory (measured), so head dim 128 runs forward only (inference, decoding) and ``"auto"``
-trains such layers on the chunked path.
+Training (the backward kernels) supports head dims up to 128: above 64 the backward works in 64-wide
+chunks of the head dim (whole tiles of 128 exceed an H100's shared memory), which needs equal key
+and value head dims.
 Triton is optional: without it (or without a GPU and ``TRITON_INTERPRET=1``) this backend is absent.
 """
 
@@ -49,7 +49,9 @@ from torch import Tensor
 from ..reference import ComposeWeights
 
 NEG = tl.constexpr(-1.0e30)
-MAX_TRAINING_HEAD_DIM = 64  # measured on an H100: the backward kernels do not fit shared memory at 128
+MAX_TRAINING_HEAD_DIM = 128
+WHOLE_HEAD_DIM = 64  # the backward kernels hold whole head dims up to this; above it they work in chunks:
+HEAD_DIM_CHUNK = 64  # each program writes this many dims of dQ (or dK, dV)
 FIELDS = ("static", "query_w1", "query_w2", "key_w1", "key_w2", "query_gate", "key_gate")
 
 
@@ -349,20 +351,37 @@ def _fwd_kernel(
 
 
 # -- backward ------------------------------------------------------------------------------------------
+# Head dims above WHOLE_HEAD_DIM (128) are processed in chunks (DCK of the query/key dim, DCV of the value
+# dim): each program writes one chunk of dQ (or dK, dV), program axis 2, and recomputes the tile's scores
+# with the products over the head dim (Q K^T, dO V^T) accumulated from re-read half-chunk tiles in a loop
+# (not unrolled, so one set of shared-memory buffers: unrolled, the key kernel needed ~280 KB at head dim 128
+# in an offline sm_90 compile). The Compose-weight gradients, computed alike in every chunk's program, are
+# stored by chunk 0's. Up to WHOLE_HEAD_DIM there is one chunk (DCK = DK, DCV = DV) and the loop-invariant
+# tiles stay in registers.
 @triton.jit
-def _recompute(q, k_ptr, b, g, offs_i, offs_j, hm, lse, eq, ek, T, S, mask_ptr, smb, smt, sms,
-               skb, skh, skt, skd, scale, M: tl.constexpr, DK: tl.constexpr, PRE: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
-               MIX: tl.constexpr):
-    """Scores ``S`` (before the pre-Compose), probabilities ``P`` and the key tile."""
-    k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
-    s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+def _pair_dot(a_ptr, sa, offs_a, La, b_ptr, sb, offs_b, Lb, b, g, hm, M: tl.constexpr, D: tl.constexpr,
+              DCH: tl.constexpr, PREC: tl.constexpr):
+    """``sum_d a[h, offs_a, d] b[h, offs_b, d]`` for every head ``h`` of group ``g``, over the head dim ``D`` in
+    chunks of ``DCH``: an ``(MP, len(offs_a), len(offs_b))`` float32 tile. ``sa``/``sb``: (batch, head, row,
+    dim) strides."""
+    acc = tl.zeros((hm.shape[0], offs_a.shape[0], offs_b.shape[0]), dtype=tl.float32)
+    for c in range(0, D // DCH):  # a loop, not unrolled: one set of shared-memory buffers
+        d = c * DCH + tl.arange(0, DCH)
+        x = _heads(a_ptr, b, g, offs_a, d, sa[0], sa[1], sa[2], sa[3], La, M, hm)
+        y = _heads(b_ptr, b, g, offs_b, d, sb[0], sb[1], sb[2], sb[3], Lb, M, hm)
+        acc += tl.dot(x, tl.trans(y, (0, 2, 1)), input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _probabilities(s, b, offs_i, offs_j, lse, eq, ek, T, S, mask_ptr, smb, smt, sms, PRE: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MIX: tl.constexpr):
+    """``P = exp(Compose_pre(S) - lse)`` on the valid entries of a tile of scores ``S``."""
     s2 = s
     if PRE != 0:
         s2 = _compose(s, eq, ek, PRE, MIX)
     valid = _valid(b, offs_i, offs_j, T, S, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
-    p = tl.where(valid, tl.exp(s2 - lse[:, :, None]), 0.0)
-    return s, p, k
+    return tl.where(valid, tl.exp(s2 - lse[:, :, None]), 0.0)
 
 
 @triton.jit
@@ -373,15 +392,16 @@ def _bwd_query_kernel(
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
     T, S, scale, n_blocks,
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DCK: tl.constexpr, DCV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     PREC: tl.constexpr, MIX_PRE: tl.constexpr, MIX_POST: tl.constexpr, STAGE: tl.constexpr,
 ):
     """STAGE 1: ``Delta`` and the query-side gradients of the post-Compose (static mix included).
-    STAGE 2: ``dQ`` and the query-side gradients of the pre-Compose. Static-mix gradients are stored
-    per program (summed by the host)."""
+    STAGE 2: ``dQ`` (chunk ``program_id(2)`` of the head dim) and the query-side gradients of the
+    pre-Compose. Static-mix gradients are stored per program (summed by the host)."""
     pid_i = tl.program_id(0)
     bg = tl.program_id(1)
+    chunk = tl.program_id(2)
     b = bg // G
     g = bg % G
     start_i = pid_i * BM
@@ -390,28 +410,41 @@ def _bwd_query_kernel(
     h_ok = hm < M
     qok = h_ok[:, None] & (offs_i < T)[None, :]
     qrow = (offs_i < T)[:, None] & h_ok[None, :]
+    first = qrow & (hm * 0 + chunk == 0)[None, :]  # Compose-weight gradients: stored by chunk 0's program
     h = g * M + hm
     pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
     post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
+    sq = (sqb, sqh, sqt, sqd)
+    sk = (skb, skh, skt, skd)
+    sv = (svb, svh, svt, svd)
+    so = (sob, soh, sot, sod)
     eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
     eq_post_t = _t(_matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST))
-    q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
-    do = _heads(do_ptr, b, g, offs_i, tl.arange(0, DV), sob, soh, sot, sod, T, M, hm)
+    dc = chunk * DCK + tl.arange(0, DCK)  # this program's chunk of the head dim
+    if DK == DCK and DV == DCV:
+        q = _heads(q_ptr, b, g, offs_i, dc, sqb, sqh, sqt, sqd, T, M, hm)
+        do = _heads(do_ptr, b, g, offs_i, tl.arange(0, DV), sob, soh, sot, sod, T, M, hm)
     row = (b * G * M + h[:, None]) * T + offs_i[None, :]
     lse = tl.load(lse_ptr + row, mask=qok, other=float("inf"))
     lo, hi = _key_range(start_i, T, S, BM, BN, CAUSAL, WINDOW)
     gq = tl.zeros((BM, MP, MP), dtype=tl.float32)  # dE of the stage's Compose, query side
     acc_delta = tl.zeros((MP, BM), dtype=tl.float32)
-    acc_dq = tl.zeros((MP, BM, DK), dtype=tl.float32)
+    acc_dq = tl.zeros((MP, BM, DCK), dtype=tl.float32)
     delta = tl.load(delta_ptr + row, mask=qok, other=0.0)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         krow = (offs_j < S)[:, None] & h_ok[None, :]
+        k = _heads(k_ptr, b, g, offs_j, dc, skb, skh, skt, skd, S, M, hm)
+        if DK == DCK and DV == DCV:
+            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+            v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
+            dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)  # dP'
+        else:
+            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCK // 2, PREC) * scale
+            dp2 = _pair_dot(do_ptr, so, offs_i, T, v_ptr, sv, offs_j, S, b, g, hm, M, DV, DCV // 2, PREC)
         ek_pre = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-        s, p, k = _recompute(q, k_ptr, b, g, offs_i, offs_j, hm, lse, eq_pre, ek_pre, T, S, mask_ptr, smb, smt,
-                             sms, skb, skh, skt, skd, scale, M, DK, PRE, CAUSAL, WINDOW, HAS_MASK, PREC, MIX_PRE)
-        v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
-        dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)  # dP'
+        p = _probabilities(s, b, offs_i, offs_j, lse, eq_pre, ek_pre, T, S, mask_ptr, smb, smt, sms, PRE, CAUSAL,
+                           WINDOW, HAS_MASK, MIX_PRE)
         dp = dp2
         if POST != 0:
             ek_post_t = _t(_matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST))
@@ -435,12 +468,12 @@ def _bwd_query_kernel(
             _store_static_grad(part + M * M, gq, hm, M)
         _store_side_grads(gq, post, g_q1, g_q2, g_qg, b, g, offs_i, hm, qrow, T, G, M, R, POST, True)
     else:
-        dk_ = tl.arange(0, DK)
-        dq_ptrs = dq_ptr + b * sqb + h[:, None, None] * sqh + offs_i[None, :, None] * sqt + dk_[None, None, :] * sqd
+        dq_ptrs = dq_ptr + b * sqb + h[:, None, None] * sqh + offs_i[None, :, None] * sqt + dc[None, None, :] * sqd
         tl.store(dq_ptrs, (acc_dq * scale).to(dq_ptr.dtype.element_ty), mask=qok[:, :, None])
         if PRE & 1:
-            _store_static_grad(part, gq, hm, M)
-        _store_side_grads(gq, pre, g_q1, g_q2, g_qg, b, g, offs_i, hm, qrow, T, G, M, R, PRE, True)
+            if chunk == 0:
+                _store_static_grad(part, gq, hm, M)
+        _store_side_grads(gq, pre, g_q1, g_q2, g_qg, b, g, offs_i, hm, first, T, G, M, R, PRE, True)
 
 
 @triton.jit
@@ -451,13 +484,15 @@ def _bwd_key_kernel(
     sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
     T, S, scale,
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
-    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DCK: tl.constexpr, DCV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     PREC: tl.constexpr, MIX_PRE: tl.constexpr, MIX_POST: tl.constexpr,
 ):
-    """``dK``, ``dV`` and the key-side gradients of both Composes, for one block of keys."""
+    """``dK``, ``dV`` (chunk ``program_id(2)`` of the head dim) and the key-side gradients of both Composes,
+    for one block of keys."""
     pid_j = tl.program_id(0)
     bg = tl.program_id(1)
+    chunk = tl.program_id(2)
     b = bg // G
     g = bg % G
     start_j = pid_j * BN
@@ -466,14 +501,23 @@ def _bwd_key_kernel(
     h_ok = hm < M
     kok = h_ok[:, None] & (offs_j < S)[None, :]
     krow = (offs_j < S)[:, None] & h_ok[None, :]
+    first = krow & (hm * 0 + chunk == 0)[None, :]
     h = g * M + hm
     pre = (pw, pq1, pq2, pk1, pk2, pqg, pkg)
     post = (tw, tq1, tq2, tk1, tk2, tqg, tkg)
+    sq = (sqb, sqh, sqt, sqd)
+    sk = (skb, skh, skt, skd)
+    sv = (svb, svh, svt, svd)
+    so = (sob, soh, sot, sod)
+    dck = chunk * DCK + tl.arange(0, DCK)
+    dcv = chunk * DCV + tl.arange(0, DCV)
     ek_pre = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
     ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
-    v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
-    acc_dk = tl.zeros((MP, BN, DK), dtype=tl.float32)
-    acc_dv = tl.zeros((MP, BN, DV), dtype=tl.float32)
+    if DK == DCK and DV == DCV:
+        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm)
+        v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm)
+    acc_dk = tl.zeros((MP, BN, DCK), dtype=tl.float32)
+    acc_dv = tl.zeros((MP, BN, DCV), dtype=tl.float32)
     gk_pre = tl.zeros((BN, MP, MP), dtype=tl.float32)  # dF of the pre-Compose
     gk_post = tl.zeros((BN, MP, MP), dtype=tl.float32)
     lo, hi = _query_range(start_j, T, S, BM, BN, CAUSAL, WINDOW)
@@ -484,13 +528,18 @@ def _bwd_key_kernel(
         row = (b * G * M + h[:, None]) * T + offs_i[None, :]
         lse = tl.load(lse_ptr + row, mask=qok, other=float("inf"))
         delta = tl.load(delta_ptr + row, mask=qok, other=0.0)
-        q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm)
-        do = _heads(do_ptr, b, g, offs_i, tl.arange(0, DV), sob, soh, sot, sod, T, M, hm)
+        q = _heads(q_ptr, b, g, offs_i, dck, sqb, sqh, sqt, sqd, T, M, hm)
+        do = _heads(do_ptr, b, g, offs_i, dcv, sob, soh, sot, sod, T, M, hm)
+        if DK == DCK and DV == DCV:
+            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+            dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)
+        else:
+            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCK // 2, PREC) * scale
+            dp2 = _pair_dot(do_ptr, so, offs_i, T, v_ptr, sv, offs_j, S, b, g, hm, M, DV, DCV // 2, PREC)
         eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
-        s, p, _k = _recompute(q, k_ptr, b, g, offs_i, offs_j, hm, lse, eq_pre, ek_pre, T, S, mask_ptr, smb, smt,
-                              sms, skb, skh, skt, skd, scale, M, DK, PRE, CAUSAL, WINDOW, HAS_MASK, PREC, MIX_PRE)
+        p = _probabilities(s, b, offs_i, offs_j, lse, eq_pre, ek_pre, T, S, mask_ptr, smb, smt, sms, PRE, CAUSAL,
+                           WINDOW, HAS_MASK, MIX_PRE)
         p2 = p
-        dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)
         dp = dp2
         if POST != 0:
             eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
@@ -506,14 +555,12 @@ def _bwd_key_kernel(
             gk_post = _grad_matrices(gk_post, p, dp2, False, MIX_POST)
         if PRE & 72:
             gk_pre = _grad_matrices(gk_pre, s, ds2, False, MIX_PRE)
-    dk_ = tl.arange(0, DK)
-    dv_ = tl.arange(0, DV)
-    tl.store(dk_ptr + b * skb + h[:, None, None] * skh + offs_j[None, :, None] * skt + dk_[None, None, :] * skd,
+    tl.store(dk_ptr + b * skb + h[:, None, None] * skh + offs_j[None, :, None] * skt + dck[None, None, :] * skd,
              (acc_dk * scale).to(dk_ptr.dtype.element_ty), mask=kok[:, :, None])
-    tl.store(dv_ptr + b * svb + h[:, None, None] * svh + offs_j[None, :, None] * svt + dv_[None, None, :] * svd,
+    tl.store(dv_ptr + b * svb + h[:, None, None] * svh + offs_j[None, :, None] * svt + dcv[None, None, :] * svd,
              acc_dv.to(dv_ptr.dtype.element_ty), mask=kok[:, :, None])
-    _store_side_grads(gk_pre, pre, gp1, gp2, gpg, b, g, offs_j, hm, krow, S, G, M, R, PRE, False)
-    _store_side_grads(gk_post, post, gt1, gt2, gtg, b, g, offs_j, hm, krow, S, G, M, R, POST, False)
+    _store_side_grads(gk_pre, pre, gp1, gp2, gpg, b, g, offs_j, hm, first, S, G, M, R, PRE, False)
+    _store_side_grads(gk_post, post, gt1, gt2, gtg, b, g, offs_j, hm, first, S, G, M, R, POST, False)
 
 
 # -- host side -----------------------------------------------------------------------------------------
@@ -673,15 +720,23 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
     qgrad = {c: (torch.zeros(B, T, G, R, M, **f32), torch.zeros(B, T, G, R, M, **f32), torch.zeros(B, T, G, M, **f32))
              for c in ("pre", "post")}
     dw_part = torch.zeros(B * G, n_blocks, 2, M, M, **f32)
-    grid = (n_blocks, B * G)
+    DK, DV = meta["DK"], meta["DV"]
+    if max(DK, DV) <= WHOLE_HEAD_DIM:
+        meta.update(DCK=DK, DCV=DV)
+    elif DK != DV:
+        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} needs equal key and value "
+                         f"head dims, got {DK} and {DV}")
+    else:
+        meta.update(DCK=HEAD_DIM_CHUNK, DCV=HEAD_DIM_CHUNK)
+    chunks = DK // meta["DCK"]
     for stage, c in ((1, "post"), (2, "pre")):
-        _bwd_query_kernel[grid](
+        _bwd_query_kernel[(n_blocks, B * G, 1 if stage == 1 else chunks)](
             q, k, v, do, lse, delta, m, dq, *pre_ptrs, *post_ptrs, *qgrad[c], dw_part, *common,
             T, S, scale, n_blocks, STAGE=stage, num_warps=warps, num_stages=stages, **meta, **flags,
         )
     kgrad = [torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32),
              torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32)]
-    _bwd_key_kernel[(triton.cdiv(S, meta["BN"]), B * G)](
+    _bwd_key_kernel[(triton.cdiv(S, meta["BN"]), B * G, chunks)](
         q, k, v, do, lse, delta, m, dk, dv, *pre_ptrs, *post_ptrs, *kgrad, *common,
         T, S, scale, num_warps=warps, num_stages=stages, **meta, **flags,
     )
@@ -799,9 +854,8 @@ def triton_composed_attention(
     weights = [getattr(w, f) for w in (pre, post) if w is not None for f in FIELDS if getattr(w, f) is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *weights))
     if needs_grad and max(q.shape[-1], v.shape[-1]) > MAX_TRAINING_HEAD_DIM:
-        raise ValueError(f"triton backend: head dim {q.shape[-1]} is supported for inference only (the backward "
-                         f"kernels' tiles exceed an H100's shared memory above {MAX_TRAINING_HEAD_DIM}); use "
-                         "backend='chunked' or 'auto' to train")
+        raise ValueError(f"triton backend: head dim {max(q.shape[-1], v.shape[-1])} is supported for inference only "
+                         f"(training: up to {MAX_TRAINING_HEAD_DIM}); use backend='chunked' or 'auto' to train")
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
     args = (q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None,
