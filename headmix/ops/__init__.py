@@ -56,7 +56,7 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "auto":
-        # training: head dims up to 64 (the backward kernels' limit); without gradients (prefill, decoding with
+        # training: head dims up to 128 (the backward kernels' limit); without gradients (prefill, decoding with
         # the split-key kernel) any head dim: measured on an H100 against a 4096-token cache (docs/kernels.md),
         # head dim 64: 0.55-0.56 vs 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the
         # materialised path; head dim 128: 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms
