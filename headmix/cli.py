@@ -207,6 +207,10 @@ def _collab(args: argparse.Namespace) -> int:
 
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
+    if args.distill_steps < 0:
+        raise ValueError(f"--distill-steps={args.distill_steps} is not allowed: expected 0 (none) or more")
+    if args.distill_steps and not args.calibration:
+        raise ValueError("--distill-steps needs texts to fine-tune on: pass --calibration FILES")
     model = AutoModel.from_pretrained(args.model_dir).eval()
     calibration = None
     tokenizer = None
@@ -218,17 +222,13 @@ def _collab(args: argparse.Namespace) -> int:
         if tokenizer is None:
             raise ValueError(f"--calibration needs the model's tokenizer, and {args.model_dir} has none")
         _, files = resolve_data_files(args.calibration)
-        lines = [line.strip() for f in files for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
-        lines = lines[: args.calibration_sentences]
+        texts = [line for f in files for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = [line.strip() for line in texts[: args.calibration_sentences]]
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         batches = [dict(tokenizer(lines[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
                    for i in range(0, len(lines), 32)]
         calibration = collect_attention_inputs(model, batches)
-    if args.distill_steps < 0:
-        raise ValueError(f"--distill-steps={args.distill_steps} is not allowed: expected 0 (none) or more")
-    if args.distill_steps and not args.calibration:
-        raise ValueError("--distill-steps needs texts to fine-tune on: pass --calibration FILES")
     teacher = copy.deepcopy(model) if args.distill_steps else None
     before = sum(p.numel() for p in model.parameters())
     full = {name: module for name, module in attention_modules(model)}
@@ -249,7 +249,6 @@ def _collab(args: argparse.Namespace) -> int:
     if teacher is not None:
         from .convert.distill import distill
 
-        texts = [line for f in files for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
         losses = distill(model, teacher, tokenizer, texts, steps=args.distill_steps)
         print(f"distillation: {args.distill_steps} steps on {len(texts):,} lines, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     cache = kv_cache_bytes_per_token(model)

@@ -223,6 +223,10 @@ def test_cli_convert_collab_gpt2_with_calibration_and_distillation(tmp_path):
                           str(tmp_path / "out2"), "--key-dim", "12", "--distill-steps", "10"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "--distill-steps needs texts" in bad.stderr and "Traceback" not in bad.stderr
+    negative = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
+                               str(tmp_path / "out3"), "--key-dim", "12", "--distill-steps", "-1"],
+                              capture_output=True, text=True, timeout=300)
+    assert negative.returncode == 2 and "--distill-steps=-1 is not allowed" in negative.stderr
 
 
 def test_distillation_trains_only_collaborative_parameters_and_lowers_the_loss():

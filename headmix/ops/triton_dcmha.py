@@ -116,6 +116,10 @@ def _matrices(cw, b, g, offs, hm, ok, L, G: tl.constexpr, M: tl.constexpr, MP: t
     7 pointers (static, qw1, qw2, kw1, kw2, qg, kg); ``FLAGS`` says which are present (bit ``k``: pointer
     ``k``)."""
     w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
+    if QUERY_SIDE:
+        w1, w2, gp, LOWRANK, GATE = qw1, qw2, qg, FLAGS & 2, FLAGS & 32
+    else:
+        w1, w2, gp, LOWRANK, GATE = kw1, kw2, kg, FLAGS & 8, FLAGS & 64
     e = tl.zeros((BLOCK, MP, MP), dtype=tl.float32)
     h_ok = hm < M
     if QUERY_SIDE:
@@ -123,23 +127,14 @@ def _matrices(cw, b, g, offs, hm, ok, L, G: tl.constexpr, M: tl.constexpr, MP: t
             wt = tl.load(w_ptr + g * M * M + hm[None, :] * M + hm[:, None], mask=h_ok[:, None] & h_ok[None, :],
                          other=0.0)
             e += wt.to(tl.float32)[None, :, :]
-        if FLAGS & 2:
-            for r in tl.static_range(R):
-                a = _rows(qw1, b, g, r, offs, hm, ok, L, G, R, M)
-                c = _rows(qw2, b, g, r, offs, hm, ok, L, G, R, M)
-                e += c[:, :, None] * a[:, None, :]
-        if FLAGS & 32:
-            gt = _rows(qg, b, g, 0, offs, hm, ok, L, G, 1, M)
-            e += tl.where((hm[:, None] == hm[None, :])[None, :, :], gt[:, :, None], 0.0)
-    else:
-        if FLAGS & 8:
-            for r in tl.static_range(R):
-                a = _rows(kw1, b, g, r, offs, hm, ok, L, G, R, M)
-                c = _rows(kw2, b, g, r, offs, hm, ok, L, G, R, M)
-                e += c[:, :, None] * a[:, None, :]
-        if FLAGS & 64:
-            gt = _rows(kg, b, g, 0, offs, hm, ok, L, G, 1, M)
-            e += tl.where((hm[:, None] == hm[None, :])[None, :, :], gt[:, :, None], 0.0)
+    if LOWRANK:
+        for r in tl.static_range(R):
+            a = _rows(w1, b, g, r, offs, hm, ok, L, G, R, M)
+            c = _rows(w2, b, g, r, offs, hm, ok, L, G, R, M)
+            e += c[:, :, None] * a[:, None, :]
+    if GATE:
+        gt = _rows(gp, b, g, 0, offs, hm, ok, L, G, 1, M)
+        e += tl.where((hm[:, None] == hm[None, :])[None, :, :], gt[:, :, None], 0.0)
     return _operand(e, MIX)
 
 
