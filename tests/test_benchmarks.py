@@ -60,3 +60,19 @@ def test_scaling_script_rejects_a_bad_size():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--transformer", "huge"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "size 'huge' is not known" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_kernel_resources_compiles_a_kernel_for_sm90_without_a_gpu():
+    """benchmarks/kernel_resources.py: Triton compiles the forward kernel offline and cuobjdump reads it."""
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
+        pytest.skip("this triton build ships no NVIDIA tools")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dim", "64", "--heads", "4",
+                           "--kernels", "fwd"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(line for line in done.stdout.splitlines() if line.startswith("| fwd |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    registers, spill, shared = int(cells[4]), int(cells[5]), float(cells[6])
+    assert 0 < registers <= 255 and spill >= 0 and 0 < shared <= 1024

@@ -1,0 +1,99 @@
+"""Registers, spills and shared memory of the fused DCMHA kernels, compiled offline for a GPU target.
+
+No GPU needed: Triton compiles each kernel (forward, the two query-side backward stages, the key-side
+backward) for ``--arch`` (default sm_90, H100/H200) with the tile shapes of
+``headmix.ops.triton_dcmha.TILES``, and ``cuobjdump`` (shipped with Triton's NVIDIA backend) reads the
+registers per thread and the local-memory stack (spills) of the compiled binary; shared memory is
+Triton's own figure. Use it to check a kernel change for spills or for more shared memory than the
+device has (H100: 227 KB per block) before spending GPU time. Figures are for the local Triton
+version, which may lay out shared memory differently from the GPU machine's.
+
+    python benchmarks/kernel_resources.py --head-dim 64 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+WEIGHTS = ("pw", "pq1", "pq2", "pk1", "pk2", "pqg", "pkg", "tw", "tq1", "tq2", "tk1", "tk2", "tqg", "tkg")
+
+
+def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constants = {k: v for k, v in constants.items() if k in fn.arg_names}
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scale" else "i32")
+                 for name in fn.arg_names}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        binary = Path(tmp) / "kernel.cubin"
+        binary.write_bytes(kernel.asm["cubin"])
+        text = subprocess.run([str(tool), "--dump-resource-usage", str(binary)], capture_output=True, text=True,
+                              check=True).stdout
+    registers = re.search(r"REG:(\d+)", text)
+    stack = re.search(r"STACK:(\d+)", text)
+    return dict(registers=int(registers.group(1)) if registers else None, spill=int(stack.group(1)) if stack else None,
+                shared=kernel.metadata.shared)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--heads", type=int, default=16, help="heads per group (default: %(default)s)")
+    parser.add_argument("--rank", type=int, default=2)
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (default: %(default)s)")
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd1", "bwd2", "bwd_key"],
+                        choices=["fwd", "bwd1", "bwd2", "bwd_key"])
+    args = parser.parse_args(argv)
+    os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
+    import triton
+
+    from headmix.ops import triton_dcmha as K
+
+    ptr = "*" + args.dtype
+    weights = {name: "*fp32" for name in WEIGHTS}
+    fp32 = args.dtype == "fp32"
+    MP = K._next_pow2(args.heads)
+    print(f"# DCMHA kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per group, "
+          f"rank {args.rank}, {args.dtype}, all Compose terms, causal")
+    print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")
+    print("|---|---|---|---|---|---|---|")
+    for D in args.head_dim:
+        chunk = D if D <= K.WHOLE_HEAD_DIM else K.HEAD_DIM_CHUNK
+        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, DK=D, DV=D, DCK=chunk, DCV=chunk, PRE=127, POST=127,
+                      CAUSAL=True, WINDOW=0, HAS_MASK=False, PREC="ieee" if fp32 else "tf32",
+                      MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
+                      MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
+        fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
+        query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
+                     dq_ptr=ptr, g_q1="*fp32", g_q2="*fp32", g_qg="*fp32", dw_part="*fp32", **weights)
+        key = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
+                   dk_ptr=ptr, dv_ptr=ptr, **{g: "*fp32" for g in ("gp1", "gp2", "gpg", "gt1", "gt2", "gtg")}, **weights)
+        plans = dict(fwd=(K._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0), fwd),
+                     bwd1=(K._bwd_query_kernel, "bwd", dict(STAGE=1), query),
+                     bwd2=(K._bwd_query_kernel, "bwd", dict(STAGE=2), query),
+                     bwd_key=(K._bwd_key_kernel, "bwd", {}, key))
+        for name in args.kernels:
+            fn, phase, extra, pointers = plans[name]
+            BM, BN, warps, _ = K._blocks(MP, phase)
+            r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)
+            print(f"| {name} | {D} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
+                  f"{r['shared'] / 1024:.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
