@@ -13,7 +13,7 @@ import torch
 
 from headmix import DCMHA
 from headmix.masks import attention_mask
-from headmix.ops import available_backends, resolve_backend
+from headmix.ops import available_backends, resolve_backend, triton_takes
 from headmix.reference import ComposeWeights, composed_attention
 
 triton_dcmha = pytest.importorskip("headmix.ops.triton_dcmha")
@@ -101,6 +101,7 @@ CASES = [
     (1, 4, 17, 17, 16, 1, 2, dict(causal=True, pre_on=False)),
     (1, 4, 19, 19, 128, 1, 2, dict(causal=True, window=6)),  # head dim 128: the backward works in 64-wide chunks
     (1, 16, 18, 18, 128, 1, 2, dict(causal=True, padding=True)),  # ... with 16 heads per group and a mask
+    (1, 32, 17, 17, 16, 2, 4, dict(causal=True, window=9)),  # 32 heads in 2 groups, rank 4
 ]
 
 
@@ -112,17 +113,76 @@ def test_kernels_match_reference_forward_and_backward(case):
 
 
 def test_training_head_dims_limits():
-    """Above 128 the kernels are inference only; above 64 training needs equal key and value head dims."""
+    """Above 128 no kernels; above 64 training needs equal key and value head dims."""
     x = torch.randn(1, 4, 16, 256, device=DEVICE, requires_grad=True)
-    with pytest.raises(ValueError, match="head dim 256 is supported for inference only"):
+    with pytest.raises(ValueError, match="head dim 256 is not supported: expected at most 128"):
         triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
     q = torch.randn(1, 4, 16, 128, device=DEVICE, requires_grad=True)
     v = torch.randn(1, 4, 16, 64, device=DEVICE, requires_grad=True)
-    w = random_weights(1, 16, 16, 1, 4, 2, ("static",), torch.Generator().manual_seed(0), torch.float32)
-    w = ComposeWeights(static=w.static.to(DEVICE))
-    out = triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, causal=True, pre=w)
     with pytest.raises(ValueError, match="needs equal key and value head dims, got 128 and 64"):
-        out.sum().backward()
+        triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, causal=True)
+
+
+def test_32_heads_per_group_run_forward_only():
+    """32 heads in one group: the forward kernels take it (checked against the reference); training is
+    refused with a clear error (the backward kernels need more shared memory than an H100 has), and
+    ``auto`` would train such a layer on the chunked path."""
+    g = torch.Generator().manual_seed(6)
+    B, H, T, D = 1, 32, 17, 16
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    pre, post = (random_weights(B, T, T, 1, H, 2, FIELDS, g) for _ in range(2))
+    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
+    with torch.no_grad():
+        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
+        out = triton_dcmha.triton_composed_attention(*(t.float().to(DEVICE) for t in (q, k, v)), scale=D**-0.5,
+                                                     pre=as_float32(pre), post=as_float32(post), causal=True)
+    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
+    x = q.float().to(DEVICE).requires_grad_()
+    with pytest.raises(ValueError, match="training with 32 heads per group is not supported: expected at most 16"):
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+    assert not triton_takes(x, groups=1, training=True) and triton_takes(x, groups=2, training=True)
+    assert triton_takes(x, groups=1, training=False)
+    assert not triton_takes(torch.zeros(1, 4, 8, 80), training=False)  # head dim 80 (DCFormer-2.8B): chunked
+
+
+def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch):
+    """A kernel out of shared memory: a RuntimeError naming the problem, or (``fallback=True``, what
+    ``backend="auto"`` passes) the chunked path with a warning, forward and backward equal to the reference."""
+    from triton.runtime.errors import OutOfResources
+
+    def no_room(*args, **kwargs):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    g = torch.Generator().manual_seed(7)
+    B, H, T, D = 1, 4, 21, 16
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    pre, post = (random_weights(B, T, T, 1, H, 2, FIELDS, g) for _ in range(2))
+    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=5, key_padding=None)
+    ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
+    do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    expected = torch.autograd.grad(ref, leaves(q, k, v, pre, post), do)
+    q32, k32, v32 = (t.detach().float().to(DEVICE).requires_grad_() for t in (q, k, v))
+    pre32, post32 = as_float32(pre), as_float32(post)
+    for w in (pre32, post32):
+        for f in FIELDS:
+            setattr(w, f, getattr(w, f).detach().requires_grad_())
+    args = (q32, k32, v32)
+    kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, causal=True, window=5)
+    monkeypatch.setattr(triton_dcmha, "triton_backward", no_room)
+    out = triton_dcmha.triton_composed_attention(*args, **kwargs)  # the forward kernel fits
+    with pytest.raises(RuntimeError, match="do not fit this GPU at this shape .*shared memory.*backend='chunked'"):
+        out.backward(do.float().to(DEVICE))
+    monkeypatch.setattr(triton_dcmha, "triton_forward", no_room)
+    with pytest.raises(RuntimeError, match="do not fit this GPU"):
+        triton_dcmha.triton_composed_attention(*args, **kwargs)
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        out = triton_dcmha.triton_composed_attention(*args, **kwargs, fallback=True)
+        grads = torch.autograd.grad(out, leaves(q32, k32, v32, pre32, post32), do.float().to(DEVICE))
+    for a, b in zip([out, *grads], [ref, *expected]):
+        assert ((a.double().cpu() - b).norm() / b.norm()).item() <= 1e-5
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="falls back"):
+        out = triton_dcmha.triton_composed_attention(*args, **kwargs, fallback=True)
+    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
 def test_non_dense_inputs_get_gradients_in_place():
@@ -167,11 +227,12 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
     weights = [*triton_dcmha._flatten(pre, leaves[0].new_empty(0)), *triton_dcmha._flatten(post, leaves[0].new_empty(0))]
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.headmix.dcmha_forward.default,
-                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights), test_utils=checks)
-    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, True, True, weights)
+                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights, False), test_utils=checks)
+    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, True, True, weights, False)
     do = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2)
     torch.library.opcheck(torch.ops.headmix.dcmha_backward.default,
-                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, True, True, weights),
+                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, True, True, weights,
+                           False),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -222,7 +222,7 @@ class DCMHA(MultiHeadAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:
         weights = self.compose_weights(state)
-        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q)
+        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q, groups=self.groups)
         return core(
             q, k, v, scale=self.scale, mask=mask, groups=self.groups, chunk_size=self.chunk_size, structure=structure,
             pre=weights.get("pre"), post=weights.get("post"),

@@ -8,13 +8,15 @@ that positional mask, so a kernel need not read it). Layers look backends up by 
 * ``"chunked"``: query blocks with activation checkpointing, linear memory (:mod:`.chunked`).
 * ``"triton"``: fused Triton kernels (:mod:`.triton_dcmha`), registered when ``triton`` imports;
   runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
-* ``"auto"``: ``triton`` for CUDA tensors in float32/bfloat16/float16 with more than 16 queries when
-  available (training only up to head dim 64, see :mod:`.triton_dcmha`), else ``chunked`` beyond one
-  block of queries, else ``reference`` (decoding steps).
+* ``"auto"``: ``triton`` for CUDA tensors whose shape and dtype the kernels take (:func:`triton_takes`:
+  float32/bfloat16/float16, power-of-two head dims 16-128, up to 16 heads per group for training and 32
+  for inference), falling back to ``chunked`` with a warning should a kernel not fit the GPU; else
+  ``chunked`` beyond one block of queries, else ``reference`` (decoding steps).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
@@ -34,7 +36,7 @@ _BACKENDS: dict[str, Backend] = {
 try:  # optional: the fused kernels need triton (shipped with CUDA builds of torch)
     from .triton_dcmha import triton_composed_attention
 
-    from .triton_dcmha import MAX_TRAINING_HEAD_DIM as _MAX_TRAINING_HEAD_DIM
+    from .triton_dcmha import check_supported as _triton_check
 
     _BACKENDS["triton"] = triton_composed_attention
 except ImportError:  # pragma: no cover - depends on the installation
@@ -50,24 +52,39 @@ def available_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS)
 
 
-def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | None = None) -> Backend:
-    """The backend function for ``name``. ``"auto"`` picks ``triton`` for CUDA tensors ``like`` in a
-    supported dtype, else ``chunked`` when there is more than one block of queries, else ``reference``."""
+def triton_takes(like: Tensor, groups: int = 1, training: bool | None = None) -> bool:
+    """Whether the fused kernels take queries shaped and typed like ``like`` (device aside), in ``groups`` head
+    groups, with gradients when ``training`` (default: ``torch.is_grad_enabled()``)."""
+    if "triton" not in _BACKENDS:
+        return False
+    training = torch.is_grad_enabled() if training is None else training
+    try:
+        _triton_check(tuple(like.shape), like.shape[-1], groups, like.dtype, training)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | None = None,
+                    groups: int = 1) -> Backend:
+    """The backend function for ``name``. ``"auto"`` picks ``triton`` for CUDA tensors ``like`` (the queries)
+    whose shape and dtype the kernels take (:func:`triton_takes`), falling back to the chunked path should
+    a kernel not fit the GPU; else ``chunked`` when there is more than one block of queries, else
+    ``reference``."""
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "auto":
-        # training: head dims up to 128 (the backward kernels' limit); without gradients (prefill, decoding with
-        # the split-key kernel) any head dim: measured on an H100 against a 4096-token cache (docs/kernels.md),
-        # head dim 64: 0.55-0.56 vs 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the
-        # materialised path; head dim 128: 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms
-        fused = (like is not None and "triton" in _BACKENDS and like.is_cuda
-                 and like.dtype in (torch.float32, torch.bfloat16, torch.float16)
-                 and (like.shape[-1] <= _MAX_TRAINING_HEAD_DIM or not torch.is_grad_enabled()))
-        name = "triton" if fused else ("chunked" if query_len > chunk_size else "reference")
+        # The kernels whenever they take the shape: training, prefill and decoding (the split-key kernel).
+        # Decoding, measured on an H100 against a 4096-token cache (docs/kernels.md): head dim 64: 0.55-0.56 vs
+        # 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the materialised path; head dim 128:
+        # 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms.
+        if like is not None and like.is_cuda and triton_takes(like, groups):
+            return functools.partial(_BACKENDS["triton"], fallback=True)
+        name = "chunked" if query_len > chunk_size else "reference"
     elif name == "triton" and like is not None and not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels slowly on "
                          "the CPU); use backend='auto' or 'chunked' on the CPU")
     return _BACKENDS[name]
 
 
-__all__ = ["available_backends", "chunked_composed_attention", "register_backend", "resolve_backend"]
+__all__ = ["available_backends", "chunked_composed_attention", "register_backend", "resolve_backend", "triton_takes"]

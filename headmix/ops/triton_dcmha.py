@@ -40,18 +40,25 @@ Triton is optional: without it (or without a GPU and ``TRITON_INTERPRET=1``) thi
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
+from ..masks import attention_mask
 from ..reference import ComposeWeights
+from .chunked import chunked_composed_attention
 
 NEG = tl.constexpr(-1.0e30)
-MAX_TRAINING_HEAD_DIM = 128
+MAX_HEAD_DIM = 128  # forward and backward
 WHOLE_HEAD_DIM = 64  # the backward kernels hold whole head dims up to this; above it they work in chunks:
 HEAD_DIM_CHUNK = 64  # each program writes this many dims of dQ (or dK, dV)
+# Compiled offline for sm_90 (benchmarks/kernel_resources.py), the backward kernels for 32 heads per group
+# need 256-544 KB of shared memory (an H100 has 227 KB): training takes at most 16 (padded) heads per group.
+MAX_TRAINING_HEADS_PER_GROUP = 16
 FIELDS = ("static", "query_w1", "query_w2", "key_w1", "key_w2", "query_gate", "key_gate")
 
 
@@ -596,15 +603,36 @@ def _blocks(MP: int, phase: str) -> tuple[int, int, int, int]:
     return TILES[(phase, MP >= 16)]
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int, int]:
-    B, H, T, dk = q.shape
-    if k.shape[1] not in (1, H) or v.shape[1] != H:
-        raise ValueError(f"triton backend: q has {H} heads but k has {k.shape[1]} and v {v.shape[1]}")
+def check_supported(shape: tuple[int, ...], v_dim: int, groups: int, dtype: torch.dtype, training: bool) -> None:
+    """Raise a ``ValueError`` naming the value and what is allowed unless the kernels take queries of
+    ``shape`` ``(B, H, T, D)`` and dtype ``dtype``, values of head dim ``v_dim``, ``groups`` head groups,
+    with (``training``) or without gradients. ``backend="auto"`` asks this before choosing the kernels."""
+    H, DK = shape[1], shape[-1]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"triton backend: dtype {dtype} is not supported: expected float32, bfloat16 or float16")
     if H % groups:
         raise ValueError(f"triton backend: num_heads={H} must be divisible by groups={groups}")
     M = H // groups
     if M > 32:
         raise ValueError(f"triton backend: {M} heads per group is not supported: expected at most 32")
+    if DK != _next_pow2(DK) or v_dim != _next_pow2(v_dim) or DK < 16 or v_dim < 16:
+        raise ValueError(f"triton backend: head dims {DK}, {v_dim} must be powers of two >= 16")
+    if max(DK, v_dim) > MAX_HEAD_DIM:
+        raise ValueError(f"triton backend: head dim {max(DK, v_dim)} is not supported: expected at most "
+                         f"{MAX_HEAD_DIM}")
+    if training and max(DK, v_dim) > WHOLE_HEAD_DIM and DK != v_dim:
+        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} needs equal key and value "
+                         f"head dims, got {DK} and {v_dim}")
+    if training and _next_pow2(M) > MAX_TRAINING_HEADS_PER_GROUP:
+        raise ValueError(f"triton backend: training with {M} heads per group is not supported: expected at most "
+                         f"{MAX_TRAINING_HEADS_PER_GROUP} (use more groups, or backend='chunked')")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int, int]:
+    B, H, T, dk = q.shape
+    if k.shape[1] not in (1, H) or v.shape[1] != H:
+        raise ValueError(f"triton backend: q has {H} heads but k has {k.shape[1]} and v {v.shape[1]}")
+    M = H // groups
     ranks = {getattr(w, f).shape[3] for w in (pre, post) if w is not None
              for f in ("query_w1", "key_w1") if getattr(w, f) is not None}
     if len(ranks) > 1:
@@ -616,13 +644,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int
 
 
 def _launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: str):
+    check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=phase == "bwd")
     M, R = _check(q, k, v, groups, pre, post)
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"triton backend: dtype {q.dtype} is not supported: expected float32, bfloat16 or float16")
     MP = _next_pow2(M)
     DK, DV = q.shape[-1], v.shape[-1]
-    if DK != _next_pow2(DK) or DV != _next_pow2(DV) or DK < 16 or DV < 16:
-        raise ValueError(f"triton backend: head dims {DK}, {DV} must be powers of two >= 16")
     BM, BN, warps, stages = _blocks(MP, phase)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     mix = {c: "ieee" if q.dtype == torch.float32 else MIX_PRECISION[c] for c in ("pre", "post")}
@@ -718,10 +743,7 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
     DK, DV = meta["DK"], meta["DV"]
     if max(DK, DV) <= WHOLE_HEAD_DIM:
         meta.update(DCK=DK, DCV=DV)
-    elif DK != DV:
-        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} needs equal key and value "
-                         f"head dims, got {DK} and {DV}")
-    else:
+    else:  # equal head dims (check_supported)
         meta.update(DCK=HEAD_DIM_CHUNK, DCV=HEAD_DIM_CHUNK)
     chunks = DK // meta["DCK"]
     for stage, c in ((1, "post"), (2, "pre")):
@@ -749,30 +771,84 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
 
 
 # -- torch.library custom ops: torch.compile traces through them (fake shapes below) without a graph break --------
+# -- when a shape does not fit the GPU: a clear error, or (backend="auto") the chunked PyTorch path ------------
+def _no_room(error: Exception, fallback: bool) -> None:
+    """Raise a clear error for a kernel that does not fit this GPU, or (``fallback``) warn that the chunked
+    PyTorch path takes over."""
+    message = (f"the fused DCMHA kernels do not fit this GPU at this shape ({error}); backend='chunked' runs it "
+               "in PyTorch")
+    if not fallback:
+        raise RuntimeError(f"triton backend: {message}") from error
+    warnings.warn(f"headmix: {message}; backend='auto' falls back to it", RuntimeWarning, stacklevel=3)
+
+
+def _positional_mask(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, window: int) -> Tensor | None:
+    """The kernels' mask as a tensor: ``mask`` and the causal/window structure (query ``i`` at key ``i + S - T``)."""
+    T, S = q.shape[2], k.shape[2]
+    structural = attention_mask(torch.arange(S - T, S, device=q.device), torch.arange(S, device=q.device),
+                                causal=causal, window=window or None)
+    if structural is None or mask is None:
+        return structural if mask is None else mask
+    return mask & structural
+
+
+def _chunked_forward(q, k, v, scale, mask, pre, post, groups, causal, window) -> Tensor:
+    kk = k if k.shape[1] == q.shape[1] else k.expand(-1, q.shape[1], -1, -1)
+    return chunked_composed_attention(q, kk, v, scale=scale, mask=_positional_mask(q, k, mask, causal, window),
+                                      pre=pre, post=post, groups=groups)
+
+
+def _chunked_backward(do, q, k, v, scale, mask, pre, post, groups, causal, window):
+    """``(dq, dk, dv, dpre, dpost)`` as :func:`triton_backward`, by autograd through the chunked path."""
+    fields = [(c, f) for c, w in (("pre", pre), ("post", post)) if w is not None for f in FIELDS
+              if getattr(w, f) is not None]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    wleaves = {c: {f: getattr(w, f).detach().requires_grad_() for f in FIELDS if getattr(w, f) is not None}
+               for c, w in (("pre", pre), ("post", post)) if w is not None}
+    with torch.enable_grad():
+        out = _chunked_forward(*leaves, scale, mask,
+                               *(ComposeWeights(**wleaves[c]) if c in wleaves else None for c in ("pre", "post")),
+                               groups, causal, window)
+        grads = torch.autograd.grad(out, [*leaves, *(wleaves[c][f] for c, f in fields)], do)
+    named = dict(zip(fields, grads[3:]))
+    return (*grads[:3], *({f: g for (cc, f), g in named.items() if cc == c} for c in ("pre", "post")))
+
+
 @torch.library.custom_op("headmix::dcmha_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
-                window: int, pre_present: bool, post_present: bool,
-                weights: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``(output, row log-sum-exp)`` of the fused forward kernel."""
+                window: int, pre_present: bool, post_present: bool, weights: list[Tensor],
+                fallback: bool) -> tuple[Tensor, Tensor]:
+    """``(output, row log-sum-exp)`` of the fused forward kernel (on the chunked fallback the log-sum-exp is
+    NaN: the backward kernels, bigger still, fall back too)."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
-    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, split=False)
+    try:
+        return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, split=False)
+    except OutOfResources as error:
+        _no_room(error, fallback)
+    out = _chunked_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
+    return out, q.new_full(q.shape[:3], float("nan"), dtype=torch.float32)
 
 
 @torch.library.custom_op("headmix::dcmha_inference", mutates_args=())
 def _inference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
-                  window: int, pre_present: bool, post_present: bool, weights: list[Tensor]) -> Tensor:
+                  window: int, pre_present: bool, post_present: bool, weights: list[Tensor],
+                  fallback: bool) -> Tensor:
     """The output only, without gradients: keys are split over programs when queries are few (decoding)."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
-    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)[0]
+    try:
+        return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window)[0]
+    except OutOfResources as error:
+        _no_room(error, fallback)
+    return _chunked_forward(q, k, v, scale, mask, pre, post, groups, causal, window)
 
 
 @_inference_op.register_fake
-def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights):
+def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights, fallback):
     return q.new_empty(*q.shape[:3], v.shape[-1])
 
 
 @_forward_op.register_fake
-def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights):
+def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights, fallback):
     B, H, T, _ = q.shape
     return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
 
@@ -780,11 +856,16 @@ def _(q, k, v, mask, scale, groups, causal, window, pre_present, post_present, w
 @torch.library.custom_op("headmix::dcmha_backward", mutates_args=())
 def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Tensor | None, scale: float,
                  groups: int, causal: bool, window: int, pre_present: bool, post_present: bool,
-                 weights: list[Tensor]) -> list[Tensor]:
+                 weights: list[Tensor], fallback: bool) -> list[Tensor]:
     """``[dq, dk, dv, then one gradient per present Compose weight, in FIELDS order, pre then post]``."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
     kk = k if k.shape[1] == q.shape[1] else k.expand(-1, q.shape[1], -1, -1).contiguous()
-    dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, lse, scale, mask, pre, post, groups, causal, window)
+    try:
+        dq, dk, dv, dpre, dpost = triton_backward(do, q, kk, v, lse, scale, mask, pre, post, groups, causal, window)
+    except OutOfResources as error:
+        if fallback:  # recomputed through autograd by _backward (autograd does not run inside a custom op)
+            raise
+        _no_room(error, fallback)
     if k.shape[1] != q.shape[1]:
         dk = dk.sum(1, keepdim=True)
     present = [dpre[f] for f in FIELDS if pre is not None and getattr(pre, f) is not None]
@@ -793,28 +874,35 @@ def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask:
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present, post_present, weights):
+def _(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present, post_present, weights, fallback):
     present = [w for i, w in enumerate(weights) if (pre_present if i < 7 else post_present) and w.numel() > 0]
     # the kernels write dense, contiguous gradients whatever the inputs' layouts
     return [q.new_empty(t.shape, dtype=t.dtype) for t in (q, k, v, *present)]
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights = inputs
+    q, k, v, mask, scale, groups, causal, window, pre_present, post_present, weights, fallback = inputs
     ctx.save_for_backward(q, k, v, output[1], mask, *weights)
-    ctx.meta = (scale, groups, causal, window, pre_present, post_present)
+    ctx.meta = (scale, groups, causal, window, pre_present, post_present, fallback)
 
 
 def _backward(ctx, do, _dlse):
     q, k, v, lse, mask, *weights = ctx.saved_tensors
-    scale, groups, causal, window, pre_present, post_present = ctx.meta
-    dq, dk, dv, *present = _backward_op(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present,
-                                        post_present, weights)
+    scale, groups, causal, window, pre_present, post_present, fallback = ctx.meta
+    try:
+        dq, dk, dv, *present = _backward_op(do, q, k, v, lse, mask, scale, groups, causal, window, pre_present,
+                                            post_present, weights, fallback)
+    except OutOfResources as error:  # only with fallback (else the op raised a RuntimeError)
+        _no_room(error, fallback)
+        pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+        dq, dk, dv, dpre, dpost = _chunked_backward(do, q, k, v, scale, mask, pre, post, groups, causal, window)
+        present = [d[f] for d, w in ((dpre, pre), (dpost, post)) if w is not None for f in FIELDS
+                   if getattr(w, f) is not None]
     grads = iter(present)
     # absent weights are empty placeholders (custom ops take no None in lists): their "gradients" are empty too
     wgrads = [next(grads) if (pre_present if i < 7 else post_present) and w.numel() > 0 else torch.zeros_like(w)
               for i, w in enumerate(weights)]
-    return dq, dk, dv, None, None, None, None, None, None, None, wgrads
+    return dq, dk, dv, None, None, None, None, None, None, None, wgrads, None
 
 
 _forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -835,7 +923,7 @@ def triton_composed_attention(
     q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: Tensor | None = None,
     pre: ComposeWeights | None = None, post: ComposeWeights | None = None, groups: int = 1,
     chunk_size: int | None = None, structure: tuple[bool, int | None] | None = None,
-    causal: bool = False, window: int | None = None,
+    causal: bool = False, window: int | None = None, fallback: bool = False,
 ) -> Tensor:
     """Fused composed attention; arguments as :func:`headmix.reference.composed_attention`.
 
@@ -843,18 +931,20 @@ def triton_composed_attention(
     ``i + S - T``); they may replace ``mask`` (faster: no mask reads, skipped blocks) or be combined
     with it. ``structure=(causal, window)`` says that ``mask`` is exactly that positional mask: it is
     then not read. ``chunk_size`` is accepted for signature compatibility and ignored.
+
+    A shape whose kernels do not fit the GPU (shared memory, registers) raises a ``RuntimeError`` saying
+    so, or with ``fallback=True`` (what ``backend="auto"`` passes) runs on the chunked PyTorch path with a
+    warning. Shapes the kernels never take (see :func:`check_supported`) raise a ``ValueError``.
     """
     if structure is not None:
         causal, window, mask = structure[0], structure[1], None
     weights = [getattr(w, f) for w in (pre, post) if w is not None for f in FIELDS if getattr(w, f) is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *weights))
-    if needs_grad and max(q.shape[-1], v.shape[-1]) > MAX_TRAINING_HEAD_DIM:
-        raise ValueError(f"triton backend: head dim {max(q.shape[-1], v.shape[-1])} is supported for inference only "
-                         f"(training: up to {MAX_TRAINING_HEAD_DIM}); use backend='chunked' or 'auto' to train")
+    check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=needs_grad)
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
     args = (q, k, v, mask, float(scale), int(groups), bool(causal), int(window or 0), pre is not None,
-            post is not None, [*_flatten(pre, q.new_empty(0)), *_flatten(post, q.new_empty(0))])
+            post is not None, [*_flatten(pre, q.new_empty(0)), *_flatten(post, q.new_empty(0))], bool(fallback))
     if not needs_grad:
         return _inference_op(*args)
     return _forward_op(*args)[0]
