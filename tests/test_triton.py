@@ -48,6 +48,17 @@ def as_float32(w: ComposeWeights | None) -> ComposeWeights | None:
     return ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).float().to(DEVICE) for f in FIELDS})
 
 
+def float32_leaves(q, k, v, pre, post):
+    """Float32 copies on DEVICE of the float64 inputs, as fresh leaves that take gradients."""
+    q32, k32, v32 = (t.detach().float().to(DEVICE).requires_grad_() for t in (q, k, v))
+    pre32, post32 = as_float32(pre), as_float32(post)
+    for w in (pre32, post32):
+        for f in FIELDS:
+            if w is not None and getattr(w, f) is not None:
+                setattr(w, f, getattr(w, f).detach().requires_grad_())
+    return q32, k32, v32, pre32, post32
+
+
 def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=FIELDS, pre_on=True, post_on=True,
             seed=0, tol=1e-5):
     """Float32 kernels vs the float64 reference: relative error of the output and of every gradient."""
@@ -66,12 +77,7 @@ def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=F
     do = torch.randn(reference.shape, generator=g, dtype=torch.float64)
     expected = torch.autograd.grad(reference, leaves(q, k, v, pre, post), do)
 
-    q32, k32, v32 = (t.detach().float().to(DEVICE).requires_grad_() for t in (q, k, v))
-    pre32, post32 = as_float32(pre), as_float32(post)
-    for w in (pre32, post32):
-        for f in FIELDS:
-            if w is not None and getattr(w, f) is not None:
-                setattr(w, f, getattr(w, f).detach().requires_grad_())
+    q32, k32, v32, pre32, post32 = float32_leaves(q, k, v, pre, post)
     if padding:  # a general mask, read tile by tile
         out = triton_dcmha.triton_composed_attention(q32, k32, v32, scale=D**-0.5, mask=mask.to(DEVICE),
                                                      pre=pre32, post=post32, groups=G)
@@ -161,11 +167,7 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
     ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
     do = torch.randn(ref.shape, generator=g, dtype=torch.float64)
     expected = torch.autograd.grad(ref, leaves(q, k, v, pre, post), do)
-    q32, k32, v32 = (t.detach().float().to(DEVICE).requires_grad_() for t in (q, k, v))
-    pre32, post32 = as_float32(pre), as_float32(post)
-    for w in (pre32, post32):
-        for f in FIELDS:
-            setattr(w, f, getattr(w, f).detach().requires_grad_())
+    q32, k32, v32, pre32, post32 = float32_leaves(q, k, v, pre, post)
     args = (q32, k32, v32)
     kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, causal=True, window=5)
     monkeypatch.setattr(triton_dcmha, "triton_backward", no_room)
