@@ -145,12 +145,13 @@ def reparametrize(
         x = calibration.detach().double().to(device).reshape(-1, d_in)
         root, inverse_root = _sqrt_and_inverse(x.T @ x / x.shape[0], ridge)
         target = root @ products @ root  # S T_h S
-    tl.set_backend("pytorch")
-    try:
+    # TensorLy's einsum MTTKRP lets torch.einsum (through opt_einsum) pick the contraction order instead of
+    # materialising the Khatri-Rao product: the same factors, 3.3x faster on MiniLM (1.07 vs 3.5 s a layer,
+    # 2-core CPU); without opt_einsum torch would contract left to right through a huge intermediate
+    mttkrp = "einsum" if torch.backends.opt_einsum.is_available() else "core"
+    with tl.backend_context("pytorch"), tl.tenalg.backend_context(mttkrp):
         cp = parafac(target, rank=key_dim, init=init, n_iter_max=n_iter_max, tol=tol, random_state=seed,
                      normalize_factors=False)
-    finally:
-        tl.set_backend("numpy")
     weights, (mixing, a, b) = cp
     mixing = mixing * weights[None, :]
     approx = torch.einsum("hr,ir,jr->hij", mixing, a, b)
