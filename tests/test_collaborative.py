@@ -56,6 +56,24 @@ def test_lower_ranks_degrade_monotonically():
     assert errors[-1] < 1.0
 
 
+def test_einsum_and_khatri_rao_mttkrp_give_the_same_factors_and_backends_are_restored(monkeypatch):
+    """The decomposition uses TensorLy's einsum MTTKRP (faster); it must equal the default Khatri-Rao one
+    and leave the caller's TensorLy backends as they were."""
+    import tensorly as tl
+
+    torch.manual_seed(3)
+    mha = MultiHeadAttention(32, 4)
+    args = (mha.q_proj.weight, mha.k_proj.weight, 4, 12)
+    assert torch.backends.opt_einsum.is_available()
+    fast = reparametrize(*args, n_iter_max=15)
+    assert (tl.get_backend(), tl.tenalg.get_backend()) == ("numpy", "core")
+    monkeypatch.setattr(torch.backends.opt_einsum, "is_available", lambda: False)  # the Khatri-Rao product path
+    slow = reparametrize(*args, n_iter_max=15)
+    for a, b in ((fast.query, slow.query), (fast.key, slow.key), (fast.mixing, slow.mixing)):
+        assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert abs(fast.relative_error - slow.relative_error) < 1e-10
+
+
 def test_data_aware_decomposition_lowers_the_logit_error_on_real_like_inputs():
     """Inputs with a skewed covariance: whitening by it beats the plain decomposition on held-out logits."""
     torch.manual_seed(3)
