@@ -706,8 +706,8 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, spli
     grid = (n_blocks, B * groups, n_split)
     _fwd_kernel[grid](q, k, v, parts, stats, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, T, S, scale,
                       chunk, n_split, PHASE=1, **flags)
-    row_max = stats[0].amax(0)
-    lse = row_max + torch.log((stats[1] * torch.exp(stats[0] - row_max)).sum(0))  # -inf + log 0: fully masked row
+    # lse = log sum_s l_s exp(m_s); a split without keys has l = 0 (log: -inf), a fully masked row gives -inf
+    lse = torch.logsumexp(stats[0] + torch.log(stats[1]), 0)
     lse = torch.nan_to_num(lse, nan=float("inf"), neginf=float("inf"))
     _fwd_kernel[grid](q, k, v, parts, lse, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, T, S, scale,
                       chunk, n_split, PHASE=2, **flags)
