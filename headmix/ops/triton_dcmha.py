@@ -95,23 +95,21 @@ def _bmm(a, b, MIX: tl.constexpr):
             out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
         else:
             out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=MIX)
-    elif a.shape[2] <= b.shape[2]:  # outer products over the contracted dim
+    else:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
         out = tl.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=tl.float32)
-        kk = tl.arange(0, a.shape[2])
-        for k in tl.static_range(a.shape[2]):
-            col = tl.sum(tl.where((kk == k)[None, None, :], a, 0.0), 2)
-            row = tl.sum(tl.where((kk == k)[None, :, None], b, 0.0), 1)
-            out += col[:, :, None] * row[:, None, :]
-    else:  # one output column at a time
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-        out = tl.zeros((a.shape[0], a.shape[1], b.shape[2]), dtype=tl.float32)
-        nn = tl.arange(0, b.shape[2])
-        for n in tl.static_range(b.shape[2]):
-            bn = tl.sum(tl.where((nn == n)[None, None, :], b, 0.0), 2)
-            out += tl.where((nn == n)[None, None, :], tl.sum(a * bn[:, None, :], 2)[:, :, None], 0.0)
+        if a.shape[2] <= b.shape[2]:  # outer products over the contracted dim
+            kk = tl.arange(0, a.shape[2])
+            for k in tl.static_range(a.shape[2]):
+                col = tl.sum(tl.where((kk == k)[None, None, :], a, 0.0), 2)
+                row = tl.sum(tl.where((kk == k)[None, :, None], b, 0.0), 1)
+                out += col[:, :, None] * row[:, None, :]
+        else:  # one output column at a time
+            nn = tl.arange(0, b.shape[2])
+            for n in tl.static_range(b.shape[2]):
+                bn = tl.sum(tl.where((nn == n)[None, None, :], b, 0.0), 2)
+                out += tl.where((nn == n)[None, None, :], tl.sum(a * bn[:, None, :], 2)[:, :, None], 0.0)
     return out
 
 
@@ -800,18 +798,15 @@ def _chunked_forward(q, k, v, scale, mask, pre, post, groups, causal, window) ->
 
 def _chunked_backward(do, q, k, v, scale, mask, pre, post, groups, causal, window):
     """``(dq, dk, dv, dpre, dpost)`` as :func:`triton_backward`, by autograd through the chunked path."""
-    fields = [(c, f) for c, w in (("pre", pre), ("post", post)) if w is not None for f in FIELDS
-              if getattr(w, f) is not None]
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-    wleaves = {c: {f: getattr(w, f).detach().requires_grad_() for f in FIELDS if getattr(w, f) is not None}
-               for c, w in (("pre", pre), ("post", post)) if w is not None}
+    weights = [None if w is None else {f: getattr(w, f).detach().requires_grad_() for f in FIELDS
+                                       if getattr(w, f) is not None} for w in (pre, post)]
     with torch.enable_grad():
-        out = _chunked_forward(*leaves, scale, mask,
-                               *(ComposeWeights(**wleaves[c]) if c in wleaves else None for c in ("pre", "post")),
+        out = _chunked_forward(*leaves, scale, mask, *(None if w is None else ComposeWeights(**w) for w in weights),
                                groups, causal, window)
-        grads = torch.autograd.grad(out, [*leaves, *(wleaves[c][f] for c, f in fields)], do)
-    named = dict(zip(fields, grads[3:]))
-    return (*grads[:3], *({f: g for (cc, f), g in named.items() if cc == c} for c in ("pre", "post")))
+        grads = iter(torch.autograd.grad(out, [*leaves, *(t for w in weights if w for t in w.values())], do))
+    dq, dk, dv = next(grads), next(grads), next(grads)
+    return dq, dk, dv, *({f: next(grads) for f in (w or {})} for w in weights)
 
 
 @torch.library.custom_op("headmix::dcmha_forward", mutates_args=())
@@ -868,9 +863,7 @@ def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask:
         _no_room(error, fallback)
     if k.shape[1] != q.shape[1]:
         dk = dk.sum(1, keepdim=True)
-    present = [dpre[f] for f in FIELDS if pre is not None and getattr(pre, f) is not None]
-    present += [dpost[f] for f in FIELDS if post is not None and getattr(post, f) is not None]
-    return [t.contiguous() for t in (dq, dk, dv, *present)]
+    return [t.contiguous() for t in (dq, dk, dv, *dpre.values(), *dpost.values())]  # present fields, FIELDS order
 
 
 @_backward_op.register_fake
@@ -896,8 +889,7 @@ def _backward(ctx, do, _dlse):
         _no_room(error, fallback)
         pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
         dq, dk, dv, dpre, dpost = _chunked_backward(do, q, k, v, scale, mask, pre, post, groups, causal, window)
-        present = [d[f] for d, w in ((dpre, pre), (dpost, post)) if w is not None for f in FIELDS
-                   if getattr(w, f) is not None]
+        present = [*dpre.values(), *dpost.values()]
     grads = iter(present)
     # absent weights are empty placeholders (custom ops take no None in lists): their "gradients" are empty too
     wgrads = [next(grads) if (pre_present if i < 7 else post_present) and w.numel() > 0 else torch.zeros_like(w)
