@@ -2,27 +2,44 @@
 
 Drop-in attention layers (:class:`MultiHeadAttention`, :class:`TalkingHeadsAttention`,
 :class:`DCMHA`, :class:`CollaborativeAttention`), the reference math they rest on
-(:mod:`headmix.reference`) and its fast paths (:mod:`headmix.ops`), and the DCFormer family of
-Hugging Face language models (:mod:`headmix.models`, registered with the Auto classes on import).
+(:mod:`headmix.reference`) and its fast paths (:mod:`headmix.ops`) load with ``import headmix``, which
+costs little more than ``import torch``. The DCFormer family of Hugging Face language models
+(:mod:`headmix.models`: :class:`DCFormerConfig`, :class:`DCFormerForCausalLM`, ...) loads on first use,
+with ``transformers``; its classes are registered with the Auto classes on ``import headmix.models`` or
+as soon as ``transformers`` is imported.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import _auto_classes
 from .layers import (
     DCMHA,
     CollaborativeAttention,
     DynamicWeightProjection,
+    HeadmixCache,
     MultiHeadAttention,
     RotaryEmbedding,
     TalkingHeadsAttention,
 )
 from .masks import attention_mask
-from .models import DCFormerConfig, DCFormerForCausalLM, DCFormerModel, HeadmixCache, upcycle
 from .reference import ComposeWeights, compose, composed_attention
 
-from .convert.collaborative_hf import register_saved_classes as _register_collaborative_classes
-
-_register_collaborative_classes()  # saved collaborative BERT/RoBERTa/DistilBERT/ALBERT/GPT-2 load by Auto class
-
 __version__ = "0.1.0"
+
+_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel", "upcycle")
+
+
+def __getattr__(name: str) -> Any:
+    """The model classes import :mod:`headmix.models` (and ``transformers``) on first use (PEP 562)."""
+    if name in _MODELS:
+        return getattr(importlib.import_module(".models", __name__), name)
+    raise AttributeError(f"module 'headmix' has no attribute {name!r}")
+
+
+_auto_classes.install()
 
 __all__ = [
     "DCMHA",

@@ -20,6 +20,14 @@ For each query i and key j, with ``a = A[:, i, j]`` the row vector of one group'
     a' = a + a W_b + (a w_q1) w_q2 + (a w_k1) w_k2 + a * w_qg + a * w_kg
 
 Talking-heads attention (Shazeer et al., 2020) is the special case with only ``W_b``.
+
+Collaborative attention (Cordonnier, Loukas & Jaggi, 2020), :func:`collaborative_attention`:
+    W~_Q, W~_K  shared query / key projections of size ``D~k``: ``q~ = x W~_Q`` ``(B, T, D~k)``,
+                ``k~ = x W~_K`` ``(B, S, D~k)``
+    m_h         mixing row of head h, ``mixing`` ``(H, D~k)``
+    u_h         content bias of head h; ``content[b, j, h] = x_j . u_h`` times the scale, ``(B, S, H)``
+
+    A_h[i, j] = (q~_i * m_h) . k~_j / sqrt(d) + x_j . u_h / sqrt(d)
 """
 
 from __future__ import annotations
@@ -123,4 +131,39 @@ def composed_attention(
         probs = probs.masked_fill(~mask, 0.0)
     if post is not None:
         probs = compose(probs, post, groups)  # post-softmax Compose, on the probabilities
+    return torch.matmul(probs, v)
+
+
+def collaborative_attention(
+    shared_query: Tensor,
+    shared_key: Tensor,
+    v: Tensor,
+    mixing: Tensor,
+    *,
+    scale: float,
+    content: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """Collaborative attention (Cordonnier et al., 2020, eq. 4), fully materialised.
+
+    Args:
+        shared_query: ``(B, T, D~k)`` the shared query ``x W~_Q``.
+        shared_key: ``(B, S, D~k)`` the shared key ``x W~_K``.
+        v: ``(B, H, S, Dv)`` values.
+        mixing: ``(H, D~k)``, row ``h`` re-weights the shared dimensions for head ``h``.
+        scale: logit scale, usually ``1/sqrt(head_dim)``.
+        content: ``(B, S, H)`` the already scaled content bias of each key and head, or ``None``.
+        mask: bool, broadcastable to ``(B, H, T, S)``, ``True`` where a query may attend.
+
+    Returns:
+        ``(B, H, T, Dv)``. A query with no allowed key returns zeros.
+    """
+    scores = torch.einsum("btd,hd,bsd->bhts", shared_query, mixing, shared_key) * scale  # (q~ * m_h) . k~
+    if content is not None:
+        scores = scores + content.permute(0, 2, 1)[:, :, None, :]  # + x_j . u_h, the same for every query
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
     return torch.matmul(probs, v)

@@ -65,7 +65,12 @@ def test_rolling_cache_is_bounded_by_window():
             model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
     lengths = [len(layer) for layer in cache.layers]
     assert lengths == [5, 40, 5, 40]  # local layers keep window - 1 positions, global layers all
-    assert set(cache.layers[0].state) >= {"k", "v", "pre.key_w1", "pre.key_w2", "pre.key_gate", "post.key_gate"}
+    state = cache.layers[0].state
+    assert set(state) >= {"k", "v", "key_weights"}  # the key-side Compose weights, typed per composition
+    for composition in ("pre", "post"):
+        weights = state["key_weights"][composition]
+        assert all(getattr(weights, f) is not None and getattr(weights, f).shape[1] == 5
+                   for f in ("key_w1", "key_w2", "key_gate"))
 
 
 @pytest.mark.parametrize("backend", ["reference", "chunked"])

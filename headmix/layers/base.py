@@ -4,22 +4,31 @@ A layer is called as ``layer(x)`` with ``x`` of shape ``(batch, seq, dim)`` and 
 shape. Subclasses say how queries and keys are made (:meth:`Attention.queries_keys`), what
 per-position state their core needs (:meth:`Attention.composition_state`) and how the attention
 core combines them (:meth:`Attention.attend`); masks, rotary, caching and projections live here once.
+
+A layer class is the only home of its options: their defaults are the keyword defaults of its
+``__init__`` (:meth:`Attention.option_defaults` reads them), and it answers for its own
+initialisation (:meth:`Attention.reset_parameters`), size (:meth:`Attention.num_parameters`) and cost
+(:meth:`Attention.flops_per_token`, :meth:`Attention.flops_per_pair`). Models build layers by kind
+from :data:`headmix.layers.ATTENTION_LAYERS` and ask them; they restate none of it.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._validation import check_divisible, check_input, check_padding_mask, check_positive_int
 from ..masks import attention_mask
-from .rotary import RotaryEmbedding
+from .rotary import DEFAULT_BASE, RotaryEmbedding
 
 if TYPE_CHECKING:
-    from ..models.cache import LayerCache
+    from .cache import LayerCache
+
+QK_NORM_EPS = 1e-6
 
 
 class Attention(nn.Module):
@@ -38,6 +47,14 @@ class Attention(nn.Module):
         qk_norm: RMS-normalise each head's query and key (with a learned scale) before the product.
     """
 
+    #: The options a model sets from its own fields for every layer (mask, biases, positions); every other
+    #: keyword option of a layer class is an attention option (``DCFormerConfig.attention_options``).
+    MODEL_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "causal", "window", "bias", "rotary", "rotary_base", "rotary_fraction", "qk_norm",
+    )
+    #: Whether the layer has per-head keys to normalise (collaborative attention has one shared key).
+    supports_qk_norm: ClassVar[bool] = True
+
     def __init__(
         self,
         dim: int,
@@ -47,7 +64,7 @@ class Attention(nn.Module):
         window: int | None = None,
         bias: bool = False,
         rotary: bool = False,
-        rotary_base: float = 10000.0,
+        rotary_base: float = DEFAULT_BASE,
         rotary_fraction: float = 1.0,
         qk_norm: bool = False,
     ) -> None:
@@ -66,17 +83,56 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_base, rotary_fraction) if rotary else None
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else None
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
+
+    # -- what a layer says about itself ----------------------------------------------------------
+    @classmethod
+    def option_defaults(cls) -> dict[str, Any]:
+        """Every keyword option of this layer class with its default, read from the keyword-only
+        parameters of the ``__init__`` of each class in its hierarchy (the one home of the defaults)."""
+        defaults: dict[str, Any] = {}
+        for klass in reversed(cls.__mro__):
+            init = klass.__dict__.get("__init__")
+            if init is None or not issubclass(klass, Attention):
+                continue
+            for parameter in inspect.signature(init).parameters.values():
+                if parameter.kind is parameter.KEYWORD_ONLY:
+                    defaults[parameter.name] = parameter.default
+        return defaults
+
+    @classmethod
+    def attention_option_names(cls) -> tuple[str, ...]:
+        """The options of this layer that are not set from the model's own fields (:attr:`MODEL_OPTIONS`)."""
+        return tuple(name for name in cls.option_defaults() if name not in cls.MODEL_OPTIONS)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the parameters this layer defines itself (its composition weights); the
+        projections and norms are ``nn.Linear``/``nn.RMSNorm`` children that initialise themselves."""
+
+    def num_parameters(self) -> int:
+        """Number of parameters of this layer."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """FLOPs per token outside the (query, key) pairs: every projection matrix once, 2 per multiply-add."""
+        return 2 * sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+
+    def flops_per_pair(self) -> int:
+        """FLOPs per (query, key) pair: the products ``QK^T`` and ``PV`` of every head (2 per multiply-add);
+        not counted: softmax, masks, rotary."""
+        return 4 * self.num_heads * self.head_dim
 
     # -- what subclasses provide -------------------------------------------------------------
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Queries ``(B, H, T, Dk)`` and keys ``(B, H or 1, T, Dk)`` from ``x`` ``(B, T, D)``, before rotary."""
         raise NotImplementedError
 
-    def composition_state(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def composition_state(self, x: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
         """Per-position state the attention core needs besides q, k, v: ``(query_side, key_side)``,
-        dicts of ``(B, T, ...)`` tensors. The key side is what a decoding cache keeps per position."""
+        dicts whose values are ``(B, T, ...)`` tensors or typed groups of them (a dict of
+        :class:`~headmix.reference.ComposeWeights`, say); the two sides use different names. The key side
+        is what a decoding cache keeps per position (:mod:`headmix.layers.cache`)."""
         return {}, {}
 
     def attend(
@@ -115,7 +171,7 @@ class Attention(nn.Module):
                 (keys at padded positions are ignored; a query with no visible key outputs zeros).
             positions: optional ``(seq,)`` or ``(batch, seq)`` token positions for rotary and the
                 causal/window masks (default ``0..seq-1``).
-            cache: optional :class:`headmix.models.cache.LayerCache`: ``x`` holds new tokens, which
+            cache: optional :class:`headmix.layers.cache.LayerCache`: ``x`` holds new tokens, which
                 attend to the cached ones too and are added to the cache.
 
         Returns:

@@ -54,6 +54,8 @@ class CollaborativeAttention(Attention):
         torch.Size([2, 10, 64])
     """
 
+    supports_qk_norm = False
+
     def __init__(
         self, dim: int, num_heads: int, *, key_dim: int | None = None, content_bias: bool = False, **options
     ) -> None:
@@ -74,35 +76,41 @@ class CollaborativeAttention(Attention):
         self.mixing = nn.Parameter(block_mixing(num_heads, key_dim))  # M, (H, D~k)
         self.content_bias = nn.Parameter(torch.zeros(num_heads, dim)) if content_bias else None  # u, (H, D)
 
+    def reset_parameters(self) -> None:
+        """The block mixing pattern (see the class docstring) and a zero content bias."""
+        with torch.no_grad():
+            self.mixing.copy_(block_mixing(self.num_heads, self.key_dim))
+            if self.content_bias is not None:
+                self.content_bias.zero_()
+
+    def flops_per_pair(self) -> int:
+        """Per head a ``key_dim``-wide query-key product, and the value product ``2 * dim`` (not counted:
+        the content bias, one addition per head)."""
+        return 2 * self.num_heads * self.key_dim + 2 * self.dim
+
     def composition_state(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         if self.content_bias is None:
             return {}, {}
         return {}, {"content": x @ self.content_bias.T * self.scale}  # (B, S, H): per key, per head
 
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        shared_q = self.query(x)[:, None]  # (B, 1, T, D~k)
-        q = shared_q * self.mixing[None, :, None, :]  # head h: x W_Q diag(m_h), (B, H, T, D~k)
-        k = self.key(x)[:, None]  # (B, 1, T, D~k): one key for all heads
-        return q, k
+        return mixed_queries(self.query(x)[:, None], self.mixing), self.key(x)[:, None]  # keys: (B, 1, T, D~k)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:
-        k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
-        if "content" in state:
-            out = content_biased_attention(q, k, v, state["content"], mask, self.scale)
-            return zero_rows_without_keys(out.nan_to_num(0.0), mask)
-        if is_causal and q.shape[-2] == k.shape[-2]:
+        if "content" not in state and is_causal and q.shape[-2] == k.shape[-2]:
+            k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return zero_rows_without_keys(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale), mask)
+        out = collaborative_core(q, k, v, state.get("content"), mask, self.scale)
+        return zero_rows_without_keys(out.nan_to_num(0.0), mask)
 
     @classmethod
     def from_multi_head(cls, mha: MultiHeadAttention) -> CollaborativeAttention:
         """The exact collaborative form of ``mha``: ``key_dim = H * head_dim``, block one-hot mixing."""
+        rotary = {} if mha.rotary is None else dict(
+            rotary=True, rotary_base=mha.rotary.base, rotary_fraction=mha.rotary.rot_dim / mha.head_dim)
         layer = cls(
-            mha.dim, mha.num_heads, causal=mha.causal, window=mha.window, bias=mha.v_proj.bias is not None,
-            rotary=mha.rotary is not None,
-            rotary_base=mha.rotary.base if mha.rotary is not None else 10000.0,
-            rotary_fraction=mha.rotary.rot_dim / mha.head_dim if mha.rotary is not None else 1.0,
+            mha.dim, mha.num_heads, causal=mha.causal, window=mha.window, bias=mha.v_proj.bias is not None, **rotary,
         ).to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
         layer.load_state_dict(
             {
@@ -117,6 +125,24 @@ class CollaborativeAttention(Attention):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, key_dim={self.key_dim}"
+
+
+def mixed_queries(shared_query: Tensor, mixing: Tensor) -> Tensor:
+    """Head ``h``'s query ``x W~_Q diag(m_h)``: ``shared_query`` ``(B, 1, T, D~k)`` times ``mixing`` ``(H, D~k)``
+    -> ``(B, H, T, D~k)`` (:func:`headmix.reference.collaborative_attention`'s ``q~ * m_h``)."""
+    return shared_query * mixing[None, :, None, :]
+
+
+def collaborative_core(q: Tensor, k: Tensor, v: Tensor, content: Tensor | None, mask: Tensor | None, scale: float,
+                       dropout_p: float = 0.0) -> Tensor:
+    """The collaborative scores and attention on SDPA: ``q`` ``(B, H, T, D~k)`` mixed queries
+    (:func:`mixed_queries`), ``k`` ``(B, 1 or H, S, D~k)`` the shared key, ``v`` ``(B, H, S, Dv)``, ``content``
+    ``(B, S, H)`` the already scaled content bias or ``None``; the fast twin of
+    :func:`headmix.reference.collaborative_attention` (a query with no allowed key gets NaN: callers zero it)."""
+    k = k.expand(-1, q.shape[1], -1, -1)  # stride-0 view over heads, no copy
+    if content is not None:
+        return content_biased_attention(q, k, v, content, mask, scale, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, dropout_p=dropout_p)
 
 
 def content_biased_attention(

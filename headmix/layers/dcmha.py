@@ -7,6 +7,7 @@ it (on the probabilities), with weights that depend on the input at each query a
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
@@ -15,13 +16,29 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..ops import resolve_backend
 from ..reference import ComposeWeights
-from .mha import MultiHeadAttention
+from .composed import ComposedAttention
 
 COMPOSITIONS = ("pre", "post")
 SIDES = ("query", "key")
 INITS = ("identity", "paper")
 PAPER_INIT_STD = 0.02
 FACTOR_NORM_EPS = 1e-6
+HIDDEN_PER_HEAD = 4  # K = 4 M: the official code's width of the dynamic-weight projection's hidden layer
+
+
+def side_fields(side: str) -> tuple[str, ...]:
+    """The :class:`~headmix.reference.ComposeWeights` fields of one side, in field order:
+    ``("query_w1", "query_w2", "query_gate")`` for ``"query"``, likewise for ``"key"``."""
+    return tuple(f.name for f in fields(ComposeWeights) if f.name.startswith(side + "_"))
+
+
+def combine(*parts: ComposeWeights) -> ComposeWeights:
+    """One :class:`~headmix.reference.ComposeWeights` from parts that each set some fields (the static
+    weights, the query side, the key side); a field takes the first part's that is not ``None``."""
+    return ComposeWeights(**{
+        f.name: next((getattr(p, f.name) for p in parts if getattr(p, f.name) is not None), None)
+        for f in fields(ComposeWeights)
+    })
 
 
 class DynamicWeightProjection(nn.Module):
@@ -49,8 +66,11 @@ class DynamicWeightProjection(nn.Module):
         hidden_dim: int,
         factor_kinds: tuple[tuple[str, str], ...],
         gate_kinds: tuple[tuple[str, str], ...],
+        init: str = "identity",
     ) -> None:
         super().__init__()
+        check_choice("init", init, INITS)
+        self.init = init
         self.rank = rank
         self.factor_kinds = factor_kinds
         self.gate_kinds = gate_kinds
@@ -59,9 +79,14 @@ class DynamicWeightProjection(nn.Module):
         self.factors = nn.Parameter(torch.empty(G, len(factor_kinds), K, 2 * rank, M)) if factor_kinds else None
         self.gates = nn.Parameter(torch.empty(dim, G, len(gate_kinds), M)) if gate_kinds else None
 
-    def reset_parameters(self, init: str) -> None:
+    def reset_parameters(self, init: str | None = None) -> None:
         """``"identity"``: second factors and gates zero, so Compose starts as the identity but every
-        parameter receives a gradient within two steps. ``"paper"``: small random values everywhere."""
+        parameter receives a gradient within two steps. ``"paper"``: small random values everywhere.
+        ``init`` (default: the one given at construction) becomes the layer's initialisation."""
+        if init is not None:
+            check_choice("init", init, INITS)
+            self.init = init
+        init = self.init
         with torch.no_grad():
             if self.hidden is not None:
                 dim, K = self.hidden.shape[0], self.hidden.shape[-1]
@@ -78,25 +103,26 @@ class DynamicWeightProjection(nn.Module):
                 else:
                     self.gates.zero_()
 
-    def forward(self, x: Tensor) -> tuple[dict[tuple[str, str], tuple[Tensor, Tensor]], dict[tuple[str, str], Tensor]]:
-        """Factors ``{kind: (w_1, w_2)}``, each ``(B, T, G, R, M)``, and gates ``{kind: (B, T, G, M)}``."""
-        factors: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
-        gates: dict[tuple[str, str], Tensor] = {}
+    def forward(self, x: Tensor) -> dict[tuple[str, str], ComposeWeights]:
+        """``{(composition, side): ComposeWeights}`` with that side's fields set (``query_w1``, ``query_w2``
+        ``(B, T, G, R, M)``, ``query_gate`` ``(B, T, G, M)``; likewise ``key_*``) and every other field ``None``."""
+        found: dict[tuple[str, str], dict[str, Tensor]] = {}
         if self.hidden is not None:
             hidden = F.gelu(torch.einsum("btd,dgck->btgck", x, self.hidden))
             w = torch.einsum("btgck,gckrm->btgcrm", hidden, self.factors)
             w1, w2 = w[..., : self.rank, :], w[..., self.rank :, :]
             w1 = F.rms_norm(w1, (w1.shape[-1],), eps=FACTOR_NORM_EPS)
-            for c, kind in enumerate(self.factor_kinds):
-                factors[kind] = (w1[:, :, :, c], w2[:, :, :, c])
+            for c, (composition, side) in enumerate(self.factor_kinds):
+                first, second, _ = side_fields(side)
+                found.setdefault((composition, side), {}).update({first: w1[:, :, :, c], second: w2[:, :, :, c]})
         if self.gates is not None:
             g = torch.tanh(torch.einsum("btd,dgcm->btgcm", x, self.gates))
-            for c, kind in enumerate(self.gate_kinds):
-                gates[kind] = g[:, :, :, c]
-        return factors, gates
+            for c, (composition, side) in enumerate(self.gate_kinds):
+                found.setdefault((composition, side), {})[side_fields(side)[-1]] = g[:, :, :, c]
+        return {kind: ComposeWeights(**weights) for kind, weights in found.items()}
 
 
-class DCMHA(MultiHeadAttention):
+class DCMHA(ComposedAttention):
     """Dynamically Composable Multi-Head Attention, a drop-in replacement for :class:`MultiHeadAttention`.
 
     Compose (:func:`headmix.reference.compose`) mixes the ``H`` heads at every (query ``i``, key ``j``)
@@ -131,9 +157,8 @@ class DCMHA(MultiHeadAttention):
         static, query_wise, key_wise, gates: enable the static mix, the query-wise and key-wise
             low-rank terms, and the query/key gates.
         init: ``"identity"`` or ``"paper"`` (see above).
-        backend: ``"auto"``, ``"reference"``, ``"chunked"`` (or a registered kernel), see :mod:`headmix.ops`.
-        chunk_size: query block size of the chunked path.
-        **options: shared options (``causal``, ``window``, ``bias``, ``rotary``, ``qk_norm``).
+        **options: ``backend``, ``chunk_size`` (:class:`~headmix.layers.composed.ComposedAttention`) and the
+            shared options (``causal``, ``window``, ``bias``, ``rotary``, ``qk_norm``).
 
     Example:
         >>> import torch
@@ -158,8 +183,6 @@ class DCMHA(MultiHeadAttention):
         key_wise: bool = True,
         gates: bool = True,
         init: str = "identity",
-        backend: str = "auto",
-        chunk_size: int = 128,
         **options,
     ) -> None:
         super().__init__(dim, num_heads, **options)
@@ -167,55 +190,66 @@ class DCMHA(MultiHeadAttention):
         check_positive_int("groups", groups)
         check_divisible("num_heads", num_heads, "groups", groups)
         check_choice("init", init, INITS)
-        resolve_backend(backend, 1, chunk_size)  # validate now
         M = num_heads // groups
-        hidden_dim = 4 * M if hidden_dim is None else hidden_dim
+        hidden_dim = HIDDEN_PER_HEAD * M if hidden_dim is None else hidden_dim
         check_positive_int("hidden_dim", hidden_dim)
-        self.rank, self.groups, self.hidden_dim = rank, groups, hidden_dim
-        self.backend, self.chunk_size, self.init = backend, chunk_size, init
+        self.rank, self.groups, self.hidden_dim, self.init = rank, groups, hidden_dim, init
         self.compositions = tuple(c for c, on in zip(COMPOSITIONS, (pre, post)) if on)
         sides = tuple(s for s, on in zip(SIDES, (query_wise, key_wise)) if on)
         self.dynamic = DynamicWeightProjection(
             dim, groups, M, rank, hidden_dim,
             factor_kinds=tuple((c, s) for c in self.compositions for s in sides),
             gate_kinds=tuple((c, s) for c in self.compositions for s in SIDES) if gates else (),
+            init=init,
         )
         self.static = nn.ParameterDict(
             {c: nn.Parameter(torch.zeros(groups, M, M)) for c in self.compositions} if static else {}
         )
-        self.reset_composition(init)
+        self.reset_parameters()
 
-    def reset_composition(self, init: str = "identity") -> None:
-        """Re-initialise every composition parameter (projections untouched); see the class docstring."""
-        check_choice("init", init, INITS)
-        self.dynamic.reset_parameters(init)
+    def reset_parameters(self) -> None:
+        """Re-initialise every composition parameter (projections untouched) as ``init`` says (class docstring)."""
+        self.dynamic.reset_parameters(self.init)
         with torch.no_grad():
             for w in self.static.values():
-                w.normal_(0.0, PAPER_INIT_STD) if init == "paper" else w.zero_()
+                w.normal_(0.0, PAPER_INIT_STD) if self.init == "paper" else w.zero_()
 
-    def composition_state(self, x: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Dynamic composition weights of every position of ``x`` ``(B, T, D)``, split into the query
-        side (``"pre.query_w1"``, ..., ``"post.query_gate"``) and the key side (``"pre.key_w1"``, ...).
-        A decoding cache keeps the key side, so a new token never recomputes old positions' weights."""
-        factors, gates = self.dynamic(x)
-        query_side: dict[str, Tensor] = {}
-        key_side: dict[str, Tensor] = {}
-        for (composition, side), (w1, w2) in factors.items():
-            target = query_side if side == "query" else key_side
-            target[f"{composition}.{side}_w1"], target[f"{composition}.{side}_w2"] = w1, w2
-        for (composition, side), gate in gates.items():
-            (query_side if side == "query" else key_side)[f"{composition}.{side}_gate"] = gate
-        return query_side, key_side
+    def reset_composition(self, init: str = "identity") -> None:
+        """Re-initialise every composition parameter with ``init``, which becomes the layer's initialisation."""
+        check_choice("init", init, INITS)
+        self.init = init
+        self.reset_parameters()
 
-    def compose_weights(self, state: dict[str, Tensor]) -> dict[str, ComposeWeights]:
+    def flops_per_token(self) -> int:
+        """Multi-head attention's projections, plus the dynamic-weight projection's matrices once per token."""
+        dynamic = sum(p.numel() for p in self.dynamic.parameters())
+        return super().flops_per_token() + 2 * dynamic
+
+    def flops_per_pair(self) -> int:
+        """Multi-head attention's products plus, per Compose: the static mix ``2 H M``, each low-rank side
+        ``4 H R`` (project to ``R``, expand back) and each gate ``2 H``."""
+        H, M, R = self.num_heads, self.num_heads // self.groups, self.rank
+        sides = {side for _, side in self.dynamic.factor_kinds}
+        gates = {side for _, side in self.dynamic.gate_kinds}
+        per_compose = (2 * H * M if len(self.static) else 0) + len(sides) * 4 * H * R + len(gates) * 2 * H
+        return super().flops_per_pair() + len(self.compositions) * per_compose
+
+    def composition_state(self, x: Tensor) -> tuple[dict[str, dict[str, ComposeWeights]], dict[str, dict[str, ComposeWeights]]]:
+        """Dynamic composition weights of every position of ``x`` ``(B, T, D)``: the query side
+        ``{"query_weights": {"pre": ComposeWeights, "post": ...}}`` with only the ``query_*`` fields set, and
+        the key side ``{"key_weights": {...}}`` with only the ``key_*`` fields. A decoding cache keeps the key
+        side, so a new token never recomputes old positions' weights."""
+        found = self.dynamic(x)
+        query = {c: found.get((c, "query"), ComposeWeights()) for c in self.compositions}
+        key = {c: found.get((c, "key"), ComposeWeights()) for c in self.compositions}
+        return {"query_weights": query}, {"key_weights": key}
+
+    def compose_weights(self, state: dict[str, dict[str, ComposeWeights]]) -> dict[str, ComposeWeights]:
         """``{"pre": ComposeWeights, "post": ComposeWeights}`` from the static weights and a state of
         :meth:`composition_state` (query side for the queries, key side for all keys)."""
-        fields = ("query_w1", "query_w2", "key_w1", "key_w2", "query_gate", "key_gate")
         return {
-            c: ComposeWeights(
-                static=self.static[c] if c in self.static else None,
-                **{f: state.get(f"{c}.{f}") for f in fields},
-            )
+            c: combine(ComposeWeights(static=self.static[c] if c in self.static else None),
+                       state["query_weights"][c], state["key_weights"][c])
             for c in self.compositions
         }
 

@@ -12,20 +12,22 @@ from torch import Tensor, nn
 
 from .._validation import check_positive_int
 
+DEFAULT_BASE = 10000.0  # theta of Su et al. (2021), LLaMA and GPT-NeoX
+
 
 class RotaryEmbedding(nn.Module):
     """Rotate queries/keys by their absolute positions.
 
     Args:
         head_dim: channels per head.
-        base: the frequency base ``theta`` (10000 in most models).
+        base: the frequency base ``theta`` (:data:`DEFAULT_BASE` in most models).
         fraction: share of each head's channels that rotate, in ``(0, 1]``.
 
     A vector wider than ``head_dim`` (collaborative attention's shared key) is rotated independently
     within each consecutive block of ``head_dim`` channels.
     """
 
-    def __init__(self, head_dim: int, base: float = 10000.0, fraction: float = 1.0) -> None:
+    def __init__(self, head_dim: int, base: float = DEFAULT_BASE, fraction: float = 1.0) -> None:
         super().__init__()
         check_positive_int("head_dim", head_dim)
         if not 0.0 < fraction <= 1.0:

@@ -7,10 +7,10 @@ from torch import Tensor, nn
 
 from ..ops import resolve_backend
 from ..reference import ComposeWeights
-from .mha import MultiHeadAttention
+from .composed import ComposedAttention
 
 
-class TalkingHeadsAttention(MultiHeadAttention):
+class TalkingHeadsAttention(ComposedAttention):
     """Multi-head attention whose logits and weights are mixed across heads by learned ``H x H`` matrices.
 
     The logits are multiplied by ``P_l = I + W_pre`` before the softmax and the weights by
@@ -23,9 +23,8 @@ class TalkingHeadsAttention(MultiHeadAttention):
 
     Args:
         dim, num_heads: as for :class:`MultiHeadAttention`.
-        backend: ``"auto"``, ``"reference"`` or ``"chunked"`` (see :mod:`headmix.ops`).
-        chunk_size: query block size of the chunked path.
-        **options: shared options (``causal``, ``window``, ``bias``, ``rotary``, ``qk_norm``).
+        **options: ``backend``, ``chunk_size`` (:class:`~headmix.layers.composed.ComposedAttention`) and the
+            shared options (``causal``, ``window``, ``bias``, ``rotary``, ``qk_norm``).
 
     Example:
         >>> import torch
@@ -34,13 +33,20 @@ class TalkingHeadsAttention(MultiHeadAttention):
         torch.Size([2, 10, 64])
     """
 
-    def __init__(self, dim: int, num_heads: int, *, backend: str = "auto", chunk_size: int = 128, **options) -> None:
+    def __init__(self, dim: int, num_heads: int, **options) -> None:
         super().__init__(dim, num_heads, **options)
-        resolve_backend(backend, 1, chunk_size)  # validates the name now, not at the first call
-        self.backend = backend
-        self.chunk_size = chunk_size
         self.pre_mix = nn.Parameter(torch.zeros(1, num_heads, num_heads))  # W_pre, (groups=1, H, H)
         self.post_mix = nn.Parameter(torch.zeros(1, num_heads, num_heads))  # W_post
+
+    def reset_parameters(self) -> None:
+        """Both mixes zero: a fresh layer is multi-head attention."""
+        with torch.no_grad():
+            self.pre_mix.zero_()
+            self.post_mix.zero_()
+
+    def flops_per_pair(self) -> int:
+        """Multi-head attention's, plus the two ``H x H`` mixes (one multiply-add per head pair each)."""
+        return super().flops_per_pair() + 2 * 2 * self.num_heads**2
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:

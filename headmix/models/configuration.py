@@ -2,19 +2,46 @@
 
 Transformer++ (LLaMA-style), DCFormer, DCFormer++ and Pythia / DCPythia are all this config with
 different fields; presets give the paper's shapes.
+
+The attention layers own their options (:mod:`headmix.layers`): the config names the kind of each layer
+(``attention``) and records only the options a user overrode (``attention_options``, e.g. ``{"rank": 4}``);
+every default stays in the layer class. Parameter counts and FLOPs are asked of the layers.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 
 from .._validation import check_choice, check_divisible, check_positive_int
+from ..layers import ATTENTION_LAYERS, Attention
+from ..layers.rotary import DEFAULT_BASE
 
-ATTENTION_KINDS = ("mha", "talking_heads", "dcmha", "collaborative")
+ATTENTION_KINDS = tuple(ATTENTION_LAYERS)  # the built-in kinds; register_attention adds more
 BACKBONES = ("llama", "pythia")
 MODEL_TYPE = "headmix_dcformer"
+
+#: Fields of configs written before the layers owned their options -> the layer option each one set. Old
+#: ``config.json`` files (ours and the official converter's) and calls such as ``DCFormerConfig(dcmha_rank=4)``
+#: still work: a value other than the layer's default becomes an ``attention_options`` entry.
+LEGACY_OPTIONS = {
+    "dcmha_rank": "rank", "dcmha_groups": "groups", "dcmha_hidden_dim": "hidden_dim", "dcmha_init": "init",
+    "dcmha_static": "static", "attention_backend": "backend", "attention_chunk_size": "chunk_size",
+    "collaborative_key_dim": "key_dim",
+}
+
+
+def attention_option_defaults() -> dict[str, Any]:
+    """Every attention option of the registered layer kinds with its default (the first kind that has it)."""
+    defaults: dict[str, Any] = {}
+    for layer_class in ATTENTION_LAYERS.values():
+        for name, value in layer_class.option_defaults().items():
+            if name not in layer_class.MODEL_OPTIONS:
+                defaults.setdefault(name, value)
+    return defaults
 
 
 def _multiple_of(value: float, multiple: int) -> int:
@@ -68,6 +95,23 @@ def _preset_fields() -> dict[str, dict[str, Any]]:
 PRESETS = _preset_fields()
 
 
+def _attention_options(given: dict[str, Any] | None, fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``attention_options`` from the given dict and the legacy fields popped from ``fields``; a legacy value
+    equal to the layers' default is dropped (old files wrote every field). Also returns option -> old name."""
+    options = dict(given or {})
+    defaults = attention_option_defaults()
+    legacy_names: dict[str, str] = {}
+    for old, option in LEGACY_OPTIONS.items():
+        if old not in fields:
+            continue
+        value = fields.pop(old)
+        if option in options or value == defaults[option]:
+            continue
+        options[option] = value
+        legacy_names[option] = old
+    return options, legacy_names
+
+
 class DCFormerConfig(PretrainedConfig):
     """Configuration of the headmix decoder family (Transformer++, DCFormer, DCFormer++, Pythia, DCPythia).
 
@@ -86,16 +130,17 @@ class DCFormerConfig(PretrainedConfig):
         window_pattern: repeating pattern of ``"L"`` (local) and ``"G"`` (global) layers, e.g.
             ``"LG"`` or ``"LLLG"``; ``None`` with a ``window_size`` means every layer is local.
         qk_norm: RMS-normalise queries and keys per head (DCFormer++).
+        attention_options: the attention layers' options that differ from their defaults, e.g.
+            ``{"rank": 4, "groups": 2}`` (:class:`headmix.DCMHA`), ``{"key_dim": 64}``
+            (:class:`headmix.CollaborativeAttention`), ``{"backend": "chunked"}``; each layer takes the
+            options it has. The fields of older configs (``dcmha_rank``, ``attention_backend``, ...:
+            :data:`LEGACY_OPTIONS`) are still accepted and land here.
         rope_theta: rotary frequency base.
         rotary_pct: share of each head's channels that rotate (default 1.0 for ``llama``, 0.25 for ``pythia``).
         parallel_residual, use_bias, tie_word_embeddings: default from the backbone.
         norm_eps: epsilon of the normalisation layers.
-        dcmha_rank, dcmha_groups, dcmha_hidden_dim, dcmha_init: DCMHA options (see :class:`headmix.DCMHA`).
-        dcmha_static: learn the static ``W_b`` head mix of DCMHA (the released official checkpoints did not).
         mlp_gate_groups: ``E``, or ``None``: split the SwiGLU hidden units into ``E`` groups, each scaled by
             a softmax gate over groups computed from the input (the official code's ``mgate``; ``llama`` only).
-        attention_backend, attention_chunk_size: backend of composed attention (``"auto"``, ``"reference"``, ``"chunked"``).
-        collaborative_key_dim: shared key size of collaborative layers (default: hidden_size).
         initializer_range: std of the normal initialisation of linear and embedding weights.
     """
 
@@ -114,20 +159,13 @@ class DCFormerConfig(PretrainedConfig):
         window_size: int | None = None,
         window_pattern: str | None = None,
         qk_norm: bool = False,
-        rope_theta: float = 10000.0,
+        attention_options: dict[str, Any] | None = None,
+        rope_theta: float = DEFAULT_BASE,
         rotary_pct: float | None = None,
         parallel_residual: bool | None = None,
         use_bias: bool | None = None,
         norm_eps: float | None = None,
-        dcmha_rank: int = 2,
-        dcmha_groups: int = 1,
-        dcmha_hidden_dim: int | None = None,
-        dcmha_init: str = "identity",
-        dcmha_static: bool = True,
         mlp_gate_groups: int | None = None,
-        attention_backend: str = "auto",
-        attention_chunk_size: int = 128,
-        collaborative_key_dim: int | None = None,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool | None = None,
         **kwargs: Any,
@@ -146,36 +184,29 @@ class DCFormerConfig(PretrainedConfig):
         self.window_size = window_size
         self.window_pattern = window_pattern
         self.qk_norm = qk_norm
+        self.attention_options, legacy_names = _attention_options(attention_options, kwargs)
         self.rope_theta = rope_theta
         self.rotary_pct = rotary_pct if rotary_pct is not None else (0.25 if pythia else 1.0)
         self.parallel_residual = parallel_residual if parallel_residual is not None else pythia
         self.use_bias = use_bias if use_bias is not None else pythia
         self.norm_eps = norm_eps if norm_eps is not None else (1e-5 if pythia else 1e-6)
-        self.dcmha_rank = dcmha_rank
-        self.dcmha_groups = dcmha_groups
-        self.dcmha_hidden_dim = dcmha_hidden_dim
-        self.dcmha_init = dcmha_init
-        self.dcmha_static = dcmha_static
         self.mlp_gate_groups = mlp_gate_groups
-        self.attention_backend = attention_backend
-        self.attention_chunk_size = attention_chunk_size
-        self.collaborative_key_dim = collaborative_key_dim
         self.initializer_range = initializer_range
         tie = tie_word_embeddings if tie_word_embeddings is not None else False
         super().__init__(tie_word_embeddings=tie, **kwargs)
-        self.validate_fields()
+        self.validate_fields(legacy_names)
 
     # -- validation ------------------------------------------------------------------------------
-    def validate_fields(self) -> None:
-        """Raise ``ValueError`` naming the first bad field, its value and what is allowed."""
+    def validate_fields(self, legacy_names: dict[str, str] | None = None) -> None:
+        """Raise ``ValueError`` naming the first bad field, its value and what is allowed (an attention
+        option under the name it was given, ``legacy_names``: option -> old field name)."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "dcmha_rank", "dcmha_groups", "attention_chunk_size"):
+                     "max_position_embeddings"):
             check_positive_int(name, getattr(self, name))
         check_divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
-        check_divisible("num_attention_heads", self.num_attention_heads, "dcmha_groups", self.dcmha_groups)
         kinds = self.attention if isinstance(self.attention, (list, tuple)) else [self.attention]
         for kind in kinds:
-            check_choice("attention", kind, ATTENTION_KINDS)
+            check_choice("attention", kind, tuple(ATTENTION_LAYERS))
         if isinstance(self.attention, (list, tuple)) and len(self.attention) != self.num_hidden_layers:
             raise ValueError(
                 f"attention has {len(self.attention)} entries: expected one kind per layer "
@@ -193,12 +224,7 @@ class DCFormerConfig(PretrainedConfig):
                 raise ValueError(f"window_pattern={self.window_pattern!r} has local layers but window_size=None: set window_size")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct={self.rotary_pct!r} is not allowed: expected 0 < rotary_pct <= 1")
-        check_choice("dcmha_init", self.dcmha_init, ("identity", "paper"))
-        from ..ops import available_backends
-
-        check_choice("attention_backend", self.attention_backend, available_backends())
-        if self.collaborative_key_dim is not None:
-            check_positive_int("collaborative_key_dim", self.collaborative_key_dim)
+        self._validate_attention_options(set(kinds), legacy_names or {})
         if self.mlp_gate_groups is not None:
             check_positive_int("mlp_gate_groups", self.mlp_gate_groups)
             if self.backbone != "llama":
@@ -206,10 +232,57 @@ class DCFormerConfig(PretrainedConfig):
                                  f"backbone is {self.backbone!r}")
             check_divisible("intermediate_size", self.intermediate_size, "mlp_gate_groups", self.mlp_gate_groups)
 
+    def _validate_attention_options(self, kinds: set[str], legacy_names: dict[str, str]) -> None:
+        """Every option is some layer's; every layer kind that is used or takes a given option builds (on the
+        meta device: no memory) with them, so its own checks run now, not when the model is built."""
+        known = attention_option_defaults()
+        if not isinstance(self.attention_options, dict):
+            raise ValueError(f"attention_options={self.attention_options!r} is not allowed: expected a dict of "
+                             f"layer options, e.g. {{'rank': 4}}")
+        for name in self.attention_options:
+            if name not in known:
+                near = difflib.get_close_matches(name, list(known), n=1)
+                hint = f"did you mean {near[0]!r}? " if near else ""
+                raise ValueError(f"attention_options has {name!r}, which no attention layer takes: {hint}"
+                                 f"the options are {sorted(known)}")
+        for kind, layer_class in ATTENTION_LAYERS.items():
+            takes = set(layer_class.attention_option_names())
+            if kind not in kinds and not takes & set(self.attention_options):
+                continue
+            try:
+                with torch.device("meta"):
+                    self._build(layer_class, window=None)
+            except ValueError as error:
+                message = str(error)
+                for option, old in legacy_names.items():
+                    if message.startswith(f"{option}="):
+                        message = old + message[len(option):]
+                raise ValueError(f"{message} (attention options of {kind!r} layers: {self.attention_options})") from None
+
     # -- derived -----------------------------------------------------------------------------------
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def attention_option(self, name: str) -> Any:
+        """The value of attention option ``name``: the override in ``attention_options``, else the layer's default."""
+        defaults = attention_option_defaults()
+        check_choice("attention option", name, tuple(defaults))
+        return self.attention_options.get(name, defaults[name])
+
+    def _build(self, layer_class: type[Attention], window: int | None) -> Attention:
+        model = dict(causal=True, window=window, bias=self.use_bias, rotary=True, rotary_base=self.rope_theta,
+                     rotary_fraction=self.rotary_pct)
+        if layer_class.supports_qk_norm:
+            model["qk_norm"] = self.qk_norm
+        takes = layer_class.attention_option_names()
+        options = {name: value for name, value in self.attention_options.items() if name in takes}
+        return layer_class(self.hidden_size, self.num_attention_heads, **model, **options)
+
+    def build_attention(self, index: int) -> Attention:
+        """The attention layer of block ``index``: its kind's class from :data:`headmix.layers.ATTENTION_LAYERS`,
+        the model's mask, bias and rotary fields, and the ``attention_options`` that class takes."""
+        return self._build(ATTENTION_LAYERS[self.layer_attention(index)], self.layer_window(index))
 
     def layer_attention(self, index: int) -> str:
         """Attention kind of layer ``index``."""
@@ -223,36 +296,32 @@ class DCFormerConfig(PretrainedConfig):
             return self.window_size
         return self.window_size if self.window_pattern[index % len(self.window_pattern)] == "L" else None
 
+    def _layer_kinds(self) -> dict[str, Any]:
+        """One decoder block per attention kind used, built on the meta device (no memory): what counts ask."""
+        from .modeling import DecoderLayer
+
+        blocks: dict[str, Any] = {}
+        with torch.device("meta"):
+            for i in range(self.num_hidden_layers):
+                kind = self.layer_attention(i)
+                if kind not in blocks:
+                    blocks[kind] = DecoderLayer(self, i)
+        return blocks
+
     def attention_parameters(self, index: int) -> int:
-        """Closed-form parameter count of layer ``index``'s attention (the formulas of the layer docstrings)."""
-        D, H, kind = self.hidden_size, self.num_attention_heads, self.layer_attention(index)
-        bias = 4 * D if self.use_bias else 0
-        qk_norm = 2 * self.head_dim if self.qk_norm else 0
-        if kind == "mha":
-            return 4 * D * D + bias + qk_norm
-        if kind == "talking_heads":
-            return 4 * D * D + 2 * H * H + bias + qk_norm
-        if kind == "collaborative":
-            Dk = self.collaborative_key_dim or D
-            return 2 * D * Dk + H * Dk + 2 * D * D + ((2 * Dk + 2 * D) if self.use_bias else 0)
-        G = self.dcmha_groups
-        M = H // G
-        K = self.dcmha_hidden_dim or 4 * M
-        R = self.dcmha_rank
-        C, Cg, P = 4, 4, 2  # all terms on, pre and post
-        static = P * G * M * M if self.dcmha_static else 0
-        return 4 * D * D + D * G * C * K + G * C * K * 2 * R * M + D * G * Cg * M + static + bias + qk_norm
+        """Parameter count of layer ``index``'s attention, asked of the layer (built on the meta device)."""
+        with torch.device("meta"):
+            return self.build_attention(index).num_parameters()
 
     def num_parameters(self) -> int:
-        """Closed-form parameter count of :class:`DCFormerForCausalLM` with this config (no model is built)."""
-        D, F, V = self.hidden_size, self.intermediate_size, self.vocab_size
-        norm = 2 * D if self.backbone == "pythia" else D
-        if self.backbone == "pythia":
-            mlp = 2 * D * F + ((F + D) if self.use_bias else 0)
-        else:
-            mlp = 3 * D * F + ((2 * F + D) if self.use_bias else 0) + D * (self.mlp_gate_groups or 0)
-        blocks = sum(self.attention_parameters(i) + mlp + 2 * norm for i in range(self.num_hidden_layers))
-        return V * D + blocks + norm + (0 if self.tie_word_embeddings else V * D)
+        """Parameter count of :class:`DCFormerForCausalLM` with this config: the blocks' counts asked of one
+        block per attention kind built on the meta device (no memory), plus embeddings, final norm and head."""
+        blocks = self._layer_kinds()
+        total = sum(blocks[self.layer_attention(i)].num_parameters() for i in range(self.num_hidden_layers))
+        final_norm = next(iter(blocks.values())).mlp_norm
+        embeddings = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else embeddings
+        return embeddings + total + sum(p.numel() for p in final_norm.parameters()) + head
 
     def keys_per_query(self, index: int, seq_len: int, causal: bool = True) -> float:
         """Mean number of keys a query of a ``seq_len``-token sequence attends to in layer ``index``."""
@@ -267,36 +336,16 @@ class DCFormerConfig(PretrainedConfig):
     def flops_per_token(self, seq_len: int, training: bool = True, causal: bool = True) -> float:
         """Model FLOPs per token of a ``seq_len``-token sequence (2 per multiply-add; training = 3 x forward).
 
-        Counted, per token and layer: every weight matrix once (q/k/v/out projections, MLP, DCMHA's
-        dynamic-weight projections ``hidden``/``factors``/``gates``) and the output head
-        (``2 * matrix parameters``); per (query, key) pair the attention products ``QK^T`` and
-        ``PV`` (``4 * heads * head_dim``; collaborative: ``2 * heads * key_dim + 2 * hidden``) and the
-        composition: talking-heads ``2 * 2 H^2``; DCMHA per pre/post side ``2 H M`` (static, ``M``
-        heads per group), ``8 H R`` (query- and key-wise rank-``R`` terms, project and expand) and
-        ``4 H`` (two gates). Keys per query follow the causal mask and each layer's window
-        (:meth:`keys_per_query`). Not counted: the embedding lookup, norms, softmax, rotary, biases.
+        Asked of the layers: per token and block, each attention layer's
+        :meth:`~headmix.layers.Attention.flops_per_token` (its weight matrices once) and the MLP's, plus
+        :meth:`~headmix.layers.Attention.flops_per_pair` times the keys each query sees (the causal mask
+        and the layer's window, :meth:`keys_per_query`); and the output head ``2 * hidden * vocab``.
+        Not counted: the embedding lookup, norms, softmax, rotary, biases.
         """
-        D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_attention_heads
-        mlp = (2 if self.backbone == "pythia" else 3) * D * F
-        total = 2.0 * D * V  # output head
+        blocks = self._layer_kinds()
+        total = 2.0 * self.hidden_size * self.vocab_size  # output head
         for i in range(self.num_hidden_layers):
-            kind = self.layer_attention(i)
-            pairs = self.keys_per_query(i, seq_len, causal)
-            if kind == "collaborative":
-                Dk = self.collaborative_key_dim or D
-                total += 2.0 * (2 * D * Dk + 2 * D * D + mlp) + pairs * (2 * H * Dk + 2 * D)
-                continue
-            weights = 4 * D * D + mlp
-            per_pair = 4 * D
-            if kind == "talking_heads":
-                per_pair += 2 * 2 * H * H
-            elif kind == "dcmha":
-                G, R = self.dcmha_groups, self.dcmha_rank
-                M = H // G
-                K = self.dcmha_hidden_dim or 4 * M
-                weights += D * G * 4 * K + G * 4 * K * 2 * R * M + D * G * 4 * M
-                per_pair += 2 * ((2 * H * M if self.dcmha_static else 0) + 8 * H * R + 4 * H)
-            total += 2.0 * weights + pairs * per_pair
+            total += blocks[self.layer_attention(i)].flops_per_token(self.keys_per_query(i, seq_len, causal))
         return total * (3 if training else 1)
 
     # -- presets -----------------------------------------------------------------------------------

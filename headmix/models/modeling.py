@@ -15,35 +15,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..layers import DCMHA, CollaborativeAttention, DynamicWeightProjection, MultiHeadAttention, TalkingHeadsAttention
 from ..layers.base import Attention
-from ..layers.collaborative import block_mixing
 from .cache import HeadmixCache, LayerCache
 from .checkpoint import verify_checkpoint
 from .configuration import DCFormerConfig
 
 
 def build_attention(config: DCFormerConfig, index: int) -> Attention:
-    """The attention layer of block ``index``, as the config says."""
-    kind = config.layer_attention(index)
-    common = dict(
-        causal=True, window=config.layer_window(index), bias=config.use_bias, rotary=True,
-        rotary_base=config.rope_theta, rotary_fraction=config.rotary_pct,
-    )
-    D, H = config.hidden_size, config.num_attention_heads
-    composed = dict(backend=config.attention_backend, chunk_size=config.attention_chunk_size)
-    if kind == "mha":
-        return MultiHeadAttention(D, H, qk_norm=config.qk_norm, **common)
-    if kind == "talking_heads":
-        return TalkingHeadsAttention(D, H, qk_norm=config.qk_norm, **common, **composed)
-    if kind == "dcmha":
-        return DCMHA(D, H, rank=config.dcmha_rank, groups=config.dcmha_groups, hidden_dim=config.dcmha_hidden_dim,
-                     init=config.dcmha_init, static=config.dcmha_static, qk_norm=config.qk_norm, **common, **composed)
-    return CollaborativeAttention(D, H, key_dim=config.collaborative_key_dim, **common)
+    """The attention layer of block ``index``, as the config says (:meth:`DCFormerConfig.build_attention`)."""
+    return config.build_attention(index)
+
+
+def _matrix_flops(module: nn.Module) -> int:
+    """2 FLOPs per multiply-add of every ``nn.Linear`` weight of ``module``, once per token."""
+    return 2 * sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
 
 
 class SwiGLU(nn.Module):
@@ -68,6 +56,9 @@ class SwiGLU(nn.Module):
             h = (h.unflatten(-1, (scores.shape[-1], -1)) * scores[..., None]).flatten(-2)
         return self.down_proj(h)
 
+    def flops_per_token(self) -> int:
+        return _matrix_flops(self)
+
 
 class GeluMLP(nn.Module):
     """GPT-NeoX's MLP: ``down(gelu(up(x)))``."""
@@ -79,6 +70,9 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.gelu(self.up_proj(x)))
+
+    def flops_per_token(self) -> int:
+        return _matrix_flops(self)
 
 
 def _norm(config: DCFormerConfig) -> nn.Module:
@@ -101,6 +95,15 @@ class DecoderLayer(GradientCheckpointingLayer):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.use_bias, config.mlp_gate_groups)
 
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, keys_per_query: float) -> float:
+        """Forward FLOPs per token: the attention's and the MLP's matrices, and the attention's per (query,
+        key) pair times ``keys_per_query``."""
+        return (self.attention.flops_per_token() + self.mlp.flops_per_token()
+                + keys_per_query * self.attention.flops_per_pair())
+
     def forward(self, x: Tensor, padding_mask: Tensor | None, positions: Tensor, cache: LayerCache | None) -> Tensor:
         attended = self.attention(self.attention_norm(x), padding_mask=padding_mask, positions=positions, cache=cache)
         if self.parallel_residual:
@@ -121,22 +124,22 @@ class DCFormerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linear and embedding weights ~ N(0, initializer_range), norms to 1/0
+        if isinstance(module, Attention):
+            _reset_unloaded(module)
 
-        def fresh(*params: Tensor) -> bool:  # not loaded from a checkpoint
-            return not any(getattr(p, "_is_hf_initialized", False) for p in params)
 
-        if isinstance(module, DynamicWeightProjection):
-            params = [p for p in (module.hidden, module.factors, module.gates) if p is not None]
-            if fresh(*params):
-                module.reset_parameters(self.config.dcmha_init)
-        elif isinstance(module, DCMHA):
-            for w in module.static.values():
-                init.normal_(w, 0.0, 0.02) if self.config.dcmha_init == "paper" else init.zeros_(w)
-        elif isinstance(module, TalkingHeadsAttention):
-            init.zeros_(module.pre_mix)
-            init.zeros_(module.post_mix)
-        elif isinstance(module, CollaborativeAttention):
-            init.copy_(module.mixing, block_mixing(module.num_heads, module.key_dim))
+def _reset_unloaded(layer: Attention) -> None:
+    """``layer.reset_parameters()`` for the parameters the layer defines itself (not those of its
+    ``nn.Linear``/norm children, which Hugging Face initialises), keeping any that were loaded from a checkpoint."""
+    children = {id(p) for m in layer.modules() if isinstance(m, (nn.Linear, nn.RMSNorm, nn.LayerNorm))
+                for p in m.parameters()}
+    own = [p for p in layer.parameters() if id(p) not in children]
+    loaded = [(p, p.detach().clone()) for p in own if getattr(p, "_is_hf_initialized", False)]
+    if not own or len(loaded) == len(own):
+        return
+    layer.reset_parameters()
+    for p, value in loaded:
+        p.copy_(value)
 
 
 class DCFormerModel(DCFormerPreTrainedModel):

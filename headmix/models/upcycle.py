@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 from .._validation import check_choice
+from .configuration import LEGACY_OPTIONS
 from .modeling import DCFormerForCausalLM
 
 
@@ -19,7 +20,8 @@ def upcycle(model: DCFormerForCausalLM, attention: str = "dcmha", **config_overr
     Args:
         model: a headmix model whose layers use ``"mha"`` attention.
         attention: the new attention kind of those layers.
-        **config_overrides: further config changes that keep outputs equal (e.g. ``dcmha_rank=4``).
+        **config_overrides: further config changes that keep outputs equal (e.g. ``attention_options={"rank": 4}``,
+            or the older spelling ``dcmha_rank=4``).
 
     Raises:
         ValueError: if ``attention`` cannot start as an exact copy, or ``model`` is not a headmix model.
@@ -30,15 +32,21 @@ def upcycle(model: DCFormerForCausalLM, attention: str = "dcmha", **config_overr
             f"model is a {type(model).__name__}: expected a headmix DCFormerForCausalLM "
             "(official checkpoints: `headmix convert official` first)"
         )
-    if config_overrides.get("dcmha_init", "identity") != "identity":
-        raise ValueError("dcmha_init must stay 'identity' when upcycling: only that initialisation reproduces MHA")
+    overrides = dict(config_overrides)
+    options = dict(overrides.pop("attention_options", None) or {})
+    options.update({option: overrides.pop(old) for old, option in LEGACY_OPTIONS.items() if old in overrides})
+    if options.get("init", "identity") != "identity":
+        raise ValueError("dcmha_init must stay 'identity' when upcycling (attention option 'init'): only that "
+                         "initialisation reproduces MHA")
     config = model.config
     kinds = [config.layer_attention(i) for i in range(config.num_hidden_layers)]
     new_kinds = [attention if k == "mha" else k for k in kinds]
     fields = config.to_dict()
     for key in ("model_type", "transformers_version", "architectures", "torch_dtype", "dtype"):
         fields.pop(key, None)
-    fields.update(config_overrides, attention=new_kinds if len(set(new_kinds)) > 1 else new_kinds[0], dcmha_init="identity")
+    options = {**fields.pop("attention_options", {}), **options}
+    options.pop("init", None)  # the layers' default, "identity"
+    fields.update(overrides, attention=new_kinds if len(set(new_kinds)) > 1 else new_kinds[0], attention_options=options)
     new_config = type(config)(**fields)
     parameter = next(model.parameters())
     new_model = DCFormerForCausalLM(new_config).to(device=parameter.device, dtype=parameter.dtype)

@@ -17,6 +17,7 @@ that positional mask, so a kernel need not read it). Layers look backends up by 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -33,14 +34,23 @@ _BACKENDS: dict[str, Backend] = {
     "reference": lambda q, k, v, chunk_size=None, structure=None, **kw: composed_attention(q, k, v, **kw),
     "chunked": chunked_composed_attention,
 }
-try:  # optional: the fused kernels need triton (shipped with CUDA builds of torch)
-    from .triton_dcmha import triton_composed_attention
+# optional: the fused kernels need triton (shipped with CUDA builds of torch). Imported on first use, not
+# with headmix: triton and the kernels' definitions cost about a second of import time.
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-    from .triton_dcmha import check_supported as _triton_check
 
-    _BACKENDS["triton"] = triton_composed_attention
-except ImportError:  # pragma: no cover - depends on the installation
-    triton_composed_attention = None
+def _triton_module():
+    """:mod:`.triton_dcmha`, imported (and registered as ``"triton"``) on first use."""
+    from . import triton_dcmha
+
+    _BACKENDS.setdefault("triton", triton_dcmha.triton_composed_attention)
+    return triton_dcmha
+
+
+def __getattr__(name: str):
+    if name == "triton_composed_attention":
+        return _triton_module().triton_composed_attention if _HAS_TRITON else None
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -49,17 +59,17 @@ def register_backend(name: str, fn: Backend) -> None:
 
 
 def available_backends() -> tuple[str, ...]:
-    return ("auto", *_BACKENDS)
+    return ("auto", *_BACKENDS, *(("triton",) if _HAS_TRITON and "triton" not in _BACKENDS else ()))
 
 
 def triton_takes(like: Tensor, groups: int = 1, training: bool | None = None) -> bool:
     """Whether the fused kernels take queries shaped and typed like ``like`` (device aside), in ``groups`` head
     groups, with gradients when ``training`` (default: ``torch.is_grad_enabled()``)."""
-    if "triton" not in _BACKENDS:
+    if not _HAS_TRITON:
         return False
     training = torch.is_grad_enabled() if training is None else training
     try:
-        _triton_check(tuple(like.shape), like.shape[-1], groups, like.dtype, training)
+        _triton_module().check_supported(tuple(like.shape), like.shape[-1], groups, like.dtype, training)
     except ValueError:
         return False
     return True
@@ -73,6 +83,8 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     ``reference``."""
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
+    if name == "triton":
+        _triton_module()  # imports and registers the kernels
     if name == "auto":
         # The kernels whenever they take the shape: training, prefill and decoding (the split-key kernel).
         # Decoding, measured on an H100 against a 4096-token cache (docs/kernels.md): head dim 64: 0.55-0.56 vs

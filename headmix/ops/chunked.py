@@ -15,6 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..reference import ComposeWeights, composed_attention
 
+DEFAULT_CHUNK_SIZE = 128  # queries per block: (B, H, 128, S) scores stay small next to the weights
+
 
 def chunked_composed_attention(
     q: Tensor,
@@ -26,7 +28,7 @@ def chunked_composed_attention(
     pre: ComposeWeights | None = None,
     post: ComposeWeights | None = None,
     groups: int = 1,
-    chunk_size: int = 128,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     structure: tuple[bool, int | None] | None = None,
 ) -> Tensor:
     """Same arguments and result as :func:`headmix.reference.composed_attention`, queries in blocks of
