@@ -9,11 +9,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .training.config import TrainConfig
 from .training.data import collate, load_documents, pack, resolve_data_files
 
 
 def evaluate_files(
-    model_dir: str | Path, files: list[str], seq_len: int = 128, batch_size: int = 8, text_field: str = "text",
+    model_dir: str | Path, files: list[str], seq_len: int = TrainConfig.seq_len, batch_size: int = 8,
+    text_field: str = TrainConfig.text_field,
     max_sequences: int | None = None,
 ) -> dict[str, float]:
     """Mean next-token loss (nats/token) and perplexity of the model in ``model_dir`` on ``files``.

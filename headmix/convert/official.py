@@ -59,6 +59,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._validation import check_choice
+from ..layers.rotary import DEFAULT_BASE
 from ..models.configuration import DCFormerConfig
 
 logger = logging.getLogger(__name__)
@@ -283,7 +284,7 @@ def config_from_official(
         num_attention_heads=heads, intermediate_size=get("intermediate_size"),
         max_position_embeddings=get("block_size", 2048), attention="dcmha" if use_dcmha else "mha",
         window_size=window, window_pattern=WINDOW_TYPES[window_type] if window is not None else None,
-        qk_norm=bool(get("use_qk_norm", False)), rope_theta=float(get("rope_base", 10000.0)), rotary_pct=rotary_pct,
+        qk_norm=bool(get("use_qk_norm", False)), rope_theta=float(get("rope_base", DEFAULT_BASE)), rotary_pct=rotary_pct,
         parallel_residual=bool(get("use_parallel_residual", False)), use_bias=bool(get("use_linear_bias", False)),
         norm_eps=get("norm_eps", 1e-5), mlp_gate_groups=get("mgate_dim", 44) if mgate else None,
         tie_word_embeddings=bool(get("tie_word_embeddings", False)),
@@ -305,11 +306,13 @@ def config_to_official(config: DCFormerConfig, window_convention: str | None = N
                          "layer 'dcmha' (or every layer 'mha', written with use_dcmha=false)")
     H = config.num_attention_heads
     if kinds == {"dcmha"}:
-        expected = dict(dcmha_groups=1, dcmha_rank=2, dcmha_hidden_dim=4 * H)
-        for name, value in expected.items():
-            actual = getattr(config, name) if name != "dcmha_hidden_dim" else (config.dcmha_hidden_dim or 4 * H)
-            if actual != value:
-                raise ValueError(f"{name}={actual} cannot be exported: the official code hard-codes {value}")
+        with torch.device("meta"):
+            layer = config.build_attention(0)
+        for name, option, value in (("dcmha_groups", "groups", 1), ("dcmha_rank", "rank", 2),
+                                    ("dcmha_hidden_dim", "hidden_dim", 4 * H)):
+            if getattr(layer, option) != value:
+                raise ValueError(f"{name}={getattr(layer, option)} cannot be exported: the official code hard-codes "
+                                 f"{value} (attention option {option!r})")
     pythia = config.backbone == "pythia"
     if not pythia and (config.parallel_residual or config.use_bias or config.rotary_pct != 1.0):
         raise ValueError("a 'llama' backbone exports as official DCFormer, which has no parallel residual, biases or "
@@ -394,10 +397,11 @@ def import_tensor(name: str, tensor: Tensor, config: DCFormerConfig) -> list[tup
         if sub == "dd":
             return [(ours + "attention.dynamic.gates", tensor.reshape(D, tensor.shape[1], 4, -1))]
         if sub in ("pre_proj.w", "post_proj.w"):
-            if config.dcmha_static != _is_identity(tensor):  # the file is consistent with the config
-                return [(ours + f"attention.static.{sub.split('_')[0]}", tensor)] if config.dcmha_static else []
-            raise ValueError(f"official tensor {name!r} is {'' if config.dcmha_static else 'not '}the identity while "
-                             f"another layer's is {'not ' if config.dcmha_static else ''}: a static mix in some layers "
+            static = config.attention_option("static")
+            if static != _is_identity(tensor):  # the file is consistent with the config
+                return [(ours + f"attention.static.{sub.split('_')[0]}", tensor)] if static else []
+            raise ValueError(f"official tensor {name!r} is {'' if static else 'not '}the identity while "
+                             f"another layer's is {'not ' if static else ''}: a static mix in some layers "
                              "only is ambiguous in the official format (identity = 'none trained') and not supported")
         raise ValueError(f"official tensor {name!r} is not part of the DCFormer/DCPythia format")
     simple = {"attention.wo.weight": "attention.out_proj.weight", "attention.wo.bias": "attention.out_proj.bias",
@@ -603,7 +607,7 @@ def export_official(
     files = [TensorFile(p) for p in safetensors_files(src)]
     if not files:
         raise ValueError(f"{src} has no safetensors weights (model.safetensors or an index with shards)")
-    if config.dcmha_static and config.layer_attention(0) == "dcmha":
+    if config.attention_option("static") and config.layer_attention(0) == "dcmha":
         warnings.warn("this model has a static head mix: the published official modules apply pre_proj.w/post_proj.w "
                       "only when built with use_sw=True", stacklevel=2)
     _prepare_out(out, src)
@@ -647,7 +651,7 @@ def export_official(
             emit(base + "dw1", torch.zeros(D, 1, 4, 4 * H, dtype=dt))
             emit(base + "qkw", torch.zeros(1, 4, 4 * H, 4, H, dtype=dt))
             emit(base + "dd", torch.zeros(D, 1, 4 * H, dtype=dt))
-        if config.layer_attention(i) == "mha" or not config.dcmha_static:
+        if config.layer_attention(i) == "mha" or not config.attention_option("static"):
             emit(base + "pre_proj.w", eye.clone())
             emit(base + "post_proj.w", eye.clone())
     paths = writer.close()
