@@ -121,3 +121,34 @@ def test_content_bias_is_cached_per_key_when_decoding():
         steps.append(layer(x[:, t : t + 1], positions=torch.tensor([t]), cache=cache))
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-5, atol=1e-6)
     assert "content" in cache.state
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("content_bias", [False, True])
+def test_layer_equals_the_reference_equation(causal, content_bias):
+    """The layer's SDPA path against :func:`headmix.reference.collaborative_attention`, forward and backward
+    (float64, random mixing and content bias, padding)."""
+    from headmix.masks import attention_mask
+    from headmix.reference import collaborative_attention
+
+    torch.manual_seed(3)
+    layer = CollaborativeAttention(24, 4, key_dim=12, content_bias=content_bias, causal=causal).double()
+    with torch.no_grad():
+        layer.mixing.normal_()
+        if content_bias:
+            layer.content_bias.normal_()
+    x = torch.randn(2, 7, 24, dtype=torch.float64, requires_grad=True)
+    padding = torch.arange(7)[None] < torch.tensor([[7], [4]])
+    out = layer(x, padding_mask=padding)
+    positions = torch.arange(7)
+    mask = attention_mask(positions, positions, causal=causal, key_padding=padding)
+    v = layer.split_heads(layer.v_proj(x), 4)
+    content = x @ layer.content_bias.T * layer.scale if content_bias else None
+    spec = collaborative_attention(layer.query(x), layer.key(x), v, layer.mixing, scale=layer.scale,
+                                   content=content, mask=mask)
+    expected = layer.out_proj(spec.transpose(1, 2).reshape(2, 7, 24))
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, x, grad)
+    (want,) = torch.autograd.grad(expected, x, grad)
+    torch.testing.assert_close(got, want)
