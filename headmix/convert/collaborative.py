@@ -38,6 +38,8 @@ from .._validation import check_choice, check_divisible, check_positive_int
 from ..layers import CollaborativeAttention, MultiHeadAttention
 from ..layers.collaborative import block_mixing
 
+ALS_ITERATIONS = 100  # cap on the CP decomposition's alternating-least-squares sweeps (TensorLy's default)
+
 INITS = ("svd", "random")
 
 
@@ -87,7 +89,7 @@ def reparametrize(
     query_bias: Tensor | None = None,
     calibration: Tensor | None = None,
     init: str = "svd",
-    n_iter_max: int = 100,
+    n_iter_max: int = ALS_ITERATIONS,
     tol: float = 1e-8,
     seed: int = 0,
     ridge: float = 1e-6,
