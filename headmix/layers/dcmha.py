@@ -24,6 +24,7 @@ INITS = ("identity", "paper")
 PAPER_INIT_STD = 0.02
 FACTOR_NORM_EPS = 1e-6
 HIDDEN_PER_HEAD = 4  # K = 4 M: the official code's width of the dynamic-weight projection's hidden layer
+SideWeights = dict[str, ComposeWeights]  # one side's weights per composition: {"pre": ..., "post": ...}
 
 
 def side_fields(side: str) -> tuple[str, ...]:
@@ -234,7 +235,7 @@ class DCMHA(ComposedAttention):
         per_compose = (2 * H * M if len(self.static) else 0) + len(sides) * 4 * H * R + len(gates) * 2 * H
         return super().flops_per_pair() + len(self.compositions) * per_compose
 
-    def composition_state(self, x: Tensor) -> tuple[dict[str, dict[str, ComposeWeights]], dict[str, dict[str, ComposeWeights]]]:
+    def composition_state(self, x: Tensor) -> tuple[dict[str, SideWeights], dict[str, SideWeights]]:
         """Dynamic composition weights of every position of ``x`` ``(B, T, D)``: the query side
         ``{"query_weights": {"pre": ComposeWeights, "post": ...}}`` with only the ``query_*`` fields set, and
         the key side ``{"key_weights": {...}}`` with only the ``key_*`` fields. A decoding cache keeps the key
@@ -244,7 +245,7 @@ class DCMHA(ComposedAttention):
         key = {c: found.get((c, "key"), ComposeWeights()) for c in self.compositions}
         return {"query_weights": query}, {"key_weights": key}
 
-    def compose_weights(self, state: dict[str, dict[str, ComposeWeights]]) -> dict[str, ComposeWeights]:
+    def compose_weights(self, state: dict[str, SideWeights]) -> dict[str, ComposeWeights]:
         """``{"pre": ComposeWeights, "post": ComposeWeights}`` from the static weights and a state of
         :meth:`composition_state` (query side for the queries, key side for all keys)."""
         return {

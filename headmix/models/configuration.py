@@ -257,7 +257,8 @@ class DCFormerConfig(PretrainedConfig):
                 for option, old in legacy_names.items():
                     if message.startswith(f"{option}="):
                         message = old + message[len(option):]
-                raise ValueError(f"{message} (attention options of {kind!r} layers: {self.attention_options})") from None
+                raise ValueError(f"{message} (attention options of {kind!r} layers: "
+                                 f"{self.attention_options})") from None
 
     # -- derived -----------------------------------------------------------------------------------
     @property

@@ -46,7 +46,8 @@ def upcycle(model: DCFormerForCausalLM, attention: str = "dcmha", **config_overr
         fields.pop(key, None)
     options = {**fields.pop("attention_options", {}), **options}
     options.pop("init", None)  # the layers' default, "identity"
-    fields.update(overrides, attention=new_kinds if len(set(new_kinds)) > 1 else new_kinds[0], attention_options=options)
+    attention = new_kinds if len(set(new_kinds)) > 1 else new_kinds[0]
+    fields.update(overrides, attention=attention, attention_options=options)
     new_config = type(config)(**fields)
     parameter = next(model.parameters())
     new_model = DCFormerForCausalLM(new_config).to(device=parameter.device, dtype=parameter.dtype)
