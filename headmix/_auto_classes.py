@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.util
 import sys
 import warnings
 
@@ -35,19 +36,30 @@ def _register_quietly() -> None:
 
 
 class _PostImportFinder(importlib.abc.MetaPathFinder):
-    """Finds ``transformers`` through the other finders and runs the registration after its module executes."""
+    """Finds ``transformers`` through the other finders and runs the registration after its module executes.
+
+    A lookup without an import (``importlib.util.find_spec("transformers")``, as availability checks do)
+    changes nothing: the finder stays until the module has really executed."""
+
+    def __init__(self) -> None:
+        self._searching = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != _PACKAGE:
+        if name != _PACKAGE or self._searching:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
+        self._searching = True  # the lookup below goes through sys.meta_path again: let it pass us
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._searching = False
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             _register_quietly()
 
         spec.loader.exec_module = exec_then_register

@@ -83,6 +83,17 @@ def test_model_classes_load_on_first_use_and_register_with_the_auto_classes():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_auto_classes_register_when_transformers_is_imported_after_headmix():
+    """``import headmix; AutoModelForCausalLM.from_pretrained(dir)`` works without importing headmix.models, also
+    when a library has looked transformers up (``find_spec``) without importing it first."""
+    script = ("import importlib.util, sys, headmix\n"
+              "assert importlib.util.find_spec('transformers') is not None and 'transformers' not in sys.modules\n"
+              "from transformers import AutoConfig\n"
+              "assert type(AutoConfig.for_model('headmix_dcformer')).__name__ == 'DCFormerConfig'\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 # -- one home per option: a toy DCMHA option, added in the layer alone -------------------------------------
 class ScaledDCMHA(DCMHA):
     """DCMHA with one more option, as docs/architecture.md adds it: ``score_scale`` multiplies the logit scale."""
