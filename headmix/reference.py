@@ -58,12 +58,8 @@ class ComposeWeights:
 
     def query_slice(self, start: int, end: int) -> ComposeWeights:
         """The same weights restricted to query positions ``start:end``."""
-        return replace(
-            self,
-            query_w1=None if self.query_w1 is None else self.query_w1[:, start:end],
-            query_w2=None if self.query_w2 is None else self.query_w2[:, start:end],
-            query_gate=None if self.query_gate is None else self.query_gate[:, start:end],
-        )
+        query_side = (f.name for f in fields(self) if f.name.startswith("query_") and getattr(self, f.name) is not None)
+        return replace(self, **{name: getattr(self, name)[:, start:end] for name in query_side})
 
     def is_identity(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
