@@ -115,7 +115,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        option = next((u for u in unknown if u.startswith("-")), None)
+        if args.command == "train" and option:  # `--max-steps 10` where `max_steps=10` is meant
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            field = option.lstrip("-").split("=")[0].replace("-", "_")
+            after = argv[argv.index(option) + 1:] if option in argv else []
+            value = option.split("=", 1)[1] if "=" in option else (after[0] if after and "=" not in after[0] else "VALUE")
+            commands.choices["train"].error(
+                f"unrecognized option {option}: config fields are set as field=value, "
+                f"e.g. `headmix train {field}={value}` (`headmix train --show-config` lists the fields)")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args) or 0
     except ValueError as error:  # bad user input: one clear line, no traceback
@@ -140,7 +153,28 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"headmix train: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"\nheadmix train: interrupted. {_kept(config)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _kept(config) -> str:
+    """One line: what an interrupted run left, and how to go on."""
+    from pathlib import Path
+
+    from .training.engine import checkpoints
+
+    kept = []
+    for name in config.models:
+        model_dir = Path(config.output_dir) / name
+        if (model_dir / "final" / "result.json").is_file():
+            kept.append(f"{name} finished ({model_dir / 'final'})")
+        elif checkpoints(model_dir):
+            kept.append(f"{name} at {checkpoints(model_dir)[-1]}")
+    if not kept:
+        return "No checkpoint was written yet; the same command starts again from the beginning."
+    return f"Kept: {'; '.join(kept)}. Run the same command to resume."
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -168,11 +202,34 @@ def _generate(args: argparse.Namespace) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         raise ValueError("prompt is empty: give at least one token of text")
+    if not args.greedy and not args.temperature > 0:
+        raise ValueError(f"--temperature={args.temperature} is not allowed: expected a positive number (or --greedy)")
+    if not args.greedy and args.top_k < 1:
+        raise ValueError(f"--top-k={args.top_k} is not allowed: expected an integer >= 1")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} is not allowed: expected an integer >= 1")
+    prompt_len = inputs["input_ids"].shape[1]
+    positions = _max_positions(model.config)
+    if positions is not None and prompt_len + args.max_new_tokens > positions:
+        raise ValueError(
+            f"--max-new-tokens={args.max_new_tokens} after a prompt of {prompt_len} tokens needs "
+            f"{prompt_len + args.max_new_tokens} positions, but {args.model_dir} takes at most {positions} "
+            f"(max_position_embeddings): use --max-new-tokens {max(positions - prompt_len, 0)} or less"
+        )
     torch.manual_seed(args.seed)
-    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k)
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                   streamer=TextStreamer(tokenizer), pad_token_id=tokenizer.eos_token_id, **sampling)
+    sampling = dict(do_sample=False) if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k)
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer),
+                   pad_token_id=tokenizer.eos_token_id, **sampling)
     return 0
+
+
+def _max_positions(config) -> int | None:
+    """The longest sequence a model's positions take (``None``: no limit recorded)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _upcycle(args: argparse.Namespace) -> int:

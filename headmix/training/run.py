@@ -14,7 +14,8 @@ import torch
 
 from .config import TrainConfig
 from .data import prepare_data
-from .engine import METRICS, ModelResult, model_config, read_metrics, train_one, training_arguments
+from .engine import (METRICS, ModelResult, claim_output_dir, model_config, read_metrics, train_one,
+                     training_arguments)
 
 PLOT = "validation_loss.png"
 TABLE = "results.md"
@@ -28,7 +29,9 @@ def run_training(config: TrainConfig) -> list[ModelResult]:
         model_config(name, config)
     training_arguments(config, Path(config.output_dir))
     state = PartialState()
-    with state.main_process_first():  # rank 0 trains the tokenizer and tokenises; the others read its cache
+    with state.main_process_first():  # rank 0 claims the directories, trains the tokenizer and tokenises
+        for name in config.models:
+            claim_output_dir(name, config, write=state.is_main_process)
         data = prepare_data(config)
     if state.is_main_process:
         print(f"data: {data.description}; {len(data.validation)} validation sequences of {config.seq_len} tokens; "
