@@ -265,7 +265,7 @@ def claim_output_dir(name: str, config: TrainConfig, write: bool = True) -> None
     output_dir = Path(config.output_dir) / name
     wanted = json.loads(json.dumps(run_settings(name, config)))  # as it reads back from JSON
     record = output_dir / RUN
-    used = output_dir.is_dir() and any(output_dir.iterdir())
+    used = output_dir.is_dir() and any(p.name != RUN for p in output_dir.iterdir())  # anything trained there
     if used:
         if record.is_file():
             recorded = json.loads(record.read_text())
@@ -282,9 +282,10 @@ def claim_output_dir(name: str, config: TrainConfig, write: bool = True) -> None
             if write:
                 print(f"overwrite=true: deleting {output_dir} (made with other settings: {problem})", flush=True)
                 shutil.rmtree(output_dir)
+                used = False
     if write:
         output_dir.mkdir(parents=True, exist_ok=True)
-        if not record.is_file():
+        if not used:
             record.write_text(json.dumps(wanted, indent=2) + "\n")
 
 

@@ -29,10 +29,10 @@ def run_training(config: TrainConfig) -> list[ModelResult]:
         model_config(name, config)
     training_arguments(config, Path(config.output_dir))
     state = PartialState()
-    with state.main_process_first():  # rank 0 claims the directories, trains the tokenizer and tokenises
+    with state.main_process_first():  # rank 0 trains the tokenizer, tokenises and claims the directories
+        data = prepare_data(config)  # bad data fails first, before anything is written
         for name in config.models:
             claim_output_dir(name, config, write=state.is_main_process)
-        data = prepare_data(config)
     if state.is_main_process:
         print(f"data: {data.description}; {len(data.validation)} validation sequences of {config.seq_len} tokens; "
               f"vocabulary {len(data.tokenizer)}")
