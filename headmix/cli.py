@@ -93,9 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir")
     for p in (official, export):
         p.add_argument("--window-convention", choices=["decode", "prefill"], default=None,
-                       help="official 256-token windows: 'decode' sees the current token and 255 before it (the "
-                       "official decoding cache), 'prefill' 256 before it (its prompt/training mask). "
-                       "Default: decode on import, the recorded one on export")
+                       help="official 256-token windows: 'decode' = a query sees itself and 255 before it (256 "
+                       "keys: how official DCFormer scores prompts and decodes, and how DCPythia decodes); "
+                       "'prefill' = itself and 256 before it (257 keys: DCPythia's official prompt scoring, "
+                       "DCFormer's training path only). Default: decode on import, the recorded one on export")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="cast floating tensors (default: keep)")
         p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: %(default)s)")

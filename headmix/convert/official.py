@@ -30,13 +30,18 @@ order of :class:`headmix.layers.DynamicWeightProjection`, so those tensors keep 
 ``dyn_w_proj.dw_m`` / ``qkw_m`` / ``sw`` (copies the official code derives from the others at
 start-up) are dropped on import and not written on export.
 
-Sliding window. The official code's *decoding* cache for a local layer holds 256 positions, so a
-query sees itself and the 255 before it; its prefill and training mask (``j + 256 >= i``) lets a
-query see 256 earlier tokens, one more. headmix's ``window_size=w`` means "itself and ``w - 1``
-earlier tokens". ``window_convention="decode"`` (default) maps 256 -> 256, so long generations
-behave as the released models' own decoding does; ``"prefill"`` maps 256 -> 257, the mask under
-which prompts are scored and the PyTorch training code trained. Export maps back with the
-convention recorded in the config (``official_window_convention``).
+Sliding window. headmix's ``window_size=w`` means "a query sees itself and ``w - 1`` earlier
+tokens", so the official 256-token windows map to 256 keys (a query sees itself and the 255 before
+it) or 257 keys (itself and 256 before it, the ``j + 256 >= i`` mask). Which one the official code
+uses depends on the model and the path:
+
+* DCFormer: prompt scoring and decoding both use 256 keys; only its training path uses 257.
+* DCPythia: prompt scoring uses 257 keys, decoding 256.
+
+``window_convention="decode"`` (default) maps 256 -> 256: DCFormer behaves as its official code
+does when scoring and generating, DCPythia as its official decoding does. ``"prefill"`` maps
+256 -> 257: DCPythia's official prompt scoring, and DCFormer's training mask. Export maps back with
+the convention recorded in the config (``official_window_convention``).
 """
 
 from __future__ import annotations
