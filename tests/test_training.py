@@ -294,3 +294,15 @@ def test_fsdp2_trains_on_two_gpus(corpus_slice, tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
     assert load_config(path).models
+
+
+def test_loading_local_files_shows_no_download_bar(corpus_slice, tmp_path, capsys):
+    import datasets
+
+    from headmix.training.data import load_documents, resolve_data_files
+
+    fmt, files = resolve_data_files([str(corpus_slice)])
+    load_documents(fmt, files, cache_dir=tmp_path)
+    captured = capsys.readouterr()
+    assert "Downloading data" not in captured.err + captured.out
+    assert not datasets.utils.are_progress_bars_disabled()  # the other bars are left on
