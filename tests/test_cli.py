@@ -81,3 +81,18 @@ def test_train_option_style_gets_a_field_value_hint(capsys):
 def test_unknown_field_suggests_the_nearest(capsys):
     assert main("train", "max_step=10", "--show-config") == 2
     assert "'max_step': did you mean 'max_steps'?" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_what_was_kept_in_one_line(tmp_path, monkeypatch, capsys):
+    import headmix.training.run as run
+
+    def interrupted(config):
+        (tmp_path / "tiny-dcformer++" / "checkpoint-60").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_training", interrupted)
+    assert main("train", f"output_dir={tmp_path}") == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert f"tiny-dcformer++ at {tmp_path / 'tiny-dcformer++' / 'checkpoint-60'}" in err
+    assert "Run the same command to resume" in err
