@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .convert.collaborative import ALS_ITERATIONS  # light: torch and the layers
+
     parser = argparse.ArgumentParser(prog="headmix", description="Multi-head attention whose heads work together.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -35,9 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="validation loss and perplexity of a saved model on text files")
     evaluate.add_argument("model_dir")
     evaluate.add_argument("--data", nargs="+", required=True, help="text/JSONL/Parquet files or directories")
-    evaluate.add_argument("--seq-len", type=int, default=128, help="tokens per evaluated sequence (default: %(default)s)")
+    evaluate.add_argument("--seq-len", type=int, help="tokens per evaluated sequence (default: training's seq_len)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
-    evaluate.add_argument("--text-field", default="text", help="text field of JSONL/Parquet rows (default: %(default)s)")
+    evaluate.add_argument("--text-field", help="text field of JSONL/Parquet rows (default: training's text_field)")
     evaluate.add_argument("--max-sequences", type=int, help="evaluate at most this many sequences")
     evaluate.set_defaults(run=_eval)
 
@@ -73,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     collab.add_argument("--calibration", nargs="+", help="text files: decompose data-aware (whitened by real activations)")
     collab.add_argument("--calibration-sentences", type=int, default=256, help="(default: %(default)s)")
     collab.add_argument("--init", default="svd", choices=["svd", "random"], help="ALS initialisation (default: %(default)s)")
-    collab.add_argument("--iterations", type=int, default=20, help="ALS iteration cap (default: %(default)s)")
+    collab.add_argument("--iterations", type=int, default=ALS_ITERATIONS, help="ALS iteration cap (default: %(default)s)")
     collab.add_argument("--tol", type=float, default=1e-8, help="ALS tolerance (default: %(default)s)")
     collab.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     collab.add_argument("--distill-steps", type=int, default=0,
@@ -180,11 +182,14 @@ def _kept(config) -> str:
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluation import evaluate_files
+    from .training.config import TrainConfig  # the one home of seq_len and text_field
 
-    result = evaluate_files(args.model_dir, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                            text_field=args.text_field, max_sequences=args.max_sequences)
+    seq_len = args.seq_len if args.seq_len is not None else TrainConfig.seq_len
+    text_field = args.text_field if args.text_field is not None else TrainConfig.text_field
+    result = evaluate_files(args.model_dir, args.data, seq_len=seq_len, batch_size=args.batch_size,
+                            text_field=text_field, max_sequences=args.max_sequences)
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
-          f"({result['tokens']:,} predicted tokens in {result['sequences']} sequences of {args.seq_len})")
+          f"({result['tokens']:,} predicted tokens in {result['sequences']} sequences of {seq_len})")
     return 0
 
 
@@ -253,19 +258,13 @@ def _upcycle(args: argparse.Namespace) -> int:
 
 
 def _collab(args: argparse.Namespace) -> int:
-    import copy
     from pathlib import Path
 
-    from transformers import AutoModel, AutoTokenizer
-
-    import headmix  # noqa: F401  (registers the collaborative classes for saving)
-
-    from .convert.collaborative_hf import (attention_modules, collect_attention_inputs, convert_to_collaborative,
-                                          kv_cache_bytes_per_token)
+    from .convert.collaborative_directory import convert_directory, model_width
 
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
-    width = _collab_width(args.model_dir)  # checked before the model loads
+    width = model_width(args.model_dir)  # checked before the model loads
     if args.key_dim is not None and not 1 <= args.key_dim <= width:
         raise ValueError(f"--key-dim={args.key_dim} is not allowed for {args.model_dir}: expected 1 <= key_dim <= "
                          f"{width} (heads x head_dim; {width} reproduces the model exactly)")
@@ -275,77 +274,14 @@ def _collab(args: argparse.Namespace) -> int:
         raise ValueError(f"--distill-steps={args.distill_steps} is not allowed: expected 0 (none) or more")
     if args.distill_steps and not args.calibration:
         raise ValueError("--distill-steps needs texts to fine-tune on: pass --calibration FILES")
-    model = AutoModel.from_pretrained(args.model_dir).eval()
-    calibration = None
-    tokenizer = None
-    if (Path(args.model_dir) / "tokenizer_config.json").is_file() or (Path(args.model_dir) / "tokenizer.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    if args.calibration:
-        from .training.data import resolve_data_files
-
-        if tokenizer is None:
-            raise ValueError(f"--calibration needs the model's tokenizer, and {args.model_dir} has none")
-        _, files = resolve_data_files(args.calibration)
-        texts = [line for f in files for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
-        lines = [line.strip() for line in texts[: args.calibration_sentences]]
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        batches = [dict(tokenizer(lines[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-                   for i in range(0, len(lines), 32)]
-        calibration = collect_attention_inputs(model, batches)
-    teacher = copy.deepcopy(model) if args.distill_steps else None
-    before = sum(p.numel() for p in model.parameters())
-    full = {name: module for name, module in attention_modules(model)}
-    results = convert_to_collaborative(model, key_dim=args.key_dim, key_dim_ratio=args.key_dim_ratio,
-                                       calibration=calibration, init=args.init, n_iter_max=args.iterations,
-                                       tol=args.tol, seed=args.seed)
-    after = sum(p.numel() for p in model.parameters())
-    weighted = calibration is not None
-    print(f"{'layer':<44}{'D~k':>6}{'rel. error':>12}" + (f"{'weighted':>10}" if weighted else ""))
-    for name, weights in results.items():
-        extra = f"{weights.whitened_error:>10.4f}" if weighted and weights.whitened_error is not None else ""
-        print(f"{name:<44}{weights.mixing.shape[1]:>6}{weights.relative_error:>12.4f}{extra}")
-    print("rel. error: ||T~ - T|| / ||T|| over every head's query-key product T_h = W_Q^h W_K^h^T (0 = exact)."
-          + (" The data-aware decomposition minimises the error weighted by the calibration activations "
-             "('weighted'), so its plain rel. error is higher by design." if weighted else ""))
-    first = next(iter(results.values()))
-    d_in, key_dim, heads = first.query.shape[0], first.mixing.shape[1], first.mixing.shape[0]
-    print(f"parameters: {before:,} -> {after:,} ({(after - before) / before:+.1%}); query/key projection "
-          f"FLOPs per token per layer: {2 * 2 * d_in * d_in:,} -> {2 * 2 * d_in * key_dim:,} "
-          f"({len(full)} attention module(s))")
-    print(f"score FLOPs per query-key pair per layer: {2 * d_in:,} -> {2 * heads * key_dim:,}: each of the {heads} "
-          f"heads now scores with D~k={key_dim}-wide vectors (the shared key times its own mixing) instead of "
-          f"d_k={d_in // heads}: fewer parameters and a smaller key cache, but more work per score")
-    if weighted:
-        print("calibration: the data-aware decomposition fits the calibration texts' activations; its gain holds for "
-              "text like them (measured on MiniLM: no better than the plain decomposition on other English text). "
-              "Calibrate on text like what the model will see.")
-    if teacher is not None:
-        from .convert.distill import distill
-
-        losses = distill(model, teacher, tokenizer, texts, steps=args.distill_steps)
-        print(f"distillation: {args.distill_steps} steps on {len(texts):,} lines, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    cache = kv_cache_bytes_per_token(model)
-    if cache is not None:
-        print(f"key+value cache per token (all layers, {next(model.parameters()).dtype}): {cache[0]:,} -> {cache[1]:,} "
-              f"bytes ({(cache[1] - cache[0]) / cache[0]:+.1%}; one shared key of D~k per position)")
-    model.save_pretrained(args.out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.out_dir)
+    report = convert_directory(
+        args.model_dir, args.out_dir, key_dim=args.key_dim, key_dim_ratio=args.key_dim_ratio,
+        calibration=args.calibration, calibration_sentences=args.calibration_sentences, init=args.init,
+        n_iter_max=args.iterations, tol=args.tol, seed=args.seed, distill_steps=args.distill_steps,
+    )
+    print("\n".join(report.lines()))
     print(f"wrote {args.out_dir} (loads with AutoModel.from_pretrained after `import headmix`)")
     return 0
-
-
-def _collab_width(model_dir: str) -> int:
-    """heads x head_dim of a Hugging Face model, from its config.json alone (no weights loaded)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    for name in ("hidden_size", "n_embd", "dim"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"{model_dir}/config.json names no hidden size (hidden_size, n_embd or dim)")
 
 
 def _official(args: argparse.Namespace) -> int:
