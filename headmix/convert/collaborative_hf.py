@@ -25,11 +25,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..layers.collaborative import content_biased_attention
+from ..layers.collaborative import collaborative_core, mixed_queries
 from .collaborative import CollaborativeWeights, reparametrize
 
 ATTENTION_NAME = "headmix_collaborative"
@@ -88,16 +87,15 @@ def collaborative_attention(module: nn.Module, x_q: Tensor, key: Tensor, value: 
     """Collaborative attention from the query-side input ``x_q`` ``(B, T, D)``, the shared keys
     ``(B, S, D~k [+ H])`` of :func:`shared_key` and the values ``(B, H, S, d_v)``: ``(B, H, T, d_v)``."""
     collab: CollaborativeProjection = module.headmix_collaborative
-    heads, key_dim = collab.mixing.shape
+    key_dim = collab.mixing.shape[1]
     T, S = x_q.shape[1], key.shape[1]
-    q = collab.query(x_q)[:, None] * collab.mixing[None, :, None, :]  # (B, H, T, D~k)
-    k = key[..., :key_dim][:, None].expand(-1, heads, -1, -1)  # one shared key, a stride-0 view over heads
+    q = mixed_queries(collab.query(x_q)[:, None], collab.mixing)  # (B, H, T, D~k)
+    k = key[..., :key_dim][:, None]  # one shared key for every head
     if mask is None and getattr(module, "is_causal", False) and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
     dropout_p = dropout if module.training else 0.0
-    if collab.content_bias is not None:  # x_j . u_h, the query bias's surviving term
-        return content_biased_attention(q, k, value, key[..., key_dim:] * scale, mask, scale, dropout_p)
-    return F.scaled_dot_product_attention(q, k, value, attn_mask=mask, scale=scale, dropout_p=dropout_p)
+    content = key[..., key_dim:] * scale if collab.content_bias is not None else None  # x_j . u_h, scaled
+    return collaborative_core(q, k, value, content, mask, scale, dropout_p)
 
 
 def collaborative_attention_function(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
