@@ -29,7 +29,7 @@ class TrainConfig:
 
     Models and data:
         models: presets to train one after the other on the same tokens (see ``headmix presets``).
-        model_overrides: config fields applied to every model (e.g. ``{attention_backend: chunked}``).
+        model_overrides: config fields applied to every model (e.g. ``{attention_options: {backend: chunked}}``).
         data: text/JSONL/Parquet files or directories; empty: the embedded Shakespeare corpus.
         text_field: the field holding the text in JSONL/Parquet rows.
         tokenizer: a saved tokenizer directory; empty: train a byte-level BPE on the training data (cached).
