@@ -29,13 +29,16 @@ from .reference import ComposeWeights, compose, composed_attention
 
 __version__ = "0.1.0"
 
-_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel", "upcycle")
+_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel")
 
 
 def __getattr__(name: str) -> Any:
-    """The model classes import :mod:`headmix.models` (and ``transformers``) on first use (PEP 562)."""
+    """The model classes import :mod:`headmix.models` (and ``transformers``) on first use (PEP 562);
+    ``upcycle`` (headmix or Llama-family models) is :func:`headmix.convert.upcycle.upcycle`."""
     if name in _MODELS:
         return getattr(importlib.import_module(".models", __name__), name)
+    if name == "upcycle":
+        return importlib.import_module(".convert.upcycle", __name__).upcycle
     raise AttributeError(f"module 'headmix' has no attribute {name!r}")
 
 

@@ -3,7 +3,7 @@
     headmix train [--config FILE] [field=value ...]   train and compare models (default: the embedded job)
     headmix eval MODEL_DIR --data FILE ...             validation loss / perplexity on text files
     headmix generate MODEL_DIR --prompt TEXT            stream generated text
-    headmix convert upcycle SRC_DIR OUT_DIR             Transformer++/Pythia -> DCFormer/DCPythia, same outputs
+    headmix convert upcycle SRC OUT_DIR                 headmix or Llama/Mistral/Qwen2/GPT-NeoX -> DCFormer, same outputs
     headmix convert collab MODEL_DIR OUT_DIR --key-dim-ratio 0.5   MHA -> collaborative attention (BERT, GPT-2, ...)
     headmix convert official SRC_DIR OUT_DIR            official DCFormer/DCPythia checkpoint -> headmix
     headmix convert to-official SRC_DIR OUT_DIR         headmix -> official DCFormer/DCPythia layout
@@ -55,10 +55,19 @@ def _parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="convert checkpoints")
     kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
-    upcycle = kinds.add_parser("upcycle", help="Transformer++/Pythia -> DCFormer/DCPythia with identical outputs")
-    upcycle.add_argument("src_dir")
+    upcycle = kinds.add_parser(
+        "upcycle", help="a headmix Transformer++/Pythia or a Llama/Mistral/Qwen2/GPT-NeoX -> DCFormer, same outputs",
+        description="Turn every multi-head attention layer into DCMHA (or talking-heads) with identical logits, "
+        "ready for continued training (`headmix train init_from=OUT_DIR`). SRC may be: a headmix model directory; "
+        "a transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM or GPTNeoXForCausalLM (Pythia) "
+        "directory (config.json + weights); or such a model as a .gguf file (or a directory holding one; needs the "
+        "`gguf` package). What would change the outputs (RoPE scaling, head_dim != hidden_size/heads, ...) is "
+        "refused from the config before any weight is read. The tokenizer is copied along.",
+    )
+    upcycle.add_argument("src", metavar="SRC", help="model directory or .gguf file (see above)")
     upcycle.add_argument("out_dir")
-    upcycle.add_argument("--attention", default="dcmha", choices=["dcmha", "talking_heads"])
+    upcycle.add_argument("--attention", default="dcmha", choices=["dcmha", "talking_heads", "mha"],
+                         help="new attention kind; 'mha' imports a foreign model unchanged (default: %(default)s)")
     upcycle.set_defaults(run=_upcycle)
 
     collab = kinds.add_parser(
@@ -239,21 +248,12 @@ def _max_positions(config) -> int | None:
 
 
 def _upcycle(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .convert.upcycle import upcycle_directory
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .models import DCFormerForCausalLM, upcycle
-
-    if not (Path(args.src_dir) / "config.json").is_file():
-        raise ValueError(f"model directory {args.src_dir} does not exist or has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(args.src_dir)
-    if not isinstance(model, DCFormerForCausalLM):
-        raise ValueError(f"{args.src_dir} holds a {type(model).__name__}: expected a headmix model")
-    upcycle(model, attention=args.attention).save_pretrained(args.out_dir)
-    if (Path(args.src_dir) / "tokenizer.json").is_file():
-        AutoTokenizer.from_pretrained(args.src_dir).save_pretrained(args.out_dir)
-    print(f"wrote {args.out_dir}: every mha layer is now {args.attention}, outputs unchanged")
+    model = upcycle_directory(args.src, args.out_dir, attention=args.attention)
+    c = model.config
+    print(f"wrote {args.out_dir}: {c.num_hidden_layers} layers of {args.attention} attention ({c.backbone} backbone, "
+          f"{c.num_parameters() / 1e6:,.1f}M parameters), outputs unchanged")
     return 0
 
 

@@ -41,6 +41,8 @@ class Attention(nn.Module):
         window: if set, a sliding window: a query sees only the ``window`` most recent positions
             (itself included).
         bias: biases on the projections.
+        out_bias: bias on the output projection (``None``: as ``bias``); ``bias=True, out_bias=False`` is Qwen2's
+            attention (biased query, key and value projections only).
         rotary: apply rotary position embedding to queries and keys.
         rotary_base: rotary frequency base.
         rotary_fraction: share of each head's channels that rotate (partial rotary, Pythia: 0.25).
@@ -50,7 +52,7 @@ class Attention(nn.Module):
     #: The options a model sets from its own fields for every layer (mask, biases, positions); every other
     #: keyword option of a layer class is an attention option (``DCFormerConfig.attention_options``).
     MODEL_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "causal", "window", "bias", "rotary", "rotary_base", "rotary_fraction", "qk_norm",
+        "causal", "window", "bias", "out_bias", "rotary", "rotary_base", "rotary_fraction", "qk_norm",
     )
     #: Whether the layer has per-head keys to normalise (collaborative attention has one shared key).
     supports_qk_norm: ClassVar[bool] = True
@@ -63,6 +65,7 @@ class Attention(nn.Module):
         causal: bool = True,
         window: int | None = None,
         bias: bool = False,
+        out_bias: bool | None = None,
         rotary: bool = False,
         rotary_base: float = DEFAULT_BASE,
         rotary_fraction: float = 1.0,
@@ -81,7 +84,7 @@ class Attention(nn.Module):
         self.window = window
         self.scale = 1.0 / math.sqrt(self.head_dim)
         self.v_proj = nn.Linear(dim, dim, bias=bias)
-        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_base, rotary_fraction) if rotary else None
         self.q_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
         self.k_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None

@@ -11,6 +11,7 @@ every default stays in the layer class. Parameter counts and FLOPs are asked of 
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any
 
 import torch
@@ -42,6 +43,38 @@ def attention_option_defaults() -> dict[str, Any]:
             if name not in layer_class.MODEL_OPTIONS:
                 defaults.setdefault(name, value)
     return defaults
+
+
+#: The ``model_type`` of checkpoints headmix converts -> the command that does it (for the message of a config
+#: that is not ours). The Llama family is :mod:`headmix.convert.llama`'s, the official format :mod:`...official`'s.
+FOREIGN_MODEL_TYPES = {
+    **{kind: "headmix convert upcycle SRC_DIR OUT_DIR" for kind in ("llama", "mistral", "qwen2", "gpt_neox")},
+    **{kind: "headmix convert official SRC_DIR OUT_DIR" for kind in ("dcformer", "dcpythia")},
+}
+
+
+def foreign_config_message(model_type: Any, where: str = "the config") -> str:
+    """What a config of another ``model_type`` is, and which command turns it into a headmix model."""
+    command = FOREIGN_MODEL_TYPES.get(model_type)
+    how = (f"convert it with `{command}`" if command else
+           f"headmix converts {sorted(FOREIGN_MODEL_TYPES)} checkpoints (`headmix convert --help`)")
+    return f"{where} is a {model_type!r} model, not a headmix model ({MODEL_TYPE!r}): {how}"
+
+
+def _general_fields() -> frozenset[str]:
+    """The fields any Hugging Face config may carry besides ours (saved by ``save_pretrained``, passed by
+    ``from_pretrained``, generation defaults of old files, ids of special tokens) and those our converters add."""
+    import inspect
+
+    from transformers import GenerationConfig
+
+    fields = set(inspect.signature(PretrainedConfig.__init__).parameters) - {"self", "kwargs"}
+    fields |= set(GenerationConfig._get_default_generation_params())
+    fields |= {"model_type", "transformers_version", "torch_dtype", "name_or_path", "_name_or_path", "_commit_hash",
+               "output_attentions", "attn_implementation", "experts_implementation", "num_labels", "use_cache",
+               "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+               "tokenizer_class", "auto_map", "official_window_convention"}
+    return frozenset(fields | set(LEGACY_OPTIONS))
 
 
 def _multiple_of(value: float, multiple: int) -> int:
@@ -138,6 +171,8 @@ class DCFormerConfig(PretrainedConfig):
         rope_theta: rotary frequency base.
         rotary_pct: share of each head's channels that rotate (default 1.0 for ``llama``, 0.25 for ``pythia``).
         parallel_residual, use_bias, tie_word_embeddings: default from the backbone.
+        attention_bias: biases of the attention projections: ``None`` (as ``use_bias``), ``True`` (query, key,
+            value and output), ``False`` (none) or ``"qkv"`` (query, key and value only: Qwen2).
         norm_eps: epsilon of the normalisation layers.
         mlp_gate_groups: ``E``, or ``None``: split the SwiGLU hidden units into ``E`` groups, each scaled by
             a softmax gate over groups computed from the input (the official code's ``mgate``; ``llama`` only).
@@ -164,12 +199,17 @@ class DCFormerConfig(PretrainedConfig):
         rotary_pct: float | None = None,
         parallel_residual: bool | None = None,
         use_bias: bool | None = None,
+        attention_bias: bool | str | None = None,
         norm_eps: float | None = None,
         mlp_gate_groups: int | None = None,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool | None = None,
         **kwargs: Any,
     ) -> None:
+        model_type = kwargs.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(foreign_config_message(model_type))
+        self._check_field_names(kwargs)
         check_choice("backbone", backbone, BACKBONES)
         pythia = backbone == "pythia"
         self.vocab_size = vocab_size
@@ -189,6 +229,7 @@ class DCFormerConfig(PretrainedConfig):
         self.rotary_pct = rotary_pct if rotary_pct is not None else (0.25 if pythia else 1.0)
         self.parallel_residual = parallel_residual if parallel_residual is not None else pythia
         self.use_bias = use_bias if use_bias is not None else pythia
+        self.attention_bias = attention_bias
         self.norm_eps = norm_eps if norm_eps is not None else (1e-5 if pythia else 1e-6)
         self.mlp_gate_groups = mlp_gate_groups
         self.initializer_range = initializer_range
@@ -197,6 +238,35 @@ class DCFormerConfig(PretrainedConfig):
         self.validate_fields(legacy_names)
 
     # -- validation ------------------------------------------------------------------------------
+    @classmethod
+    def _check_field_names(cls, extra: dict[str, Any]) -> None:
+        """Refuse a keyword that is neither a field of ours nor a general Hugging Face one, naming the nearest
+        field (a misspelt field would otherwise be stored and silently ignored)."""
+        import inspect
+
+        ours = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(extra) - _general_fields())
+        if unknown:
+            name = unknown[0]
+            if name in attention_option_defaults():
+                raise ValueError(f"{name!r} is an attention layer option, not a DCFormerConfig field: pass "
+                                 f"attention_options={{{name!r}: {extra[name]!r}}}")
+            near = difflib.get_close_matches(name, sorted(ours | set(attention_option_defaults())), n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"DCFormerConfig has no field {name!r}: {hint}the fields are {sorted(ours)} "
+                             "(attention layer options go in attention_options)")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> DCFormerConfig:
+        """``PretrainedConfig.from_pretrained``, refusing a directory of another model (a Llama's, say) with what it
+        is and the command that converts it."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **{
+            k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "subfolder", "token")})
+        model_type = config_dict.get("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ValueError(foreign_config_message(model_type, str(pretrained_model_name_or_path)))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def validate_fields(self, legacy_names: dict[str, str] | None = None) -> None:
         """Raise ``ValueError`` naming the first bad field, its value and what is allowed (an attention
         option under the name it was given, ``legacy_names``: option -> old field name)."""
@@ -222,6 +292,9 @@ class DCFormerConfig(PretrainedConfig):
                 )
             if self.window_size is None and "L" in self.window_pattern:
                 raise ValueError(f"window_pattern={self.window_pattern!r} has local layers but window_size=None: set window_size")
+        if self.attention_bias not in (None, True, False, "qkv"):
+            raise ValueError(f"attention_bias={self.attention_bias!r} is not allowed: expected None (as use_bias), "
+                             "True, False or 'qkv' (query, key and value projections only)")
         if not 0.0 < self.rotary_pct <= 1.0:
             raise ValueError(f"rotary_pct={self.rotary_pct!r} is not allowed: expected 0 < rotary_pct <= 1")
         self._validate_attention_options(set(kinds), legacy_names or {})
@@ -272,8 +345,9 @@ class DCFormerConfig(PretrainedConfig):
         return self.attention_options.get(name, defaults[name])
 
     def _build(self, layer_class: type[Attention], window: int | None) -> Attention:
-        model = dict(causal=True, window=window, bias=self.use_bias, rotary=True, rotary_base=self.rope_theta,
-                     rotary_fraction=self.rotary_pct)
+        bias = self.use_bias if self.attention_bias is None else bool(self.attention_bias)
+        model = dict(causal=True, window=window, bias=bias, out_bias=bias and self.attention_bias != "qkv",
+                     rotary=True, rotary_base=self.rope_theta, rotary_fraction=self.rotary_pct)
         if layer_class.supports_qk_norm:
             model["qk_norm"] = self.qk_norm
         takes = layer_class.attention_option_names()

@@ -29,8 +29,9 @@ def upcycle(model: DCFormerForCausalLM, attention: str = "dcmha", **config_overr
     check_choice("attention", attention, ("dcmha", "talking_heads"))
     if not isinstance(model, DCFormerForCausalLM):
         raise ValueError(
-            f"model is a {type(model).__name__}: expected a headmix DCFormerForCausalLM "
-            "(official checkpoints: `headmix convert official` first)"
+            f"model is a {type(model).__name__}: expected a headmix DCFormerForCausalLM (a transformers Llama, "
+            "Mistral, Qwen2 or GPT-NeoX: headmix.convert.upcycle or `headmix convert upcycle SRC OUT`; official "
+            "DCFormer checkpoints: `headmix convert official` first)"
         )
     overrides = dict(config_overrides)
     options = dict(overrides.pop("attention_options", None) or {})
