@@ -317,8 +317,8 @@ def _collab(args: argparse.Namespace) -> int:
           f"heads now scores with D~k={key_dim}-wide vectors (the shared key times its own mixing) instead of "
           f"d_k={d_in // heads}: fewer parameters and a smaller key cache, but more work per score")
     if weighted:
-        print("calibration: the data-aware decomposition fits the calibration texts' activations; its gain holds for "
-              "text like them (measured on MiniLM: no better than the plain decomposition on other English text). "
+        print("calibration: the data-aware decomposition fits the calibration texts' activations; its gain is largest "
+              "on text like them and smaller, or none, on other text (MiniLM measurements: docs/collaborative.md). "
               "Calibrate on text like what the model will see.")
     if teacher is not None:
         from .convert.distill import distill
