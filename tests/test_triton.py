@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from headmix import DCMHA
-from headmix.masks import attention_mask
+from headmix.masks import MaskSpec, attention_mask
 from headmix.ops import available_backends, resolve_backend, triton_takes
 from headmix.reference import ComposeWeights, composed_attention
 
-triton_dcmha = pytest.importorskip("headmix.ops.triton_dcmha")
+triton_dcmha = pytest.importorskip("headmix.ops.triton")
+from headmix.ops.triton import launch, op  # noqa: E402
+
+CAUSAL = MaskSpec(causal=True)
 FIELDS = triton_dcmha.FIELDS
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -83,7 +86,7 @@ def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=F
                                                      pre=pre32, post=post32, groups=G)
     else:  # the positional structure, no mask tensor
         out = triton_dcmha.triton_composed_attention(q32, k32, v32, scale=D**-0.5, pre=pre32, post=post32,
-                                                     groups=G, causal=causal, window=window)
+                                                     groups=G, mask=MaskSpec(causal=causal, window=window))
     grads = torch.autograd.grad(out, leaves(q32, k32, v32, pre32, post32), do.float().to(DEVICE))
 
     def rel(a, b):
@@ -122,11 +125,11 @@ def test_training_head_dims_limits():
     """Above 128 no kernels; above 64 training needs equal key and value head dims."""
     x = torch.randn(1, 4, 16, 256, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="head dim 256 is not supported: expected at most 128"):
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, mask=CAUSAL)
     q = torch.randn(1, 4, 16, 128, device=DEVICE, requires_grad=True)
     v = torch.randn(1, 4, 16, 64, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="needs equal key and value head dims, got 128 and 64"):
-        triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, causal=True)
+        triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, mask=CAUSAL)
 
 
 def test_32_heads_per_group_run_forward_only():
@@ -141,14 +144,14 @@ def test_32_heads_per_group_run_forward_only():
     with torch.no_grad():
         ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
         out = triton_dcmha.triton_composed_attention(*(t.float().to(DEVICE) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=as_float32(pre), post=as_float32(post), causal=True)
+                                                     pre=as_float32(pre), post=as_float32(post), mask=CAUSAL)
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
     x = q.float().to(DEVICE).requires_grad_()
     with pytest.raises(ValueError, match="training with 32 heads per group is not supported: expected at most 16"):
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, mask=CAUSAL)
     assert not triton_takes(x, groups=1, training=True) and triton_takes(x, groups=2, training=True)
     assert triton_takes(x, groups=1, training=False)
-    assert not triton_takes(torch.zeros(1, 4, 8, 80), training=False)  # head dim 80 (DCFormer-2.8B): chunked
+    assert triton_takes(torch.zeros(1, 4, 8, 80), training=True)  # head dim 80 (DCFormer-2.8B): padded to 128
 
 
 def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch):
@@ -158,6 +161,10 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
 
     def no_room(*args, **kwargs):
         raise OutOfResources(300_000, 232_448, "shared memory")
+
+    import headmix.ops
+
+    monkeypatch.setattr(headmix.ops, "_WARNED", set())  # the fallback warns once per reason and process
 
     g = torch.Generator().manual_seed(7)
     B, H, T, D = 1, 4, 21, 16
@@ -169,12 +176,12 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
     expected = torch.autograd.grad(ref, leaves(q, k, v, pre, post), do)
     q32, k32, v32, pre32, post32 = float32_leaves(q, k, v, pre, post)
     args = (q32, k32, v32)
-    kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, causal=True, window=5)
-    monkeypatch.setattr(triton_dcmha, "triton_backward", no_room)
+    kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, mask=MaskSpec(causal=True, window=5))
+    monkeypatch.setattr(op, "triton_backward", no_room)
     out = triton_dcmha.triton_composed_attention(*args, **kwargs)  # the forward kernel fits
     with pytest.raises(RuntimeError, match="do not fit this GPU at this shape .*shared memory.*backend='chunked'"):
         out.backward(do.float().to(DEVICE))
-    monkeypatch.setattr(triton_dcmha, "triton_forward", no_room)
+    monkeypatch.setattr(op, "triton_forward", no_room)
     with pytest.raises(RuntimeError, match="do not fit this GPU"):
         triton_dcmha.triton_composed_attention(*args, **kwargs)
     with pytest.warns(RuntimeWarning, match="falls back"):
@@ -195,7 +202,7 @@ def test_non_dense_inputs_get_gradients_in_place():
     leaves = [big.clone().requires_grad_() for _ in range(3)]
     q, k, v = (t[..., :D] for t in leaves)  # non-dense views (stride 3*D over a D-wide last dim)
     pre = as_float32(random_weights(B, T, T, 1, H, 2, FIELDS, g))
-    out = triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, causal=True)
+    out = triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, mask=CAUSAL)
     grads = torch.autograd.grad(out.sum(), leaves)
     dense = [t.detach()[..., :D].contiguous().requires_grad_() for t in leaves]
     ref = composed_attention(*dense, scale=D**-0.5, mask=torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril(),
@@ -218,7 +225,7 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
 
     def attend(q, k, v):
         return triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, post=post, groups=2,
-                                                      causal=True, window=5)
+                                                      mask=MaskSpec(causal=True, window=5))
 
     eager = attend(*leaves)
     eager_grads = torch.autograd.grad(eager.square().sum(), leaves)
@@ -226,14 +233,14 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(*leaves)
     grads = torch.autograd.grad(compiled.square().sum(), leaves)
     assert torch.equal(compiled, eager) and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
-    weights = [*triton_dcmha._flatten(pre, leaves[0].new_empty(0)), *triton_dcmha._flatten(post, leaves[0].new_empty(0))]
+    weights = [*triton_dcmha.flatten(pre, leaves[0].new_empty(0)), *triton_dcmha.flatten(post, leaves[0].new_empty(0))]
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.headmix.dcmha_forward.default,
-                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights, False), test_utils=checks)
-    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, True, True, weights, False)
+                          (*leaves, None, D**-0.5, 2, True, 5, 0, True, True, weights, False), test_utils=checks)
+    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, 0, True, True, weights, False)
     do = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2)
     torch.library.opcheck(torch.ops.headmix.dcmha_backward.default,
-                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, True, True, weights,
+                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, 0, True, True, weights,
                            False),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -257,14 +264,15 @@ def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
                           window=kwargs.get("window"), key_padding=padding)
     ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
     f32 = [t.float().to(DEVICE) for t in (q, k, v)]
-    meta = triton_dcmha._launch_meta(*f32, G, pre, post, "fwd")
-    assert triton_dcmha._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"])[1] > 1
+    meta = triton_dcmha.launch_meta(*f32, G, pre, post, "fwd")
+    assert launch._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"])[1] > 1
     structure = None if padding is not None else (kwargs["causal"], kwargs.get("window"))
     with torch.no_grad():
-        out = triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, mask=mask.to(DEVICE), groups=G,
-                                                     pre=as_float32(pre), post=as_float32(post), structure=structure)
+        out = triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, groups=G,
+                                                     pre=as_float32(pre), post=as_float32(post),
+                                                     mask=MaskSpec.of(mask.to(DEVICE), structure))
         whole, _ = triton_dcmha.triton_forward(*f32, D**-0.5, mask.to(DEVICE), as_float32(pre), as_float32(post),
-                                               G, False, 0, split=False)
+                                               G, False, 0, S - T, split=False)
     assert (out.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (whole.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
@@ -299,10 +307,10 @@ def test_backend_choice_and_errors(monkeypatch):
         resolve_backend("triton", 16, 128, cpu)
     q = torch.randn(1, 4, 16, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
-        triton_dcmha.triton_composed_attention(q, q, q, scale=0.25, causal=True)
-    with pytest.raises(ValueError, match="head dims 12, 12 must be powers of two"):
+        triton_dcmha.triton_composed_attention(q, q, q, scale=0.25, mask=CAUSAL)
+    with pytest.raises(ValueError, match="head dims 12, 12 are not supported: expected at least 16"):
         x = torch.randn(1, 4, 16, 12, device=DEVICE)
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.25, causal=True)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.25, mask=CAUSAL)
 
 
 @pytest.mark.gpu
@@ -340,7 +348,7 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
     pre_l = ComposeWeights(**{f: next(it) if getattr(pre, f) is not None else None for f in FIELDS})
     post_l = ComposeWeights(**{f: next(it) if getattr(post, f) is not None else None for f in FIELDS})
     out = triton_dcmha.triton_composed_attention(*low[:3], scale=head_dim**-0.5, pre=pre_l, post=post_l, groups=G,
-                                                 causal=True)
+                                                 mask=CAUSAL)
     grads = torch.autograd.grad(out, low, do.to("cuda", dtype))
     names = ["out", "dq", "dk", "dv"] + [f"d{c}.{f}" for c, w in (("pre", pre), ("post", post)) for f in FIELDS
                                          if getattr(w, f) is not None]
@@ -363,7 +371,7 @@ def test_gpu_head_dim_128_inference():
         low = ComposeWeights(**{f: getattr(pre, f).to("cuda", torch.bfloat16) for f in FIELDS})
         low_post = ComposeWeights(**{f: getattr(post, f).to("cuda", torch.bfloat16) for f in FIELDS})
         out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=low, post=low_post, causal=True)
+                                                     pre=low, post=low_post, mask=CAUSAL)
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
 
 
