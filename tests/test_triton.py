@@ -63,11 +63,14 @@ def float32_leaves(q, k, v, pre, post):
 
 
 def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=FIELDS, pre_on=True, post_on=True,
-            seed=0, tol=1e-5):
-    """Float32 kernels vs the float64 reference: relative error of the output and of every gradient."""
+            seed=0, tol=1e-5, kv_heads=None):
+    """Float32 kernels vs the float64 reference: relative error of the output and of every gradient. With
+    ``kv_heads``, k and v have that many heads (grouped-query attention) and the reference gets them repeated."""
     g = torch.Generator().manual_seed(seed)
     M = H // G
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).requires_grad_() for n in (T, S, S))
+    Hkv = kv_heads or H
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     pre = random_weights(B, T, S, G, M, R, fields, g) if pre_on else None
     post = random_weights(B, T, S, G, M, R, fields, g) if post_on else None
     key_padding = None
@@ -76,7 +79,8 @@ def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=F
         key_padding[0, : S // 3] = False
     mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window,
                           key_padding=key_padding)
-    reference = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))  # grouped-query heads, repeated
+    reference = composed_attention(q, k_rep, v_rep, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
     do = torch.randn(reference.shape, generator=g, dtype=torch.float64)
     expected = torch.autograd.grad(reference, leaves(q, k, v, pre, post), do)
 
@@ -111,6 +115,11 @@ CASES = [
     (1, 4, 19, 19, 128, 1, 2, dict(causal=True, window=6)),  # head dim 128: the backward works in 64-wide chunks
     (1, 16, 18, 18, 128, 1, 2, dict(causal=True, padding=True)),  # ... with 16 heads per group and a mask
     (1, 32, 17, 17, 16, 2, 4, dict(causal=True, window=9)),  # 32 heads in 2 groups, rank 4
+    (2, 8, 19, 19, 16, 2, 2, dict(causal=True, window=6, kv_heads=2)),  # grouped-query: 4 query heads per k/v head
+    (2, 4, 6, 21, 16, 1, 2, dict(causal=True, padding=True, kv_heads=1)),  # one shared k/v head, cache, padding
+    (1, 4, 19, 19, 16, 1, 2, dict(causal=False, window=5)),  # non-causal window: bounded on both sides
+    (1, 4, 17, 17, 24, 1, 2, dict(causal=True, kv_heads=2)),  # head dim 24, padded to 32
+    (1, 4, 13, 13, 80, 2, 2, dict(causal=True, window=5)),  # head dim 80 (DCFormer-2.8B), padded to 128
 ]
 
 
