@@ -339,17 +339,20 @@ def test_gpu_torch_compile_runs_the_layer():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
+@pytest.mark.parametrize("head_dim, kv_heads", [(64, 16), (80, 16), (96, 16), (128, 16), (64, 4), (128, 8)])
+def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads):
     g = torch.Generator().manual_seed(1)
     B, H, T, G, R = 2, 16, 300, 1, 2
     M = H // G
-    q, k, v = (torch.randn(B, H, T, head_dim, generator=g) for _ in range(3))
+    q = torch.randn(B, H, T, head_dim, generator=g)
+    k, v = (torch.randn(B, kv_heads, T, head_dim, generator=g) for _ in range(2))
     pre = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
     post = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
     leaves32 = [t.requires_grad_() for t in leaves(q, k, v, pre, post)]
     mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
-    ref = composed_attention(*leaves32[:3], scale=head_dim**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    k_rep, v_rep = (t.repeat_interleave(H // kv_heads, dim=1) for t in leaves32[1:3])
+    ref = composed_attention(leaves32[0], k_rep, v_rep, scale=head_dim**-0.5, mask=mask, pre=pre, post=post,
+                             groups=G)
     do = torch.randn(ref.shape, generator=g)
     expected = torch.autograd.grad(ref, leaves32, do)
     low = [t.detach().to("cuda", dtype).requires_grad_() for t in leaves32]
@@ -382,6 +385,25 @@ def test_gpu_head_dim_128_inference():
         out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
                                                      pre=low, post=low_post, mask=CAUSAL)
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_gpu_auto_warns_once_when_it_trains_off_the_kernels():
+    """32 heads in one group (DCFormer-2.8B, 6.9B) do not train on the kernels: auto says why, once."""
+    import warnings
+
+    import headmix.ops
+
+    headmix.ops._WARNED.clear()
+    q = torch.zeros(1, 32, 512, 80, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="chunked .*because .*training with 32 heads per group"):
+        assert resolve_backend("auto", 512, 128, q).__name__ == "chunked_composed_attention"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_backend("auto", 512, 128, q)  # once
+    with torch.no_grad():
+        assert resolve_backend("auto", 512, 128, q).func is triton_dcmha.triton_composed_attention
 
 
 def test_attention_benchmark_script_runs_at_a_tiny_size():

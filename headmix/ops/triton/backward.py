@@ -60,6 +60,8 @@ def _bwd_query_kernel(
     STAGE 2: ``dQ`` (chunk ``program_id(2)`` of the head dim) and the query-side gradients of the
     pre-Compose. Static-mix gradients are stored per program (summed by the host)."""
     pid_i = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first (longest job first, a shorter tail)
+        pid_i = tl.num_programs(0) - 1 - pid_i
     bg = tl.program_id(1)
     chunk = tl.program_id(2)
     b = bg // G

@@ -26,6 +26,8 @@ def _fwd_kernel(
     in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 reads the combined ``lse`` ``(B, H, T)`` and stores
     the split's unreduced float32 ``P' V`` in ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by the host)."""
     pid_i = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first (longest job first, a shorter tail)
+        pid_i = tl.num_programs(0) - 1 - pid_i
     bg = tl.program_id(1)
     b = bg // G
     g = bg % G
