@@ -21,13 +21,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from headmix.masks import MaskSpec  # noqa: E402
 from headmix.ops import resolve_backend  # noqa: E402
+from headmix.ops.triton import tensor_core_flops  # noqa: E402
 from headmix.reference import ComposeWeights  # noqa: E402
-
-try:
-    from headmix.masks import MaskSpec  # noqa: E402
-except ImportError:  # older layout
-    MaskSpec = None
 
 
 def weights(B, T, G, M, R, static, device, dtype, gen):
@@ -58,7 +55,6 @@ def main() -> None:
     p.add_argument("--no-static", action="store_true", help="static head mix off (dcmha_static=False)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--ncu", action="store_true", help="one forward+backward only (for ncu)")
-    p.add_argument("--deterministic", type=int, default=None)
     args = p.parse_args()
     dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     B, H, T, D, G, R = args.batch, args.heads, args.seq, args.head_dim, args.groups, args.rank
@@ -70,14 +66,10 @@ def main() -> None:
     pre, post = (weights(B, T, G, M, R, not args.no_static, dev, dtype, gen) for _ in range(2))
     leaves = [q, k, v] + [t for w in (pre, post) for t in vars(w).values() if t is not None]
     core = resolve_backend("triton", T, 128, q)
-    extra = {} if args.deterministic is None else {"deterministic": bool(args.deterministic)}
-    if MaskSpec is not None:
-        mk = dict(mask=MaskSpec(causal=True, window=args.window))
-    else:
-        mk = dict(structure=(True, args.window))
+    mk = dict(mask=MaskSpec(causal=True, window=args.window))
 
     def fwd():
-        return core(q, k, v, scale=D**-0.5, pre=pre, post=post, groups=G, **mk, **extra)
+        return core(q, k, v, scale=D**-0.5, pre=pre, post=post, groups=G, **mk)
 
     out = fwd()
     do = torch.randn_like(out)
@@ -119,11 +111,7 @@ def main() -> None:
         print(f"| {name} | {t:.3f} | {f / t / 1e9:.1f} |")
     print(f"| ratio fwd+bwd triton / sdpa | {t_all / s_all:.1f}x | |")
     print("\n| kernel | calls | ms | TC GFLOP (est.) | TFLOP/s |\n|---|---|---|---|---|")
-    try:
-        from headmix.ops.triton import launch as L
-        tc = L.tensor_core_flops(D, M, pairs)
-    except Exception:
-        tc = {}
+    tc = tensor_core_flops(D, M, pairs)
     for key, (ms, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:12]:
         f = next((v for k_, v in tc.items() if k_ in key), None)
         print(f"| {key[:60]} | {n} | {ms:.3f} | {'' if f is None else f'{f / 1e9:.1f}'} | "

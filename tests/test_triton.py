@@ -115,7 +115,7 @@ CASES = [
     (1, 4, 19, 19, 128, 1, 2, dict(causal=True, window=6)),  # head dim 128: the backward works in 64-wide chunks
     (1, 16, 18, 18, 128, 1, 2, dict(causal=True, padding=True)),  # ... with 16 heads per group and a mask
     (1, 32, 17, 17, 16, 2, 4, dict(causal=True, window=9)),  # 32 heads in 2 groups, rank 4
-    (2, 8, 19, 19, 16, 2, 2, dict(causal=True, window=6, kv_heads=2)),  # grouped-query: 4 query heads per k/v head
+    (1, 8, 17, 17, 16, 2, 2, dict(causal=True, window=6, kv_heads=2)),  # grouped-query: 4 query heads per k/v head
     (2, 4, 6, 21, 16, 1, 2, dict(causal=True, padding=True, kv_heads=1)),  # one shared k/v head, cache, padding
     (1, 4, 19, 19, 16, 1, 2, dict(causal=False, window=5)),  # non-causal window: bounded on both sides
     (1, 4, 17, 17, 24, 1, 2, dict(causal=True, kv_heads=2)),  # head dim 24, padded to 32
