@@ -31,13 +31,9 @@ def _no_room(error: Exception, fallback: bool, what: str) -> Callable[..., Tenso
     return FALLBACK(error, what)
 
 
-def _spec(q: Tensor, k: Tensor, mask: Tensor | None, causal: bool, window: int, offset: int) -> MaskSpec:
-    return MaskSpec(causal=causal, window=window or None, allowed=mask, query_offset=offset)
-
-
 def _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
-    return backend(q, k, v, scale=scale, mask=_spec(q, k, mask, causal, window, offset), pre=pre, post=post,
-                   groups=groups)
+    spec = MaskSpec(causal=causal, window=window or None, allowed=mask, query_offset=offset)
+    return backend(q, k, v, scale=scale, mask=spec, pre=pre, post=post, groups=groups)
 
 
 def _recompute_backward(backend, do, q, k, v, scale, mask, pre, post, groups, causal, window, offset):
@@ -154,7 +150,7 @@ def _unflatten(present: bool, tensors) -> ComposeWeights | None:
     return ComposeWeights(**{f: (t if t is not None and t.numel() > 0 else None) for f, t in zip(FIELDS, tensors)})
 
 
-def kernel_mask(spec: MaskSpec, batch: int) -> Tensor | None:
+def kernel_mask(spec: MaskSpec) -> Tensor | None:
     """The tensor part of ``spec`` as one bool mask broadcastable to ``(B, 1, T, S)`` (``None``: structure only)."""
     mask = spec.allowed
     if spec.key_padding is not None:
@@ -186,7 +182,7 @@ def triton_composed_attention(
     check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=needs_grad, kv_heads=k.shape[1])
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
-    args = (q, k, v, kernel_mask(spec, q.shape[0]), float(scale), int(groups), bool(spec.causal),
+    args = (q, k, v, kernel_mask(spec), float(scale), int(groups), bool(spec.causal),
             int(spec.window or 0), spec.offset(q.shape[2], k.shape[2]), pre is not None, post is not None,
             [*flatten(pre, q.new_empty(0)), *flatten(post, q.new_empty(0))], bool(fallback))
     if not needs_grad:
