@@ -37,7 +37,8 @@ def chunked_composed_attention(
     T, S = q.shape[-2], k.shape[-2]
     if T <= chunk_size and spec.window is None:
         return composed_attention(q, k, v, scale=scale, mask=spec, pre=pre, post=post, groups=groups)
-    needs_grad = torch.is_grad_enabled() and any(
+    # one block (a short windowed call, e.g. decoding against a long cache) needs no checkpointing
+    needs_grad = T > chunk_size and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in _tensors(q, k, v, pre, post)
     )
     outputs = []
