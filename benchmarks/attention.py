@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from headmix.masks import MaskSpec  # noqa: E402
 from headmix.ops import available_backends, resolve_backend  # noqa: E402
 from headmix.reference import ComposeWeights  # noqa: E402
 
@@ -82,9 +83,8 @@ def variant_fn(name: str, q, k, v, weights, scale: float, mask, chunk_size: int)
         return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     kind, backend = name.split("/")
     core = resolve_backend(backend, q.shape[-2], chunk_size, q)
-    structure = (True, None)
-    return lambda: core(q, k, v, scale=scale, mask=mask, pre=weights[kind]["pre"], post=weights[kind]["post"],
-                        groups=1, chunk_size=chunk_size, structure=structure)
+    return lambda: core(q, k, v, scale=scale, mask=MaskSpec(causal=True), pre=weights[kind]["pre"],
+                        post=weights[kind]["post"], groups=1, chunk_size=chunk_size)
 
 
 def measure(name, B, H, T, D, dtype, device, repeat, chunk_size, R, generator):
@@ -139,8 +139,8 @@ def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator):
                     if getattr(c, f) is not None:
                         setattr(c, f, getattr(c, f)[:, -1:].detach())
             core = resolve_backend(backend, 1, 128, q)
-            fn = lambda: core(q, k, v, scale=D**-0.5, mask=None, pre=weights["pre"], post=weights["post"],  # noqa: E731
-                              groups=1, chunk_size=128, structure=(True, None))
+            fn = lambda: core(q, k, v, scale=D**-0.5, mask=MaskSpec(causal=True), pre=weights["pre"],  # noqa: E731
+                              post=weights["post"], groups=1, chunk_size=128)
         fn()
         return timed(fn, repeat, device)
 

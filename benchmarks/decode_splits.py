@@ -1,5 +1,5 @@
 """Decoding step of the DCMHA attention core: SDPA vs the materialised path vs the fused kernel's
-split-key path at several split targets (``headmix.ops.triton_dcmha.SPLIT_TARGET_PROGRAMS``).
+split-key path at several split targets (``headmix.ops.triton.launch.SPLIT_TARGET_PROGRAMS``).
 
 One query against a ``--cache``-token cache, all Compose terms on (rank 2), no gradients; prints a
 table (ms per step, mean of ``--repeat`` after one warm-up) with device, date and versions.
@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
-    from headmix.ops import triton_dcmha
+    from headmix.masks import MaskSpec
+    from headmix.ops import triton as triton_dcmha
+    from headmix.ops.triton import launch
 
     import triton
 
@@ -65,20 +67,20 @@ def main(argv=None) -> int:
     print("| head dim | batch | sdpa | materialised | " + " | ".join(f"split target {t}" for t in args.targets) + " |")
     print("|---" * (4 + len(args.targets)) + "|")
     reference = resolve_backend("reference", 1, 128)
-    default = triton_dcmha.SPLIT_TARGET_PROGRAMS
+    default = launch.SPLIT_TARGET_PROGRAMS
     for D in args.head_dim:
         for B in args.batches:
             q = torch.randn(B, H, 1, D, device=device, dtype=dtype)
             k, v = (torch.randn(B, H, S, D, device=device, dtype=dtype) for _ in range(2))
             pre, post = weights(B, S, H, 2, device, dtype), weights(B, S, H, 2, device, dtype)
-            common = dict(scale=D**-0.5, pre=pre, post=post, structure=(True, None))
+            common = dict(scale=D**-0.5, pre=pre, post=post, mask=MaskSpec(causal=True))
             with torch.no_grad():
                 cells = [timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeat),
                          timed(lambda: reference(q, k, v, mask=None, groups=1, **common), args.repeat)]
                 for target in args.targets:
-                    triton_dcmha.SPLIT_TARGET_PROGRAMS = target
+                    launch.SPLIT_TARGET_PROGRAMS = target
                     cells.append(timed(lambda: triton_dcmha.triton_composed_attention(q, k, v, **common), args.repeat))
-                triton_dcmha.SPLIT_TARGET_PROGRAMS = default
+                launch.SPLIT_TARGET_PROGRAMS = default
             print(f"| {D} | {B} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
     return 0
 

@@ -2,7 +2,7 @@
 
 No GPU needed: Triton compiles each kernel (forward, the two query-side backward stages, the key-side
 backward) for ``--arch`` (default sm_90, H100/H200) with the tile shapes of
-``headmix.ops.triton_dcmha.TILES``, and ``cuobjdump`` (shipped with Triton's NVIDIA backend) reads the
+``headmix.ops.triton.TILES``, and ``cuobjdump`` (shipped with Triton's NVIDIA backend) reads the
 registers per thread and the local-memory stack (spills) of the compiled binary; shared memory is
 Triton's own figure. Use it to check a kernel change for spills or for more shared memory than the
 device has (H100: 227 KB per block) before spending GPU time. Figures are for the local Triton
@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-WEIGHTS = ("pw", "pq1", "pq2", "pk1", "pk2", "pqg", "pkg", "tw", "tq1", "tq2", "tk1", "tk2", "tqg", "tkg")
+WEIGHTS = tuple(f"{c}_{t}" for c in ("pre", "post") for t in ("w", "q1", "q2", "k1", "k2", "qg", "kg"))
 
 
 def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int) -> dict:
@@ -61,12 +61,13 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
     import triton
 
-    from headmix.ops import triton_dcmha as K
+    from headmix.ops.triton import backward, forward
+    from headmix.ops.triton import launch as K
 
     ptr = "*" + args.dtype
     weights = {name: "*fp32" for name in WEIGHTS}
     fp32 = args.dtype == "fp32"
-    MP = K._next_pow2(args.heads)
+    MP = K.next_pow2(args.heads)
     print(f"# DCMHA kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per group, "
           f"rank {args.rank}, {args.dtype}, all Compose terms, causal")
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")
@@ -79,16 +80,17 @@ def main(argv=None) -> int:
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
         query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
-                     dq_ptr=ptr, g_q1="*fp32", g_q2="*fp32", g_qg="*fp32", dw_part="*fp32", **weights)
+                     dq_ptr=ptr, d_q1="*fp32", d_q2="*fp32", d_qg="*fp32", dw_part="*fp32", **weights)
         key = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
-                   dk_ptr=ptr, dv_ptr=ptr, **{g: "*fp32" for g in ("gp1", "gp2", "gpg", "gt1", "gt2", "gtg")}, **weights)
-        plans = dict(fwd=(K._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0), fwd),
-                     bwd1=(K._bwd_query_kernel, "bwd", dict(STAGE=1), query),
-                     bwd2=(K._bwd_query_kernel, "bwd", dict(STAGE=2), query),
-                     bwd_key=(K._bwd_key_kernel, "bwd", {}, key))
+                   dk_ptr=ptr, dv_ptr=ptr, **{f"d{c}_{t}": "*fp32" for c in ("pre", "post") for t in ("k1", "k2", "kg")},
+                   **weights)
+        plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0), fwd),
+                     bwd1=(backward._bwd_query_kernel, "bwd", dict(STAGE=1), query),
+                     bwd2=(backward._bwd_query_kernel, "bwd", dict(STAGE=2), query),
+                     bwd_key=(backward._bwd_key_kernel, "bwd", dict(DK_STORE=D, DV_STORE=D), key))
         for name in args.kernels:
             fn, phase, extra, pointers = plans[name]
-            BM, BN, warps, _ = K._blocks(MP, phase)
+            BM, BN, warps, _ = K.TILES[(phase, MP >= 16)]
             r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)
             print(f"| {name} | {D} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
                   f"{r['shared'] / 1024:.0f} |", flush=True)

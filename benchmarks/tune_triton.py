@@ -1,6 +1,6 @@
 """Measure tile shapes and mixing precision of the fused DCMHA kernels on this GPU.
 
-For each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of ``headmix.ops.triton_dcmha.TILES``,
+For each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of ``headmix.ops.triton.TILES``,
 separately for the forward and the backward kernels, and each ``--mix`` precision of the Compose's
 head-mixing products (``MIX_PRECISION``), times the DCMHA attention core (every Compose term on,
 rank 2, causal, bf16) and prints a table with the relative error of the output (forward) or of the
@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention import composition, timed  # noqa: E402
 
 from headmix.masks import attention_mask  # noqa: E402
-from headmix.ops import triton_dcmha  # noqa: E402
+from headmix.masks import MaskSpec  # noqa: E402
+from headmix.ops import triton as triton_dcmha  # noqa: E402
 from headmix.ops.chunked import chunked_composed_attention  # noqa: E402
 from headmix.reference import ComposeWeights  # noqa: E402
 
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     w = composition(B, T, H, 2, True, device, dtype, g)
     leaves = [q, k, v] + [t for c in w.values() for t in vars(c).values() if t is not None]
-    key = triton_dcmha._next_pow2(H) >= 16  # padded heads per group >= 16
+    key = triton_dcmha.next_pow2(H) >= 16  # padded heads per group >= 16
 
     def split(ls):
         it = iter(ls[3:])
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
 
     def run(ls):
         pre, post = split(ls)
-        return triton_dcmha.triton_composed_attention(*ls[:3], scale=D**-0.5, pre=pre, post=post, causal=True)
+        return triton_dcmha.triton_composed_attention(*ls[:3], scale=D**-0.5, pre=pre, post=post,
+                                                      mask=MaskSpec(causal=True))
 
     exact = [t.detach().float().requires_grad_() for t in leaves]  # float32 on the chunked PyTorch path
     pos = torch.arange(T, device=device)

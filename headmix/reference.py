@@ -37,6 +37,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
+from .masks import MaskSpec, as_mask_spec
+
 
 @dataclass
 class ComposeWeights:
@@ -60,6 +62,15 @@ class ComposeWeights:
         """The same weights restricted to query positions ``start:end``."""
         query_side = (f.name for f in fields(self) if f.name.startswith("query_") and getattr(self, f.name) is not None)
         return replace(self, **{name: getattr(self, name)[:, start:end] for name in query_side})
+
+    def key_slice(self, start: int, end: int) -> ComposeWeights:
+        """The same weights restricted to key positions ``start:end``."""
+        return replace(
+            self,
+            key_w1=None if self.key_w1 is None else self.key_w1[:, start:end],
+            key_w2=None if self.key_w2 is None else self.key_w2[:, start:end],
+            key_gate=None if self.key_gate is None else self.key_gate[:, start:end],
+        )
 
     def is_identity(self) -> bool:
         return all(getattr(self, f.name) is None for f in fields(self))
@@ -96,7 +107,7 @@ def composed_attention(
     v: Tensor,
     *,
     scale: float,
-    mask: Tensor | None = None,
+    mask: MaskSpec | Tensor | None = None,
     pre: ComposeWeights | None = None,
     post: ComposeWeights | None = None,
     groups: int = 1,
@@ -105,16 +116,21 @@ def composed_attention(
 
     Args:
         q: ``(B, H, T, Dk)`` queries.
-        k: ``(B, H or 1, S, Dk)`` keys (one shared key head broadcasts over all query heads).
-        v: ``(B, H, S, Dv)`` values.
+        k: ``(B, H_kv, S, Dk)`` keys; ``H_kv`` divides ``H`` (grouped-query attention: key/value head ``j``
+            serves query heads ``j * H/H_kv`` to ``(j+1) * H/H_kv - 1``; ``H_kv = 1``: one shared head).
+        v: ``(B, H_kv, S, Dv)`` values, with the heads of ``k`` (or ``H``).
         scale: logit scale, usually ``1/sqrt(Dk)``.
-        mask: bool, broadcastable to ``(B, H, T, S)``, ``True`` where a query may attend.
+        mask: which keys each query may see: a :class:`headmix.masks.MaskSpec`, or a bool tensor
+            broadcastable to ``(B, H, T, S)``, ``True`` where a query may attend.
         pre, post: Compose weights applied to the scores / probabilities (``None``: identity).
         groups: number of head groups the compositions act within.
 
     Returns:
         ``(B, H, T, Dv)``. A query with no allowed key returns zeros.
     """
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    k, v = (t if t.shape[1] in (1, H) else t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
+    mask = as_mask_spec(mask).dense(T, S, q.device)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # A = Q K^T / sqrt(d)
     if pre is not None:
         scores = compose(scores, pre, groups)  # pre-softmax Compose, on the scaled logits

@@ -12,11 +12,14 @@ import pytest
 import torch
 
 from headmix import DCMHA
-from headmix.masks import attention_mask
+from headmix.masks import MaskSpec, attention_mask
 from headmix.ops import available_backends, resolve_backend, triton_takes
 from headmix.reference import ComposeWeights, composed_attention
 
-triton_dcmha = pytest.importorskip("headmix.ops.triton_dcmha")
+triton_dcmha = pytest.importorskip("headmix.ops.triton")
+from headmix.ops.triton import launch, op  # noqa: E402
+
+CAUSAL = MaskSpec(causal=True)
 FIELDS = triton_dcmha.FIELDS
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -60,11 +63,14 @@ def float32_leaves(q, k, v, pre, post):
 
 
 def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=FIELDS, pre_on=True, post_on=True,
-            seed=0, tol=1e-5):
-    """Float32 kernels vs the float64 reference: relative error of the output and of every gradient."""
+            seed=0, tol=1e-5, kv_heads=None):
+    """Float32 kernels vs the float64 reference: relative error of the output and of every gradient. With
+    ``kv_heads``, k and v have that many heads (grouped-query attention) and the reference gets them repeated."""
     g = torch.Generator().manual_seed(seed)
     M = H // G
-    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64).requires_grad_() for n in (T, S, S))
+    Hkv = kv_heads or H
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
     pre = random_weights(B, T, S, G, M, R, fields, g) if pre_on else None
     post = random_weights(B, T, S, G, M, R, fields, g) if post_on else None
     key_padding = None
@@ -73,7 +79,8 @@ def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=F
         key_padding[0, : S // 3] = False
     mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window,
                           key_padding=key_padding)
-    reference = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))  # grouped-query heads, repeated
+    reference = composed_attention(q, k_rep, v_rep, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
     do = torch.randn(reference.shape, generator=g, dtype=torch.float64)
     expected = torch.autograd.grad(reference, leaves(q, k, v, pre, post), do)
 
@@ -83,7 +90,7 @@ def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=F
                                                      pre=pre32, post=post32, groups=G)
     else:  # the positional structure, no mask tensor
         out = triton_dcmha.triton_composed_attention(q32, k32, v32, scale=D**-0.5, pre=pre32, post=post32,
-                                                     groups=G, causal=causal, window=window)
+                                                     groups=G, mask=MaskSpec(causal=causal, window=window))
     grads = torch.autograd.grad(out, leaves(q32, k32, v32, pre32, post32), do.float().to(DEVICE))
 
     def rel(a, b):
@@ -108,6 +115,11 @@ CASES = [
     (1, 4, 19, 19, 128, 1, 2, dict(causal=True, window=6)),  # head dim 128: the backward works in 64-wide chunks
     (1, 16, 18, 18, 128, 1, 2, dict(causal=True, padding=True)),  # ... with 16 heads per group and a mask
     (1, 32, 17, 17, 16, 2, 4, dict(causal=True, window=9)),  # 32 heads in 2 groups, rank 4
+    (1, 8, 17, 17, 16, 2, 2, dict(causal=True, window=6, kv_heads=2)),  # grouped-query: 4 query heads per k/v head
+    (2, 4, 6, 21, 16, 1, 2, dict(causal=True, padding=True, kv_heads=1)),  # one shared k/v head, cache, padding
+    (1, 4, 19, 19, 16, 1, 2, dict(causal=False, window=5)),  # non-causal window: bounded on both sides
+    (1, 4, 17, 17, 24, 1, 2, dict(causal=True, kv_heads=2)),  # head dim 24, padded to 32
+    (1, 4, 13, 13, 80, 2, 2, dict(causal=True, window=5)),  # head dim 80 (DCFormer-2.8B), padded to 128
 ]
 
 
@@ -122,11 +134,11 @@ def test_training_head_dims_limits():
     """Above 128 no kernels; above 64 training needs equal key and value head dims."""
     x = torch.randn(1, 4, 16, 256, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="head dim 256 is not supported: expected at most 128"):
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, mask=CAUSAL)
     q = torch.randn(1, 4, 16, 128, device=DEVICE, requires_grad=True)
     v = torch.randn(1, 4, 16, 64, device=DEVICE, requires_grad=True)
     with pytest.raises(ValueError, match="needs equal key and value head dims, got 128 and 64"):
-        triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, causal=True)
+        triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, mask=CAUSAL)
 
 
 def test_32_heads_per_group_run_forward_only():
@@ -141,14 +153,14 @@ def test_32_heads_per_group_run_forward_only():
     with torch.no_grad():
         ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
         out = triton_dcmha.triton_composed_attention(*(t.float().to(DEVICE) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=as_float32(pre), post=as_float32(post), causal=True)
+                                                     pre=as_float32(pre), post=as_float32(post), mask=CAUSAL)
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
     x = q.float().to(DEVICE).requires_grad_()
     with pytest.raises(ValueError, match="training with 32 heads per group is not supported: expected at most 16"):
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, causal=True)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, mask=CAUSAL)
     assert not triton_takes(x, groups=1, training=True) and triton_takes(x, groups=2, training=True)
     assert triton_takes(x, groups=1, training=False)
-    assert not triton_takes(torch.zeros(1, 4, 8, 80), training=False)  # head dim 80 (DCFormer-2.8B): chunked
+    assert triton_takes(torch.zeros(1, 4, 8, 80), training=True)  # head dim 80 (DCFormer-2.8B): padded to 128
 
 
 def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch):
@@ -158,6 +170,10 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
 
     def no_room(*args, **kwargs):
         raise OutOfResources(300_000, 232_448, "shared memory")
+
+    import headmix.ops
+
+    monkeypatch.setattr(headmix.ops, "_WARNED", set())  # the fallback warns once per reason and process
 
     g = torch.Generator().manual_seed(7)
     B, H, T, D = 1, 4, 21, 16
@@ -169,12 +185,12 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
     expected = torch.autograd.grad(ref, leaves(q, k, v, pre, post), do)
     q32, k32, v32, pre32, post32 = float32_leaves(q, k, v, pre, post)
     args = (q32, k32, v32)
-    kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, causal=True, window=5)
-    monkeypatch.setattr(triton_dcmha, "triton_backward", no_room)
+    kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, mask=MaskSpec(causal=True, window=5))
+    monkeypatch.setattr(op, "triton_backward", no_room)
     out = triton_dcmha.triton_composed_attention(*args, **kwargs)  # the forward kernel fits
     with pytest.raises(RuntimeError, match="do not fit this GPU at this shape .*shared memory.*backend='chunked'"):
         out.backward(do.float().to(DEVICE))
-    monkeypatch.setattr(triton_dcmha, "triton_forward", no_room)
+    monkeypatch.setattr(op, "triton_forward", no_room)
     with pytest.raises(RuntimeError, match="do not fit this GPU"):
         triton_dcmha.triton_composed_attention(*args, **kwargs)
     with pytest.warns(RuntimeWarning, match="falls back"):
@@ -195,7 +211,7 @@ def test_non_dense_inputs_get_gradients_in_place():
     leaves = [big.clone().requires_grad_() for _ in range(3)]
     q, k, v = (t[..., :D] for t in leaves)  # non-dense views (stride 3*D over a D-wide last dim)
     pre = as_float32(random_weights(B, T, T, 1, H, 2, FIELDS, g))
-    out = triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, causal=True)
+    out = triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, mask=CAUSAL)
     grads = torch.autograd.grad(out.sum(), leaves)
     dense = [t.detach()[..., :D].contiguous().requires_grad_() for t in leaves]
     ref = composed_attention(*dense, scale=D**-0.5, mask=torch.ones(T, T, dtype=torch.bool, device=DEVICE).tril(),
@@ -218,7 +234,7 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
 
     def attend(q, k, v):
         return triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, pre=pre, post=post, groups=2,
-                                                      causal=True, window=5)
+                                                      mask=MaskSpec(causal=True, window=5))
 
     eager = attend(*leaves)
     eager_grads = torch.autograd.grad(eager.square().sum(), leaves)
@@ -226,14 +242,14 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")(*leaves)
     grads = torch.autograd.grad(compiled.square().sum(), leaves)
     assert torch.equal(compiled, eager) and all(torch.equal(a, b) for a, b in zip(grads, eager_grads))
-    weights = [*triton_dcmha._flatten(pre, leaves[0].new_empty(0)), *triton_dcmha._flatten(post, leaves[0].new_empty(0))]
+    weights = [*triton_dcmha.flatten(pre, leaves[0].new_empty(0)), *triton_dcmha.flatten(post, leaves[0].new_empty(0))]
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.headmix.dcmha_forward.default,
-                          (*leaves, None, D**-0.5, 2, True, 5, True, True, weights, False), test_utils=checks)
-    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, True, True, weights, False)
+                          (*leaves, None, D**-0.5, 2, True, 5, 0, True, True, weights, False), test_utils=checks)
+    out, lse = torch.ops.headmix.dcmha_forward(*leaves, None, D**-0.5, 2, True, 5, 0, True, True, weights, False)
     do = torch.randn(B, T, H, D, generator=g).to(DEVICE).transpose(1, 2)
     torch.library.opcheck(torch.ops.headmix.dcmha_backward.default,
-                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, True, True, weights,
+                          (do, *[t.detach() for t in leaves], lse, None, D**-0.5, 2, True, 5, 0, True, True, weights,
                            False),
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -257,14 +273,15 @@ def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
                           window=kwargs.get("window"), key_padding=padding)
     ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
     f32 = [t.float().to(DEVICE) for t in (q, k, v)]
-    meta = triton_dcmha._launch_meta(*f32, G, pre, post, "fwd")
-    assert triton_dcmha._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"])[1] > 1
+    meta = triton_dcmha.launch_meta(*f32, G, pre, post, "fwd")
+    assert launch._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"])[1] > 1
     structure = None if padding is not None else (kwargs["causal"], kwargs.get("window"))
     with torch.no_grad():
-        out = triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, mask=mask.to(DEVICE), groups=G,
-                                                     pre=as_float32(pre), post=as_float32(post), structure=structure)
+        out = triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, groups=G,
+                                                     pre=as_float32(pre), post=as_float32(post),
+                                                     mask=MaskSpec.of(mask.to(DEVICE), structure))
         whole, _ = triton_dcmha.triton_forward(*f32, D**-0.5, mask.to(DEVICE), as_float32(pre), as_float32(post),
-                                               G, False, 0, split=False)
+                                               G, False, 0, S - T, split=False)
     assert (out.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (whole.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
@@ -299,10 +316,10 @@ def test_backend_choice_and_errors(monkeypatch):
         resolve_backend("triton", 16, 128, cpu)
     q = torch.randn(1, 4, 16, 16, dtype=torch.float64, device=DEVICE)
     with pytest.raises(ValueError, match="dtype torch.float64 is not supported"):
-        triton_dcmha.triton_composed_attention(q, q, q, scale=0.25, causal=True)
-    with pytest.raises(ValueError, match="head dims 12, 12 must be powers of two"):
+        triton_dcmha.triton_composed_attention(q, q, q, scale=0.25, mask=CAUSAL)
+    with pytest.raises(ValueError, match="head dims 12, 12 are not supported: expected at least 16"):
         x = torch.randn(1, 4, 16, 12, device=DEVICE)
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.25, causal=True)
+        triton_dcmha.triton_composed_attention(x, x, x, scale=0.25, mask=CAUSAL)
 
 
 @pytest.mark.gpu
@@ -322,17 +339,20 @@ def test_gpu_torch_compile_runs_the_layer():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
+@pytest.mark.parametrize("head_dim, kv_heads", [(64, 16), (80, 16), (96, 16), (128, 16), (64, 4), (128, 8)])
+def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads):
     g = torch.Generator().manual_seed(1)
     B, H, T, G, R = 2, 16, 300, 1, 2
     M = H // G
-    q, k, v = (torch.randn(B, H, T, head_dim, generator=g) for _ in range(3))
+    q = torch.randn(B, H, T, head_dim, generator=g)
+    k, v = (torch.randn(B, kv_heads, T, head_dim, generator=g) for _ in range(2))
     pre = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
     post = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
     leaves32 = [t.requires_grad_() for t in leaves(q, k, v, pre, post)]
     mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
-    ref = composed_attention(*leaves32[:3], scale=head_dim**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    k_rep, v_rep = (t.repeat_interleave(H // kv_heads, dim=1) for t in leaves32[1:3])
+    ref = composed_attention(leaves32[0], k_rep, v_rep, scale=head_dim**-0.5, mask=mask, pre=pre, post=post,
+                             groups=G)
     do = torch.randn(ref.shape, generator=g)
     expected = torch.autograd.grad(ref, leaves32, do)
     low = [t.detach().to("cuda", dtype).requires_grad_() for t in leaves32]
@@ -340,7 +360,7 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim):
     pre_l = ComposeWeights(**{f: next(it) if getattr(pre, f) is not None else None for f in FIELDS})
     post_l = ComposeWeights(**{f: next(it) if getattr(post, f) is not None else None for f in FIELDS})
     out = triton_dcmha.triton_composed_attention(*low[:3], scale=head_dim**-0.5, pre=pre_l, post=post_l, groups=G,
-                                                 causal=True)
+                                                 mask=CAUSAL)
     grads = torch.autograd.grad(out, low, do.to("cuda", dtype))
     names = ["out", "dq", "dk", "dv"] + [f"d{c}.{f}" for c, w in (("pre", pre), ("post", post)) for f in FIELDS
                                          if getattr(w, f) is not None]
@@ -363,8 +383,27 @@ def test_gpu_head_dim_128_inference():
         low = ComposeWeights(**{f: getattr(pre, f).to("cuda", torch.bfloat16) for f in FIELDS})
         low_post = ComposeWeights(**{f: getattr(post, f).to("cuda", torch.bfloat16) for f in FIELDS})
         out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=low, post=low_post, causal=True)
+                                                     pre=low, post=low_post, mask=CAUSAL)
     assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_gpu_auto_warns_once_when_it_trains_off_the_kernels():
+    """32 heads in one group (DCFormer-2.8B, 6.9B) do not train on the kernels: auto says why, once."""
+    import warnings
+
+    import headmix.ops
+
+    headmix.ops._WARNED.clear()
+    q = torch.zeros(1, 32, 512, 80, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="chunked .*because .*training with 32 heads per group"):
+        assert resolve_backend("auto", 512, 128, q).__name__ == "chunked_composed_attention"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_backend("auto", 512, 128, q)  # once
+    with torch.no_grad():
+        assert resolve_backend("auto", 512, 128, q).func is triton_dcmha.triton_composed_attention
 
 
 def test_attention_benchmark_script_runs_at_a_tiny_size():
@@ -385,3 +424,32 @@ def test_attention_benchmark_script_runs_at_a_tiny_size():
     assert len(rows) == 3 + 2 * 3  # training rows, then decode rows at batch 1 and 16
     assert all("error" not in r.lower() and "OOM" not in r for r in rows)
     assert "torch " in done.stdout and "# command:" in done.stdout
+
+
+def test_key_padding_is_read_as_one_row_per_batch():
+    """MaskSpec(causal, window, key_padding): the padding (B, S) reaches the kernels at stride 0 over queries,
+    with grouped k/v heads, forward and gradients against the reference's dense mask."""
+    g = torch.Generator().manual_seed(12)
+    B, H, T, D = 2, 4, 19, 16
+    q = torch.randn(B, H, T, D, generator=g).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(B, 2, T, D, generator=g).to(DEVICE).requires_grad_() for _ in range(2))
+    padding = torch.ones(B, T, dtype=torch.bool, device=DEVICE)
+    padding[1, :5] = False
+    spec = MaskSpec(causal=True, window=7, key_padding=padding)
+    out = triton_dcmha.triton_composed_attention(q, k, v, scale=D**-0.5, mask=spec)
+    ref = composed_attention(q, k, v, scale=D**-0.5, mask=spec.dense(T, T, DEVICE))
+    do = torch.randn(out.shape, generator=g).to(DEVICE)
+    grads, expected = (torch.autograd.grad(o, (q, k, v), do) for o in (out, ref))
+    for a, b in zip((out, *grads), (ref, *expected)):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+def test_flag_bits_name_the_compose_fields():
+    """The kernels' named flag bits (tiles.py) are the bits launch.py sets for each ComposeWeights field."""
+    from headmix.ops.triton import tiles
+
+    named = {"static": tiles.STATIC, "query_w1": tiles.QUERY_LOWRANK, "key_w1": tiles.KEY_LOWRANK,
+             "query_gate": tiles.QUERY_GATE, "key_gate": tiles.KEY_GATE}
+    x = torch.zeros(1)
+    for field, bit in named.items():
+        assert launch._flags(ComposeWeights(**{field: x})) == getattr(bit, "value", bit), field

@@ -57,8 +57,8 @@ class CollaborativeReport:
                    f"instead of d_k={d_in // heads}: fewer parameters and a smaller key cache, but more work per score")
         if weighted:
             out.append("calibration: the data-aware decomposition fits the calibration texts' activations; its gain "
-                       "holds for text like them (measured on MiniLM: no better than the plain decomposition on other "
-                       "English text). Calibrate on text like what the model will see.")
+                       "is largest on text like them and smaller, or none, on other text (MiniLM measurements: "
+                       "docs/collaborative.md). Calibrate on text like what the model will see.")
         if self.distill_losses is not None:
             steps = len(self.distill_losses)
             out.append(f"distillation: {steps} steps on {self.distill_lines:,} lines, "

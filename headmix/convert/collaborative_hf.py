@@ -334,14 +334,27 @@ def _become_collaborative(model: nn.Module, structure: dict[str, dict]) -> None:
     ``from_pretrained`` rebuilds (after ``import headmix``) with the same structure."""
     model.__class__ = _collaborative_model_class(type(model))
     model.config.__class__ = _collaborative_config_class(type(model).__mro__[1].config_class)
-    try:  # transformers >= 5.x records hidden states per model class, registered in __init__: register the new class
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-
-        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
-    except ImportError:  # older transformers: nothing is registered per class
-        pass
+    _register_output_capture(model)
     model.config.headmix_collaborative = structure
     model.config._attn_implementation = ATTENTION_NAME
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """Tell transformers which submodules' outputs the re-classed ``model`` records (hidden states, attentions).
+
+    transformers keeps ``_can_record_outputs`` in a registry filled by ``PreTrainedModel.__init__`` and keyed by
+    the class name, so a model re-classed after ``__init__`` must be registered by hand; the registry moved and
+    changed between releases: ``utils.generic`` (5.0 - 5.4) then ``utils.output_capturing`` (5.5 on), a plain
+    dict keyed by ``str(cls)`` until 5.22, a dict subclass that derives that key from the model from 5.23 on.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        from transformers.utils.generic import _CAN_RECORD_REGISTRY
+    if type(_CAN_RECORD_REGISTRY) is dict:
+        _CAN_RECORD_REGISTRY[str(type(model))] = model._can_record_outputs
+    else:
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 def register_saved_classes() -> None:

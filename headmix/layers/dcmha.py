@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_divisible, check_positive_int
+from ..masks import MaskSpec
 from ..ops import resolve_backend
 from ..reference import ComposeWeights
 from .composed import ComposedAttention
@@ -259,8 +260,8 @@ class DCMHA(ComposedAttention):
         weights = self.compose_weights(state)
         core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q, groups=self.groups)
         return core(
-            q, k, v, scale=self.scale, mask=mask, groups=self.groups, chunk_size=self.chunk_size, structure=structure,
-            pre=weights.get("pre"), post=weights.get("post"),
+            q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), groups=self.groups,
+            chunk_size=self.chunk_size, pre=weights.get("pre"), post=weights.get("post"),
         )
 
     def extra_repr(self) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..masks import MaskSpec
 from ..ops import resolve_backend
 from ..reference import ComposeWeights
 from .composed import ComposedAttention
@@ -52,6 +53,6 @@ class TalkingHeadsAttention(ComposedAttention):
                structure: tuple[bool, int | None] | None = None) -> Tensor:
         core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q)
         return core(
-            q, k, v, scale=self.scale, mask=mask, chunk_size=self.chunk_size, structure=structure,
+            q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), chunk_size=self.chunk_size,
             pre=ComposeWeights(static=self.pre_mix), post=ComposeWeights(static=self.post_mix),
         )

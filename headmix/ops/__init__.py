@@ -1,17 +1,21 @@
 """Fast paths for composed attention, each checked against :mod:`headmix.reference`.
 
-A backend is a function with the signature of :func:`headmix.reference.composed_attention` plus
-``chunk_size`` and ``structure`` keywords (``structure=(causal, window)`` says the mask is exactly
-that positional mask, so a kernel need not read it). Layers look backends up by name here:
+A backend is a function with the signature of :func:`headmix.reference.composed_attention` (``mask`` a
+:class:`headmix.masks.MaskSpec`, a bool tensor or ``None``; ``k``, ``v`` with ``H`` or ``H_kv`` heads) plus a
+``chunk_size`` keyword. Layers look backends up by name here:
 
 * ``"reference"``: :func:`headmix.reference.composed_attention`, materialised (the spec).
 * ``"chunked"``: query blocks with activation checkpointing, linear memory (:mod:`.chunked`).
-* ``"triton"``: fused Triton kernels (:mod:`.triton_dcmha`), registered when ``triton`` imports;
+* ``"triton"``: fused Triton kernels (:mod:`.triton`), imported and registered on first use;
   runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
 * ``"auto"``: ``triton`` for CUDA tensors whose shape and dtype the kernels take (:func:`triton_takes`:
-  float32/bfloat16/float16, power-of-two head dims 16-128, up to 16 heads per group for training and 32
-  for inference), falling back to ``chunked`` with a warning should a kernel not fit the GPU; else
-  ``chunked`` beyond one block of queries, else ``reference`` (decoding steps).
+  float32/bfloat16/float16, head dims 16-128, up to 16 heads per group for training and 32 for inference);
+  else ``chunked`` beyond one block of queries, else ``reference`` (decoding steps).
+
+The fallback policy lives here: when ``auto`` cannot use the kernels for a CUDA tensor (a shape they do not
+take, or a kernel that does not fit the GPU at run time), it runs the chunked path and warns once per reason,
+naming it: the chunked path is 10-40x slower than the kernels on a GPU, which a user should not discover by
+accident.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -31,7 +36,7 @@ from .chunked import chunked_composed_attention
 Backend = Callable[..., Tensor]
 
 _BACKENDS: dict[str, Backend] = {
-    "reference": lambda q, k, v, chunk_size=None, structure=None, **kw: composed_attention(q, k, v, **kw),
+    "reference": lambda q, k, v, chunk_size=None, **kw: composed_attention(q, k, v, **kw),
     "chunked": chunked_composed_attention,
 }
 # optional: the fused kernels need triton (shipped with CUDA builds of torch). Imported on first use, not
@@ -40,17 +45,40 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _triton_module():
-    """:mod:`.triton_dcmha`, imported (and registered as ``"triton"``) on first use."""
-    from . import triton_dcmha
+    """:mod:`.triton`, imported on first use (importing it calls :func:`_register_triton`)."""
+    from . import triton as triton_ops
 
-    _BACKENDS.setdefault("triton", triton_dcmha.triton_composed_attention)
-    return triton_dcmha
+    return triton_ops
+
+
+def _register_triton(kernel_op, backend: Backend) -> None:
+    """Called by :mod:`.triton` when it is imported: the ``"triton"`` name, and this registry's fallback policy
+    for a kernel that does not fit the GPU."""
+    _BACKENDS.setdefault("triton", backend)
+    kernel_op.FALLBACK = _kernel_does_not_fit
 
 
 def __getattr__(name: str):
     if name == "triton_composed_attention":
         return _triton_module().triton_composed_attention if _HAS_TRITON else None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _kernel_does_not_fit(error: Exception, what: str) -> Backend:
+    """The policy for a kernel that does not fit the GPU under ``backend="auto"``: the chunked path, warned once."""
+    _warn_once(f"no-room:{what}:{error}",
+               f"headmix: the fused DCMHA kernels do not fit this GPU at this shape ({error}); backend='auto' "
+               f"falls back to the chunked PyTorch path for the {what} pass (much slower)")
+    return chunked_composed_attention
 
 
 def register_backend(name: str, fn: Backend) -> None:
@@ -62,25 +90,30 @@ def available_backends() -> tuple[str, ...]:
     return ("auto", *_BACKENDS, *(("triton",) if _HAS_TRITON and "triton" not in _BACKENDS else ()))
 
 
-def triton_takes(like: Tensor, groups: int = 1, training: bool | None = None) -> bool:
-    """Whether the fused kernels take queries shaped and typed like ``like`` (device aside), in ``groups`` head
-    groups, with gradients when ``training`` (default: ``torch.is_grad_enabled()``)."""
+def _triton_refusal(like: Tensor, groups: int, training: bool, kv_heads: int | None) -> str | None:
+    """Why the kernels do not take this shape (``None``: they do)."""
     if not _HAS_TRITON:
-        return False
-    training = torch.is_grad_enabled() if training is None else training
+        return "triton is not installed"
     try:
-        _triton_module().check_supported(tuple(like.shape), like.shape[-1], groups, like.dtype, training)
-    except ValueError:
-        return False
-    return True
+        _triton_module().check_supported(tuple(like.shape), like.shape[-1], groups, like.dtype, training, kv_heads=kv_heads)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def triton_takes(like: Tensor, groups: int = 1, training: bool | None = None, kv_heads: int | None = None) -> bool:
+    """Whether the fused kernels take queries shaped and typed like ``like`` (device aside), in ``groups`` head
+    groups, with ``kv_heads`` key/value heads, with gradients when ``training`` (default:
+    ``torch.is_grad_enabled()``)."""
+    training = torch.is_grad_enabled() if training is None else training
+    return _triton_refusal(like, groups, training, kv_heads) is None
 
 
 def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | None = None,
-                    groups: int = 1) -> Backend:
+                    groups: int = 1, kv_heads: int | None = None) -> Backend:
     """The backend function for ``name``. ``"auto"`` picks ``triton`` for CUDA tensors ``like`` (the queries)
-    whose shape and dtype the kernels take (:func:`triton_takes`), falling back to the chunked path should
-    a kernel not fit the GPU; else ``chunked`` when there is more than one block of queries, else
-    ``reference``."""
+    whose shape and dtype the kernels take (:func:`triton_takes`), with the fallback policy above; else
+    ``chunked`` when there is more than one block of queries, else ``reference``."""
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "triton":
@@ -90,8 +123,13 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
         # Decoding, measured on an H100 against a 4096-token cache (docs/kernels.md): head dim 64: 0.55-0.56 vs
         # 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the materialised path; head dim 128:
         # 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms.
-        if like is not None and like.is_cuda and triton_takes(like, groups):
-            return functools.partial(_BACKENDS["triton"], fallback=True)
+        if like is not None and like.is_cuda:
+            refusal = _triton_refusal(like, groups, torch.is_grad_enabled(), kv_heads)
+            if refusal is None:
+                return functools.partial(_BACKENDS["triton"], fallback=True)
+            if query_len > chunk_size:
+                _warn_once(f"refused:{refusal}", f"headmix: backend='auto' runs composed attention on the chunked "
+                           f"PyTorch path (much slower than the fused kernels) because {refusal}")
         name = "chunked" if query_len > chunk_size else "reference"
     elif name == "triton" and like is not None and not like.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels slowly on "

@@ -1,0 +1,106 @@
+"""The forward kernel: output and row log-sum-exp, or (decoding) the split-key statistics and partial outputs."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import NEG, _compose, _heads, _key_range, _matrices, _valid
+
+
+@triton.jit
+def _fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
+    pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg,
+    post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg,
+    sqb, sqh, sqt, sqd, skb, skh, skt, skd, svb, svh, svt, svd, sob, soh, sot, sod, smb, smt, sms,
+    T, S, off, kv_rep, dk_n, dv_n, scale, chunk, n_split,
+    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr, MIX_PRE: tl.constexpr, MIX_POST: tl.constexpr, RELOAD: tl.constexpr,
+    PHASE: tl.constexpr,
+):
+    """``PHASE`` 0: both passes over all keys, ``O`` and ``lse`` stored. Split keys (decoding: few queries,
+    many keys; program axis 2 = split of ``chunk`` keys): ``PHASE`` 1 stores each split's row max and sum
+    in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 reads the combined ``lse`` ``(B, H, T)`` and stores
+    the split's unreduced float32 ``P' V`` in ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by the host)."""
+    pid_i = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first (longest job first, a shorter tail)
+        pid_i = tl.num_programs(0) - 1 - pid_i
+    bg = tl.program_id(1)
+    b = bg // G
+    g = bg % G
+    start_i = pid_i * BM
+    offs_i = start_i + tl.arange(0, BM)
+    hm = tl.arange(0, MP)
+    h_ok = hm < M
+    qok = h_ok[:, None] & (offs_i < T)[None, :]
+    qrow = (offs_i < T)[:, None] & h_ok[None, :]
+    pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
+    post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
+    eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
+    if not RELOAD:
+        q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
+    lo, hi = _key_range(start_i, T, S, off, BM, BN, CAUSAL, WINDOW)
+    h = g * M + hm
+    rows = (b * G * M + h[:, None]) * T + offs_i[None, :]  # (MP, BM) offsets into (B, H, T)
+    n_rows = tl.num_programs(1) * M * T  # B * H * T
+    split = tl.program_id(2)
+    if PHASE != 0:
+        lo = tl.maximum(lo, split * chunk)
+        hi = tl.minimum(hi, split * chunk + chunk)
+
+    m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
+    l_i = tl.zeros((MP, BM), dtype=tl.float32)
+    for start_j in range(lo, hi if PHASE != 2 else lo, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        krow = (offs_j < S)[:, None] & h_ok[None, :]
+        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
+        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if PRE != 0:
+            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+        valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        s = tl.where(valid, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        p = tl.where(valid, tl.exp(s - m_new[:, :, None]), 0.0)
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 2)
+        m_i = m_new
+    if PHASE == 1:
+        tl.store(lse_ptr + split * n_rows + rows, m_i, mask=qok)
+        tl.store(lse_ptr + (n_split + split) * n_rows + rows, l_i, mask=qok)
+        return
+    if PHASE == 2:  # the rows' final normaliser, combined from the splits' statistics by the host
+        lse = tl.load(lse_ptr + rows, mask=qok, other=float("inf"))
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
+
+    eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
+    acc = tl.zeros((MP, BM, DV), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        krow = (offs_j < S)[:, None] & h_ok[None, :]
+        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
+        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if PRE != 0:
+            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+        valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
+        if POST != 0:
+            ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
+            p = _compose(p, eq_post, ek_post, POST, MIX_POST)
+        v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
+        acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    dv = tl.arange(0, DV)
+    o_ptrs = o_ptr + b * sob + h[:, None, None] * soh + offs_i[None, :, None] * sot + dv[None, None, :] * sod
+    if PHASE == 2:
+        o_ptrs += split * n_rows * DV
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=qok[:, :, None] & (dv < dv_n)[None, None, :])
+    if PHASE == 0:
+        tl.store(lse_ptr + rows, lse, mask=qok)

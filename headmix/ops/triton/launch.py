@@ -1,0 +1,255 @@
+"""Launch code of the fused DCMHA kernels: what they take (checks), tile shapes, and the launches themselves.
+
+``triton_forward`` / ``triton_backward`` take plain tensors: ``mask`` a bool tensor (or ``None``) ANDed with
+the positional structure ``causal``, ``window`` (0: none) and ``offset`` (query ``i`` sits at key ``i + offset``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import torch
+import triton
+from torch import Tensor
+
+from ...reference import ComposeWeights
+from .backward import _bwd_key_kernel, _bwd_query_kernel
+from .forward import _fwd_kernel
+
+MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
+WHOLE_HEAD_DIM = 64  # the backward kernels hold whole (padded) head dims up to this; above it they work in chunks:
+HEAD_DIM_CHUNK = 64  # each program writes this many dims of dQ (or dK, dV)
+# Compiled offline for sm_90 (benchmarks/kernel_resources.py), the backward kernels for 32 heads per group
+# need 256-544 KB of shared memory (an H100/H200 has 227 KB): training takes at most 16 (padded) heads per group.
+MAX_TRAINING_HEADS_PER_GROUP = 16
+# The Compose fields in the dataclass's order: bit i of a kernel's flags is field i (tiles.py names the bits;
+# tests/test_triton.py::test_flag_bits_name_the_compose_fields ties the two).
+FIELDS = tuple(f.name for f in fields(ComposeWeights))
+
+# Tile shapes per phase ("fwd", "bwd") and padded heads per group: (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# One pipeline stage: the (heads x block x block) tiles already fill the shared memory. Tuning scripts
+# (benchmarks/tune_triton.py) may override entries to measure alternatives.
+TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
+    ("fwd", True): (16, 16, 4, 1), ("fwd", False): (32, 32, 4, 1),  # measured: docs/triton_tiles_h100.md
+    ("bwd", True): (16, 16, 8, 1), ("bwd", False): (32, 32, 4, 1),
+}
+
+# Operands of the head-mixing products of the pre- and post-softmax Compose (and of their gradients) for
+# 16-bit inputs; float32 inputs always mix in exact float32. "bf16" (fastest) or "tf32" (float32 operands,
+# 10-bit mantissa); accumulation is float32 either way. Measured on an H100 (docs/kernels.md): bf16 mixing
+# of the pre-softmax scores misses the 1e-2 bound on dq/dk at the tests' weight scale; tf32 meets it.
+MIX_PRECISION = {"pre": "tf32", "post": "bf16"}
+
+# Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
+SPLIT_TARGET_PROGRAMS = 128
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def check_supported(shape: tuple[int, ...], v_dim: int, groups: int, dtype: torch.dtype, training: bool,
+                    kv_heads: int | None = None) -> None:
+    """Raise a ``ValueError`` naming the value and what is allowed unless the kernels take queries of
+    ``shape`` ``(B, H, T, D)`` and dtype ``dtype``, values of head dim ``v_dim``, ``groups`` head groups,
+    ``kv_heads`` key/value heads (default ``H``), with (``training``) or without gradients.
+    ``backend="auto"`` asks this before choosing the kernels."""
+    H, DK = shape[1], shape[-1]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"triton backend: dtype {dtype} is not supported: expected float32, bfloat16 or float16")
+    if H % groups:
+        raise ValueError(f"triton backend: num_heads={H} must be divisible by groups={groups}")
+    if kv_heads is not None and (kv_heads < 1 or H % kv_heads):
+        raise ValueError(f"triton backend: {kv_heads} key/value heads must divide the {H} query heads")
+    M = H // groups
+    if M > 32:
+        raise ValueError(f"triton backend: {M} heads per group is not supported: expected at most 32")
+    if min(DK, v_dim) < 16:
+        raise ValueError(f"triton backend: head dims {DK}, {v_dim} are not supported: expected at least 16")
+    if max(DK, v_dim) > MAX_HEAD_DIM:
+        raise ValueError(f"triton backend: head dim {max(DK, v_dim)} is not supported: expected at most "
+                         f"{MAX_HEAD_DIM}")
+    if training and max(next_pow2(DK), next_pow2(v_dim)) > WHOLE_HEAD_DIM and next_pow2(DK) != next_pow2(v_dim):
+        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} needs equal key and value "
+                         f"head dims, got {DK} and {v_dim}")
+    if training and next_pow2(M) > MAX_TRAINING_HEADS_PER_GROUP:
+        raise ValueError(f"triton backend: training with {M} heads per group is not supported: expected at most "
+                         f"{MAX_TRAINING_HEADS_PER_GROUP} (use more groups, or backend='chunked')")
+
+
+def _flags(w: ComposeWeights | None) -> int:
+    """Bit ``i`` set when field ``FIELDS[i]`` of ``w`` is present (names of the bits: tiles.py)."""
+    if w is None:
+        return 0
+    return sum(1 << i for i, f in enumerate(FIELDS) if getattr(w, f) is not None)
+
+
+def _pointers(w: ComposeWeights | None, dummy: Tensor) -> list[Tensor]:
+    if w is None:
+        return [dummy] * 7
+    return [dummy if getattr(w, f) is None else getattr(w, f).contiguous() for f in FIELDS]
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int, int]:
+    B, H, T, dk = q.shape
+    if k.shape[1] != v.shape[1] or H % k.shape[1]:
+        raise ValueError(f"triton backend: q has {H} heads but k has {k.shape[1]} and v {v.shape[1]}: expected "
+                         "k and v with the same number of heads, dividing the query heads")
+    M = H // groups
+    ranks = {getattr(w, f).shape[3] for w in (pre, post) if w is not None
+             for f in ("query_w1", "key_w1") if getattr(w, f) is not None}
+    if len(ranks) > 1:
+        raise ValueError(f"triton backend: pre and post Compose must share one rank, got {sorted(ranks)}")
+    R = ranks.pop() if ranks else 1
+    if R > 8:
+        raise ValueError(f"triton backend: rank {R} is not supported: expected at most 8")
+    return M, R
+
+
+def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: str) -> dict:
+    """The kernels' compile-time parameters and launch shape for these inputs (``phase``: "fwd" or "bwd")."""
+    check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=phase == "bwd", kv_heads=k.shape[1])
+    M, R = _check(q, k, v, groups, pre, post)
+    MP = next_pow2(M)
+    DK, DV = next_pow2(q.shape[-1]), next_pow2(v.shape[-1])
+    BM, BN, warps, stages = TILES[(phase, MP >= 16)]
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    mix = {c: "ieee" if q.dtype == torch.float32 else MIX_PRECISION[c] for c in ("pre", "post")}
+    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
+                MIX_POST=mix["post"], num_warps=warps, num_stages=stages)
+
+
+def _mask_args(mask: Tensor | None, T: int, S: int, dummy: Tensor):
+    """``(tensor, batch stride, query stride, key stride)`` of a bool mask broadcastable to ``(B, 1, T, S)``,
+    as uint8 with broadcast dimensions kept at stride 0 (a key-padding mask is read as one row per batch)."""
+    if mask is None:
+        return dummy, 0, 0, 0
+    if mask.dtype != torch.bool:
+        raise ValueError(f"triton backend: mask must be bool, got {mask.dtype}")
+    m = mask.to(torch.uint8)
+    while m.dim() < 4:
+        m = m[None]
+    m = m.expand(m.shape[0], 1, T, S)[:, 0]
+    return m, (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1), m.stride(2)
+
+
+def _key_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
+    """``(chunk, n_split)``: keys per split (a multiple of ``BN``) and the number of splits; ``(S, 1)`` when
+    the query blocks already fill the device."""
+    if programs * 2 > SPLIT_TARGET_PROGRAMS:
+        return S, 1
+    chunk = max(BN, triton.cdiv(triton.cdiv(S, SPLIT_TARGET_PROGRAMS // programs), BN) * BN)
+    return chunk, triton.cdiv(S, chunk)
+
+
+def _shape_args(q: Tensor, k: Tensor, v: Tensor, offset: int) -> tuple[int, ...]:
+    """``T, S, off, kv_rep, dk_n, dv_n``: lengths, query offset, query heads per key/value head, real head dims."""
+    return q.shape[2], k.shape[2], offset, q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1]
+
+
+def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split: bool | None = None):
+    """``(O, lse)``; ``lse`` is ``None`` on the split-key path (``split=None``: split when there are few
+    query blocks, as in decoding; splits are for inference: the backward pass needs ``lse``)."""
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    meta = launch_meta(q, k, v, groups, pre, post, "fwd")
+    dummy = q.new_empty(1)
+    m, smb, smt, sms = _mask_args(mask, T, S, dummy)
+    n_blocks = triton.cdiv(T, meta["BM"])
+    chunk, n_split = _key_splits(n_blocks * B * groups, S, meta["BN"]) if split is not False else (S, 1)
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
+    strides = (*q.stride(), *k.stride(), *v.stride())
+    flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
+                 RELOAD=meta["DK"] >= 128, num_warps=warps, num_stages=stages, **meta)
+    shape = _shape_args(q, k, v, offset)
+    if n_split == 1:
+        o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+        _fwd_kernel[(n_blocks, B * groups, 1)](q, k, v, o, lse, m, *weights, *strides, *o.stride(), smb, smt, sms,
+                                               *shape, scale, S, 1, PHASE=0, **flags)
+        return o, lse
+    stats = torch.empty(2, n_split, B, H, T, dtype=torch.float32, device=q.device)
+    parts = torch.empty(n_split, B, H, T, v.shape[-1], dtype=torch.float32, device=q.device)
+    grid = (n_blocks, B * groups, n_split)
+    _fwd_kernel[grid](q, k, v, parts, stats, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, *shape,
+                      scale, chunk, n_split, PHASE=1, **flags)
+    # lse = log sum_s l_s exp(m_s); a split without keys has l = 0 (log: -inf), a fully masked row gives -inf
+    lse = torch.logsumexp(stats[0] + torch.log(stats[1]), 0)
+    lse = torch.nan_to_num(lse, nan=float("inf"), neginf=float("inf"))
+    _fwd_kernel[grid](q, k, v, parts, lse, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, *shape,
+                      scale, chunk, n_split, PHASE=2, **flags)
+    return parts.sum(0).to(q.dtype), None
+
+
+def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
+    """Gradients ``(dq, dk, dv, dpre, dpost)``; ``dpre``/``dpost`` are dicts field -> gradient. ``dk``, ``dv``
+    have the heads of ``k``, ``v`` (grouped-query heads: summed over the query heads that share them)."""
+    B, H, T, _ = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    meta = launch_meta(q, k, v, groups, pre, post, "bwd")
+    warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    G, M, R = groups, meta["M"], meta["R"]
+    dummy = q.new_empty(1)
+    # the gradient kernels write dq with the strides of q: give it a dense layout (a non-dense input, e.g. a view
+    # into a larger buffer under torch.compile, would otherwise be written out of place)
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    m, smb, smt, sms = _mask_args(mask, T, S, dummy)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    delta = torch.empty(B, H, T, **f32)
+    n_blocks = triton.cdiv(T, meta["BM"])
+    dq = torch.empty_like(q)
+    # dK, dV per query head (dense (B, H, S, D)); with shared key/value heads summed below
+    dk = torch.empty(B, H, S, k.shape[-1], dtype=k.dtype if Hkv == H else torch.float32, device=q.device)
+    dv = torch.empty(B, H, S, v.shape[-1], dtype=v.dtype if Hkv == H else torch.float32, device=q.device)
+    common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), smb, smt, sms, *_shape_args(q, k, v, offset))
+    flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None)
+    pre_ptrs, post_ptrs = _pointers(pre, dummy), _pointers(post, dummy)
+    qgrad = {c: (torch.zeros(B, T, G, R, M, **f32), torch.zeros(B, T, G, R, M, **f32), torch.zeros(B, T, G, M, **f32))
+             for c in ("pre", "post")}
+    dw_part = torch.zeros(B * G, n_blocks, 2, M, M, **f32)
+    DK, DV = meta["DK"], meta["DV"]
+    if max(DK, DV) <= WHOLE_HEAD_DIM:
+        meta.update(DCK=DK, DCV=DV)
+    else:  # equal (padded) head dims (check_supported)
+        meta.update(DCK=HEAD_DIM_CHUNK, DCV=HEAD_DIM_CHUNK)
+    chunks = DK // meta["DCK"]
+    for stage, c in ((1, "post"), (2, "pre")):
+        _bwd_query_kernel[(n_blocks, B * G, 1 if stage == 1 else chunks)](
+            q, k, v, do, lse, delta, m, dq, *pre_ptrs, *post_ptrs, *qgrad[c], dw_part, *common,
+            scale, n_blocks, STAGE=stage, num_warps=warps, num_stages=stages, **meta, **flags,
+        )
+    kgrad = [torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32),
+             torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, R, M, **f32), torch.zeros(B, S, G, M, **f32)]
+    _bwd_key_kernel[(triton.cdiv(S, meta["BN"]), B * G, chunks)](
+        q, k, v, do, lse, delta, m, dk, dv, *pre_ptrs, *post_ptrs, *kgrad, *common,
+        scale, num_warps=warps, num_stages=stages, DK_STORE=k.shape[-1], DV_STORE=v.shape[-1], **meta, **flags,
+    )
+    if Hkv != H:
+        dk = dk.view(B, Hkv, H // Hkv, S, -1).sum(2).to(k.dtype)
+        dv = dv.view(B, Hkv, H // Hkv, S, -1).sum(2).to(v.dtype)
+    dw = dw_part.view(B, G, n_blocks, 2, M, M).sum(dim=(0, 2))
+    grads = {}
+    for c, w, (k1, k2, kg), idx in (("pre", pre, kgrad[:3], 0), ("post", post, kgrad[3:], 1)):
+        if w is None:
+            grads[c] = {}
+            continue
+        full = dict(static=dw[:, idx].clone(memory_format=torch.contiguous_format), query_w1=qgrad[c][0],
+                    query_w2=qgrad[c][1], query_gate=qgrad[c][2],
+                    key_w1=k1, key_w2=k2, key_gate=kg)
+        grads[c] = {f: full[f].to(getattr(w, f).dtype) for f in FIELDS if getattr(w, f) is not None}
+    return dq, dk, dv, grads["pre"], grads["post"]
+
+
+def tensor_core_flops(head_dim: int, heads_per_group: int, pairs: float) -> dict[str, float]:
+    """Tensor-core FLOPs each kernel does over ``pairs`` (query, key, head) triples, every Compose term on:
+    per pass ``2D`` for each of ``QK^T``, ``dO V^T``, ``P'V``, ``dS K``, ``dS^T Q``, ``P'^T dO``; ``4M`` for each
+    Compose or adjoint (the ``E_i`` and ``F_j`` products, ``M`` padded heads per group), ``2M`` for each
+    ``dE``/``dF`` accumulation. For the profile script (benchmarks/dcmha_profile.py)."""
+    D, M = next_pow2(head_dim), next_pow2(heads_per_group)
+    per = {
+        "_fwd_kernel": 2 * 2 * D + 2 * D + 2 * 4 * M + 4 * M,
+        "_bwd_query_kernel": (2 * D + 2 * D + 4 * M + 4 * M + 2 * M) + (2 * D + 2 * D + 3 * 4 * M + 2 * D + 2 * M),
+        "_bwd_key_kernel": 2 * D * 4 + 4 * M * 4 + 2 * 2 * M,
+    }
+    return {name: f * pairs for name, f in per.items()}

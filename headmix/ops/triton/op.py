@@ -1,0 +1,190 @@
+"""The kernels as ``torch.library`` custom ops with autograd: ``torch.compile`` traces through them (fake shapes
+below) without a graph break. The entry point is :func:`triton_composed_attention`.
+
+When a kernel does not fit the GPU (Triton's ``OutOfResources``) the op raises a ``RuntimeError`` saying so,
+unless the caller passed ``fallback=True`` *and* the ops registry installed a fallback policy
+(:data:`FALLBACK`, see :mod:`headmix.ops`): the policy decides what runs instead (and warns).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from triton.runtime.errors import OutOfResources
+
+from ...masks import MaskSpec, as_mask_spec
+from ...reference import ComposeWeights
+from .launch import FIELDS, check_supported, triton_backward, triton_forward
+
+# ``FALLBACK(error, what)`` -> a backend function to run instead of the kernels (``what``: "forward",
+# "backward" or "inference"); installed by the ops registry, which owns the policy. ``None``: always raise.
+FALLBACK: Callable[[Exception, str], Callable[..., Tensor]] | None = None
+
+
+def _no_room(error: Exception, fallback: bool, what: str) -> Callable[..., Tensor]:
+    """The backend that runs a call whose kernels do not fit this GPU, or a clear ``RuntimeError``."""
+    if not fallback or FALLBACK is None:
+        raise RuntimeError(f"triton backend: the fused DCMHA kernels do not fit this GPU at this shape ({error}); "
+                           "backend='chunked' runs it in PyTorch") from error
+    return FALLBACK(error, what)
+
+
+def _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
+    spec = MaskSpec(causal=causal, window=window or None, allowed=mask, query_offset=offset)
+    return backend(q, k, v, scale=scale, mask=spec, pre=pre, post=post, groups=groups)
+
+
+def _recompute_backward(backend, do, q, k, v, scale, mask, pre, post, groups, causal, window, offset):
+    """``(dq, dk, dv, dpre, dpost)`` as :func:`triton_backward`, by autograd through ``backend``."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    weights = [None if w is None else {f: getattr(w, f).detach().requires_grad_() for f in FIELDS
+                                       if getattr(w, f) is not None} for w in (pre, post)]
+    with torch.enable_grad():
+        out = _run(backend, *leaves, scale, mask, *(None if w is None else ComposeWeights(**w) for w in weights),
+                   groups, causal, window, offset)
+        grads = iter(torch.autograd.grad(out, [*leaves, *(t for w in weights if w for t in w.values())], do))
+    dq, dk, dv = next(grads), next(grads), next(grads)
+    return dq, dk, dv, *({f: next(grads) for f in (w or {})} for w in weights)
+
+
+@torch.library.custom_op("headmix::dcmha_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
+                window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
+                fallback: bool) -> tuple[Tensor, Tensor]:
+    """``(output, row log-sum-exp)`` of the fused forward kernel (on a fallback the log-sum-exp is NaN: the
+    backward kernels, bigger still, fall back too)."""
+    pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+    try:
+        return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
+    except OutOfResources as error:
+        backend = _no_room(error, fallback, "forward")
+    out = _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset)
+    return out, q.new_full(q.shape[:3], float("nan"), dtype=torch.float32)
+
+
+@torch.library.custom_op("headmix::dcmha_inference", mutates_args=())
+def _inference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
+                  window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
+                  fallback: bool) -> Tensor:
+    """The output only, without gradients: keys are split over programs when queries are few (decoding)."""
+    pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+    try:
+        return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+    except OutOfResources as error:
+        backend = _no_room(error, fallback, "inference")
+    return _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset)
+
+
+@_inference_op.register_fake
+def _(q, k, v, mask, scale, groups, causal, window, offset, pre_present, post_present, weights, fallback):
+    return q.new_empty(*q.shape[:3], v.shape[-1])
+
+
+@_forward_op.register_fake
+def _(q, k, v, mask, scale, groups, causal, window, offset, pre_present, post_present, weights, fallback):
+    B, H, T, _ = q.shape
+    return q.new_empty(B, H, T, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("headmix::dcmha_backward", mutates_args=())
+def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Tensor | None, scale: float,
+                 groups: int, causal: bool, window: int, offset: int, pre_present: bool, post_present: bool,
+                 weights: list[Tensor], fallback: bool) -> list[Tensor]:
+    """``[dq, dk, dv, then one gradient per present Compose weight, in FIELDS order, pre then post]``."""
+    pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+    try:
+        dq, dk, dv, dpre, dpost = triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window,
+                                                  offset)
+    except OutOfResources as error:
+        if fallback and FALLBACK is not None:  # recomputed through autograd by _backward (none inside a custom op)
+            raise
+        _no_room(error, fallback, "backward")
+    return [t.contiguous() for t in (dq, dk, dv, *dpre.values(), *dpost.values())]  # present fields, FIELDS order
+
+
+@_backward_op.register_fake
+def _(do, q, k, v, lse, mask, scale, groups, causal, window, offset, pre_present, post_present, weights, fallback):
+    present = [w for i, w in enumerate(weights) if (pre_present if i < 7 else post_present) and w.numel() > 0]
+    # the kernels write dense, contiguous gradients whatever the inputs' layouts
+    return [q.new_empty(t.shape, dtype=t.dtype) for t in (q, k, v, *present)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, mask, scale, groups, causal, window, offset, pre_present, post_present, weights, fallback = inputs
+    ctx.save_for_backward(q, k, v, output[1], mask, *weights)
+    ctx.meta = (scale, groups, causal, window, offset, pre_present, post_present, fallback)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, lse, mask, *weights = ctx.saved_tensors
+    scale, groups, causal, window, offset, pre_present, post_present, fallback = ctx.meta
+    try:
+        dq, dk, dv, *present = _backward_op(do, q, k, v, lse, mask, scale, groups, causal, window, offset,
+                                            pre_present, post_present, weights, fallback)
+    except OutOfResources as error:  # only with a fallback (else the op raised a RuntimeError)
+        backend = _no_room(error, fallback, "backward")
+        pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
+        dq, dk, dv, dpre, dpost = _recompute_backward(backend, do, q, k, v, scale, mask, pre, post, groups, causal,
+                                                      window, offset)
+        present = [*dpre.values(), *dpost.values()]
+    grads = iter(present)
+    # absent weights are empty placeholders (custom ops take no None in lists): their "gradients" are empty too
+    wgrads = [next(grads) if (pre_present if i < 7 else post_present) and w.numel() > 0 else torch.zeros_like(w)
+              for i, w in enumerate(weights)]
+    return dq, dk, dv, None, None, None, None, None, None, None, None, wgrads, None
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def flatten(w: ComposeWeights | None, empty: Tensor) -> list[Tensor]:
+    """The seven Compose fields of ``w`` in FIELDS order, ``empty`` (no elements) for absent ones."""
+    return [empty] * 7 if w is None else [empty if getattr(w, f) is None else getattr(w, f) for f in FIELDS]
+
+
+def _unflatten(present: bool, tensors) -> ComposeWeights | None:
+    if not present:
+        return None
+    return ComposeWeights(**{f: (t if t is not None and t.numel() > 0 else None) for f, t in zip(FIELDS, tensors)})
+
+
+def kernel_mask(spec: MaskSpec) -> Tensor | None:
+    """The tensor part of ``spec`` as one bool mask broadcastable to ``(B, 1, T, S)`` (``None``: structure only)."""
+    mask = spec.allowed
+    if spec.key_padding is not None:
+        padding = spec.key_padding.bool()[:, None, None, :]
+        mask = padding if mask is None else mask & padding
+    return mask
+
+
+def triton_composed_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, scale: float, mask: MaskSpec | Tensor | None = None,
+    pre: ComposeWeights | None = None, post: ComposeWeights | None = None, groups: int = 1,
+    chunk_size: int | None = None, fallback: bool = False,
+) -> Tensor:
+    """Fused composed attention; arguments as :func:`headmix.reference.composed_attention`.
+
+    ``k``, ``v`` may have fewer heads than ``q`` (grouped-query attention: each key/value head serves
+    ``H / H_kv`` consecutive query heads). The mask's structure (causal, window, query offset) is applied by
+    index arithmetic, skipping whole blocks; its tensor part (key padding, an explicit mask) is read tile by
+    tile. ``chunk_size`` is accepted for signature compatibility and ignored.
+
+    A shape whose kernels do not fit the GPU (shared memory, registers) raises a ``RuntimeError`` saying so,
+    or with ``fallback=True`` (what ``backend="auto"`` passes) runs what the ops registry's policy says
+    (the chunked path, with a warning). Shapes the kernels never take (see :func:`check_supported`) raise a
+    ``ValueError``.
+    """
+    spec = as_mask_spec(mask)
+    weights = [getattr(w, f) for w in (pre, post) if w is not None for f in FIELDS if getattr(w, f) is not None]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *weights))
+    check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=needs_grad, kv_heads=k.shape[1])
+    pre = None if pre is None or pre.is_identity() else pre
+    post = None if post is None or post.is_identity() else post
+    args = (q, k, v, kernel_mask(spec), float(scale), int(groups), bool(spec.causal),
+            int(spec.window or 0), spec.offset(q.shape[2], k.shape[2]), pre is not None, post is not None,
+            [*flatten(pre, q.new_empty(0)), *flatten(post, q.new_empty(0))], bool(fallback))
+    if not needs_grad:
+        return _inference_op(*args)
+    return _forward_op(*args)[0]
