@@ -74,8 +74,11 @@ def test_the_directory_conversion_writes_a_model_and_tokenizer_with_the_same_log
     ("llama", "rope_parameters", {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}, "rope_type"),
     ("llama", "head_dim", 16, "head_dim=16"),
     ("llama", "hidden_act", "gelu", "hidden_act='gelu'"),
-    ("llama", "num_key_value_heads", 2, "num_key_value_heads=2"),
+    ("llama", "rope_parameters", {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
+                                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32}, "'llama3'"),
     ("gpt_neox", "hidden_act", "gelu_new", "hidden_act='gelu_new'"),
+    ("gpt_neox", "rope_parameters", {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.375},
+     "it rotates 3 of 8 channels"),
 ])
 def test_unsupported_sources_are_refused_from_config_json_before_any_weight_is_read(tmp_path, kind, field, value,
                                                                                    named):
@@ -119,3 +122,110 @@ def test_from_pretrained_on_a_llama_directory_says_what_it_is_and_how_to_convert
     for load in (DCFormerConfig.from_pretrained, DCFormerForCausalLM.from_pretrained):
         with pytest.raises(ValueError, match=r"is a 'llama' model, not a headmix model.*headmix convert upcycle"):
             load(tmp_path)
+
+
+# -- grouped-query attention ----------------------------------------------------------------------------------
+def repeated_head_twin(layer):
+    """The same layer with every key/value head repeated for its query heads (the multi-head reference)."""
+    from headmix.layers import ATTENTION_LAYERS
+
+    kind = next(k for k, c in ATTENTION_LAYERS.items() if type(layer) is c)
+    options = dict(causal=layer.causal, window=layer.window, rotary=layer.rotary is not None)
+    extra = {"rank": layer.rank, "groups": layer.groups, "init": "paper"} if kind == "dcmha" else {}
+    backend = {"backend": "reference"} if kind != "mha" else {}
+    twin = type(layer)(layer.dim, layer.num_heads, **options, **extra, **backend).double()
+    group = layer.num_heads // layer.num_key_value_heads
+    state = {}
+    for name, value in layer.state_dict().items():
+        if name.split(".")[0] in ("k_proj", "v_proj"):
+            value = value.unflatten(0, (layer.num_key_value_heads, -1)).repeat_interleave(group, 0).flatten(0, 1)
+        state[name] = value
+    twin.load_state_dict(state)
+    return twin
+
+
+@pytest.mark.parametrize("kind, backend", [("mha", None), ("talking_heads", "reference"), ("talking_heads", "chunked"),
+                                           ("dcmha", "reference"), ("dcmha", "chunked")])
+@pytest.mark.parametrize("window", [None, 3])
+def test_gqa_layers_equal_their_repeated_head_reference_forward_and_backward(kind, backend, window):
+    from headmix.layers import ATTENTION_LAYERS
+
+    torch.manual_seed(1)
+    extra = {"rank": 2, "groups": 3, "init": "paper"} if kind == "dcmha" else {}
+    if backend:
+        extra.update(backend=backend, chunk_size=4)
+    layer = ATTENTION_LAYERS[kind](36, 6, num_key_value_heads=2, window=window, rotary=True, **extra).double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert layer.k_proj.weight.shape == layer.v_proj.weight.shape == (12, 36)  # only the shared heads
+    twin = repeated_head_twin(layer)
+    x = torch.randn(2, 9, 36, dtype=torch.float64, requires_grad=True)
+    x_twin = x.detach().clone().requires_grad_()
+    out, expected = layer(x), twin(x_twin)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x_twin.grad)
+    group = 3
+    for name, p in layer.named_parameters():  # a shared head's gradient is the sum over the heads it serves
+        g = twin.get_parameter(name).grad
+        if name.split(".")[0] in ("k_proj", "v_proj"):
+            g = g.unflatten(0, (2, group, -1)).sum(1).flatten(0, 1)
+        torch.testing.assert_close(p.grad, g, msg=name)
+
+
+def test_collaborative_attention_refuses_gqa_with_a_reason():
+    from headmix.layers import CollaborativeAttention
+
+    with pytest.raises(ValueError, match="num_key_value_heads=2 is not supported by CollaborativeAttention"):
+        CollaborativeAttention(32, 4, num_key_value_heads=2)
+
+
+@pytest.mark.parametrize("attention", ["mha", "dcmha", "talking_heads"])
+def test_a_gqa_model_decodes_with_a_cache_as_its_full_forward_and_counts_its_parameters(attention):
+    torch.manual_seed(0)
+    config = DCFormerConfig(vocab_size=61, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                            num_key_value_heads=2, attention=attention, window_size=4, window_pattern="LG",
+                            attention_options={"backend": "reference"} if attention != "mha" else {})
+    model = DCFormerForCausalLM(config).double().eval()
+    assert config.num_parameters() == sum(p.numel() for p in model.parameters())
+    full_kv = DCFormerConfig(**{**config.to_dict(), "num_key_value_heads": 6, "model_type": "headmix_dcformer"})
+    assert full_kv.num_parameters() - config.num_parameters() == 2 * 2 * 48 * (48 - 16)  # 2 layers, k and v
+    ids = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :4], past_key_values=cache, use_cache=True).logits]
+        for t in range(4, 10):
+            steps.append(model(ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full)
+    assert cache.layers[1].state["k"].shape[-2] == 2  # the cache holds the 2 shared heads
+
+
+@pytest.mark.parametrize("kind", list(FAMILY))
+def test_gqa_sources_import_with_their_shared_heads(kind):
+    overrides = {"num_attention_heads": 6, "hidden_size": 48}
+    if kind != "gpt_neox":  # GPT-NeoX has no grouped-query attention: it imports with 6 key/value heads
+        overrides["num_key_value_heads"] = 2
+    if kind == "mistral":
+        overrides["head_dim"] = 8
+    source = tiny_source(kind, **overrides)
+    ours = upcycle(source).eval()
+    assert ours.config.num_key_value_heads == overrides.get("num_key_value_heads", 6)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 12))
+    with torch.no_grad():
+        assert relative_error(source(ids).logits, ours(ids).logits) <= 1e-4
+
+
+def test_a_smollm2_shaped_llama_imports_with_9_query_and_3_key_value_heads():
+    source = tiny_source("llama", hidden_size=36, num_attention_heads=9, num_key_value_heads=3)
+    ours = upcycle(source).eval()
+    attention = ours.model.layers[0].attention
+    assert attention.num_key_value_heads == 3 and attention.k_proj.weight.shape == (12, 36)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 16))
+    with torch.no_grad():
+        assert relative_error(source(ids).logits, ours(ids).logits) <= 1e-4
+        generated = ours.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated, source.generate(ids[:, :5], max_new_tokens=6, do_sample=False))

@@ -124,9 +124,6 @@ def config_from_source(source: Any) -> DCFormerConfig:
         raise _unsupported(model_type, "head_dim", head_dim, f"headmix layers use hidden_size / num_attention_heads "
                            f"= {dim // heads} channels per head")
     kv_heads = getattr(source, "num_key_value_heads", None) or heads
-    if kv_heads != heads:
-        raise _unsupported(model_type, "num_key_value_heads", kv_heads, f"grouped-query attention (fewer key/value "
-                           f"heads than num_attention_heads={heads}) is not supported yet")
     activation = getattr(source, "hidden_act", None)
     neox = model_type == "gpt_neox"
     if activation != ("gelu" if neox else "silu"):
@@ -134,12 +131,16 @@ def config_from_source(source: Any) -> DCFormerConfig:
                            f"{'gelu' if neox else 'silu'}")
     fields: dict[str, Any] = dict(
         vocab_size=source.vocab_size, hidden_size=dim, num_hidden_layers=source.num_hidden_layers,
-        num_attention_heads=heads, intermediate_size=source.intermediate_size,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=source.intermediate_size,
         max_position_embeddings=source.max_position_embeddings, attention="mha",
         tie_word_embeddings=bool(getattr(source, "tie_word_embeddings", False)),
         initializer_range=getattr(source, "initializer_range", 0.02),
         **_rope_fields(source, model_type), **_window_fields(source, model_type),
     )
+    rotated = int(dim // heads * fields.get("rotary_pct", 0.25 if neox else 1.0))
+    if rotated % 2:
+        raise _unsupported(model_type, "partial_rotary_factor", fields.get("rotary_pct"), f"it rotates {rotated} of "
+                           f"{dim // heads} channels per head, an odd number: headmix rotates channel pairs")
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(source, name, None) is not None:
             fields[name] = getattr(source, name)

@@ -37,6 +37,9 @@ class Attention(nn.Module):
     Args:
         dim: model width ``D`` (input and output feature size).
         num_heads: number of heads ``H``.
+        num_key_value_heads: ``H_kv``, the key/value heads (grouped-query attention, Ainslie et al., 2023):
+            key/value head ``j`` serves query heads ``j * H/H_kv .. (j+1) * H/H_kv - 1``; the key and value
+            projections and the decoding cache hold only these. ``None``: ``H`` (multi-head attention).
         causal: a query sees only keys at or before its position (decoders). ``False`` for encoders.
         window: if set, a sliding window: a query sees only the ``window`` most recent positions
             (itself included).
@@ -52,7 +55,7 @@ class Attention(nn.Module):
     #: The options a model sets from its own fields for every layer (mask, biases, positions); every other
     #: keyword option of a layer class is an attention option (``DCFormerConfig.attention_options``).
     MODEL_OPTIONS: ClassVar[tuple[str, ...]] = (
-        "causal", "window", "bias", "out_bias", "rotary", "rotary_base", "rotary_fraction", "qk_norm",
+        "num_key_value_heads", "causal", "window", "bias", "out_bias", "rotary", "rotary_base", "rotary_fraction", "qk_norm",
     )
     #: Whether the layer has per-head keys to normalise (collaborative attention has one shared key).
     supports_qk_norm: ClassVar[bool] = True
@@ -62,6 +65,7 @@ class Attention(nn.Module):
         dim: int,
         num_heads: int,
         *,
+        num_key_value_heads: int | None = None,
         causal: bool = True,
         window: int | None = None,
         bias: bool = False,
@@ -77,13 +81,18 @@ class Attention(nn.Module):
         check_divisible("dim", dim, "num_heads", num_heads)
         if window is not None:
             check_positive_int("window", window)
+        kv_heads = num_heads if num_key_value_heads is None else num_key_value_heads
+        check_positive_int("num_key_value_heads", kv_heads)
+        check_divisible("num_heads", num_heads, "num_key_value_heads", kv_heads)
         self.dim = dim
         self.num_heads = num_heads
+        self.num_key_value_heads = kv_heads
         self.head_dim = dim // num_heads
+        self.kv_dim = kv_heads * self.head_dim  # width of the key and value projections
         self.causal = causal
         self.window = window
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, self.kv_dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_base, rotary_fraction) if rotary else None
         self.q_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
@@ -128,7 +137,7 @@ class Attention(nn.Module):
 
     # -- what subclasses provide -------------------------------------------------------------
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Queries ``(B, H, T, Dk)`` and keys ``(B, H or 1, T, Dk)`` from ``x`` ``(B, T, D)``, before rotary."""
+        """Queries ``(B, H, T, Dk)`` and keys ``(B, H_kv or 1, T, Dk)`` from ``x`` ``(B, T, D)``, before rotary."""
         raise NotImplementedError
 
     def composition_state(self, x: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -143,7 +152,7 @@ class Attention(nn.Module):
         structure: tuple[bool, int | None] | None = None,
     ) -> Tensor:
         """The attention core: ``(B, H, T, Dv)`` from projected heads ``q`` ``(B, H, T, Dk)``,
-        ``k`` ``(B, H or 1, S, Dk)``, ``v`` ``(B, H, S, Dv)``.
+        ``k`` ``(B, H_kv or 1, S, Dk)``, ``v`` ``(B, H_kv, S, Dv)`` (``H_kv = H`` without grouped-query attention).
 
         ``mask`` is the boolean ``(B or 1, 1, T, S)`` "may attend" mask; ``is_causal`` says that it is
         exactly the plain causal mask over ``T == S`` (so a fused causal kernel may be used);
@@ -189,7 +198,7 @@ class Attention(nn.Module):
         elif positions.shape not in ((T,), (B, T)):
             raise ValueError(f"positions has shape {tuple(positions.shape)}: expected ({T},) or ({B}, {T})")
         q, k = self.queries_keys(x)
-        v = self.split_heads(self.v_proj(x), self.num_heads)
+        v = self.split_heads(self.v_proj(x), self.num_key_value_heads)
         q, k = self.position_queries_keys(q, k, positions, positions)
         query_state, key_state = self.composition_state(x)
         keys = {"k": k.transpose(1, 2), "v": v.transpose(1, 2), **key_state}  # every entry (B, T, ...)
@@ -216,7 +225,7 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_heads={self.num_heads}, causal={self.causal}, window={self.window}, "
+            f"dim={self.dim}, num_heads={self.num_heads}, num_key_value_heads={self.num_key_value_heads}, causal={self.causal}, window={self.window}, "
             f"rotary={self.rotary is not None}"
         )
 

@@ -60,6 +60,10 @@ class CollaborativeAttention(Attention):
         self, dim: int, num_heads: int, *, key_dim: int | None = None, content_bias: bool = False, **options
     ) -> None:
         super().__init__(dim, num_heads, **options)
+        if self.num_key_value_heads != num_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} is not supported by "
+                             "CollaborativeAttention: its one shared key already serves every head, and grouped "
+                             f"values are not implemented (use num_key_value_heads={num_heads})")
         key_dim = dim if key_dim is None else key_dim
         check_positive_int("key_dim", key_dim)
         if self.q_norm is not None:

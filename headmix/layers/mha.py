@@ -12,7 +12,8 @@ class MultiHeadAttention(Attention):
     """Plain multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`.
 
     Parameters (``D`` = dim): ``4 * D * D`` weights, plus ``4 * D`` biases if ``bias=True``
-    (query, key, value and output projections, each ``D x D``).
+    (query, key, value and output projections, each ``D x D``); with ``num_key_value_heads=H_kv`` the key and
+    value projections are ``D x (H_kv * D / H)`` (grouped-query attention, SDPA's ``enable_gqa``).
 
     Example:
         >>> import torch
@@ -29,14 +30,16 @@ class MultiHeadAttention(Attention):
         super().__init__(dim, num_heads, **options)
         bias = self.v_proj.bias is not None
         self.q_proj = nn.Linear(dim, dim, bias=bias)
-        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, self.kv_dim, bias=bias)
 
     def queries_keys(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.split_heads(self.q_proj(x), self.num_heads), self.split_heads(self.k_proj(x), self.num_heads)
+        return (self.split_heads(self.q_proj(x), self.num_heads),
+                self.split_heads(self.k_proj(x), self.num_key_value_heads))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:
+        gqa = k.shape[1] != q.shape[1]
         if is_causal and q.shape[-2] == k.shape[-2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return zero_rows_without_keys(out, mask)

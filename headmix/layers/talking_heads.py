@@ -51,7 +51,7 @@ class TalkingHeadsAttention(ComposedAttention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:
-        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q)
+        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q, kv_heads=k.shape[1])
         return core(
             q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), chunk_size=self.chunk_size,
             pre=ComposeWeights(static=self.pre_mix), post=ComposeWeights(static=self.post_mix),

@@ -153,6 +153,8 @@ class DCFormerConfig(PretrainedConfig):
         hidden_size: model width ``D``.
         num_hidden_layers: number of decoder blocks.
         num_attention_heads: heads per attention layer.
+        num_key_value_heads: key/value heads of every attention layer (grouped-query attention; ``None``: as
+            ``num_attention_heads``); must divide ``num_attention_heads``.
         intermediate_size: MLP width (SwiGLU for ``llama``, GELU for ``pythia``).
         backbone: ``"llama"`` (Transformer++: pre-RMSNorm, SwiGLU, no biases, full rotary) or
             ``"pythia"`` (GPT-NeoX: LayerNorm, parallel residual, GELU MLP, biases, partial rotary).
@@ -187,6 +189,7 @@ class DCFormerConfig(PretrainedConfig):
         hidden_size: int = 128,
         num_hidden_layers: int = 4,
         num_attention_heads: int = 4,
+        num_key_value_heads: int | None = None,
         intermediate_size: int | None = None,
         max_position_embeddings: int = 2048,
         backbone: str = "llama",
@@ -216,6 +219,7 @@ class DCFormerConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
         self.intermediate_size = intermediate_size if intermediate_size is not None else (
             4 * hidden_size if pythia else _swiglu_width(hidden_size))
         self.max_position_embeddings = max_position_embeddings
@@ -270,10 +274,12 @@ class DCFormerConfig(PretrainedConfig):
     def validate_fields(self, legacy_names: dict[str, str] | None = None) -> None:
         """Raise ``ValueError`` naming the first bad field, its value and what is allowed (an attention
         option under the name it was given, ``legacy_names``: option -> old field name)."""
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings"):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
             check_positive_int(name, getattr(self, name))
         check_divisible("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
+        check_divisible("num_attention_heads", self.num_attention_heads, "num_key_value_heads",
+                        self.num_key_value_heads)
         kinds = self.attention if isinstance(self.attention, (list, tuple)) else [self.attention]
         for kind in kinds:
             check_choice("attention", kind, tuple(ATTENTION_LAYERS))
@@ -346,8 +352,9 @@ class DCFormerConfig(PretrainedConfig):
 
     def _build(self, layer_class: type[Attention], window: int | None) -> Attention:
         bias = self.use_bias if self.attention_bias is None else bool(self.attention_bias)
-        model = dict(causal=True, window=window, bias=bias, out_bias=bias and self.attention_bias != "qkv",
-                     rotary=True, rotary_base=self.rope_theta, rotary_fraction=self.rotary_pct)
+        model = dict(num_key_value_heads=self.num_key_value_heads, causal=True, window=window, bias=bias,
+                     out_bias=bias and self.attention_bias != "qkv", rotary=True, rotary_base=self.rope_theta,
+                     rotary_fraction=self.rotary_pct)
         if layer_class.supports_qk_norm:
             model["qk_norm"] = self.qk_norm
         takes = layer_class.attention_option_names()
