@@ -178,7 +178,7 @@ def _kept(config) -> str:
     from .training.engine import checkpoints
 
     kept = []
-    for name in config.models:
+    for name in config.run_names():
         model_dir = Path(config.output_dir) / name
         if (model_dir / "final" / "result.json").is_file():
             kept.append(f"{name} finished ({model_dir / 'final'})")

@@ -229,3 +229,43 @@ def test_a_smollm2_shaped_llama_imports_with_9_query_and_3_key_value_heads():
         assert relative_error(source(ids).logits, ours(ids).logits) <= 1e-4
         generated = ours.generate(ids[:, :5], max_new_tokens=6, do_sample=False)
         assert torch.equal(generated, source.generate(ids[:, :5], max_new_tokens=6, do_sample=False))
+
+
+# -- continued training from the command line ----------------------------------------------------------------
+def test_upcycle_a_llama_then_train_it_further_evaluate_and_generate(tmp_path, capsys):
+    """The end-to-end path of docs/upcycling.md: `headmix convert upcycle`, `headmix train init_from=...`
+    (the model's own tokenizer, the user's data), `headmix eval`, `headmix generate`."""
+    from headmix.training.data import default_corpus, train_tokenizer
+
+    play = default_corpus(tmp_path / "cache")[0]
+    (tmp_path / "data").mkdir()
+    text = play.read_text()[:40_000]
+    (tmp_path / "data" / "play.txt").write_text(text)
+    tokenizer = train_tokenizer(iter(text.split("\n\n")), 300)
+    source = tiny_source("llama", vocab_size=len(tokenizer), num_attention_heads=4, num_key_value_heads=2,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
+    source.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    upcycled = tmp_path / "dcformer"
+    assert main(["convert", "upcycle", str(tmp_path / "llama"), str(upcycled)]) == 0
+    run = tmp_path / "run"
+    assert main(["train", f"init_from={upcycled}", f"data=[{tmp_path / 'data'}]", f"output_dir={run}",
+                 f"cache_dir={tmp_path / 'cache'}", "max_steps=2", "seq_len=32", "batch_size=2", "eval_every=2",
+                 "save_every=2", "log_every=1", "max_validation_sequences=2", "num_proc=1",
+                 "validation_fraction=0.1", "learning_rate=1e-3", "warmup_steps=1"]) == 0
+    final = run / "dcformer" / "final"
+    trained = DCFormerForCausalLM.from_pretrained(final)
+    assert trained.config.num_key_value_heads == 2 and trained.config.layer_attention(0) == "dcmha"
+    before = DCFormerForCausalLM.from_pretrained(upcycled)
+    assert not torch.equal(trained.lm_head.weight, before.lm_head.weight)  # it trained
+    assert json.loads((run / "dcformer" / "run.json").read_text())["init_from"] == str(upcycled.resolve())
+    assert main(["eval", str(final), "--data", str(tmp_path / "data"), "--seq-len", "32", "--max-sequences", "4"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    assert main(["generate", str(final), "--prompt", "ROMEO:", "--max-new-tokens", "5", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_init_from_a_foreign_directory_names_the_command_that_converts_it(tmp_path, capsys):
+    tiny_source("llama").save_pretrained(tmp_path / "llama")
+    assert main(["train", f"init_from={tmp_path / 'llama'}", "--show-config"]) == 2
+    assert "is a 'llama' model, not a headmix model" in capsys.readouterr().err

@@ -28,7 +28,11 @@ class TrainConfig:
     """What to train, on what, and how. Every field can be set in YAML or as ``field=value``.
 
     Models and data:
-        models: presets to train one after the other on the same tokens (see ``headmix presets``).
+        models: presets to train from scratch, one after the other on the same tokens (see ``headmix presets``).
+        init_from: headmix model directories to train further (an upcycled Llama, a finished run's ``final``),
+            after the ``models``, on the same tokens; each is named after its directory. With ``init_from`` set
+            on the command line or in a file and ``models`` not, only these are trained. The tokenizer is the
+            first directory's (unless ``tokenizer`` is set); ``model_overrides`` apply to presets only.
         model_overrides: config fields applied to every model (e.g. ``{attention_options: {backend: chunked}}``).
         data: text/JSONL/Parquet files or directories; empty: the embedded Shakespeare corpus.
         text_field: the field holding the text in JSONL/Parquet rows.
@@ -61,6 +65,7 @@ class TrainConfig:
     """
 
     models: list[str] = field(default_factory=lambda: ["tiny-dcformer++", "tiny-transformer++"])
+    init_from: list[str] = field(default_factory=list)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     data: list[str] = field(default_factory=list)
     text_field: str = "text"
@@ -101,10 +106,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad field, its value and what is allowed."""
-        if not self.models:
-            raise ValueError("models is empty: name at least one preset (see `headmix presets`)")
+        if not self.models and not self.init_from:
+            raise ValueError("models is empty: name at least one preset (see `headmix presets`) or a model "
+                             "directory to train further (init_from=DIR)")
         for name in self.models:
             check_choice("models", name, tuple(PRESETS))
+        for directory in self.init_from:
+            check_model_directory(directory)
+        names = self.run_names()
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"models and init_from name {repeated} more than once: each model trains in "
+                             f"output_dir/NAME (an init_from directory's NAME is its directory's name)")
         for name in ("vocab_size", "seq_len", "max_steps", "batch_size", "grad_accum", "eval_every", "log_every",
                      "save_every", "keep_last", "num_proc", "max_validation_sequences"):
             check_positive_int(name, getattr(self, name))
@@ -115,12 +128,35 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("distributed", self.distributed, STRATEGIES)
 
+    def run_names(self) -> list[str]:
+        """The names of the models this run trains: the presets, then each ``init_from`` directory's name."""
+        return [*self.models, *self.initial_models()]
+
+    def initial_models(self) -> dict[str, str]:
+        """Name -> directory of each ``init_from`` model."""
+        return {Path(d).resolve().name: d for d in self.init_from}
+
     @property
     def cache_path(self) -> Path:
         return Path(self.cache_dir).expanduser() if self.cache_dir else Path.home() / ".cache" / "headmix"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def check_model_directory(directory: str) -> None:
+    """Refuse an ``init_from`` entry that is not a headmix model directory, saying what it is and what to do."""
+    import json
+
+    from ..models.configuration import MODEL_TYPE, foreign_config_message
+
+    config = Path(directory) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"init_from={directory!r} is not a model directory (no config.json): expected a headmix "
+                         "model directory, e.g. one written by `headmix convert upcycle` or a run's final/")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ValueError(f"init_from={directory!r}: " + foreign_config_message(model_type, "it"))
 
 
 def parse_value(text: str) -> Any:
@@ -211,4 +247,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         hint = f" ({'; '.join(hints)})" if hints else ""
         raise ValueError(f"unknown config field(s) {unknown}{hint}; allowed fields are {sorted(fields)} "
                          "(`headmix train --show-config` prints them with their defaults)")
+    if values.get("init_from") and "models" not in values:  # `headmix train init_from=DIR` trains DIR only
+        values["models"] = []
     return TrainConfig(**values)

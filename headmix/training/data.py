@@ -180,12 +180,25 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int) -> PreTrainedTokenize
 
 
 def get_tokenizer(config: TrainConfig, train_docs, files: list[str]) -> PreTrainedTokenizerFast:
-    """The tokenizer of ``config.tokenizer``, or a BPE trained on the training documents (cached)."""
+    """The tokenizer of ``config.tokenizer``, else the first ``init_from`` model's, else a BPE trained on the
+    training documents (cached)."""
     if config.tokenizer:
         path = Path(config.tokenizer)
         if not path.is_dir():
             raise ValueError(f"tokenizer directory {path} does not exist")
         return PreTrainedTokenizerFast.from_pretrained(str(path))
+    if config.init_from:  # the model's own tokenizer
+        from transformers import AutoTokenizer
+
+        path = Path(config.init_from[0])
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as error:
+            raise ValueError(f"init_from={str(path)!r} has no tokenizer that loads ({error}): "
+                             "set tokenizer=DIR") from None
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of init_from={str(path)!r} has no end-of-text token: set tokenizer=DIR")
+        return tokenizer
     cached = config.cache_path / "tokenizers" / fingerprint(files, config.vocab_size, config.text_field,
                                                               config.validation_fraction)
     if (cached / "tokenizer.json").is_file():

@@ -35,8 +35,8 @@ METRICS = "metrics.csv"
 RESULT = "result.json"
 RUN = "run.json"  # the settings that define a model directory's run
 # fields that do not change what a run computes: they may differ between a run and its resumption
-NON_DEFINING = ("models", "output_dir", "overwrite", "cache_dir", "num_proc", "keep_last", "log_every", "save_every",
-                "eval_every")
+NON_DEFINING = ("models", "init_from", "output_dir", "overwrite", "cache_dir", "num_proc", "keep_last", "log_every",
+                "save_every", "eval_every")
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.x; use what is there
 CHECKPOINTING_FIELD = next(
     (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
@@ -228,8 +228,13 @@ def training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArgumen
 
 
 def model_config(name: str, config: TrainConfig, **fields) -> DCFormerConfig:
-    """The config of preset ``name`` with the run's overrides, checked against the run's ``seq_len``."""
-    model = DCFormerConfig.from_preset(name, **{**fields, **config.model_overrides})
+    """The config of preset ``name`` with the run's overrides (or of the ``init_from`` model ``name``), checked
+    against the run's ``seq_len``."""
+    initial = config.initial_models()
+    if name in initial:
+        model = DCFormerConfig.from_pretrained(initial[name])
+    else:
+        model = DCFormerConfig.from_preset(name, **{**fields, **config.model_overrides})
     if config.seq_len > model.max_position_embeddings:
         raise ValueError(
             f"seq_len={config.seq_len} is longer than model {name!r} takes "
@@ -239,7 +244,15 @@ def model_config(name: str, config: TrainConfig, **fields) -> DCFormerConfig:
 
 
 def build_model(name: str, config: TrainConfig, tokenizer) -> DCFormerForCausalLM:
-    """A fresh model of preset ``name`` sized for the tokenizer, with the config's overrides."""
+    """A fresh model of preset ``name`` sized for the tokenizer, with the config's overrides; or the ``init_from``
+    model ``name`` as saved (float32 weights: the run's ``precision`` decides the compute)."""
+    initial = config.initial_models()
+    if name in initial:
+        model = DCFormerForCausalLM.from_pretrained(initial[name], dtype=torch.float32)
+        if model.config.vocab_size < len(tokenizer):
+            raise ValueError(f"init_from={initial[name]!r} has vocab_size={model.config.vocab_size}, fewer than the "
+                             f"tokenizer's {len(tokenizer)} tokens: use the model's own tokenizer (tokenizer=DIR)")
+        return model
     special = {f"{t}_token_id": getattr(tokenizer, f"{t}_token_id") for t in ("eos", "bos", "pad")}
     torch.manual_seed(config.seed)
     return DCFormerForCausalLM(model_config(name, config, vocab_size=len(tokenizer), **special))
@@ -248,7 +261,9 @@ def build_model(name: str, config: TrainConfig, tokenizer) -> DCFormerForCausalL
 def run_settings(name: str, config: TrainConfig) -> dict:
     """The settings that define model ``name``'s run: what ``run.json`` records."""
     settings = {k: v for k, v in config.to_dict().items() if k not in NON_DEFINING}
-    return {"model": name, **settings}
+    initial = config.initial_models()
+    source = {"init_from": str(Path(initial[name]).resolve())} if name in initial else {}
+    return {"model": name, **source, **settings}
 
 
 def claim_output_dir(name: str, config: TrainConfig, write: bool = True) -> None:

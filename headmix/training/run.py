@@ -22,21 +22,22 @@ TABLE = "results.md"
 
 
 def run_training(config: TrainConfig) -> list[ModelResult]:
-    """Prepare the data once, train every model of ``config.models`` on it, write the table and plot."""
+    """Prepare the data once, train every model of the run (``config.models``, then
+    ``config.init_from``) on it, write the table and plot."""
     from accelerate import PartialState
 
-    for name in config.models:  # fail on a bad model or run setting before any data work
+    for name in config.run_names():  # fail on a bad model or run setting before any data work
         model_config(name, config)
     training_arguments(config, Path(config.output_dir))
     state = PartialState()
     with state.main_process_first():  # rank 0 trains the tokenizer, tokenises and claims the directories
         data = prepare_data(config)  # bad data fails first, before anything is written
-        for name in config.models:
+        for name in config.run_names():
             claim_output_dir(name, config, write=state.is_main_process)
     if state.is_main_process:
         print(f"data: {data.description}; {len(data.validation)} validation sequences of {config.seq_len} tokens; "
               f"vocabulary {len(data.tokenizer)}")
-    results = [train_one(name, config, data) for name in config.models]
+    results = [train_one(name, config, data) for name in config.run_names()]
     if state.is_main_process:
         table = results_table(results, config)
         output = Path(config.output_dir)
