@@ -37,8 +37,8 @@ def test_speed_report_runs_every_section_and_ends_with_the_summary():
         assert heading in out, heading
     summary = out[out.index("## summary"):].splitlines()[3:]
     assert [row.split("|")[1].split(",")[0].strip() for row in summary] == [
-        "MHA window 40 / global", "one layer DCMHA / MHA", "core DCMHA / SDPA", "train tiny-dcformer++ / tiny-transformer++",
-        "train tiny-dcpythia / tiny-pythia"]
+        "MHA window 40 / global", "one layer DCMHA / MHA", "core DCMHA / SDPA",
+        "train tiny-dcformer++ / tiny-transformer++", "train tiny-dcpythia / tiny-pythia"]
     ratios = [float(row.split("|")[2].strip().split("x")[0].split("/")[0]) for row in summary]
     assert all(r > 0 for r in ratios)
     assert "| tiny-dcpythia | 1 of 4 |" in out  # reduced blocks are said

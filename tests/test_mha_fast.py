@@ -98,12 +98,12 @@ def test_positional_block_mask_skips_blocks_outside_the_window():
     assert positional_block_mask(2048, 2048, True, 256, torch.device("cpu")) is block_mask  # cached
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_flex_forward_matches_the_sdpa_path(seed):
     """float64: FlexAttention under the dense and the positional block masks gives the plain path's output,
     zeros included for queries that see no key."""
     rng = random.Random(seed)
-    for _ in range(6):
+    for _ in range(5):
         case = random_case(rng)
         padding, mask = case_mask(case)
         B, H, T, D = case["batch"], case["heads"], case["seq"], case["head_dim"]
