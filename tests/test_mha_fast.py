@@ -194,7 +194,9 @@ def test_an_unknown_backend_is_named():
         masked_attention(q, q, q, None, scale=1.0, backend="fast")
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the compiled FlexAttention kernels)")
+def cuda(test):
+    """A GPU test: marked ``gpu`` and skipped without CUDA (the compiled FlexAttention kernels)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")(test))
 
 
 @cuda
