@@ -93,9 +93,10 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir")
     for p in (official, export):
         p.add_argument("--window-convention", choices=["decode", "prefill"], default=None,
-                       help="official 256-token windows: 'decode' sees the current token and 255 before it (the "
-                       "official decoding cache), 'prefill' 256 before it (its prompt/training mask). "
-                       "Default: decode on import, the recorded one on export")
+                       help="official 256-token windows: 'decode' = a query sees itself and 255 before it (256 "
+                       "keys: how official DCFormer scores prompts and decodes, and how DCPythia decodes); "
+                       "'prefill' = itself and 256 before it (257 keys: DCPythia's official prompt scoring, "
+                       "DCFormer's training path only). Default: decode on import, the recorded one on export")
         p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                        help="cast floating tensors (default: keep)")
         p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: %(default)s)")
@@ -115,7 +116,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        option = next((u for u in unknown if u.startswith("-")), None)
+        if args.command == "train" and option:  # `--max-steps 10` where `max_steps=10` is meant
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            field = option.lstrip("-").split("=")[0].replace("-", "_")
+            after = argv[argv.index(option) + 1:] if option in argv else []
+            value = option.split("=", 1)[1] if "=" in option else (after[0] if after and "=" not in after[0] else "VALUE")
+            commands.choices["train"].error(
+                f"unrecognized option {option}: config fields are set as field=value, "
+                f"e.g. `headmix train {field}={value}` (`headmix train --show-config` lists the fields)")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.run(args) or 0
     except ValueError as error:  # bad user input: one clear line, no traceback
@@ -140,7 +154,28 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as error:
         print(f"headmix train: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"\nheadmix train: interrupted. {_kept(config)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _kept(config) -> str:
+    """One line: what an interrupted run left, and how to go on."""
+    from pathlib import Path
+
+    from .training.engine import checkpoints
+
+    kept = []
+    for name in config.models:
+        model_dir = Path(config.output_dir) / name
+        if (model_dir / "final" / "result.json").is_file():
+            kept.append(f"{name} finished ({model_dir / 'final'})")
+        elif checkpoints(model_dir):
+            kept.append(f"{name} at {checkpoints(model_dir)[-1]}")
+    if not kept:
+        return "No checkpoint was written yet; the same command starts again from the beginning."
+    return f"Kept: {'; '.join(kept)}. Run the same command to resume."
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -168,11 +203,34 @@ def _generate(args: argparse.Namespace) -> int:
     inputs = tokenizer(args.prompt, return_tensors="pt")
     if inputs["input_ids"].shape[1] == 0:
         raise ValueError("prompt is empty: give at least one token of text")
+    if not args.greedy and not args.temperature > 0:
+        raise ValueError(f"--temperature={args.temperature} is not allowed: expected a positive number (or --greedy)")
+    if not args.greedy and args.top_k < 1:
+        raise ValueError(f"--top-k={args.top_k} is not allowed: expected an integer >= 1")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} is not allowed: expected an integer >= 1")
+    prompt_len = inputs["input_ids"].shape[1]
+    positions = _max_positions(model.config)
+    if positions is not None and prompt_len + args.max_new_tokens > positions:
+        raise ValueError(
+            f"--max-new-tokens={args.max_new_tokens} after a prompt of {prompt_len} tokens needs "
+            f"{prompt_len + args.max_new_tokens} positions, but {args.model_dir} takes at most {positions} "
+            f"(max_position_embeddings): use --max-new-tokens {max(positions - prompt_len, 0)} or less"
+        )
     torch.manual_seed(args.seed)
-    sampling = {} if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k)
-    model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
-                   streamer=TextStreamer(tokenizer), pad_token_id=tokenizer.eos_token_id, **sampling)
+    sampling = dict(do_sample=False) if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k)
+    model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer),
+                   pad_token_id=tokenizer.eos_token_id, **sampling)
     return 0
+
+
+def _max_positions(config) -> int | None:
+    """The longest sequence a model's positions take (``None``: no limit recorded)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def _upcycle(args: argparse.Namespace) -> int:
@@ -207,6 +265,12 @@ def _collab(args: argparse.Namespace) -> int:
 
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
+    width = _collab_width(args.model_dir)  # checked before the model loads
+    if args.key_dim is not None and not 1 <= args.key_dim <= width:
+        raise ValueError(f"--key-dim={args.key_dim} is not allowed for {args.model_dir}: expected 1 <= key_dim <= "
+                         f"{width} (heads x head_dim; {width} reproduces the model exactly)")
+    if args.key_dim_ratio is not None and not 0 < args.key_dim_ratio <= 1:
+        raise ValueError(f"--key-dim-ratio={args.key_dim_ratio} is not allowed: expected 0 < ratio <= 1")
     if args.distill_steps < 0:
         raise ValueError(f"--distill-steps={args.distill_steps} is not allowed: expected 0 (none) or more")
     if args.distill_steps and not args.calibration:
@@ -236,16 +300,26 @@ def _collab(args: argparse.Namespace) -> int:
                                        calibration=calibration, init=args.init, n_iter_max=args.iterations,
                                        tol=args.tol, seed=args.seed)
     after = sum(p.numel() for p in model.parameters())
-    print(f"{'layer':<44}{'D~k':>6}{'rel. error':>12}")
+    weighted = calibration is not None
+    print(f"{'layer':<44}{'D~k':>6}{'rel. error':>12}" + (f"{'weighted':>10}" if weighted else ""))
     for name, weights in results.items():
-        print(f"{name:<44}{weights.mixing.shape[1]:>6}{weights.relative_error:>12.4f}")
-    d_in = next(iter(results.values())).query.shape[0]
-    key_dim = next(iter(results.values())).mixing.shape[1]
+        extra = f"{weights.whitened_error:>10.4f}" if weighted and weights.whitened_error is not None else ""
+        print(f"{name:<44}{weights.mixing.shape[1]:>6}{weights.relative_error:>12.4f}{extra}")
+    print("rel. error: ||T~ - T|| / ||T|| over every head's query-key product T_h = W_Q^h W_K^h^T (0 = exact)."
+          + (" The data-aware decomposition minimises the error weighted by the calibration activations "
+             "('weighted'), so its plain rel. error is higher by design." if weighted else ""))
+    first = next(iter(results.values()))
+    d_in, key_dim, heads = first.query.shape[0], first.mixing.shape[1], first.mixing.shape[0]
     print(f"parameters: {before:,} -> {after:,} ({(after - before) / before:+.1%}); query/key projection "
           f"FLOPs per token per layer: {2 * 2 * d_in * d_in:,} -> {2 * 2 * d_in * key_dim:,} "
-          f"({len(full)} attention module(s)); score FLOPs per query-key pair per layer: "
-          f"{2 * d_in:,} -> {2 * next(iter(results.values())).mixing.shape[0] * key_dim:,} (every head dots the shared "
-          "key of size D~k)")
+          f"({len(full)} attention module(s))")
+    print(f"score FLOPs per query-key pair per layer: {2 * d_in:,} -> {2 * heads * key_dim:,}: each of the {heads} "
+          f"heads now scores with D~k={key_dim}-wide vectors (the shared key times its own mixing) instead of "
+          f"d_k={d_in // heads}: fewer parameters and a smaller key cache, but more work per score")
+    if weighted:
+        print("calibration: the data-aware decomposition fits the calibration texts' activations; its gain is largest "
+              "on text like them and smaller, or none, on other text (MiniLM measurements: docs/collaborative.md). "
+              "Calibrate on text like what the model will see.")
     if teacher is not None:
         from .convert.distill import distill
 
@@ -260,6 +334,18 @@ def _collab(args: argparse.Namespace) -> int:
         tokenizer.save_pretrained(args.out_dir)
     print(f"wrote {args.out_dir} (loads with AutoModel.from_pretrained after `import headmix`)")
     return 0
+
+
+def _collab_width(model_dir: str) -> int:
+    """heads x head_dim of a Hugging Face model, from its config.json alone (no weights loaded)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir)
+    for name in ("hidden_size", "n_embd", "dim"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"{model_dir}/config.json names no hidden size (hidden_size, n_embd or dim)")
 
 
 def _official(args: argparse.Namespace) -> int:

@@ -27,3 +27,72 @@ def test_demo_bad_argument_gives_clear_error():
     result = run("demo", "--dim", "50", "--heads", "4")
     assert result.returncode == 2
     assert "dim=50 must be divisible by num_heads=4" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- a tiny saved model, for generate --------------------------------------------------------------
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from headmix.models import DCFormerConfig, DCFormerForCausalLM
+    from headmix.training.data import train_tokenizer
+
+    lines = ["ROMEO: But soft, what light through yonder window breaks?", "JULIET: O Romeo, Romeo!"] * 20
+    tokenizer = train_tokenizer(iter(lines), vocab_size=300)
+    config = DCFormerConfig.from_preset("tiny-dcformer++", vocab_size=len(tokenizer), num_hidden_layers=1,
+                                        hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                        max_position_embeddings=64)
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    DCFormerForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def main(*args: str) -> int:
+    from headmix.cli import main as cli_main
+
+    return cli_main(list(args))
+
+
+def test_generate_samples_as_the_readme_shows(tiny_model_dir, capsys):
+    # the README's sampling line crashed: do_sample was passed twice to generate()
+    assert main("generate", str(tiny_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "8") == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+    assert main("generate", str(tiny_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--greedy") == 0
+
+
+def test_generate_past_the_model_positions_is_refused_before_generating(tiny_model_dir, capsys):
+    assert main("generate", str(tiny_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "100") == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing was generated
+    assert "--max-new-tokens=100" in captured.err and "takes at most 64" in captured.err
+    assert main("generate", str(tiny_model_dir), "--prompt", "ROMEO:", "--temperature", "0") == 2
+    assert "--temperature=0.0 is not allowed" in capsys.readouterr().err
+
+
+def test_train_option_style_gets_a_field_value_hint(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main("train", "--max-steps", "10")
+    assert exit_info.value.code == 2
+    assert "`headmix train max_steps=10`" in capsys.readouterr().err
+
+
+def test_unknown_field_suggests_the_nearest(capsys):
+    assert main("train", "max_step=10", "--show-config") == 2
+    assert "'max_step': did you mean 'max_steps'?" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_what_was_kept_in_one_line(tmp_path, monkeypatch, capsys):
+    import headmix.training.run as run
+
+    def interrupted(config):
+        (tmp_path / "tiny-dcformer++" / "checkpoint-60").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "run_training", interrupted)
+    assert main("train", f"output_dir={tmp_path}") == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+    assert f"tiny-dcformer++ at {tmp_path / 'tiny-dcformer++' / 'checkpoint-60'}" in err
+    assert "Run the same command to resume" in err

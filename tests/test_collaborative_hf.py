@@ -159,6 +159,28 @@ def test_gpt2_key_cache_holds_the_shared_key_only():
                        with_cache)
 
 
+def test_gpt2_layer_wise_scaling_is_kept():
+    """GPT-2's ``scale_attn_by_inverse_layer_idx`` divides layer i's scores by i + 1: the converted model does too."""
+    torch.manual_seed(0)
+    model = GPT2Model(GPT2Config(vocab_size=100, n_embd=48, n_layer=3, n_head=6, scale_attn_by_inverse_layer_idx=True,
+                                 initializer_range=0.3)).eval()
+    model.set_attn_implementation("eager")  # transformers 5.0's SDPA path of GPT-2 drops the layer-wise scale
+    ref = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+    convert_to_collaborative(model, key_dim_ratio=1.0, progress=False)
+    assert relative(model(input_ids=IDS, attention_mask=MASK).last_hidden_state, ref) <= 1e-4
+
+
+def test_gpt2_cache_under_an_unknown_name_is_refused():
+    """A transformers release that hands the layer cache over under a new name (as 5.24 did: ``cache``, was
+    ``past_key_values``) must fail loudly, not decode each token against itself alone."""
+    from transformers import DynamicCache
+
+    model = GPT2Model(GPT2Config(vocab_size=100, n_embd=48, n_layer=1, n_head=6)).eval()
+    convert_to_collaborative(model, key_dim=12, progress=False, n_iter_max=2)
+    with pytest.raises(TypeError, match=r"got a cache as 'layer_past', which it does not know: expected it as 'cache'"):
+        model.h[0].attn(torch.randn(1, 3, 48), layer_past=DynamicCache())
+
+
 def test_rotary_model_is_refused_with_the_reason():
     model = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=48, num_hidden_layers=1, num_attention_heads=6,
                                    intermediate_size=64))

@@ -311,3 +311,57 @@ def test_keys_per_query_follows_the_mask():
             positions = torch.arange(T)
             allowed = attention_mask(positions, positions, causal=True, window=config.layer_window(layer))
             assert config.keys_per_query(layer, T) == pytest.approx(allowed.sum().item() / T)
+
+
+def test_cache_api_of_the_installed_transformers_without_deprecation_warnings():
+    """The models speak the installed transformers' cache API (``cache`` from 5.24 on, ``past_key_values``
+    before): a forward with a cache, a training forward with labels and generate() (greedy, sampling, beam
+    search) log no deprecation warning and return the cache under the current name; the older name is still
+    accepted by ``forward`` and gives the same result."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from headmix.models.modeling import CACHE_NAME
+
+    import transformers
+    from packaging.version import Version
+
+    assert CACHE_NAME == ("cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values")
+    model = tiny_model(attention="dcmha", window_size=6, window_pattern="LG")
+    ids = torch.randint(1, TINY["vocab_size"], (2, 9))
+
+    class Records(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.messages.append(record.getMessage())
+
+    records, library = Records(), hf_logging.get_logger()  # transformers' root logger (does not propagate)
+    level = library.level
+    logging.Logger.warning_once.cache_clear()  # transformers logs each distinct message once per process
+    library.addHandler(records)
+    library.setLevel(logging.WARNING)
+    try:
+        with torch.no_grad():
+            out = model(ids[:, :5], **{CACHE_NAME: model.new_cache()}, use_cache=True)
+            cache = getattr(out, CACHE_NAME)
+            step = model(ids[:, 5:6], **{CACHE_NAME: cache}, use_cache=True)
+            assert getattr(step, CACHE_NAME) is cache and cache.get_seq_length() == 6
+            model(ids, labels=ids)  # what Trainer calls: no cache at all
+            for options in (dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=2)):
+                model.generate(ids[:, :4], max_new_tokens=4, pad_token_id=0, **options)
+    finally:
+        library.removeHandler(records)
+        library.setLevel(level)
+    deprecated = [m for m in records.messages if "deprecated" in m or "past_key_values" in m]
+    assert not deprecated, deprecated
+
+    old_name = model.new_cache()
+    with torch.no_grad():
+        by_old_name = model(ids[:, :5], past_key_values=old_name, use_cache=True).logits
+    assert torch.equal(by_old_name, out.logits) and old_name.get_seq_length() == 5
+    with pytest.raises(ValueError, match="got both cache and past_key_values"):
+        model(ids, cache=model.new_cache(), past_key_values=model.new_cache())

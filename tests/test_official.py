@@ -266,3 +266,43 @@ def test_conversion_streams_shard_by_shard(tmp_path):
     growth = measured["peak"] - measured["before"]
     print(f"checkpoint {total / 2**20:.0f} MiB in 8 shards; peak RSS growth {growth / 2**20:.0f} MiB")
     assert growth < 0.5 * total, f"peak grew by {growth / 2**20:.0f} MiB for a {total / 2**20:.0f} MiB checkpoint"
+
+
+def _truncate(path: Path, keep) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: keep(len(data))])
+
+
+@pytest.mark.parametrize("fmt,keep", [
+    ("safetensors", lambda n: 0), ("safetensors", lambda n: 100), ("safetensors", lambda n: n // 2),
+    ("safetensors", lambda n: n - 1), ("bin", lambda n: n // 2), ("bin", lambda n: 0),
+], ids=["st-0-bytes", "st-100-bytes", "st-half", "st-all-but-one", "bin-half", "bin-0-bytes"])
+def test_truncated_weights_file_is_named_and_leaves_no_output(tmp_path, fmt, keep):
+    config = official_config("dcformer")
+    write_official(tmp_path / "official", config, random_official_state(config, seed=1), fmt=fmt, shards=2)
+    broken = sorted((tmp_path / "official").glob(f"*.{fmt}"))[-1]
+    _truncate(broken, keep)
+    out = tmp_path / "headmix"
+    with pytest.raises(ValueError, match=rf"{broken.name}.*(truncated or corrupt|empty)"):
+        import_official(tmp_path / "official", out, progress=False)
+    assert not out.exists()  # no partial output
+    if keep(1000) != 500:
+        return
+    # through the command line (once): one line naming the file, no traceback, nothing written
+    result = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "official", str(tmp_path / "official"),
+                             str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and broken.name in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_failed_conversion_into_an_existing_directory_keeps_what_was_there(tmp_path):
+    config = official_config("dcformer")
+    state = random_official_state(config, seed=1)
+    state.pop(next(n for n in state if n.endswith("feed_forward.w2.weight")))  # fails after writing some shards
+    write_official(tmp_path / "official", config, state)
+    out = tmp_path / "headmix"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="lacks tensors"):
+        import_official(tmp_path / "official", out, progress=False, max_shard_bytes=20_000)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

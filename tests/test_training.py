@@ -91,6 +91,8 @@ def test_killed_run_resumes_to_the_same_result(corpus_slice, tmp_path):
     assert not (out / "tiny-dcformer++" / "final").exists(), "the run finished before it could be killed"
     resumed = headmix(*train_args(corpus_slice, out, cache, *common), cache=cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "tiny-dcformer++: resuming from" in resumed.stdout and "checkpoint-" in resumed.stdout
+    assert not (out / "tiny-dcformer++" / ".staging").exists()  # no empty staging folder left behind
 
     a = json.loads((tmp_path / "straight" / "tiny-dcformer++" / "final" / "result.json").read_text())
     b = json.loads((out / "tiny-dcformer++" / "final" / "result.json").read_text())
@@ -100,6 +102,41 @@ def test_killed_run_resumes_to_the_same_result(corpus_slice, tmp_path):
     wa = load_file(tmp_path / "straight" / "tiny-dcformer++" / "final" / "model.safetensors")
     wb = load_file(out / "tiny-dcformer++" / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_changed_settings_in_a_used_output_dir_are_refused_not_reused(corpus_slice, tmp_path, capsys):
+    """A 2-step run, then 3 steps into the same directory: that used to reuse the 2-step model and write a
+    table saying "3 steps". Now it stops naming the field; the same settings reuse; overwrite=true retrains."""
+    from headmix.cli import main
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    common = [*train_args(corpus_slice, out, cache, "models=[tiny-transformer++]", "save_every=2", "eval_every=2",
+                          "max_validation_sequences=2")][1:]
+    assert main(["train", *common, "max_steps=2"]) == 0
+    table = (out / "results.md").read_text()
+    assert "2 steps" in table and not (out / "tiny-transformer++" / ".staging").exists()
+    capsys.readouterr()
+    assert main(["train", *common, "max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    assert "max_steps=2 there, 3 now" in err and "output_dir" in err and "overwrite=true" in err
+    assert (out / "results.md").read_text() == table
+    assert main(["train", *common, "max_steps=2", "keep_last=3"]) == 0  # same run: reused, not retrained
+    assert "reusing the finished model" in capsys.readouterr().out
+    assert main(["train", *common, "max_steps=3", "overwrite=true"]) == 0
+    assert "3 steps" in (out / "results.md").read_text()
+    stored = json.loads((out / "tiny-transformer++" / "final" / "result.json").read_text())
+    assert stored["tokens"] == 3 * 4 * 64
+
+
+def test_output_dir_without_recorded_settings_is_refused(tmp_path):
+    from headmix.training.engine import claim_output_dir
+
+    (tmp_path / "tiny-dcformer++" / "final").mkdir(parents=True)
+    config = TrainConfig(output_dir=str(tmp_path), models=["tiny-dcformer++"])
+    with pytest.raises(ValueError, match=r"settings were not recorded.*overwrite=true"):
+        claim_output_dir("tiny-dcformer++", config)
+    claim_output_dir("tiny-dcformer++", TrainConfig(output_dir=str(tmp_path), overwrite=True))
+    assert sorted(p.name for p in (tmp_path / "tiny-dcformer++").iterdir()) == ["run.json"]
 
 
 @pytest.mark.slow
@@ -187,6 +224,25 @@ def test_sequence_length_the_model_cannot_take(corpus_slice, tmp_path):
     assert "seq_len=4096 is longer than model 'tiny-dcformer++' takes (max_position_embeddings=512)" in result.stderr
 
 
+@pytest.mark.parametrize("text,value", [("1e-4", 1e-4), ("3e-4", 3e-4), ("0.001", 1e-3), ("2", 2.0), ("1E-3", 1e-3)])
+def test_learning_rate_in_any_number_format(text, value, tmp_path):
+    # YAML reads `1e-4` (no dot) as a string: it crashed validation with a TypeError
+    assert load_config(None, [f"learning_rate={text}"]).learning_rate == value
+    (tmp_path / "c.yaml").write_text(f"learning_rate: {text}\nmax_steps: 1e2\n")
+    loaded = load_config(tmp_path / "c.yaml")
+    assert loaded.learning_rate == value and loaded.max_steps == 100 and isinstance(loaded.max_steps, int)
+    assert TrainConfig(learning_rate=text).learning_rate == value
+
+
+def test_non_numbers_for_numeric_fields_are_named():
+    with pytest.raises(ValueError, match=r"learning_rate='fast' is not allowed: expected a number"):
+        load_config(None, ["learning_rate=fast"])
+    with pytest.raises(ValueError, match=r"max_steps=2.5 is not allowed: expected an integer"):
+        load_config(None, ["max_steps=2.5"])
+    with pytest.raises(ValueError, match=r"compile='yes please' is not allowed: expected true or false"):
+        load_config(None, ["compile=yes please"])
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['max_step'\]"):
         load_config(None, ["max_step=3"])
@@ -238,3 +294,15 @@ def test_fsdp2_trains_on_two_gpus(corpus_slice, tmp_path):
 @pytest.mark.parametrize("path", sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
     assert load_config(path).models
+
+
+def test_loading_local_files_shows_no_download_bar(corpus_slice, tmp_path, capsys):
+    import datasets
+
+    from headmix.training.data import load_documents, resolve_data_files
+
+    fmt, files = resolve_data_files([str(corpus_slice)])
+    load_documents(fmt, files, cache_dir=tmp_path)
+    captured = capsys.readouterr()
+    assert "Downloading data" not in captured.err + captured.out
+    assert not datasets.utils.are_progress_bars_disabled()  # the other bars are left on

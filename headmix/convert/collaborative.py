@@ -29,6 +29,8 @@ is collaborative attention: shared ``W~_Q = [a_r]``, ``W~_K = [b_r]`` and mixing
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +151,10 @@ def reparametrize(
     # materialising the Khatri-Rao product: the same factors, 3.3x faster on MiniLM (1.07 vs 3.5 s a layer,
     # 2-core CPU); without opt_einsum torch would contract left to right through a huge intermediate
     mttkrp = "einsum" if torch.backends.opt_einsum.is_available() else "core"
-    with tl.backend_context("pytorch"), tl.tenalg.backend_context(mttkrp):
+    with tl.backend_context("pytorch"), tl.tenalg.backend_context(mttkrp), warnings.catch_warnings():
+        # expected whenever key_dim > num_heads: the SVD initialisation of the head factor has only num_heads
+        # singular vectors, and TensorLy fills the other columns randomly (what we want); its warning says so
+        warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs")
         cp = parafac(target, rank=key_dim, init=init, n_iter_max=n_iter_max, tol=tol, random_state=seed,
                      normalize_factors=False)
     weights, (mixing, a, b) = cp

@@ -117,22 +117,45 @@ def collaborative_attention_function(module: nn.Module, query: Tensor, key: Tens
     return out.transpose(1, 2).contiguous(), None
 
 
-def _gpt2_forward(self, hidden_states: Tensor, past_key_values=None, attention_mask: Tensor | None = None,
-                  encoder_hidden_states: Tensor | None = None, output_attentions: bool | None = False,
-                  **kwargs) -> tuple[Tensor, None]:
-    """GPT-2 self-attention with a collaborative key cache: ``(B, 1, S, D~k [+ H])`` keys, shared by the heads."""
+def _gpt2_forward(self, hidden_states: Tensor, cache=None, attention_mask: Tensor | None = None,
+                  encoder_hidden_states: Tensor | None = None, past_key_values=None, **kwargs) -> tuple[Tensor, None]:
+    """GPT-2 self-attention with a collaborative key cache: ``(B, 1, S, D~k [+ H])`` keys, shared by the heads.
+
+    The block hands the layer's cache over as ``cache`` (transformers >= 5.24) or ``past_key_values``
+    (5.0 - 5.23): both are accepted. A cache under any other name is refused rather than ignored, since
+    ignoring it decodes every new token against itself alone (the wrong text, silently).
+    """
     if encoder_hidden_states is not None:
         raise ValueError("collaborative GPT-2 attention supports self-attention only, not cross-attention")
+    if cache is None:
+        cache = past_key_values
+    stray = [name for name, value in kwargs.items() if _is_cache(value)]
+    if stray:
+        raise TypeError(f"collaborative GPT-2 attention got a cache as {stray[0]!r}, which it does not know: expected "
+                        "it as 'cache' or 'past_key_values' (a transformers version newer than headmix supports?)")
     B, T, _ = hidden_states.shape
     value = self.c_attn(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)
     key = shared_key(self.headmix_collaborative, hidden_states)[:, None]
-    if past_key_values is not None:
-        cache = getattr(past_key_values, "self_attention_cache", past_key_values)
+    if cache is not None:
+        cache = getattr(cache, "self_attention_cache", cache)
         key, value = cache.update(key, value, self.layer_idx)
-    out = collaborative_attention(self, hidden_states, key[:, 0], value, attention_mask, self.scaling,
+    out = collaborative_attention(self, hidden_states, key[:, 0], value, attention_mask, _gpt2_scaling(self),
                                   self.attn_dropout.p)
     out = out.transpose(1, 2).reshape(B, T, -1)
     return self.resid_dropout(self.c_proj(out)), None
+
+
+def _gpt2_scaling(module: nn.Module) -> float:
+    """GPT-2's score scale: ``1/sqrt(head_dim)`` (when ``scale_attn_weights``), divided by ``layer_idx + 1`` when
+    ``scale_attn_by_inverse_layer_idx`` (computed here: transformers 5.0 has no ``module.scaling`` yet)."""
+    scale = module.head_dim ** -0.5 if module.scale_attn_weights else 1.0
+    return scale / (module.layer_idx + 1) if module.scale_attn_by_inverse_layer_idx else scale
+
+
+def _is_cache(value: object) -> bool:
+    from transformers import Cache
+
+    return isinstance(value, Cache)
 
 
 _DECODER_MODULES: dict[type, type] = {}
@@ -313,14 +336,27 @@ def _become_collaborative(model: nn.Module, structure: dict[str, dict]) -> None:
     ``from_pretrained`` rebuilds (after ``import headmix``) with the same structure."""
     model.__class__ = _collaborative_model_class(type(model))
     model.config.__class__ = _collaborative_config_class(type(model).__mro__[1].config_class)
-    try:  # transformers >= 5.x records hidden states per model class, registered in __init__: register the new class
-        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-
-        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
-    except ImportError:  # older transformers: nothing is registered per class
-        pass
+    _register_output_capture(model)
     model.config.headmix_collaborative = structure
     model.config._attn_implementation = ATTENTION_NAME
+
+
+def _register_output_capture(model: nn.Module) -> None:
+    """Tell transformers which submodules' outputs the re-classed ``model`` records (hidden states, attentions).
+
+    transformers keeps ``_can_record_outputs`` in a registry filled by ``PreTrainedModel.__init__`` and keyed by
+    the class name, so a model re-classed after ``__init__`` must be registered by hand; the registry moved and
+    changed between releases: ``utils.generic`` (5.0 - 5.4) then ``utils.output_capturing`` (5.5 on), a plain
+    dict keyed by ``str(cls)`` until 5.22, a dict subclass that derives that key from the model from 5.23 on.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:
+        from transformers.utils.generic import _CAN_RECORD_REGISTRY
+    if type(_CAN_RECORD_REGISTRY) is dict:
+        _CAN_RECORD_REGISTRY[str(type(model))] = model._can_record_outputs
+    else:
+        _CAN_RECORD_REGISTRY[model] = model._can_record_outputs
 
 
 def register_saved_classes() -> None:

@@ -30,17 +30,23 @@ order of :class:`headmix.layers.DynamicWeightProjection`, so those tensors keep 
 ``dyn_w_proj.dw_m`` / ``qkw_m`` / ``sw`` (copies the official code derives from the others at
 start-up) are dropped on import and not written on export.
 
-Sliding window. The official code's *decoding* cache for a local layer holds 256 positions, so a
-query sees itself and the 255 before it; its prefill and training mask (``j + 256 >= i``) lets a
-query see 256 earlier tokens, one more. headmix's ``window_size=w`` means "itself and ``w - 1``
-earlier tokens". ``window_convention="decode"`` (default) maps 256 -> 256, so long generations
-behave as the released models' own decoding does; ``"prefill"`` maps 256 -> 257, the mask under
-which prompts are scored and the PyTorch training code trained. Export maps back with the
-convention recorded in the config (``official_window_convention``).
+Sliding window. headmix's ``window_size=w`` means "a query sees itself and ``w - 1`` earlier
+tokens", so the official 256-token windows map to 256 keys (a query sees itself and the 255 before
+it) or 257 keys (itself and 256 before it, the ``j + 256 >= i`` mask). Which one the official code
+uses depends on the model and the path:
+
+* DCFormer: prompt scoring and decoding both use 256 keys; only its training path uses 257.
+* DCPythia: prompt scoring uses 257 keys, decoding 256.
+
+``window_convention="decode"`` (default) maps 256 -> 256: DCFormer behaves as its official code
+does when scoring and generating, DCPythia as its official decoding does. ``"prefill"`` maps
+256 -> 257: DCPythia's official prompt scoring, and DCFormer's training mask. Export maps back with
+the convention recorded in the config (``official_window_convention``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -99,28 +105,54 @@ class TensorFile:
 
     path: Path
 
-    def read(self) -> Iterator[tuple[str, Tensor]]:
+    def read(self, only: set[str] | None = None) -> Iterator[tuple[str, Tensor]]:
+        """``(name, tensor)`` pairs, in file order (only the names in ``only`` when given)."""
         if self.path.suffix == ".safetensors":
-            with safe_open(str(self.path), framework="pt") as handle:
+            with self._unreadable_as_value_error():
+                handle_context = safe_open(str(self.path), framework="pt")
+            with handle_context as handle:
                 for name in handle.keys():
-                    yield name, handle.get_tensor(name)
+                    if only is not None and name not in only:
+                        continue
+                    with self._unreadable_as_value_error():
+                        tensor = handle.get_tensor(name)
+                    yield name, tensor
             return
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        with self._unreadable_as_value_error():
+            try:
+                state = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as error:  # legacy (non-zip) serialisation cannot be memory-mapped
+                if "mmap" not in str(error) and "zip" not in str(error).lower():
+                    raise
+                state = torch.load(self.path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"{self.path} holds a {type(state).__name__}: expected a dict of tensors (a state dict)")
-        names = list(state)
+        names = [n for n in state if only is None or n in only]
         for name in names:
             yield name, state.pop(name)
         del state
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         if self.path.suffix == ".safetensors":
-            with safe_open(str(self.path), framework="pt") as handle:
-                return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+            with self._unreadable_as_value_error():
+                with safe_open(str(self.path), framework="pt") as handle:
+                    return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
         return {name: tuple(t.shape) for name, t in self.read()}
+
+    @contextlib.contextmanager
+    def _unreadable_as_value_error(self) -> Iterator[None]:
+        """A file that cannot be parsed becomes one ``ValueError`` naming it (a download cut short, say)."""
+        try:
+            yield
+        except ValueError:
+            raise
+        except Exception as error:  # SafetensorError, RuntimeError/EOFError/UnpicklingError from torch.load
+            size = self.path.stat().st_size if self.path.exists() else 0
+            state = "empty (0 bytes)" if size == 0 else f"truncated or corrupt ({size:,} bytes)"
+            raise ValueError(
+                f"weights file {self.path} is {state}: {(type(error).__name__ + ': ' + str(error)).splitlines()[0][:200]}. "
+                "Download or copy it again"
+            ) from None
 
 
 def weight_files(directory: Path) -> list[TensorFile]:
@@ -486,6 +518,22 @@ def _prepare_out(out: Path, src: Path) -> None:
         raise ValueError(f"output directory {out} already holds weights ({stale[:3]}): choose an empty directory")
 
 
+@contextlib.contextmanager
+def _no_partial_output(out: Path) -> Iterator[None]:
+    """On any failure, remove what the conversion wrote into ``out`` (all of ``out`` if it created it)."""
+    existed = out.exists()
+    before = set(out.iterdir()) if existed and out.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():
+            for path in set(out.iterdir()) - before:
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        raise
+
+
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
     return t if dtype is None or not t.is_floating_point() else t.to(dtype)
 
@@ -536,32 +584,33 @@ def import_official(
     static = _static_trained(files, shapes)
     config = config_from_official(official, shapes, static, window_convention)
     expected = _expected_shapes(config)
-    _prepare_out(out, src)
-    writer = ShardWriter(out, max_shard_bytes)
-    written: dict[str, tuple[int, ...]] = {}
-    total = 0
-    with tqdm(total=len(shapes), desc="import official", unit="tensor", disable=not progress) as bar:
-        for f in files:
-            for name, tensor in f.read():
-                for ours, t in import_tensor(name, tensor, config):
-                    if ours not in expected:
-                        raise ValueError(f"official tensor {name!r} maps to {ours!r}, which this model does not have")
-                    if tuple(t.shape) != expected[ours]:
-                        raise ValueError(f"official tensor {name!r} has shape {tuple(tensor.shape)}: "
-                                         f"{ours!r} needs {expected[ours]}")
-                    t = _cast(t, dtype)
-                    writer.add(ours, t)
-                    written[ours] = tuple(t.shape)
-                    total += t.numel() * t.element_size()
-                bar.update(1)
-    missing = sorted(set(expected) - set(written))
-    if missing:
-        raise ValueError(f"official checkpoint {src} lacks tensors for {missing[:5]} ({len(missing)} in all)")
-    paths = writer.close()
-    config.save_pretrained(out)
-    copied = _copy_tokenizer(src, out)
-    logger.info("imported %d tensors (%d bytes) into %s; tokenizer files: %s", len(written), total, out, copied)
-    return ConversionReport(config, len(written), total, writer.peak_buffer_bytes, paths)
+    with _no_partial_output(out):
+        _prepare_out(out, src)
+        writer = ShardWriter(out, max_shard_bytes)
+        written: dict[str, tuple[int, ...]] = {}
+        total = 0
+        with tqdm(total=len(shapes), desc="import official", unit="tensor", disable=not progress) as bar:
+            for f in files:
+                for name, tensor in f.read():
+                    for ours, t in import_tensor(name, tensor, config):
+                        if ours not in expected:
+                            raise ValueError(f"official tensor {name!r} maps to {ours!r}, which this model does not have")
+                        if tuple(t.shape) != expected[ours]:
+                            raise ValueError(f"official tensor {name!r} has shape {tuple(tensor.shape)}: "
+                                             f"{ours!r} needs {expected[ours]}")
+                        t = _cast(t, dtype)
+                        writer.add(ours, t)
+                        written[ours] = tuple(t.shape)
+                        total += t.numel() * t.element_size()
+                    bar.update(1)
+        missing = sorted(set(expected) - set(written))
+        if missing:
+            raise ValueError(f"official checkpoint {src} lacks tensors for {missing[:5]} ({len(missing)} in all)")
+        paths = writer.close()
+        config.save_pretrained(out)
+        copied = _copy_tokenizer(src, out)
+        logger.info("imported %d tensors (%d bytes) into %s; tokenizer files: %s", len(written), total, out, copied)
+        return ConversionReport(config, len(written), total, writer.peak_buffer_bytes, paths)
 
 
 def _static_trained(files: list[TensorFile], shapes: dict[str, tuple[int, ...]]) -> bool:
@@ -570,15 +619,9 @@ def _static_trained(files: list[TensorFile], shapes: dict[str, tuple[int, ...]])
     if not wanted:
         return False
     for f in files:
-        if f.path.suffix == ".safetensors":
-            with safe_open(str(f.path), framework="pt") as handle:
-                for name in wanted & set(handle.keys()):
-                    if not _is_identity(handle.get_tensor(name)):
-                        return True
-        else:
-            for name, t in f.read():
-                if name in wanted and not _is_identity(t):
-                    return True
+        for name, t in f.read(only=wanted):
+            if not _is_identity(t):
+                return True
     return False
 
 
@@ -606,51 +649,52 @@ def export_official(
     if config.dcmha_static and config.layer_attention(0) == "dcmha":
         warnings.warn("this model has a static head mix: the published official modules apply pre_proj.w/post_proj.w "
                       "only when built with use_sw=True", stacklevel=2)
-    _prepare_out(out, src)
-    writer = ShardWriter(out, max_shard_bytes)
-    pending: dict[str, dict[str, Tensor]] = {}
-    total, count = 0, 0
-    D, H = config.hidden_size, config.num_attention_heads
+    with _no_partial_output(out):
+        _prepare_out(out, src)
+        writer = ShardWriter(out, max_shard_bytes)
+        pending: dict[str, dict[str, Tensor]] = {}
+        total, count = 0, 0
+        D, H = config.hidden_size, config.num_attention_heads
 
-    def emit(name: str, t: Tensor) -> None:
-        nonlocal total, count
-        t = _cast(t, dtype)
-        writer.add(name, t)
-        total += t.numel() * t.element_size()
-        count += 1
+        def emit(name: str, t: Tensor) -> None:
+            nonlocal total, count
+            t = _cast(t, dtype)
+            writer.add(name, t)
+            total += t.numel() * t.element_size()
+            count += 1
 
-    n_tensors = sum(len(f.shapes()) for f in files)
-    reference_dtype = None
-    with tqdm(total=n_tensors, desc="export official", unit="tensor", disable=not progress) as bar:
-        for f in files:
-            for name, tensor in f.read():
-                reference_dtype = reference_dtype or tensor.dtype
-                target, part = export_names(name, config)
-                if part is None:
-                    if target.endswith("dyn_w_proj.dd"):
-                        tensor = tensor.reshape(D, tensor.shape[1], -1)
-                    emit(target, tensor)
-                else:
-                    parts = pending.setdefault(target, {})
-                    parts[part] = tensor
-                    if len(parts) == 3:
-                        emit(target, torch.cat([parts["q"], parts["k"], parts["v"]], dim=0))
-                        del pending[target]
-                bar.update(1)
-    if pending:
-        raise ValueError(f"{src} lacks query/key/value pieces of {sorted(pending)[:3]}")
-    dt = reference_dtype or torch.float32
-    for i in range(config.num_hidden_layers):
-        base = f"layers.{i}.attention.dyn_w_proj."
-        eye = torch.eye(H, dtype=dt)[None]
-        if config.layer_attention(i) == "mha":
-            emit(base + "dw1", torch.zeros(D, 1, 4, 4 * H, dtype=dt))
-            emit(base + "qkw", torch.zeros(1, 4, 4 * H, 4, H, dtype=dt))
-            emit(base + "dd", torch.zeros(D, 1, 4 * H, dtype=dt))
-        if config.layer_attention(i) == "mha" or not config.dcmha_static:
-            emit(base + "pre_proj.w", eye.clone())
-            emit(base + "post_proj.w", eye.clone())
-    paths = writer.close()
-    (out / "config.json").write_text(json.dumps(official, indent=2) + "\n")
-    _copy_tokenizer(src, out)
-    return ConversionReport(official, count, total, writer.peak_buffer_bytes, paths)
+        n_tensors = sum(len(f.shapes()) for f in files)
+        reference_dtype = None
+        with tqdm(total=n_tensors, desc="export official", unit="tensor", disable=not progress) as bar:
+            for f in files:
+                for name, tensor in f.read():
+                    reference_dtype = reference_dtype or tensor.dtype
+                    target, part = export_names(name, config)
+                    if part is None:
+                        if target.endswith("dyn_w_proj.dd"):
+                            tensor = tensor.reshape(D, tensor.shape[1], -1)
+                        emit(target, tensor)
+                    else:
+                        parts = pending.setdefault(target, {})
+                        parts[part] = tensor
+                        if len(parts) == 3:
+                            emit(target, torch.cat([parts["q"], parts["k"], parts["v"]], dim=0))
+                            del pending[target]
+                    bar.update(1)
+        if pending:
+            raise ValueError(f"{src} lacks query/key/value pieces of {sorted(pending)[:3]}")
+        dt = reference_dtype or torch.float32
+        for i in range(config.num_hidden_layers):
+            base = f"layers.{i}.attention.dyn_w_proj."
+            eye = torch.eye(H, dtype=dt)[None]
+            if config.layer_attention(i) == "mha":
+                emit(base + "dw1", torch.zeros(D, 1, 4, 4 * H, dtype=dt))
+                emit(base + "qkw", torch.zeros(1, 4, 4 * H, 4, H, dtype=dt))
+                emit(base + "dd", torch.zeros(D, 1, 4 * H, dtype=dt))
+            if config.layer_attention(i) == "mha" or not config.dcmha_static:
+                emit(base + "pre_proj.w", eye.clone())
+                emit(base + "post_proj.w", eye.clone())
+        paths = writer.close()
+        (out / "config.json").write_text(json.dumps(official, indent=2) + "\n")
+        _copy_tokenizer(src, out)
+        return ConversionReport(official, count, total, writer.peak_buffer_bytes, paths)

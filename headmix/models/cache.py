@@ -73,6 +73,12 @@ class HeadmixCache:
         self.layers = [LayerCache(w) for w in windows]
         self.seen_tokens = 0
 
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per layer, whether it is a linear-attention (state-space) layer: never. transformers >= 5.24's
+        ``generate()`` asks before its prefill, once it finds the cache under its current name ``cache``."""
+        return [False] * len(self.layers)
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Number of tokens processed so far (not the number kept by rolling layers)."""
         return self.seen_tokens

@@ -26,6 +26,19 @@ from .cache import HeadmixCache, LayerCache
 from .checkpoint import verify_checkpoint
 from .configuration import DCFormerConfig
 
+# The name under which transformers passes the decoding cache to a model and returns it in outputs:
+# ``cache`` from transformers 5.24 on, ``past_key_values`` before. 5.24 still accepts the old name but logs a
+# deprecation warning for each use (on every forward that builds an output), so the models speak the
+# installed version's name; their ``forward`` and ``prepare_inputs_for_generation`` accept both names.
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def _one_cache(cache: HeadmixCache | None, past_key_values: HeadmixCache | None) -> HeadmixCache | None:
+    """The cache given as ``cache`` (current name) or ``past_key_values`` (the name before transformers 5.24)."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("got both cache and past_key_values: pass the HeadmixCache once, as cache")
+    return cache if cache is not None else past_key_values
+
 
 def build_attention(config: DCFormerConfig, index: int) -> Attention:
     """The attention layer of block ``index``, as the config says."""
@@ -165,16 +178,19 @@ class DCFormerModel(DCFormerPreTrainedModel):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: HeadmixCache | None = None,
+        cache: HeadmixCache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        past_key_values: HeadmixCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """Args as in ``transformers`` decoders: ``input_ids`` ``(batch, seq)``, ``attention_mask``
         ``(batch, past + seq)`` with 1 for real tokens (left padding supported), optional ``position_ids``
-        and a :class:`HeadmixCache` as ``past_key_values``."""
+        and a :class:`HeadmixCache` as ``cache`` (or under its older name ``past_key_values``). The output
+        holds the cache under the installed transformers' name (:data:`CACHE_NAME`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (batch, seq) or inputs_embeds (batch, seq, hidden_size)")
+        past_key_values = _one_cache(cache, past_key_values)  # below, the cache goes by its pre-5.24 name
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         if past_key_values is None and use_cache:
@@ -202,7 +218,7 @@ class DCFormerModel(DCFormerPreTrainedModel):
             x = layer(x, padding, position_ids, past_key_values.layers[i] if past_key_values is not None else None)
         if past_key_values is not None:
             past_key_values.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_NAME: past_key_values})
 
 
 class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
@@ -253,37 +269,40 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
         input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
-        past_key_values: HeadmixCache | None = None,
+        cache: HeadmixCache | None = None,
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        past_key_values: HeadmixCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Logits ``(batch, seq, vocab)``; with ``labels`` also the next-token cross-entropy (labels -100 ignored)."""
+        """Logits ``(batch, seq, vocab)``; with ``labels`` also the next-token cross-entropy (labels -100 ignored).
+        The cache as in :meth:`DCFormerModel.forward`."""
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
 
     # -- generate() integration: our own cache, our own input slicing ----------------------------
+    # generate() keeps the cache in its model_kwargs under CACHE_NAME (the installed transformers' name).
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        if model_kwargs.get("past_key_values") is None and generation_config.use_cache is not False:
-            model_kwargs["past_key_values"] = self.new_cache()
+        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
+            model_kwargs[CACHE_NAME] = self.new_cache()
 
     def prepare_inputs_for_generation(
-        self, input_ids: Tensor, past_key_values: HeadmixCache | None = None, attention_mask: Tensor | None = None,
-        inputs_embeds: Tensor | None = None, **kwargs,
+        self, input_ids: Tensor, cache: HeadmixCache | None = None, attention_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None, past_key_values: HeadmixCache | None = None, **kwargs,
     ) -> dict:
-        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask,
-                  "use_cache": kwargs.get("use_cache", True)}
+        cache = _one_cache(cache, past_key_values)
+        seen = cache.get_seq_length() if cache is not None else 0
+        inputs = {CACHE_NAME: cache, "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
         if inputs_embeds is not None and seen == 0:
             inputs["inputs_embeds"] = inputs_embeds
         else:

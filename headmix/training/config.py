@@ -9,6 +9,7 @@ cores.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,11 @@ class TrainConfig:
 
     Running:
         output_dir: where checkpoints, logs, the table and the plot go (one sub-directory per model).
+            A model directory belongs to the settings that made it (recorded in ``run.json``): rerunning
+            with the same settings resumes or reuses it; with different ones the run stops and names
+            the fields that differ, unless ``overwrite`` is set.
+        overwrite: delete what an earlier run with other settings left in a model's directory and
+            train afresh (default ``false``: refuse).
         eval_every, log_every, save_every: in optimizer steps.
         keep_last: checkpoints kept per model (older ones are deleted).
         precision: ``auto`` (bf16 on a GPU that supports it, else fp32), ``fp32``, ``bf16``, ``fp16``.
@@ -77,6 +83,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     output_dir: str = "runs/default"
+    overwrite: bool = False
     eval_every: int = 30
     log_every: int = 10
     save_every: int = 60
@@ -88,6 +95,8 @@ class TrainConfig:
     cache_dir: str = ""
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), f.type))
         self.validate()
 
     def validate(self) -> None:
@@ -115,8 +124,60 @@ class TrainConfig:
 
 
 def parse_value(text: str) -> Any:
-    """A command-line value, read as YAML: ``3e-4`` -> float, ``true`` -> bool, ``[a, b]`` -> list."""
+    """A command-line value, read as YAML: ``0.0003`` -> float, ``true`` -> bool, ``[a, b]`` -> list.
+
+    YAML reads ``3e-4`` (no dot) as the string ``"3e-4"``; :class:`TrainConfig` turns such strings
+    into numbers for its numeric fields, so ``learning_rate=3e-4`` works on the command line and in files.
+    """
     return yaml.safe_load(text)
+
+
+def _coerce(name: str, value: Any, kind: str) -> Any:
+    """``value`` as the type ``kind`` (a field's annotation) or a ``ValueError`` naming the field."""
+    if kind == "float":
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{name}={value!r} is not allowed: expected a number, e.g. {name}=0.001 or {name}=1e-3")
+    if kind == "int":
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
+        if isinstance(number, int) and not isinstance(number, bool):
+            return number
+        raise ValueError(f"{name}={value!r} is not allowed: expected an integer, e.g. {name}=100")
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{name}={value!r} is not allowed: expected true or false")
+    if kind == "str":
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{name}={value!r} is not allowed: expected a string")
+    if kind.startswith("list"):
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise ValueError(f"{name}={value!r} is not allowed: expected a list, e.g. {name}=[a, b]")
+    if kind.startswith("dict"):
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return value
+        raise ValueError(f"{name}={value!r} is not allowed: expected a mapping, e.g. {name}={{field: value}}")
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
@@ -142,9 +203,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         values[key.strip()] = parse_value(raw)
     unknown = sorted(set(values) - fields)
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown}: allowed fields are {sorted(fields)}")
-    if isinstance(values.get("models"), str):
-        values["models"] = [values["models"]]
-    if isinstance(values.get("data"), str):
-        values["data"] = [values["data"]]
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.replace("-", "_"), sorted(fields), n=1, cutoff=0.6)
+            if close:
+                hints.append(f"{name!r}: did you mean {close[0]!r}?")
+        hint = f" ({'; '.join(hints)})" if hints else ""
+        raise ValueError(f"unknown config field(s) {unknown}{hint}; allowed fields are {sorted(fields)} "
+                         "(`headmix train --show-config` prints them with their defaults)")
     return TrainConfig(**values)

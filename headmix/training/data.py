@@ -132,8 +132,16 @@ def load_documents(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """One row per document (a paragraph of a text file, a row of JSONL/Parquet) with a ``text`` column."""
     kwargs = dict(sample_by="paragraph") if fmt == "text" else {}
-    ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=streaming,
-                               cache_dir=str(cache_dir / "datasets") if cache_dir else None, **kwargs)
+    # the files are local: datasets' "Downloading data: 38/38 files" bar would say otherwise, so it is hidden
+    # while loading (the tokenising and packing bars stay)
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(fmt, data_files=files, split="train", streaming=streaming,
+                                   cache_dir=str(cache_dir / "datasets") if cache_dir else None, **kwargs)
+    finally:
+        if not was_disabled:
+            datasets.utils.enable_progress_bars()
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if text_field not in columns:
         raise ValueError(f"data rows have no field {text_field!r} (fields: {columns}); set text_field=NAME")

@@ -33,6 +33,10 @@ CHECKPOINT_PREFIX = "checkpoint-"
 STAGING = ".staging"
 METRICS = "metrics.csv"
 RESULT = "result.json"
+RUN = "run.json"  # the settings that define a model directory's run
+# fields that do not change what a run computes: they may differ between a run and its resumption
+NON_DEFINING = ("models", "output_dir", "overwrite", "cache_dir", "num_proc", "keep_last", "log_every", "save_every",
+                "eval_every")
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.x; use what is there
 CHECKPOINTING_FIELD = next(
     (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
@@ -95,6 +99,10 @@ class HeadmixTrainer(Trainer):
             _fsync_dir(final_root)
             for old in checkpoints(final_root)[: -self.keep_last]:
                 shutil.rmtree(old)
+            try:
+                staging_root.rmdir()  # leave no empty staging folder behind
+            except OSError:
+                pass
         self.accelerator.wait_for_everyone()
 
     def training_step(self, model, inputs, *args, **kwargs):
@@ -237,11 +245,63 @@ def build_model(name: str, config: TrainConfig, tokenizer) -> DCFormerForCausalL
     return DCFormerForCausalLM(model_config(name, config, vocab_size=len(tokenizer), **special))
 
 
+def run_settings(name: str, config: TrainConfig) -> dict:
+    """The settings that define model ``name``'s run: what ``run.json`` records."""
+    settings = {k: v for k, v in config.to_dict().items() if k not in NON_DEFINING}
+    return {"model": name, **settings}
+
+
+def claim_output_dir(name: str, config: TrainConfig, write: bool = True) -> None:
+    """Make sure model ``name``'s directory holds nothing made with other settings, then record ours.
+
+    A directory from a run with the same settings is kept (it is resumed, or its finished model
+    reused). One with other settings, or with unrecorded settings, is refused with the differing
+    fields named, unless ``config.overwrite`` is set: then it is deleted. ``write=False`` (the
+    non-main processes of a distributed run) only checks.
+
+    Raises:
+        ValueError: naming the directory, the differing fields and the options.
+    """
+    output_dir = Path(config.output_dir) / name
+    wanted = json.loads(json.dumps(run_settings(name, config)))  # as it reads back from JSON
+    record = output_dir / RUN
+    used = output_dir.is_dir() and any(p.name != RUN for p in output_dir.iterdir())  # anything trained there
+    if used:
+        if record.is_file():
+            recorded = json.loads(record.read_text())
+            differing = [k for k in sorted(set(wanted) | set(recorded)) if wanted.get(k) != recorded.get(k)]
+            problem = ", ".join(f"{k}={recorded.get(k)!r} there, {wanted.get(k)!r} now" for k in differing)
+        else:
+            differing, problem = ["(not recorded)"], "its settings were not recorded (an older headmix made it)"
+        if differing:
+            if not config.overwrite:
+                raise ValueError(
+                    f"{output_dir} holds a run of {name} with other settings ({problem}); reusing it would mix "
+                    f"two runs. Choose a new output_dir=..., or set overwrite=true to delete it and train afresh"
+                )
+            if write:
+                print(f"overwrite=true: deleting {output_dir} (made with other settings: {problem})", flush=True)
+                shutil.rmtree(output_dir)
+                used = False
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not used:
+            record.write_text(json.dumps(wanted, indent=2) + "\n")
+
+
 def train_one(name: str, config: TrainConfig, data: PreparedData) -> ModelResult:
-    """Train (or resume, or reuse the finished result of) preset ``name`` on ``data``."""
+    """Train (or resume, or reuse the finished result of) preset ``name`` on ``data``.
+
+    The directory must have been claimed for this run's settings first (:func:`claim_output_dir`).
+    """
+    from accelerate import PartialState
+
+    main = PartialState().is_main_process
     output_dir = Path(config.output_dir) / name
     final_dir = output_dir / "final"
     if (final_dir / RESULT).is_file():
+        if main:
+            print(f"{name}: reusing the finished model in {final_dir} (same settings)", flush=True)
         stored = json.loads((final_dir / RESULT).read_text())
         return ModelResult(**{**stored, "output_dir": output_dir})
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +317,8 @@ def train_one(name: str, config: TrainConfig, data: PreparedData) -> ModelResult
     existing = checkpoints(output_dir)
     resume = str(existing[-1]) if existing else None
     start_step = int(existing[-1].name[len(CHECKPOINT_PREFIX):]) if existing else 0
+    if main:
+        print(f"{name}: resuming from {existing[-1]}" if existing else f"{name}: training in {output_dir}", flush=True)
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
     elapsed = time.perf_counter() - started

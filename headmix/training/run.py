@@ -14,7 +14,8 @@ import torch
 
 from .config import TrainConfig
 from .data import prepare_data
-from .engine import METRICS, ModelResult, model_config, read_metrics, train_one, training_arguments
+from .engine import (METRICS, ModelResult, claim_output_dir, model_config, read_metrics, train_one,
+                     training_arguments)
 
 PLOT = "validation_loss.png"
 TABLE = "results.md"
@@ -28,8 +29,10 @@ def run_training(config: TrainConfig) -> list[ModelResult]:
         model_config(name, config)
     training_arguments(config, Path(config.output_dir))
     state = PartialState()
-    with state.main_process_first():  # rank 0 trains the tokenizer and tokenises; the others read its cache
-        data = prepare_data(config)
+    with state.main_process_first():  # rank 0 trains the tokenizer, tokenises and claims the directories
+        data = prepare_data(config)  # bad data fails first, before anything is written
+        for name in config.models:
+            claim_output_dir(name, config, write=state.is_main_process)
     if state.is_main_process:
         print(f"data: {data.description}; {len(data.validation)} validation sequences of {config.seq_len} tokens; "
               f"vocabulary {len(data.tokenizer)}")
