@@ -1,15 +1,18 @@
-"""Multi-head attention (Vaswani et al., 2017), the baseline, on PyTorch's fused SDPA."""
+"""Multi-head attention (Vaswani et al., 2017), the baseline, on fused kernels: SDPA's flash kernel for global
+and causal attention, FlexAttention for sliding windows and padding on the GPU (:mod:`headmix.ops.flex`)."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attention, zero_rows_without_keys
+from ..ops.flex import masked_attention
+from .base import Attention
 
 
 class MultiHeadAttention(Attention):
-    """Plain multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`.
+    """Plain multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`, or
+    FlexAttention on CUDA when a sliding window or padding masks keys (:func:`headmix.ops.flex.masked_attention`).
 
     Parameters (``D`` = dim): ``4 * D * D`` weights, plus ``4 * D`` biases if ``bias=True``
     (query, key, value and output projections, each ``D x D``).
@@ -38,5 +41,4 @@ class MultiHeadAttention(Attention):
                structure: tuple[bool, int | None] | None = None) -> Tensor:
         if is_causal and q.shape[-2] == k.shape[-2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return zero_rows_without_keys(out, mask)
+        return masked_attention(q, k, v, mask, scale=self.scale, structure=structure)
