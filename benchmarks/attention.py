@@ -11,6 +11,12 @@ For each sequence length and head dim, times forward, backward and forward+backw
 Backends: ``reference`` (materialised), ``chunked`` (query blocks + checkpointing), ``triton``.
 A decode step (one query against a cache of ``--decode-cache`` keys) is timed too.
 
+``--layers`` times whole layers instead (projections, rotary, attention, output projection; ``dim =
+heads x head_dim``): ``MultiHeadAttention`` and ``DCMHA`` at the paper's released shapes (``--shapes``,
+default 16x64, 16x128, 32x80, 32x128), global and with a 256-key window, ``--tokens`` tokens per
+batch, forward+backward, and the DCMHA / MHA ratio. ``--compile`` runs each timed callable (the core, or
+the layer) through ``torch.compile`` first.
+
 FLOPs counted (the same for every variant, so TFLOP/s compares speed directly): the two attention
 matmuls, ``4 * B * H * D * (pairs)`` for the forward, with ``pairs = T (T + 1) / 2`` under a causal
 mask, and 2.5x that for the backward (the FlashAttention convention). Compose arithmetic is *not*
@@ -19,6 +25,8 @@ counted: DCMHA's TFLOP/s is "MHA-equivalent" throughput.
     python benchmarks/attention.py                                  # GPU: the full table and plot
     python benchmarks/attention.py --seq 1024 4096 --head-dim 64    # a subset
     python benchmarks/attention.py --device cpu --seq 64 --heads 4 --head-dim 16 --repeat 1   # CPU smoke run
+    python benchmarks/attention.py --layers                         # GPU: released shapes, one layer each
+    python benchmarks/attention.py --layers --compile --shapes 32x80 --windows 256
 
 Prints a markdown table with device, date and versions; ``--plot FILE.png`` also draws time
 against sequence length.
@@ -40,8 +48,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headmix.masks import MaskSpec  # noqa: E402
+from headmix import DCMHA, MultiHeadAttention  # noqa: E402
 from headmix.ops import available_backends, resolve_backend  # noqa: E402
 from headmix.reference import ComposeWeights  # noqa: E402
+
+RELEASED_SHAPES = ("16x64", "16x128", "32x80", "32x128")
+"""(heads x head dim) of the paper's released models: 405M/1.4B-like 16x64 and 16x128, DCFormer-2.8B 32x80,
+DCFormer-6.9B / DCPythia-6.9B 32x128."""
 
 
 def composition(B: int, T: int, H: int, R: int, full: bool, device, dtype, generator) -> dict[str, ComposeWeights]:
@@ -87,12 +100,13 @@ def variant_fn(name: str, q, k, v, weights, scale: float, mask, chunk_size: int)
                         post=weights[kind]["post"], groups=1, chunk_size=chunk_size)
 
 
-def measure(name, B, H, T, D, dtype, device, repeat, chunk_size, R, generator):
+def measure(name, B, H, T, D, dtype, device, repeat, chunk_size, R, generator, compile=False):
     q, k, v = (torch.randn(B, H, T, D, generator=generator).to(device, dtype).requires_grad_() for _ in range(3))
     weights = {"dcmha": composition(B, T, H, R, True, device, dtype, generator),
                "talking_heads": composition(B, T, H, R, False, device, dtype, generator)}
     mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
     fn = variant_fn(name, q, k, v, weights, D**-0.5, mask, chunk_size)
+    fn = torch.compile(fn) if compile else fn
     leaves = [q, k, v] + [t for c in weights.get(name.split("/")[0], {}).values() for t in vars(c).values()
                           if t is not None]
     result = {}
@@ -122,6 +136,92 @@ def measure(name, B, H, T, D, dtype, device, repeat, chunk_size, R, generator):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    """``"32x80"`` -> ``(32, 80)`` (heads, head dim)."""
+    heads, _, head_dim = text.partition("x")
+    if not (heads.isdigit() and head_dim.isdigit() and int(heads) > 0 and int(head_dim) > 0):
+        raise ValueError(f"shape {text!r} is not known: expected HEADSxHEAD_DIM, e.g. 16x64")
+    return int(heads), int(head_dim)
+
+
+def build_layer(kind: str, heads: int, head_dim: int, window: int | None, device, dtype, static: bool = True):
+    """One attention layer as the models build it (rotary, causal; DCFormer++ adds QK-norm to both kinds alike)."""
+    dim = heads * head_dim
+    common = dict(causal=True, window=window, rotary=True)
+    if kind == "mha":
+        layer = MultiHeadAttention(dim, heads, **common)
+    elif kind == "dcmha":
+        layer = DCMHA(dim, heads, static=static, **common)
+    else:
+        raise ValueError(f"layer kind {kind!r} is not known: expected 'mha' or 'dcmha'")
+    return layer.to(device=device, dtype=dtype)
+
+
+def layer_time(kind: str, heads: int, head_dim: int, seq: int, tokens: int, window: int | None, dtype, device,
+               repeat: int, compile: bool = False, padding: bool = False, static: bool = True) -> dict:
+    """Median forward+backward seconds (and forward alone) of one layer on ``tokens // seq`` sequences of ``seq``
+    tokens; ``padding``: a padding mask with the first eighth of every other sequence padded. Errors and
+    out-of-memory are returned in the dict, not raised (one table row each)."""
+    torch.manual_seed(0)
+    layer = build_layer(kind, heads, head_dim, window, device, dtype, static)
+    batch = max(1, tokens // seq)
+    x = torch.randn(batch, seq, heads * head_dim, device=device, dtype=dtype, requires_grad=True)
+    mask = None
+    if padding:
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        mask[::2, : seq // 8] = False
+    run = torch.compile(layer) if compile else layer
+    leaves = [x, *layer.parameters()]
+    try:
+        grad_out = torch.randn_like(x)
+        for _ in range(2):  # warm-up: kernels compiled, autotuned, block masks cached
+            torch.autograd.grad(run(x, padding_mask=mask), leaves, grad_out)
+            with torch.no_grad():
+                run(x, padding_mask=mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        with torch.no_grad():
+            fwd = timed(lambda: run(x, padding_mask=mask), repeat, device)
+        fwdbwd = timed(lambda: torch.autograd.grad(run(x, padding_mask=mask), leaves, grad_out), repeat, device)
+        return {"fwd": fwd, "fwdbwd": fwdbwd}
+    except torch.OutOfMemoryError:
+        return {"error": "OOM"}
+    except Exception as error:  # a shape a path refuses: a row saying so, and go on
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:80]}"}
+    finally:
+        del layer, x
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def layer_table(shapes, windows, seq, tokens, dtype, device, repeat, compile=False, kinds=("mha", "dcmha"),
+                static=True, out=print) -> list[dict]:
+    """Print (through ``out``) and return one row per (shape, window, kind): fwd and fwd+bwd ms, DCMHA / MHA."""
+    out(f"\n# one layer, fwd+bwd: seq {seq}, {tokens} tokens per batch (batch {max(1, tokens // seq)}), "
+        f"{'compiled' if compile else 'eager'}, DCMHA static mix {'on' if static else 'off'}")
+    out("| shape (heads x head dim) | window | layer | fwd ms | fwd+bwd ms | vs MHA (fwd+bwd) |")
+    out("|---|---|---|---|---|---|")
+    rows = []
+    for shape in shapes:
+        heads, head_dim = parse_shape(shape)
+        for window in windows:
+            base = None
+            for kind in kinds:
+                r = layer_time(kind, heads, head_dim, seq, tokens, window, dtype, device, repeat, compile,
+                               static=static)
+                row = dict(shape=shape, window=window, kind=kind, **r)
+                if "error" in r:
+                    out(f"| {shape} | {window or 'global'} | {kind} | {r['error']} | | |")
+                else:
+                    base = r["fwdbwd"] if kind == "mha" else base
+                    row["ratio"] = r["fwdbwd"] / base if base else None
+                    ratio = f"{row['ratio']:.2f}x" if base else "-"
+                    out(f"| {shape} | {window or 'global'} | {kind} | {r['fwd'] * 1e3:.2f} | "
+                        f"{r['fwdbwd'] * 1e3:.2f} | {ratio} |")
+                rows.append(row)
+    return rows
 
 
 def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator):
@@ -163,9 +263,27 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-cache", type=int, default=4096)
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step table")
     parser.add_argument("--plot", default=None, help="write a PNG of forward+backward time against sequence length")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each timed callable (core or layer)")
+    parser.add_argument("--layers", action="store_true",
+                        help="time whole MHA and DCMHA layers at --shapes (instead of the attention core)")
+    parser.add_argument("--shapes", nargs="+", default=list(RELEASED_SHAPES), help="HEADSxHEAD_DIM, for --layers")
+    parser.add_argument("--windows", nargs="+", default=["global", "256"], help="for --layers: 'global' or a size")
+    parser.add_argument("--layer-seq", type=int, default=2048, help="for --layers")
+    parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch, for --layers")
+    parser.add_argument("--no-static", action="store_true", help="for --layers: DCMHA without the static mix")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.layers:
+        for shape in args.shapes:
+            parse_shape(shape)
+        windows = [None if w == "global" else int(w) for w in args.windows]
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        print(f"# attention layers: {name}, {datetime.date.today()}, torch {torch.__version__}, {args.dtype}")
+        print(f"# command: python benchmarks/attention.py {' '.join(sys.argv[1:] if argv is None else argv)}")
+        layer_table(args.shapes, windows, args.layer_seq, args.tokens, dtype, device, args.repeat, args.compile,
+                    static=not args.no_static)
+        return 0
     triton_ok = "triton" in available_backends() and (device.type == "cuda" or __import__("os").environ.get(
         "TRITON_INTERPRET") == "1")
     variants = args.variants or ["sdpa", "talking_heads/chunked", "dcmha/reference", "dcmha/chunked"] + (
@@ -195,7 +313,7 @@ def main(argv=None) -> int:
                 if T > limit:
                     continue
                 r = measure(variant, args.batch, args.heads, T, D, dtype, device, args.repeat, args.chunk_size,
-                            args.rank, generator)
+                            args.rank, generator, args.compile)
                 if r.get("oom") or r.get("error"):
                     print(f"| {D} | {T} | {variant} | {r.get('error', 'OOM')} | | | | | |", flush=True)
                     rows.append((D, T, variant, None))
@@ -240,4 +358,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except ValueError as error:  # bad input: one clear line
+        print(f"attention: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -17,6 +17,14 @@ difference.
 
 Variants are preset names, plus ``<preset>:global`` (every layer global, no QK-norm: DCFormer
 rather than DCFormer++).
+
+``--compile`` trains through ``torch.compile``: of the whole model (``--compile-scope model``, default)
+or of each decoder block (``layers``: torchtitan's per-block compilation, one compile reused by every
+block, much quicker to build). ``--num-layers N`` keeps only the first ``N`` blocks of every variant (the
+big presets on one GPU); the table says so.
+
+    python benchmarks/lm_speed.py --variants transformer++-405m dcformer++-405m --compile --skip-generate
+    python benchmarks/lm_speed.py --variants transformer++-2.8b dcformer++-2.8b --num-layers 16 --skip-generate
 """
 
 from __future__ import annotations
@@ -34,15 +42,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from headmix.models import DCFormerConfig, DCFormerForCausalLM  # noqa: E402
 
 
-def build(variant: str, backend: str, device, dtype) -> DCFormerForCausalLM:
+def build(variant: str, backend: str, device, dtype, num_layers: int | None = None) -> DCFormerForCausalLM:
+    """The model of a variant name, built on ``device`` in ``dtype``; ``num_layers``: keep only that many blocks."""
     preset, _, option = variant.partition(":")
     overrides = dict(attention_backend=backend)
     if option == "global":
         overrides.update(window_size=None, window_pattern=None, qk_norm=False)
     elif option:
         raise ValueError(f"variant option {option!r} is not known: expected ':global' or nothing")
+    if num_layers is not None:
+        overrides["num_hidden_layers"] = num_layers
     config = DCFormerConfig.from_preset(preset, **overrides)
-    return DCFormerForCausalLM(config).to(device=device, dtype=dtype)
+    with torch.device(device):  # initialised where it runs: a 6.9B model is slow to build on the CPU
+        return DCFormerForCausalLM(config).to(dtype=dtype)
+
+
+def preset_layers(variant: str) -> int:
+    """The number of blocks of a variant's preset."""
+    return DCFormerConfig.from_preset(variant.partition(":")[0]).num_hidden_layers
+
+
+def compiled(model: DCFormerForCausalLM, scope: str):
+    """``model`` trained through ``torch.compile``: ``scope="model"`` compiles the whole forward, ``"layers"``
+    each decoder block in place (the returned callable is the model itself then)."""
+    if scope == "model":
+        return torch.compile(model)
+    if scope == "layers":
+        for block in model.model.layers:
+            block.compile()
+        return model
+    raise ValueError(f"compile scope {scope!r} is not known: expected 'model' or 'layers'")
 
 
 def sync(device) -> None:
@@ -65,18 +94,20 @@ def matmul_rate(device, dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def train_speed(model, batch, seq, steps, warmup, device) -> tuple[float, float]:
-    """(tokens/s, peak GiB) of optimizer steps on random tokens."""
+def train_speed(model, batch, seq, steps, warmup, device, compile_scope: str | None = None) -> tuple[float, float]:
+    """(tokens/s, peak GiB) of optimizer steps on random tokens; ``compile_scope``: through ``torch.compile``
+    (see :func:`compiled`; the warm-up steps include the compilation)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     model.train()
+    run = compiled(model, compile_scope) if compile_scope else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -110,6 +141,34 @@ def non_embedding_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
 
+def train_row(variant: str, backend: str, device, dtype, seq: int, batch: int, steps: int, warmup: int, rate: float,
+              compile_scope: str | None = None, num_layers: int | None = None) -> dict:
+    """One training measurement: tokens/s, MFU against ``rate``, peak GiB, parameters; ``{"error": ...}`` on
+    out-of-memory or a failure (the table goes on)."""
+    torch.manual_seed(0)
+    model = None
+    try:
+        model = build(variant, backend, device, dtype, num_layers)
+        c = model.config
+        n = non_embedding_parameters(model)
+        tps, peak = train_speed(model, batch, seq, steps, warmup, device, compile_scope)
+        flops_per_token = 6 * n + 6 * c.num_hidden_layers * seq * c.hidden_size
+        return dict(variant=variant, params=n, layers=c.num_hidden_layers, tokens_per_s=tps,
+                    mfu=tps * flops_per_token / rate, peak_gib=peak)
+    except torch.OutOfMemoryError:
+        return dict(variant=variant, error="OOM")
+    except ValueError:
+        raise
+    except Exception as error:  # e.g. a compile failure: a row saying so
+        return dict(variant=variant, error=f"{type(error).__name__}: {str(error).splitlines()[0][:100]}")
+    finally:
+        del model
+        if compile_scope:
+            torch._dynamo.reset()  # the next variant compiles afresh, within the default recompile limits
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+",
@@ -126,7 +185,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="train through torch.compile")
+    parser.add_argument("--compile-scope", default="model", choices=["model", "layers"],
+                        help="with --compile: the whole model, or each decoder block")
+    parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
     args = parser.parse_args(argv)
+    if args.num_layers is not None and args.num_layers < 1:
+        raise ValueError(f"--num-layers is {args.num_layers}: expected a positive number of blocks")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -136,28 +201,30 @@ def main(argv=None) -> int:
     print(f"# command: python benchmarks/lm_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     rows = []
     if not args.skip_train:
-        print(f"\n| variant | params (non-emb.) | train tokens/s (seq {args.seq}, batch {args.train_batch}) | MFU | "
-              "peak GiB | vs first |")
+        mode = f"compiled ({args.compile_scope})" if args.compile else "eager"
+        print(f"\n| variant | params (non-emb.) | train tokens/s (seq {args.seq}, batch {args.train_batch}, {mode}) | "
+              "MFU | peak GiB | vs first |")
         print("|---|---|---|---|---|---|")
         first = None
         for variant in args.variants:
-            torch.manual_seed(0)
-            model = build(variant, args.backend, device, dtype)
-            c = model.config
-            n = non_embedding_parameters(model)
-            tps, peak = train_speed(model, args.train_batch, args.seq, args.steps, args.warmup, device)
-            flops_per_token = 6 * n + 6 * c.num_hidden_layers * args.seq * c.hidden_size
-            first = first or tps
-            print(f"| {variant} | {n / 1e6:.1f}M | {tps:,.0f} | {tps * flops_per_token / rate:.1%} | {peak:.1f} | "
-                  f"{tps / first:.2f} |", flush=True)
-            rows.append(("train", variant, tps))
-            del model
+            r = train_row(variant, args.backend, device, dtype, args.seq, args.train_batch, args.steps, args.warmup,
+                          rate, args.compile_scope if args.compile else None, args.num_layers)
+            label = variant
+            if args.num_layers is not None:
+                label += f" ({args.num_layers} of {preset_layers(variant)} layers)"
+            if "error" in r:
+                print(f"| {label} | {r['error']} | | | | |", flush=True)
+                continue
+            first = first or r["tokens_per_s"]
+            print(f"| {label} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
+                  f"{r['peak_gib']:.1f} | {r['tokens_per_s'] / first:.2f} |", flush=True)
+            rows.append(("train", variant, r["tokens_per_s"]))
     if not args.skip_generate:
         print(f"\n| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) |")
         print("|---|---|---|---|")
         for variant in args.variants:
             torch.manual_seed(0)
-            model = build(variant, args.backend, device, dtype)
+            model = build(variant, args.backend, device, dtype, args.num_layers)
             for batch in args.batches:
                 pre, dec = generate_speed(model, batch, args.prompt, args.new_tokens, device)
                 print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} |", flush=True)

@@ -13,7 +13,7 @@ def test_lm_speed_script_prints_both_tables():
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-transformer++", "tiny-dcformer++:global",
          "--device", "cpu", "--seq", "32", "--train-batch", "2", "--steps", "1", "--warmup", "1", "--prompt", "8",
-         "--new-tokens", "4", "--batches", "1"],
+         "--new-tokens", "4", "--batches", "1", "--num-layers", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
@@ -21,6 +21,41 @@ def test_lm_speed_script_prints_both_tables():
     generate = [line for line in done.stdout.splitlines() if line.startswith("| tiny-") and "%" not in line]
     assert len(train) == 2 and len(generate) == 2
     assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in train)  # tokens/s measured
+    assert all("(2 of 4 layers)" in row for row in train)
+
+
+def test_speed_report_runs_every_section_and_ends_with_the_summary():
+    """benchmarks/speed_report.py at its CPU smoke size: every section prints, the summary table comes last with
+    one measured row per item (compiled runs are left to the GPU: compiling on a 2-core CPU takes minutes)."""
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed_report.py"), "--size", "tiny", "--device", "cpu",
+                           "--skip-compile"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "torch " in out.splitlines()[0] and "transformers " in out.splitlines()[0]
+    for heading in ("## MultiHeadAttention", "# one layer", "## attention core", "## training, small models",
+                    "## training, big models", "## summary"):
+        assert heading in out, heading
+    summary = out[out.index("## summary"):].splitlines()[3:]
+    assert [row.split("|")[1].split(",")[0].strip() for row in summary] == [
+        "MHA window 40 / global", "one layer DCMHA / MHA", "core DCMHA / SDPA",
+        "train tiny-dcformer++ / tiny-transformer++", "train tiny-dcpythia / tiny-pythia"]
+    ratios = [float(row.split("|")[2].strip().split("x")[0].split("/")[0]) for row in summary]
+    assert all(r > 0 for r in ratios)
+    assert "| tiny-dcpythia | 1 of 4 |" in out  # reduced blocks are said
+
+
+def test_attention_script_times_layers_at_given_shapes():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--layers", "--device", "cpu", "--dtype",
+                           "float32", "--shapes", "2x16", "--layer-seq", "64", "--tokens", "128", "--windows", "global",
+                           "16", "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 2x16 |")]
+    assert [(r[2].strip(), r[3].strip()) for r in rows] == [("global", "mha"), ("global", "dcmha"), ("16", "mha"),
+                                                            ("16", "dcmha")]
+    assert all(float(r[5]) > 0 for r in rows) and rows[0][6].strip() == "1.00x"
+    bad = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--layers", "--shapes", "16by64",
+                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "shape '16by64' is not known" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_lm_speed_rejects_an_unknown_variant_option():

@@ -302,3 +302,23 @@ def test_the_real_smollm2_135m_upcycles_with_its_logits(tmp_path):
                     return_tensors="pt").input_ids
     with torch.no_grad():
         assert relative_error(source(ids).logits, ours(ids).logits) <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("structure", [None, (True, 3)])
+def test_masked_attention_takes_shared_key_value_heads(backend, structure):
+    """MultiHeadAttention's windowed/padded path (:func:`headmix.ops.flex.masked_attention`) with 2 key/value
+    heads for 6 query heads equals the same call with the heads repeated (FlexAttention: its eager CPU form)."""
+    from headmix.masks import attention_mask
+    from headmix.ops.flex import masked_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    positions = torch.arange(9)
+    padding = torch.ones(2, 9, dtype=torch.bool)
+    padding[1, :2] = False
+    mask = attention_mask(positions, positions, causal=True, window=3, key_padding=None if structure else padding)
+    out = masked_attention(q, k, v, mask, scale=0.25, structure=structure, backend=backend)
+    repeated = masked_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), mask, scale=0.25,
+                                structure=structure, backend=backend)
+    torch.testing.assert_close(out, repeated)

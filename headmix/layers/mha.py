@@ -1,15 +1,18 @@
-"""Multi-head attention (Vaswani et al., 2017), the baseline, on PyTorch's fused SDPA."""
+"""Multi-head attention (Vaswani et al., 2017), the baseline, on fused kernels: SDPA's flash kernel for global
+and causal attention, FlexAttention for sliding windows and padding on the GPU (:mod:`headmix.ops.flex`)."""
 
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Attention, zero_rows_without_keys
+from ..ops.flex import masked_attention
+from .base import Attention
 
 
 class MultiHeadAttention(Attention):
-    """Plain multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`.
+    """Plain multi-head attention through :func:`torch.nn.functional.scaled_dot_product_attention`, or
+    FlexAttention on CUDA when a sliding window or padding masks keys (:func:`headmix.ops.flex.masked_attention`).
 
     Parameters (``D`` = dim): ``4 * D * D`` weights, plus ``4 * D`` biases if ``bias=True``
     (query, key, value and output projections, each ``D x D``); with ``num_key_value_heads=H_kv`` the key and
@@ -38,8 +41,7 @@ class MultiHeadAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:
-        gqa = k.shape[1] != q.shape[1]
         if is_causal and q.shape[-2] == k.shape[-2]:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
-        return zero_rows_without_keys(out, mask)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                  enable_gqa=k.shape[1] != q.shape[1])
+        return masked_attention(q, k, v, mask, scale=self.scale, structure=structure)
