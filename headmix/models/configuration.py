@@ -264,8 +264,9 @@ class DCFormerConfig(PretrainedConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> DCFormerConfig:
         """``PretrainedConfig.from_pretrained``, refusing a directory of another model (a Llama's, say) with what it
         is and the command that converts it."""
-        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **{
-            k: v for k, v in kwargs.items() if k in ("cache_dir", "local_files_only", "revision", "subfolder", "token")})
+        where = ("cache_dir", "local_files_only", "revision", "subfolder", "token")
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path,
+                                             **{k: v for k, v in kwargs.items() if k in where})
         model_type = config_dict.get("model_type", MODEL_TYPE)
         if model_type != MODEL_TYPE:
             raise ValueError(foreign_config_message(model_type, str(pretrained_model_name_or_path)))
