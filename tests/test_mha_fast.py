@@ -17,7 +17,7 @@ import torch
 import headmix.ops.flex as flex
 from headmix import MultiHeadAttention
 from headmix.masks import attention_mask
-from headmix.models.cache import LayerCache
+from headmix.layers.cache import LayerCache
 from headmix.ops.flex import (BLOCK, dense_block_mask, flex_masked_attention, masked_attention,
                               positional_block_mask, sdpa_masked_attention)
 
@@ -237,3 +237,24 @@ def test_windowed_layer_under_torch_compile_matches_eager_on_cuda():
     (compiled_grad,) = torch.autograd.grad(compiled.float().square().sum(), x)
     for g, w in ((compiled, eager), (compiled_grad, eager_grad)):
         assert ((g.float() - w.float()).norm() / w.float().norm()).item() < 1e-2
+
+
+def test_a_kernel_past_its_recompile_limit_hands_over_to_sdpa(monkeypatch):
+    """Should dynamo refuse another recompile of the FlexAttention kernel, the masked SDPA path answers (the same
+    result), with one warning, instead of dynamo's unfused FlexAttention that builds every score."""
+    def refuses(*args, **kwargs):
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("recompile_limit reached")
+
+    monkeypatch.setattr(flex, "_compiled_flex", lambda: refuses)
+    monkeypatch.setattr(flex, "_FLEX_GAVE_UP", [])
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 160, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    positions = torch.arange(160)
+    mask = attention_mask(positions, positions, window=32)
+    expected = flex.sdpa_masked_attention(q, k, v, mask, scale=0.25)
+    with pytest.warns(RuntimeWarning, match="recompiled"):
+        out = flex._run_compiled_flex(q, k, v, mask, None, scale=0.25)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(flex._run_compiled_flex(q, k, v, mask, None, scale=0.25), expected, rtol=0, atol=0)

@@ -26,11 +26,14 @@ Both give the headmix convention for a query that may see no key: a zero output 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ..masks import attention_mask
 
 try:  # torch >= 2.5
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -124,6 +127,29 @@ def _compiled_flex() -> Callable[..., Tensor]:
     return torch.compile(flex_attention)
 
 
+# Each (batch, heads, head dim, dtype, mask kind) the compiled kernel meets may cost a recompile (lengths become
+# dynamic after the first change). Dynamo's default limit of 8 per function is reached by a sweep of shapes (the
+# speed report's layer table hit it on an H200, 2026-11-29) and dynamo then runs flex_attention *unfused*, building
+# every score: 13x slower than global attention at seq 2048. So the kernel gets a scoped, larger limit, and should
+# even that be reached, the masked SDPA path (fused, never materialising scores per head) takes over, warned once.
+RECOMPILE_LIMIT = 64
+_FLEX_GAVE_UP: list[str] = []
+
+
+def _run_compiled_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, block_mask, *, scale: float) -> Tensor:
+    if not _FLEX_GAVE_UP:
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+                return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale,
+                                        enable_gqa=k.shape[1] != q.shape[1])
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            _FLEX_GAVE_UP.append(str(error))
+            warnings.warn(f"headmix: FlexAttention was recompiled {RECOMPILE_LIMIT} times (one compile per new "
+                          "shape, dtype or mask kind); masked attention runs on SDPA with a mask from now on",
+                          RuntimeWarning, stacklevel=3)
+    return sdpa_masked_attention(q, k, v, mask, scale=scale)
+
+
 def flex_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float,
                           structure: tuple[bool, int | None] | None = None) -> Tensor:
     """FlexAttention under ``structure`` = ``(causal, window)`` (a positional mask, queries at the last positions)
@@ -136,8 +162,12 @@ def flex_masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
         block_mask = dense_block_mask(mask)
     else:
         block_mask = None
-    run = flex_attention if (torch.compiler.is_compiling() or not q.is_cuda) else _compiled_flex()
-    return run(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    if q.is_cuda and not torch.compiler.is_compiling():
+        if mask is None and structure is not None:  # what SDPA needs, should the compiled kernel give up
+            keys = torch.arange(key_len, device=q.device)
+            mask = attention_mask(keys[key_len - query_len:], keys, causal=structure[0], window=structure[1])
+        return _run_compiled_flex(q, k, v, mask, block_mask, scale=scale)
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float,
