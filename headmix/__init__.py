@@ -19,7 +19,6 @@ from .layers import (
     DCMHA,
     CollaborativeAttention,
     DynamicWeightProjection,
-    HeadmixCache,
     MultiHeadAttention,
     RotaryEmbedding,
     TalkingHeadsAttention,
@@ -29,7 +28,7 @@ from .reference import ComposeWeights, compose, composed_attention
 
 __version__ = "0.1.0"
 
-_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel")
+_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel", "HeadmixCache")
 
 
 def __getattr__(name: str) -> Any:

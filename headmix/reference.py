@@ -101,6 +101,37 @@ def compose(a: Tensor, weights: ComposeWeights, groups: int = 1) -> Tensor:
     return out.reshape(B, H, T, S)
 
 
+def composed_probabilities(
+    q: Tensor,
+    k: Tensor,
+    *,
+    scale: float,
+    mask: MaskSpec | Tensor | None = None,
+    pre: ComposeWeights | None = None,
+    post: ComposeWeights | None = None,
+    groups: int = 1,
+) -> Tensor:
+    """The attention weights of :func:`composed_attention`, ``(B, H, T, S)``: the post-composed probabilities
+    ``Compose(softmax(Compose(Q K^T * scale, pre)), post)`` (rows of masked-out keys are 0; a composed row need
+    not sum to 1). Arguments as for :func:`composed_attention`; ``composed_attention = weights @ V``."""
+    H, T, S = q.shape[1], q.shape[2], k.shape[2]
+    k = k if k.shape[1] in (1, H) else k.repeat_interleave(H // k.shape[1], dim=1)
+    mask = as_mask_spec(mask).dense(T, S, q.device)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # A = Q K^T / sqrt(d)
+    if pre is not None:
+        scores = compose(scores, pre, groups)  # pre-softmax Compose, on the scaled logits
+    if mask is not None:
+        # a finite fill keeps fully masked rows NaN-free; those rows are zeroed below
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    # softmax accumulates in at least float32; the post-Compose runs in the input dtype again
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+    if mask is not None:
+        probs = probs.masked_fill(~mask, 0.0)
+    if post is not None:
+        probs = compose(probs, post, groups)  # post-softmax Compose, on the probabilities
+    return probs
+
+
 def composed_attention(
     q: Tensor,
     k: Tensor,
@@ -128,21 +159,9 @@ def composed_attention(
     Returns:
         ``(B, H, T, Dv)``. A query with no allowed key returns zeros.
     """
-    H, T, S = q.shape[1], q.shape[2], k.shape[2]
-    k, v = (t if t.shape[1] in (1, H) else t.repeat_interleave(H // t.shape[1], dim=1) for t in (k, v))
-    mask = as_mask_spec(mask).dense(T, S, q.device)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # A = Q K^T / sqrt(d)
-    if pre is not None:
-        scores = compose(scores, pre, groups)  # pre-softmax Compose, on the scaled logits
-    if mask is not None:
-        # a finite fill keeps fully masked rows NaN-free; those rows are zeroed below
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    # softmax accumulates in at least float32; the post-Compose runs in the input dtype again
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-    if mask is not None:
-        probs = probs.masked_fill(~mask, 0.0)
-    if post is not None:
-        probs = compose(probs, post, groups)  # post-softmax Compose, on the probabilities
+    H = q.shape[1]
+    v = v if v.shape[1] in (1, H) else v.repeat_interleave(H // v.shape[1], dim=1)
+    probs = composed_probabilities(q, k, scale=scale, mask=mask, pre=pre, post=post, groups=groups)
     return torch.matmul(probs, v)
 
 

@@ -114,10 +114,26 @@ def _rewrite(tmp_path, edit):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_missing_tensor_is_named(tmp_path):
+def test_missing_tensor_is_reported_as_transformers_reports_it(tmp_path):
+    """A missing tensor is initialised and reported (transformers' loading info), as for transformers' own models."""
     _rewrite(tmp_path, lambda t: t.pop("model.layers.1.attention.dynamic.factors"))
-    with pytest.raises(ValueError, match=r"missing tensor 'model.layers.1.attention.dynamic.factors'"):
-        AutoModelForCausalLM.from_pretrained(tmp_path)
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == {"model.layers.1.attention.dynamic.factors"}
+    assert torch.isfinite(model.model.layers[1].attention.dynamic.factors).all()
+
+
+def test_base_model_checkpoint_loads_both_ways(tmp_path):
+    """``base_model_prefix``: the decoder's weights load into the LM class and the LM's into the decoder."""
+    from headmix.models import DCFormerModel
+
+    lm = tiny_model(attention="dcmha")
+    lm.model.save_pretrained(tmp_path / "base")
+    lm.save_pretrained(tmp_path / "lm")
+    into_lm = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    into_base = DCFormerModel.from_pretrained(tmp_path / "lm")
+    for name, value in lm.model.state_dict().items():
+        assert torch.equal(into_lm.model.state_dict()[name], value), name
+        assert torch.equal(into_base.state_dict()[name], value), name
 
 
 def test_shape_mismatch_is_named(tmp_path):

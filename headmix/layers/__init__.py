@@ -8,7 +8,7 @@ new option of a layer needs no change in the models (see ``docs/architecture.md`
 from __future__ import annotations
 
 from .base import Attention
-from .cache import HeadmixCache, LayerCache
+from .cache import LayerCache
 from .collaborative import CollaborativeAttention
 from .composed import ComposedAttention
 from .dcmha import DCMHA, DynamicWeightProjection
@@ -38,7 +38,6 @@ __all__ = [
     "CollaborativeAttention",
     "ComposedAttention",
     "DynamicWeightProjection",
-    "HeadmixCache",
     "LayerCache",
     "MultiHeadAttention",
     "RotaryEmbedding",

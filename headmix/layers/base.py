@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._validation import check_divisible, check_input, check_padding_mask, check_positive_int
 from ..masks import attention_mask
+from ..reference import composed_probabilities
 from .rotary import DEFAULT_BASE, RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -168,13 +169,24 @@ class Attention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, heads, -1).transpose(1, 2)
 
+    def attention_weights(self, q: Tensor, k: Tensor, mask: Tensor | None, state: dict[str, Any]) -> Tensor:
+        """The attention weights ``(B, H, T, S)`` that multiply the values, materialised (the reference path,
+        ``attn_implementation="eager"`` and ``output_attentions=True``); arguments as for :meth:`attend`.
+        Multi-head attention: the softmax probabilities; layers that mix heads after the softmax override this
+        with their mixed weights."""
+        return composed_probabilities(q, k, scale=self.scale, mask=mask)
+
     def forward(
         self,
         x: Tensor,
         padding_mask: Tensor | None = None,
         positions: Tensor | None = None,
         cache: LayerCache | None = None,
-    ) -> Tensor:
+        *,
+        allowed: Tensor | None = None,
+        implementation: str | None = None,
+        return_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Self-attention over ``x``.
 
         Args:
@@ -185,9 +197,16 @@ class Attention(nn.Module):
                 causal/window masks (default ``0..seq-1``).
             cache: optional :class:`headmix.layers.cache.LayerCache`: ``x`` holds new tokens, which
                 attend to the cached ones too and are added to the cache.
+            allowed: optional bool "may attend" mask ``(batch or 1, 1, seq, keys)`` over the cached and new keys
+                that replaces the positional (causal, window) mask: a custom 4-D mask, or the block-diagonal
+                mask of packed sequences; the padding mask is still applied.
+            implementation: ``"eager"`` runs the materialised reference path (:meth:`attention_weights`, then
+                the values); ``None`` or ``"sdpa"`` the layer's own fast path.
+            return_weights: also return the attention weights ``(batch, heads, seq, keys)`` (computed on the
+                reference path).
 
         Returns:
-            ``(batch, seq, dim)``.
+            ``(batch, seq, dim)``, and the weights when ``return_weights``.
         """
         check_input(x, self.dim)
         B, T, _ = x.shape
@@ -206,12 +225,24 @@ class Attention(nn.Module):
         if cache is not None:
             valid = padding_mask if padding_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             keys, key_positions, key_valid = cache.update(keys, positions.expand(B, T), valid)
-        mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
-        is_causal = self.causal and self.window is None and key_valid is None
-        structure = (self.causal, self.window) if key_valid is None and cache is None else None
-        out = self.attend(q, keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), mask, is_causal,
-                          {**query_state, **keys}, structure)
-        return self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+        if allowed is None:
+            mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window,
+                                  key_padding=key_valid)
+            is_causal = self.causal and self.window is None and key_valid is None
+            structure = (self.causal, self.window) if key_valid is None and cache is None else None
+        else:
+            mask = allowed.bool() if key_valid is None else allowed.bool() & key_valid[:, None, None, :].bool()
+            is_causal, structure = False, None
+        k, v, state = keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), {**query_state, **keys}
+        if return_weights or implementation == "eager":
+            weights = self.attention_weights(q, k, mask, state)
+            H = q.shape[1]
+            out = torch.matmul(weights, v if v.shape[1] == H else v.repeat_interleave(H // v.shape[1], dim=1))
+        else:
+            weights = None
+            out = self.attend(q, k, v, mask, is_causal, state, structure)
+        out = self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return (out, weights) if return_weights else out
 
     def position_queries_keys(
         self, q: Tensor, k: Tensor, query_positions: Tensor, key_positions: Tensor

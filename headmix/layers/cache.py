@@ -7,6 +7,13 @@ collaborative attention the single shared key. Each entry is a tensor of shape `
 
 A layer with a sliding window keeps only the ``window - 1`` most recent positions between steps
 (a rolling cache): its memory is bounded by the window, whatever the length of the text.
+
+The whole model's cache, :class:`headmix.models.HeadmixCache`, is a ``transformers`` ``Cache`` (it lives with the
+models: this floor does not import ``transformers``); it holds one :class:`LayerCache` per layer. A layer's state is
+a dict of per-position entries (``"k"``, ``"v"`` and what :meth:`~headmix.layers.Attention.composition_state`
+returns for the key side), appended along dim 1 by :meth:`LayerCache.update`; every generation operation
+(crop, reorder, repeat, select) acts on all entries alike through :func:`map_state`. A static (pre-allocated)
+cache would keep the same entries in fixed-size buffers and write them at ``seen`` instead of concatenating.
 """
 
 from __future__ import annotations
@@ -46,23 +53,60 @@ def _leaves(state: Any):
 
 
 class LayerCache:
-    """Cached key-side state of one attention layer.
+    """Cached key-side state of one attention layer (plain torch: :class:`headmix.models.HeadmixCache`, a
+    ``transformers`` ``Cache``, holds one per layer and forwards generation's calls to them).
 
     Attributes:
-        window: the layer's sliding window (``None``: keep everything).
+        window: the layer's sliding window (``None``: keep everything). Retention only: the attention layer
+            applies its own window to the positions, so keeping more than ``window - 1`` is never wrong.
         state: ``{name: state}``, every tensor in it ``(batch, seq, ...)``, one entry per cached position.
         positions: ``(batch, seq)`` absolute positions of the cached keys.
         valid: ``(batch, seq)`` bool, ``False`` for padding.
+        seen: how many positions were ever appended (``len(self)`` is smaller once a window rolls).
+        record_past: keep every position (no rolling) so that :meth:`crop` can undo steps (assisted decoding).
     """
+
+    is_compileable = False  # the tensors grow: a compiled step would recompile (a static cache is issue 17's)
+    supports_early_init = False
 
     def __init__(self, window: int | None = None) -> None:
         self.window = window
         self.state: dict[str, Any] = {}
         self.positions: Tensor | None = None
         self.valid: Tensor | None = None
+        self.seen = 0
+        self.record_past = False
 
     def __len__(self) -> int:
         return 0 if self.positions is None else self.positions.shape[1]
+
+    def __repr__(self) -> str:
+        return f"LayerCache(window={self.window}, cached={len(self)}, seen={self.seen})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.positions is not None
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` can undo any number of steps: nothing ever rolled out of the window."""
+        return self.window is None or self.record_past
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.positions is None else self.positions.shape[0]
+
+    def get_seq_length(self) -> int:
+        """Positions seen so far (not the number kept by a rolling layer)."""
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(keys a query of the next step attends over, offset of the first kept key)``."""
+        return len(self) + query_length, self.seen - len(self)
 
     def update(self, new: dict[str, Any], positions: Tensor, valid: Tensor) -> tuple[dict[str, Any], Tensor, Tensor]:
         """Append the new positions; return the full key side (cached + new) to attend over now."""
@@ -72,12 +116,40 @@ class LayerCache:
             full = map_state(lambda old, added: torch.cat([old, added], dim=1), self.state, new)
             full_pos = torch.cat([self.positions, positions], dim=1)
             full_valid = torch.cat([self.valid, valid], dim=1)
-        keep = full_pos.shape[1] if self.window is None else min(full_pos.shape[1], self.window - 1)
+        self.seen += positions.shape[1]
+        total = full_pos.shape[1]
+        keep = total if self.window is None or self.record_past else min(total, self.window - 1)
         # a later query at position p needs keys from p - window + 1 on: the last window - 1 suffice
-        self.state = map_state(lambda t: t[:, full_pos.shape[1] - keep :], full)
-        self.positions = full_pos[:, full_pos.shape[1] - keep :]
-        self.valid = full_valid[:, full_pos.shape[1] - keep :]
+        self._keep(full, full_pos, full_valid, total - keep, total)
         return full, full_pos, full_valid
+
+    def _keep(self, state: dict[str, Any], positions: Tensor, valid: Tensor, start: int, end: int) -> None:
+        self.state = map_state(lambda t: t[:, start:end], state)
+        self.positions, self.valid = positions[:, start:end], valid[:, start:end]
+
+    def activate_past_recording(self) -> None:
+        """Keep every position from now on (no rolling), so that :meth:`crop` can undo steps."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` positions (transformers' convention: a negative count; ``0``
+        does nothing). Raises if a sliding-window layer rolled out a position that would be needed again."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of positions to remove "
+                             "(transformers' convention)")
+        remove = -tokens_to_remove
+        if self.positions is None:
+            return
+        if remove > self.seen:
+            raise ValueError(f"crop({tokens_to_remove}): the cache has seen only {self.seen} positions")
+        length = len(self)
+        new_seen = self.seen - remove
+        rolled_out = self.seen - length  # positions no longer held
+        if remove and self.window is not None and rolled_out and new_seen - rolled_out < min(new_seen, self.window - 1):
+            raise ValueError(f"crop({tokens_to_remove}) needs positions this sliding-window layer rolled out: call "
+                             "activate_past_recording() before decoding steps that may be undone")
+        self.seen = new_seen
+        self._keep(self.state, self.positions, self.valid, 0, length - remove)
 
     def select(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering)."""
@@ -87,40 +159,26 @@ class LayerCache:
         self.positions = self.positions.index_select(0, index.to(self.positions.device))
         self.valid = self.valid.index_select(0, index.to(self.valid.device))
 
+    reorder_cache = select
+    batch_select_indices = select
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times (beam search and ``num_return_sequences`` expansion)."""
+        if self.positions is None:
+            return
+        self.state = map_state(lambda t: t.repeat_interleave(repeats, dim=0), self.state)
+        self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self.valid = self.valid.repeat_interleave(repeats, dim=0)
+
+    def reset(self) -> None:
+        """Empty the layer (keeps its window and recording mode)."""
+        self.state, self.positions, self.valid, self.seen = {}, None, None, 0
+
+    def offload(self) -> None:  # transformers' offloading hooks: not supported, nothing to move
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _leaves(self.state))
-
-
-class HeadmixCache:
-    """The cache of a whole model: one :class:`LayerCache` per layer, and how many tokens were seen.
-
-    Works with ``transformers``' ``generate()`` (greedy, sampling, beam search): it answers
-    ``get_seq_length()`` and ``reorder_cache(beam_idx)``.
-    """
-
-    is_compileable = False  # generate() asks; the cache grows, so compiled decoding would recompile
-
-    def __init__(self, windows: list[int | None]) -> None:
-        self.layers = [LayerCache(w) for w in windows]
-        self.seen_tokens = 0
-
-    @property
-    def is_linear(self) -> list[bool]:
-        """Per layer, whether it is a linear-attention (state-space) layer: never. transformers >= 5.24's
-        ``generate()`` asks before its prefill, once it finds the cache under its current name ``cache``."""
-        return [False] * len(self.layers)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Number of tokens processed so far (not the number kept by rolling layers)."""
-        return self.seen_tokens
-
-    def reorder_cache(self, beam_idx: Tensor) -> None:
-        for layer in self.layers:
-            layer.select(beam_idx)
-
-    def nbytes(self) -> int:
-        """Bytes held by all cached tensors."""
-        return sum(layer.nbytes() for layer in self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)

@@ -108,6 +108,16 @@ class CollaborativeAttention(Attention):
         out = collaborative_core(q, k, v, state.get("content"), mask, self.scale)
         return zero_rows_without_keys(out.nan_to_num(0.0), mask)
 
+    def attention_weights(self, q: Tensor, k: Tensor, mask: Tensor | None, state: dict) -> Tensor:
+        """The softmax probabilities of the collaborative scores, content bias included."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (q~ * m_h) . k~ / sqrt(d)
+        if "content" in state:
+            scores = scores + state["content"].permute(0, 2, 1)[:, :, None, :].to(scores.dtype)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+        return probs if mask is None else probs.masked_fill(~mask, 0.0)
+
     @classmethod
     def from_multi_head(cls, mha: MultiHeadAttention) -> CollaborativeAttention:
         """The exact collaborative form of ``mha``: ``key_dim = H * head_dim``, block one-hot mixing."""

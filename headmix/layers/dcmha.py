@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..masks import MaskSpec
 from ..ops import resolve_backend
-from ..reference import ComposeWeights
+from ..reference import ComposeWeights, composed_probabilities
 from .composed import ComposedAttention
 
 COMPOSITIONS = ("pre", "post")
@@ -264,6 +264,13 @@ class DCMHA(ComposedAttention):
             q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), groups=self.groups,
             chunk_size=self.chunk_size, pre=weights.get("pre"), post=weights.get("post"),
         )
+
+    def attention_weights(self, q: Tensor, k: Tensor, mask: Tensor | None, state: dict) -> Tensor:
+        """The composed probabilities: ``Compose(softmax(Compose(scores, pre)), post)``, what multiplies the
+        values (:func:`headmix.reference.composed_probabilities`)."""
+        weights = self.compose_weights(state)
+        return composed_probabilities(q, k, scale=self.scale, mask=mask, groups=self.groups,
+                                      pre=weights.get("pre"), post=weights.get("post"))
 
     def extra_repr(self) -> str:
         return (

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..masks import MaskSpec
 from ..ops import resolve_backend
-from ..reference import ComposeWeights
+from ..reference import ComposeWeights, composed_probabilities
 from .composed import ComposedAttention
 
 
@@ -56,3 +56,8 @@ class TalkingHeadsAttention(ComposedAttention):
             q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), chunk_size=self.chunk_size,
             pre=ComposeWeights(static=self.pre_mix), post=ComposeWeights(static=self.post_mix),
         )
+
+    def attention_weights(self, q: Tensor, k: Tensor, mask: Tensor | None, state: dict) -> Tensor:
+        """The mixed weights ``softmax(scores P_l) P_w`` (:func:`headmix.reference.composed_probabilities`)."""
+        return composed_probabilities(q, k, scale=self.scale, mask=mask, pre=ComposeWeights(static=self.pre_mix),
+                                      post=ComposeWeights(static=self.post_mix))

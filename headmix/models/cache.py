@@ -1,5 +1,56 @@
-"""The decoding cache lives with the layers (:mod:`headmix.layers.cache`); re-exported here for old imports."""
+"""The decoding cache of the headmix models: a ``transformers`` :class:`~transformers.Cache` whose layers are
+:class:`headmix.layers.cache.LayerCache` (keys, values and each attention kind's per-key state: DCMHA's key-wise
+composition factors and gates, the collaborative content bias).
 
-from ..layers.cache import HeadmixCache, LayerCache
+``generate()`` treats it as any transformers cache: ``get_seq_length``, ``reorder_cache`` (beam search),
+``crop`` (assisted and prompt-lookup decoding, which undo rejected candidate tokens), ``batch_repeat_interleave``
+and ``batch_select_indices`` (expansion, contrastive search), ``activate_past_recording`` (so that sliding-window
+layers keep what a later ``crop`` needs), ``reset``. Sliding-window layers roll (their memory is bounded by the
+window) unless recording.
+"""
+
+from __future__ import annotations
+
+from transformers.cache_utils import Cache
+
+from ..layers.cache import LayerCache
+
+
+class HeadmixCache(Cache):
+    """One :class:`LayerCache` per layer; ``windows[i]`` is layer ``i``'s sliding window (``None``: global)."""
+
+    def __init__(self, windows: list[int | None]) -> None:
+        super().__init__(layers=[LayerCache(w) for w in windows])
+
+    @property
+    def seen_tokens(self) -> int:
+        """Tokens processed so far (every layer has seen as many)."""
+        return self.layers[0].seen if self.layers else 0
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Number of tokens processed so far (not the number kept by rolling layers)."""
+        return self.layers[layer_idx].get_seq_length() if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if layer_idx >= len(self.layers):
+            return query_length, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # grows without bound
+
+    def update(self, *args, **kwargs):
+        raise NotImplementedError("HeadmixCache is filled by headmix's attention layers (LayerCache.update), "
+                                  "not by transformers' key/value update")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens in every layer (transformers' convention: negative)."""
+        for layer in self.layers:
+            layer.crop(tokens_to_remove)
+
+    def nbytes(self) -> int:
+        """Bytes held by all cached tensors."""
+        return sum(layer.nbytes() for layer in self.layers)
+
 
 __all__ = ["HeadmixCache", "LayerCache"]

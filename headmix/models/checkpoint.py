@@ -49,31 +49,30 @@ def read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
     return shapes
 
 
-def verify_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, tied: set[str] = frozenset()) -> None:
-    """Compare the tensors stored in ``directory`` with the parameters and buffers ``model`` expects.
+def verify_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, prefix: str = "") -> None:
+    """Compare the shapes of the tensors stored in ``directory`` with the parameters and buffers ``model`` expects.
+
+    Missing and unexpected tensors are left to ``transformers``, which reports them as for its own models (a
+    warning, ``output_loading_info=True``) and initialises what is missing; a tensor whose shape differs, or a
+    truncated or corrupt file, is refused here with its name.
 
     Args:
         directory: a model directory written by ``save_pretrained``.
         model: the model to load into (may live on the meta device).
-        tied: names that may be absent because they are tied to another tensor.
+        prefix: the ``base_model_prefix`` (``"model"``): a checkpoint of the base model (names without it) or of
+            the model with a head (names with it) is compared name for name as transformers will load it.
 
     Raises:
-        ValueError: naming the file and the first missing, unexpected or mis-shaped tensor.
+        ValueError: naming the file and the first mis-shaped tensor, or a truncated file.
     """
     files = safetensors_files(directory)
     if not files:
         return  # not a safetensors checkpoint: transformers loads .bin files with weights_only=True
     stored = read_shapes(files)
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    for name, shape in expected.items():
-        if name not in stored:
-            if name in tied:
-                continue
-            raise ValueError(f"checkpoint {directory} is missing tensor {name!r} (expected shape {shape})")
-        if stored[name][0] != shape:
-            raise ValueError(
-                f"tensor {name!r} in {stored[name][1]} has shape {stored[name][0]}: the model expects {shape}"
-            )
-    unexpected = sorted(set(stored) - set(expected))
-    if unexpected:
-        raise ValueError(f"checkpoint {directory} has tensors the model does not know: {unexpected[:5]}")
+    lead = f"{prefix}." if prefix else ""
+    for name, (shape, file) in stored.items():
+        candidates = (name, lead + name, name[len(lead):] if lead and name.startswith(lead) else None)
+        target = next((c for c in candidates if c is not None and c in expected), None)
+        if target is not None and expected[target] != shape:
+            raise ValueError(f"tensor {name!r} in {file} has shape {shape}: the model expects {expected[target]}")

@@ -179,6 +179,7 @@ class DCFormerConfig(PretrainedConfig):
         mlp_gate_groups: ``E``, or ``None``: split the SwiGLU hidden units into ``E`` groups, each scaled by
             a softmax gate over groups computed from the input (the official code's ``mgate``; ``llama`` only).
         initializer_range: std of the normal initialisation of linear and embedding weights.
+        use_cache: whether ``forward`` makes and returns a decoding cache when not told (``use_cache=None``).
     """
 
     model_type = MODEL_TYPE
@@ -207,6 +208,7 @@ class DCFormerConfig(PretrainedConfig):
         mlp_gate_groups: int | None = None,
         initializer_range: float = 0.02,
         tie_word_embeddings: bool | None = None,
+        use_cache: bool = True,
         **kwargs: Any,
     ) -> None:
         model_type = kwargs.get("model_type", MODEL_TYPE)
@@ -237,6 +239,7 @@ class DCFormerConfig(PretrainedConfig):
         self.norm_eps = norm_eps if norm_eps is not None else (1e-5 if pythia else 1e-6)
         self.mlp_gate_groups = mlp_gate_groups
         self.initializer_range = initializer_range
+        self.use_cache = use_cache
         tie = tie_word_embeddings if tie_word_embeddings is not None else False
         super().__init__(tie_word_embeddings=tie, **kwargs)
         self.validate_fields(legacy_names)

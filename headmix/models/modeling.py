@@ -9,6 +9,7 @@ One block, two backbones (selected by ``config.backbone``) and a pluggable atten
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -117,12 +118,22 @@ class DecoderLayer(GradientCheckpointingLayer):
         return (self.attention.flops_per_token() + self.mlp.flops_per_token()
                 + keys_per_query * self.attention.flops_per_pair())
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None, positions: Tensor, cache: LayerCache | None) -> Tensor:
-        attended = self.attention(self.attention_norm(x), padding_mask=padding_mask, positions=positions, cache=cache)
+    def forward(self, x: Tensor, padding_mask: Tensor | None, positions: Tensor, cache: LayerCache | None,
+                allowed: Tensor | None = None, implementation: str | None = None,
+                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The block's output ``(batch, seq, dim)``, and the attention weights when ``output_attentions``
+        (arguments as for :meth:`headmix.layers.Attention.forward`)."""
+        attended = self.attention(self.attention_norm(x), padding_mask=padding_mask, positions=positions, cache=cache,
+                                  allowed=allowed, implementation=implementation, return_weights=output_attentions)
+        weights = None
+        if output_attentions:
+            attended, weights = attended
         if self.parallel_residual:
-            return x + attended + self.mlp(self.mlp_norm(x))
-        h = x + attended
-        return h + self.mlp(self.mlp_norm(h))
+            out = x + attended + self.mlp(self.mlp_norm(x))
+        else:
+            h = x + attended
+            out = h + self.mlp(self.mlp_norm(h))
+        return (out, weights) if output_attentions else out
 
 
 class DCFormerPreTrainedModel(PreTrainedModel):
@@ -133,6 +144,21 @@ class DCFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, after checking a local directory's safetensors headers: a
+        mis-shaped tensor or a truncated file raises a ``ValueError`` naming it. Missing and unexpected tensors
+        are reported by transformers as for its own models (a warning; ``output_loading_info=True``)."""
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and Path(pretrained_model_name_or_path).is_dir():
+            path = Path(pretrained_model_name_or_path)
+            config = kwargs.get("config")
+            if not isinstance(config, DCFormerConfig):
+                config = DCFormerConfig.from_pretrained(path)
+            with torch.device("meta"):
+                expected = cls(config)
+            verify_checkpoint(path, expected, cls.base_model_prefix)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -184,15 +210,30 @@ class DCFormerModel(DCFormerPreTrainedModel):
         cache: HeadmixCache | None = None,
         inputs_embeds: Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         past_key_values: HeadmixCache | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPast:
-        """Args as in ``transformers`` decoders: ``input_ids`` ``(batch, seq)``, ``attention_mask``
-        ``(batch, past + seq)`` with 1 for real tokens (left padding supported), optional ``position_ids``
-        and a :class:`HeadmixCache` as ``cache`` (or under its older name ``past_key_values``). The output
-        holds the cache under the installed transformers' name (:data:`CACHE_NAME`)."""
+    ) -> BaseModelOutputWithPast | tuple:
+        """Args as in ``transformers`` decoders: ``input_ids`` ``(batch, seq)`` or ``inputs_embeds``
+        ``(batch, seq, hidden)``; ``attention_mask`` ``(batch, past + seq)`` with 1 for real tokens (left or right
+        padding), or a custom 4-D mask ``(batch or 1, 1, seq, past + seq)`` (bool, ``True`` = may attend, or
+        additive float, 0 = may attend) that replaces the causal/window mask; optional ``position_ids`` (packed
+        sequences: positions restarting at 0 mark a new sequence, see :func:`packed_sequence_mask`); a
+        :class:`HeadmixCache` as ``cache`` (or under its older name ``past_key_values``), made when ``use_cache``
+        (default ``config.use_cache``). ``output_attentions`` (the weights that multiply the values, per layer:
+        see ``docs/architecture.md``), ``output_hidden_states`` and ``return_dict`` default to the config's. The
+        output holds the cache under the installed transformers' name (:data:`CACHE_NAME`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (batch, seq) or inputs_embeds (batch, seq, hidden_size)")
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+        use_cache = config.use_cache if use_cache is None else use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # recomputed blocks would append to the cache twice
         past_key_values = _one_cache(cache, past_key_values)  # below, the cache goes by its pre-5.24 name
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
@@ -204,24 +245,64 @@ class DCFormerModel(DCFormerPreTrainedModel):
                 "(DCMHA key-wise weights, rolling windows) and need a HeadmixCache (model.new_cache())"
             )
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        padding = None
-        if attention_mask is not None:
+        padding, allowed = None, None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            if attention_mask.shape[-2:] != (T, past + T) or attention_mask.shape[1] != 1:
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: a 4-D mask must be "
+                                 f"(batch or 1, 1, seq, past + seq) = ({B}, 1, {T}, {past + T})")
+            allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        elif attention_mask is not None:
             if attention_mask.shape != (B, past + T):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}: expected (batch, past + seq) = "
                     f"({B}, {past + T})"
                 )
-            if not bool(attention_mask.all()):
+            # Under torch.compile/export the mask is always applied (no data-dependent branch in the graph);
+            # eagerly, an all-ones mask is dropped so the layers keep their plain causal fast paths.
+            if torch.compiler.is_compiling() or not bool(attention_mask.all()):
                 padding = attention_mask[:, -T:].bool()
                 if position_ids is None:  # left padding: real tokens count from 0
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        elif position_ids is not None and past_key_values is None and not torch.compiler.is_compiling():
+            allowed = packed_sequence_mask(position_ids)  # None unless the positions restart (packed sequences)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)
+        implementation = getattr(config, "_attn_implementation", None)
+        hidden_states: list[Tensor] = []
+        attentions: list[Tensor] = []
         for i, layer in enumerate(self.layers):
-            x = layer(x, padding, position_ids, past_key_values.layers[i] if past_key_values is not None else None)
-        if past_key_values is not None:
-            past_key_values.seen_tokens += T
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), **{CACHE_NAME: past_key_values})
+            if output_hidden_states:
+                hidden_states.append(x)
+            x = layer(x, padding, position_ids, past_key_values.layers[i] if past_key_values is not None else None,
+                      allowed, implementation, output_attentions)
+            if output_attentions:
+                x, weights = x
+                attentions.append(weights)
+        x = self.norm(x)
+        if output_hidden_states:
+            hidden_states.append(x)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=x, hidden_states=tuple(hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
+            **{CACHE_NAME: past_key_values if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def packed_sequence_mask(position_ids: Tensor) -> Tensor | None:
+    """The block-diagonal causal mask ``(batch, 1, seq, seq)`` of sequences packed in one row without padding
+    (transformers' padding-free convention: ``position_ids`` restart at 0 where a sequence starts), or ``None``
+    when no row restarts (one sequence per row: the layers' own causal masks apply)."""
+    if position_ids.dim() != 2 or position_ids.shape[1] < 2:
+        return None
+    starts = position_ids[:, 1:] <= position_ids[:, :-1]  # a position that does not increase starts a sequence
+    if not bool(starts.any()):
+        return None
+    sequence = torch.cat([torch.zeros_like(position_ids[:, :1]), starts.long().cumsum(-1)], dim=-1)  # (B, T)
+    same = sequence[:, :, None] == sequence[:, None, :]
+    causal = torch.ones(position_ids.shape[1], position_ids.shape[1], dtype=torch.bool,
+                        device=position_ids.device).tril()
+    return (same & causal)[:, None]
 
 
 class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
@@ -243,21 +324,6 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, after checking a local directory tensor by tensor
-        (missing, unexpected or mis-shaped tensors and truncated files raise a ``ValueError`` naming them)."""
-        path = Path(pretrained_model_name_or_path)
-        if path.is_dir():
-            config = kwargs.get("config")
-            if not isinstance(config, DCFormerConfig):
-                config = DCFormerConfig.from_pretrained(path)
-            with torch.device("meta"):
-                expected = cls(config)
-            tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-            verify_checkpoint(path, expected, tied)
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -276,40 +342,31 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
         inputs_embeds: Tensor | None = None,
         labels: Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: HeadmixCache | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         """Logits ``(batch, seq, vocab)``; with ``labels`` also the next-token cross-entropy (labels -100 ignored).
-        The cache as in :meth:`DCFormerModel.forward`."""
+        The other arguments as in :meth:`DCFormerModel.forward`."""
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden = outputs.last_hidden_state
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                        attentions=outputs.attentions, **{CACHE_NAME: getattr(outputs, CACHE_NAME)})
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
-    # -- generate() integration: our own cache, our own input slicing ----------------------------
+    # -- generate() integration: our own cache (a transformers Cache); transformers' own input preparation ----
     # generate() keeps the cache in its model_kwargs under CACHE_NAME (the installed transformers' name).
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_NAME] = self.new_cache()
-
-    def prepare_inputs_for_generation(
-        self, input_ids: Tensor, cache: HeadmixCache | None = None, attention_mask: Tensor | None = None,
-        inputs_embeds: Tensor | None = None, past_key_values: HeadmixCache | None = None, **kwargs,
-    ) -> dict:
-        cache = _one_cache(cache, past_key_values)
-        seen = cache.get_seq_length() if cache is not None else 0
-        inputs = {CACHE_NAME: cache, "attention_mask": attention_mask, "use_cache": kwargs.get("use_cache", True)}
-        if inputs_embeds is not None and seen == 0:
-            inputs["inputs_embeds"] = inputs_embeds
-        else:
-            inputs["input_ids"] = input_ids[:, seen:]
-        if kwargs.get("logits_to_keep"):
-            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
-        return inputs
