@@ -25,6 +25,7 @@ import os
 import sys
 import types
 import unittest
+from unittest import mock
 from pathlib import Path
 
 import pytest
@@ -140,11 +141,44 @@ def _skip(names: dict[str, str]):
     return decorate
 
 
+GENERATION_SKIP = ("tests/generation/test_utils.py is not in transformers' sdist, so GenerationTesterMixin is not "
+                   "run here (run it from a clone at the release tag: HEADMIX_TRANSFORMERS_TESTS=the clone)")
+
+
 class _Common(ModelTesterMixin):
     make_config = None
 
     def setUp(self) -> None:
         self.model_tester = Tester(self, type(self).make_config)
+
+    def test_generation_tester_mixin_inheritance(self):
+        if not GENERATION:
+            self.skipTest(GENERATION_SKIP)
+        super().test_generation_tester_mixin_inheritance()
+
+
+class _Headmix(_Common):
+    """The headmix models: registered as a base model and a causal LM (what transformers' tables say of its own
+    models), and the epsilon of the eager/SDPA comparison set on the one field our config has."""
+
+    all_model_classes = (hm.DCFormerModel, hm.DCFormerForCausalLM)
+
+    def setUp(self) -> None:
+        super().setUp()
+        from transformers.models.auto import modeling_auto
+
+        common = sys.modules["_transformers_tests.test_modeling_common"]
+        patches = [
+            mock.patch.dict(modeling_auto.MODEL_MAPPING_NAMES, {hm.DCFormerConfig.model_type: "DCFormerModel"}),
+            mock.patch.dict(modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                            {hm.DCFormerConfig.model_type: "DCFormerForCausalLM"}),
+            # transformers sets every epsilon spelling of its models (batch_norm_eps, ...) on the config; ours
+            # refuses fields it does not have (a misspelt field would be silently ignored), so set the one it has
+            mock.patch.object(common, "set_config_for_less_flaky_test", lambda config: setattr(config, "norm_eps", 1.0)),
+        ]
+        for patch in patches:
+            patch.start()
+            self.addCleanup(patch.stop)
 
 
 class LlamaCommonTest(_Common, unittest.TestCase):
@@ -154,17 +188,16 @@ class LlamaCommonTest(_Common, unittest.TestCase):
     make_config = staticmethod(_llama_config)
 
 
-class TransformerPPCommonTest(_Common, unittest.TestCase):
-    all_model_classes = (hm.DCFormerModel, hm.DCFormerForCausalLM)
+class TransformerPPCommonTest(_Headmix, unittest.TestCase):
     make_config = staticmethod(_headmix_config("tiny-transformer++"))
 
 
-class DCFormerPPCommonTest(_Common, unittest.TestCase):
-    all_model_classes = (hm.DCFormerModel, hm.DCFormerForCausalLM)
-    # local layers with a window shorter than the test sequences, so the window matters
-    make_config = staticmethod(_headmix_config("tiny-dcformer++", window_size=4, window_pattern="LG"))
+class DCFormerPPCommonTest(_Headmix, unittest.TestCase):
+    # local layers with a window shorter than the test sequences, so the window matters; DCMHA query blocks of 4
+    # (shorter than the 7-token sequences), so "sdpa" runs the chunked path and "eager" the reference one
+    make_config = staticmethod(_headmix_config("tiny-dcformer++", window_size=4, window_pattern="LG",
+                                               attention_options={"chunk_size": 4}))
 
 
-class DCPythiaCommonTest(_Common, unittest.TestCase):
-    all_model_classes = (hm.DCFormerModel, hm.DCFormerForCausalLM)
-    make_config = staticmethod(_headmix_config("tiny-dcpythia"))
+class DCPythiaCommonTest(_Headmix, unittest.TestCase):
+    make_config = staticmethod(_headmix_config("tiny-dcpythia", attention_options={"chunk_size": 4}))
