@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from .cache import LayerCache
 
 QK_NORM_EPS = 1e-6
+#: ``attn_implementation`` names (transformers' attention-interface names) that pick a backend of
+#: :mod:`headmix.ops` for the layers that have one (:class:`~headmix.layers.composed.ComposedAttention`): the
+#: fused Triton kernels. ``"eager"`` is the materialised reference path of every layer, ``"sdpa"`` (or ``None``)
+#: each layer's own fast path (its ``backend`` option for the composed layers).
+IMPLEMENTATION_BACKENDS = {"headmix_triton": "triton"}
 
 
 class Attention(nn.Module):
@@ -197,11 +202,12 @@ class Attention(nn.Module):
                 causal/window masks (default ``0..seq-1``).
             cache: optional :class:`headmix.layers.cache.LayerCache`: ``x`` holds new tokens, which
                 attend to the cached ones too and are added to the cache.
-            allowed: optional bool "may attend" mask ``(batch or 1, 1, seq, keys)`` over the cached and new keys
-                that replaces the positional (causal, window) mask: a custom 4-D mask, or the block-diagonal
-                mask of packed sequences; the padding mask is still applied.
+            allowed: optional bool "may attend" mask ``(batch or 1, 1, seq, keys)`` over the cached and new keys,
+                ANDed with the layer's own (causal, window, padding) mask of ``positions``: a custom 4-D mask, or
+                the block-diagonal mask of packed sequences.
             implementation: ``"eager"`` runs the materialised reference path (:meth:`attention_weights`, then
-                the values); ``None`` or ``"sdpa"`` the layer's own fast path.
+                the values); ``None`` or ``"sdpa"`` the layer's own fast path; a name of
+                :data:`IMPLEMENTATION_BACKENDS` (``"headmix_triton"``) that backend in layers that have one.
             return_weights: also return the attention weights ``(batch, heads, seq, keys)`` (computed on the
                 reference path).
 
@@ -225,14 +231,11 @@ class Attention(nn.Module):
         if cache is not None:
             valid = padding_mask if padding_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             keys, key_positions, key_valid = cache.update(keys, positions.expand(B, T), valid)
-        if allowed is None:
-            mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window,
-                                  key_padding=key_valid)
-            is_causal = self.causal and self.window is None and key_valid is None
-            structure = (self.causal, self.window) if key_valid is None and cache is None else None
-        else:
-            mask = allowed.bool() if key_valid is None else allowed.bool() & key_valid[:, None, None, :].bool()
-            is_causal, structure = False, None
+        mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
+        is_causal = self.causal and self.window is None and key_valid is None and allowed is None
+        structure = (self.causal, self.window) if key_valid is None and cache is None and allowed is None else None
+        if allowed is not None:
+            mask = allowed.bool() if mask is None else mask & allowed.bool()
         k, v, state = keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), {**query_state, **keys}
         if return_weights or implementation == "eager":
             weights = self.attention_weights(q, k, mask, state)
@@ -240,7 +243,8 @@ class Attention(nn.Module):
             out = torch.matmul(weights, v if v.shape[1] == H else v.repeat_interleave(H // v.shape[1], dim=1))
         else:
             weights = None
-            out = self.attend(q, k, v, mask, is_causal, state, structure)
+            backend = IMPLEMENTATION_BACKENDS.get(implementation) if hasattr(self, "backend") else None
+            out = self.attend(q, k, v, mask, is_causal, state, structure, **({"backend": backend} if backend else {}))
         out = self.out_proj(out.transpose(1, 2).reshape(B, T, -1))
         return (out, weights) if return_weights else out
 

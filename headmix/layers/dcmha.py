@@ -256,9 +256,9 @@ class DCMHA(ComposedAttention):
         }
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
-               structure: tuple[bool, int | None] | None = None) -> Tensor:
+               structure: tuple[bool, int | None] | None = None, backend: str | None = None) -> Tensor:
         weights = self.compose_weights(state)
-        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q, groups=self.groups,
+        core = resolve_backend(backend or self.backend, q.shape[-2], self.chunk_size, q, groups=self.groups,
                                kv_heads=k.shape[1])
         return core(
             q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), groups=self.groups,

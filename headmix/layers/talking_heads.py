@@ -50,8 +50,8 @@ class TalkingHeadsAttention(ComposedAttention):
         return super().flops_per_pair() + 2 * 2 * self.num_heads**2
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
-               structure: tuple[bool, int | None] | None = None) -> Tensor:
-        core = resolve_backend(self.backend, q.shape[-2], self.chunk_size, q, kv_heads=k.shape[1])
+               structure: tuple[bool, int | None] | None = None, backend: str | None = None) -> Tensor:
+        core = resolve_backend(backend or self.backend, q.shape[-2], self.chunk_size, q, kv_heads=k.shape[1])
         return core(
             q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), chunk_size=self.chunk_size,
             pre=ComposeWeights(static=self.pre_mix), post=ComposeWeights(static=self.post_mix),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -29,6 +29,24 @@ from .configuration import DCFormerConfig
 # deprecation warning for each use (on every forward that builds an output), so the models speak the
 # installed version's name; their ``forward`` and ``prepare_inputs_for_generation`` accept both names.
 CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+#: The ``attn_implementation`` under which headmix's fused Triton kernels run the composed layers (DCMHA,
+#: talking-heads): registered in transformers' attention-interface registry, so that ``from_pretrained(...,
+#: attn_implementation="headmix_triton")`` and ``model.set_attn_implementation("headmix_triton")`` accept it.
+#: ``"eager"`` runs every layer's materialised reference path (what ``output_attentions`` reads), ``"sdpa"`` (the
+#: default) each layer's own fast path. The mapping onto layers is :data:`headmix.layers.base.IMPLEMENTATION_BACKENDS`.
+KERNELS_IMPLEMENTATION = "headmix_triton"
+
+
+def _headmix_only_attention(module, *args, **kwargs):
+    """The function transformers' registry holds for :data:`KERNELS_IMPLEMENTATION`: headmix's layers never call
+    it (they run their own backends); another model that asks for it gets this error."""
+    raise ValueError(f"attn_implementation={KERNELS_IMPLEMENTATION!r} runs headmix's own attention layers (DCMHA, "
+                     f"talking-heads); {type(module).__name__} is not one of them: use 'sdpa' or 'eager'")
+
+
+AttentionInterface.register(KERNELS_IMPLEMENTATION, _headmix_only_attention)
 
 
 def _one_cache(cache: HeadmixCache | None, past_key_values: HeadmixCache | None) -> HeadmixCache | None:
@@ -150,8 +168,9 @@ class DCFormerPreTrainedModel(PreTrainedModel):
         """``PreTrainedModel.from_pretrained``, after checking a local directory's safetensors headers: a
         mis-shaped tensor or a truncated file raises a ``ValueError`` naming it. Missing and unexpected tensors
         are reported by transformers as for its own models (a warning; ``output_loading_info=True``)."""
-        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and Path(pretrained_model_name_or_path).is_dir():
-            path = Path(pretrained_model_name_or_path)
+        path = pretrained_model_name_or_path  # None with a state_dict, or a hub name: nothing local to check
+        if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
+            path = Path(path)
             config = kwargs.get("config")
             if not isinstance(config, DCFormerConfig):
                 config = DCFormerConfig.from_pretrained(path)
@@ -219,12 +238,13 @@ class DCFormerModel(DCFormerPreTrainedModel):
         """Args as in ``transformers`` decoders: ``input_ids`` ``(batch, seq)`` or ``inputs_embeds``
         ``(batch, seq, hidden)``; ``attention_mask`` ``(batch, past + seq)`` with 1 for real tokens (left or right
         padding), or a custom 4-D mask ``(batch or 1, 1, seq, past + seq)`` (bool, ``True`` = may attend, or
-        additive float, 0 = may attend) that replaces the causal/window mask; optional ``position_ids`` (packed
-        sequences: positions restarting at 0 mark a new sequence, see :func:`packed_sequence_mask`); a
-        :class:`HeadmixCache` as ``cache`` (or under its older name ``past_key_values``), made when ``use_cache``
-        (default ``config.use_cache``). ``output_attentions`` (the weights that multiply the values, per layer:
-        see ``docs/architecture.md``), ``output_hidden_states`` and ``return_dict`` default to the config's. The
-        output holds the cache under the installed transformers' name (:data:`CACHE_NAME`)."""
+        additive float, 0 = may attend), ANDed with each layer's causal/window mask of the positions; optional
+        ``position_ids`` (packed sequences: positions restarting at 0 start a new sequence, see
+        :func:`packed_sequence_mask`); a :class:`HeadmixCache` as ``cache`` (or under its older name
+        ``past_key_values``), made when ``use_cache`` (default ``config.use_cache``). ``output_attentions`` (per
+        layer, the weights that multiply the values: see ``docs/architecture.md``), ``output_hidden_states`` and
+        ``return_dict`` default to the config's. The output holds the cache under the installed transformers'
+        name (:data:`CACHE_NAME`)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids (batch, seq) or inputs_embeds (batch, seq, hidden_size)")
         config = self.config
@@ -263,7 +283,7 @@ class DCFormerModel(DCFormerPreTrainedModel):
                 padding = attention_mask[:, -T:].bool()
                 if position_ids is None:  # left padding: real tokens count from 0
                     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        elif position_ids is not None and past_key_values is None and not torch.compiler.is_compiling():
+        elif position_ids is not None and past == 0 and not torch.compiler.is_compiling():
             allowed = packed_sequence_mask(position_ids)  # None unless the positions restart (packed sequences)
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)
@@ -370,3 +390,5 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
             model_kwargs[CACHE_NAME] = self.new_cache()
+            if getattr(generation_config, "is_assistant", False):
+                model_kwargs[CACHE_NAME].activate_past_recording()  # its rejected candidates are cropped away
