@@ -34,9 +34,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="field=value", help="override any config field, e.g. max_steps=50")
     train.set_defaults(run=_train)
 
-    evaluate = sub.add_parser("eval", help="validation loss and perplexity of a saved model on text files")
+    evaluate = sub.add_parser(
+        "eval", help="validation loss and perplexity on text files (--data), or lm-eval harness tasks (--tasks)",
+        description="With --data: loss and perplexity of a saved model on text files. With --tasks: the model scored "
+                    "on EleutherAI lm-eval harness tasks (their names, options and output table as `lm_eval`'s; "
+                    "no trust_remote_code).",
+    )
     evaluate.add_argument("model_dir")
-    evaluate.add_argument("--data", nargs="+", required=True, help="text/JSONL/Parquet files or directories")
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", nargs="+", help="text/JSONL/Parquet files or directories")
+    what.add_argument("--tasks", help="comma-separated lm-eval task names, as `lm_eval --tasks`")
+    evaluate.add_argument("--num-fewshot", "--num_fewshot", type=int, help="(--tasks) few-shot examples per task")
+    evaluate.add_argument("--limit", type=float, help="(--tasks) at most this many examples per task (or a fraction)")
+    evaluate.add_argument("--include-path", "--include_path", help="(--tasks) a folder of your own task YAML files")
+    evaluate.add_argument("--output-path", "--output_path", help="(--tasks) write lm-eval's results JSON here")
+    evaluate.add_argument("--device", default="cpu", help="(--tasks) (default: %(default)s)")
     evaluate.add_argument("--seq-len", type=int, help="tokens per evaluated sequence (default: training's seq_len)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
     evaluate.add_argument("--text-field", help="text field of JSONL/Parquet rows (default: training's text_field)")
@@ -190,6 +202,8 @@ def _kept(config) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return _eval_tasks(args)
     from .evaluation import evaluate_files
     from .training.config import TrainConfig  # the one home of seq_len and text_field
 
@@ -199,6 +213,30 @@ def _eval(args: argparse.Namespace) -> int:
                             text_field=text_field, max_sequences=args.max_sequences)
     print(f"loss {result['loss']:.4f}  perplexity {result['perplexity']:.2f}  "
           f"({result['tokens']:,} predicted tokens in {result['sequences']} sequences of {seq_len})")
+    return 0
+
+
+def _eval_tasks(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from lm_eval.utils import make_table
+
+    from .evaluation import evaluate_tasks
+
+    tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+    if not tasks:
+        raise ValueError(f"--tasks {args.tasks!r} names no task: expected comma-separated lm-eval task names")
+    result = evaluate_tasks(args.model_dir, tasks, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                            limit=args.limit, include_path=args.include_path, device=args.device)
+    print(make_table(result))
+    if "groups" in result:
+        print(make_table(result, "groups"))
+    if args.output_path:
+        path = Path(args.output_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: v for k, v in result.items() if k != "samples"}, indent=2, default=str))
+        print(f"results written to {path}")
     return 0
 
 

@@ -50,3 +50,44 @@ def evaluate_files(
             count += n
     loss = total / count
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "sequences": len(sequences)}
+
+
+def evaluate_tasks(
+    model_dir: str | Path, tasks: list[str], *, num_fewshot: int | None = None, batch_size: int = 8,
+    limit: float | None = None, include_path: str | None = None, device: str = "cpu",
+) -> dict:
+    """Score the model in ``model_dir`` on EleutherAI lm-eval harness tasks (``lm_eval.simple_evaluate`` with its
+    ordinary ``hf`` model type, after headmix registered its classes: no ``trust_remote_code``).
+
+    Args:
+        model_dir: a directory written by ``save_pretrained`` (with its tokenizer).
+        tasks: task names as the ``lm_eval`` command line takes them (``--tasks``).
+        num_fewshot, batch_size, limit, device: as ``lm_eval``'s options of the same names.
+        include_path: a folder of task YAML files of your own (``lm_eval --include_path``).
+
+    Returns:
+        lm_eval's result dict (``"results"``, ``"configs"``, ``"versions"``, ...), as ``simple_evaluate`` returns it.
+
+    Raises:
+        ValueError: for a missing model directory or an unknown task.
+        ImportError: when lm-eval is not installed (``pip install lm-eval``).
+    """
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"model directory {model_dir} does not exist or has no config.json")
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ImportError("headmix eval --tasks needs EleutherAI's harness: pip install lm-eval") from error
+    import headmix.models  # noqa: F401  (registers the Auto classes, so the "hf" model type loads ours)
+
+    manager = TaskManager(include_path=include_path)
+    unknown = [task for task in tasks if not manager.match_tasks([task])]
+    if unknown:
+        raise ValueError(f"unknown lm-eval task(s) {unknown}: see `lm_eval ls tasks`"
+                         + ("" if include_path else ", or give your own task files with --include-path"))
+    return lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=tasks, num_fewshot=num_fewshot,
+        batch_size=batch_size, limit=limit, device=device, task_manager=manager,
+    )

@@ -30,11 +30,8 @@ def cloze_items(lines: list[str], n: int, seed: int = 0) -> list[dict]:
     return items
 
 
-@pytest.mark.slow
-def test_lm_eval_hf_model_type_scores_a_local_task(tmp_path):
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
+def saved_model_and_task(tmp_path):
+    """A tiny DCFormer++ saved with its tokenizer, and a local multiple-choice task (YAML in ``tmp_path``)."""
     text = default_corpus(tmp_path / "cache")[0].read_text()
     tokenizer = train_tokenizer(iter(text.split("\n\n")), vocab_size=300)
     torch.manual_seed(0)
@@ -55,6 +52,15 @@ def test_lm_eval_hf_model_type_scores_a_local_task(tmp_path):
         'doc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
         "metric_list:\n  - metric: acc\n"
     )
+    return model, tokenizer, model_dir, items
+
+
+@pytest.mark.slow
+def test_lm_eval_hf_model_type_scores_a_local_task(tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    model, tokenizer, model_dir, items = saved_model_and_task(tmp_path)
     result = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["shakespeare_cloze"],
         task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=4,
@@ -74,3 +80,28 @@ def test_lm_eval_hf_model_type_scores_a_local_task(tmp_path):
                 scores.append(sum(logprobs[len(context) - 1 + k, t].item() for k, t in enumerate(ending)))
             correct += int(max(range(3), key=scores.__getitem__) == item["label"])
     assert harness_acc == pytest.approx(correct / len(items))
+
+
+@pytest.mark.slow
+def test_headmix_eval_tasks_command_scores_a_saved_model(tmp_path, capsys):
+    """`headmix eval MODEL --tasks ...`: lm-eval's task names, options and table, without trust_remote_code; the
+    JSON it writes holds the accuracy the harness computes through its Python API."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from headmix.cli import main
+
+    _, _, model_dir, _ = saved_model_and_task(tmp_path)
+    out = tmp_path / "results.json"
+    assert main(["eval", str(model_dir), "--tasks", "shakespeare_cloze", "--include-path", str(tmp_path),
+                 "--batch-size", "4", "--output-path", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "shakespeare_cloze" in table and "acc" in table
+    written = json.loads(out.read_text())["results"]["shakespeare_cloze"]["acc,none"]
+    direct = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["shakespeare_cloze"],
+        task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=4,
+    )["results"]["shakespeare_cloze"]["acc,none"]
+    assert written == pytest.approx(direct)
+    assert main(["eval", str(model_dir), "--tasks", "no_such_task", "--include-path", str(tmp_path)]) == 2
+    assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err
