@@ -96,7 +96,9 @@ def test_cache_crop_undoes_steps_and_rolling_layers_need_recording():
         with pytest.raises(ValueError, match="activate_past_recording"):
             rolling.crop(-2)
         with pytest.raises(ValueError, match="negative"):
-            rolling.crop(3)
+            rolling.layers[0].crop(3)
+        cache.crop(6)  # transformers' older convention: the length to keep
+        assert cache.get_seq_length() == 6 and all(len(layer) == 6 for layer in cache.layers)
 
 
 @pytest.mark.parametrize("how", ["assistant", "prompt_lookup"])

@@ -44,7 +44,10 @@ class HeadmixCache(Cache):
                                   "not by transformers' key/value update")
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last ``-tokens_to_remove`` tokens in every layer (transformers' convention: negative)."""
+        """Forget the last ``-tokens_to_remove`` tokens in every layer (transformers' convention from 5.x: a
+        negative count, ``0`` a no-op). A positive value is the older convention (before ~5.20): the length to keep."""
+        if tokens_to_remove > 0:
+            tokens_to_remove = min(0, tokens_to_remove - self.get_seq_length())
         for layer in self.layers:
             layer.crop(tokens_to_remove)
 
