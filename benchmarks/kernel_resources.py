@@ -73,8 +73,9 @@ def main(argv=None) -> int:
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")
     print("|---|---|---|---|---|---|---|")
     for D in args.head_dim:
+        D = K.next_pow2(D)  # head dims that are no power of two (80, 96) are padded inside the kernels
         chunk = D if D <= K.WHOLE_HEAD_DIM else K.HEAD_DIM_CHUNK
-        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, DK=D, DV=D, DCK=chunk, DCV=chunk, PRE=127, POST=127,
+        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, RP=K.next_pow2(args.rank), DK=D, DV=D, DCK=chunk, DCV=chunk, PRE=127, POST=127,
                       CAUSAL=True, WINDOW=0, HAS_MASK=False, PREC="ieee" if fp32 else "tf32",
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])

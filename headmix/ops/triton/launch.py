@@ -115,7 +115,7 @@ def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: 
     BM, BN, warps, stages = TILES[(phase, MP >= 16)]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     mix = {c: "ieee" if q.dtype == torch.float32 else MIX_PRECISION[c] for c in ("pre", "post")}
-    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
+    return dict(G=groups, M=M, MP=MP, R=R, RP=next_pow2(R), DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
                 MIX_POST=mix["post"], num_warps=warps, num_stages=stages)
 
 
@@ -158,6 +158,7 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     n_blocks = triton.cdiv(T, meta["BM"])
     chunk, n_split = _key_splits(n_blocks * B * groups, S, meta["BN"]) if split is not False else (S, 1)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+    meta.pop("RP")  # the backward kernels' padded rank
     weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
     strides = (*q.stride(), *k.stride(), *v.stride())
     flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
