@@ -111,7 +111,7 @@ def main() -> None:
         print(f"| {name} | {t:.3f} | {f / t / 1e9:.1f} |")
     print(f"| ratio fwd+bwd triton / sdpa | {t_all / s_all:.1f}x | |")
     print("\n| kernel | calls | ms | TC GFLOP (est.) | TFLOP/s |\n|---|---|---|---|---|")
-    tc = tensor_core_flops(D, M, pairs, static=not args.no_static)
+    tc = tensor_core_flops(D, M, pairs)
     for key, (ms, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:12]:
         f = next((v for k_, v in tc.items() if k_ in key), None)
         print(f"| {key[:60]} | {n} | {ms:.3f} | {'' if f is None else f'{f / 1e9:.1f}'} | "

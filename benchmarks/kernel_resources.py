@@ -75,12 +75,11 @@ def main(argv=None) -> int:
           f"rank {args.rank}, {args.dtype}, {'no static mix' if args.no_static else 'all Compose terms'}, causal")
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")
     print("|---|---|---|---|---|---|---|")
-    for D in args.head_dim:
-        D = K.next_pow2(D)  # head dims that are no power of two (80, 96) are padded inside the kernels
+    for dim in args.head_dim:
+        D = K.next_pow2(dim)  # head dims that are no power of two (80, 96) are padded inside the kernels
         chunk = D if D <= K.WHOLE_HEAD_DIM else K.HEAD_DIM_CHUNK
         flags = 126 if args.no_static else 127  # every Compose term (bit 0: the static mix)
-        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, RP=K.next_pow2(args.rank), DK=D, DV=D, DCK=chunk,
-                      DCV=chunk, PRE=flags, POST=flags,
+        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, DK=D, DV=D, DCK=chunk, DCV=chunk, PRE=flags, POST=flags,
                       CAUSAL=True, WINDOW=0, HAS_MASK=False, PREC="ieee" if fp32 else "tf32",
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
@@ -102,9 +101,10 @@ def main(argv=None) -> int:
                 try:
                     r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)
                 except Exception as error:  # e.g. out of shared memory at compile time
-                    print(f"| {name} | {D} | {BM} x {BN} | {warps} | failed: {type(error).__name__} | | |", flush=True)
+                    print(f"| {name} | {dim} | {BM} x {BN} | {warps} | failed: {type(error).__name__} | | |",
+                          flush=True)
                     continue
-                print(f"| {name} | {D} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
+                print(f"| {name} | {dim} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
                       f"{r['shared'] / 1024:.0f} |", flush=True)
     return 0
 

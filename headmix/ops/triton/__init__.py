@@ -11,14 +11,10 @@ group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)
   exp(S' - lse)``, post-Compose, ``O += P' V``. Stores ``O`` and ``lse`` (``B x H x T`` floats).
   Decoding (no gradients, few query blocks): the keys are split over programs; pass 1 and pass 2
   become two launches with the splits' statistics combined on the host in between.
-* Compose runs in its rank-R form on the tile's own ``(heads, queries, keys)`` layout (:mod:`.tiles`): the
-  query-wise and key-wise terms are reductions over the heads axis (``h_r = sum_n w1[r, n] x[n]``) and
-  broadcast products, the gates element-wise, all in float32 on CUDA cores; the static mix, one ``(M, M)``
-  matrix for every position, is one tensor-core product on the tile seen as ``(M, BLOCK_M * BLOCK_N)``
-  (skipped when absent).
+* Compose runs as per-position head-mixing matrices on tensor cores (:mod:`.tiles`):
+  ``E_i`` per query (static mix, query-wise terms, query gate) and ``F_j`` per key (key-wise terms).
 * Backward, three passes, recomputing instead of storing probabilities (``dY`` denotes an upstream
-  gradient; ``Compose^T`` is the adjoint, the two factors swapped and the static mix transposed, see
-  ``_compose`` in :mod:`.tiles`):
+  gradient; ``Compose^T`` is Compose with ``E`` and ``F`` transposed, see ``_compose`` in :mod:`.tiles`):
 
   1. query blocks: ``dP' = dO V^T``, ``dP = Compose_post^T(dP')``, ``Delta = sum_j P * dP`` per
      (head, query) -- the softmax needs it, and with a post-Compose it is not ``rowsum(dO * O)``;
@@ -30,8 +26,7 @@ group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)
 
 Everything accumulates in float32; ``Q K^T``, ``P' V`` and their backward products use the
 inputs' dtype on tensor cores (bf16/fp16) or exact float32 (``input_precision="ieee"``) for float32
-inputs; the static mix's products use ``MIX_PRECISION`` (tf32 before the softmax, bf16 after it), the rank-R
-terms and gates float32.
+inputs; the head-mixing products use ``MIX_PRECISION`` (tf32 before the softmax, bf16 after it).
 Masks: causal and sliding-window structure by index arithmetic (key blocks outside the window are
 skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
 
@@ -49,8 +44,7 @@ the kernels: loads read the padding as zeros, stores skip it.
 
 Layout of this package, by role:
 
-* :mod:`.tiles`: the ``@triton.jit`` tile helpers (Compose and its adjoint, weight gradients, masks, block ranges)
-  and the names of the
+* :mod:`.tiles`: the ``@triton.jit`` tile helpers (mixing matrices, masks, block ranges) and the names of the
   Compose-term flag bits (``STATIC``, ``QUERY_LOWRANK``, ``KEY_LOWRANK``, ``QUERY_GATE``, ``KEY_GATE``);
 * :mod:`.forward`, :mod:`.backward`: the kernels;
 * :mod:`.launch`: what the kernels take (:func:`check_supported`), tile shapes, launches;

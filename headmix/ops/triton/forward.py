@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import NEG, _compose, _heads, _key_range, _valid
+from .tiles import NEG, _compose, _heads, _key_range, _matrices, _valid
 
 
 @triton.jit
@@ -36,8 +36,10 @@ def _fwd_kernel(
     hm = tl.arange(0, MP)
     h_ok = hm < M
     qok = h_ok[:, None] & (offs_i < T)[None, :]
+    qrow = (offs_i < T)[:, None] & h_ok[None, :]
     pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
     post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
+    eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
     if not RELOAD:
         q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
     lo, hi = _key_range(start_i, T, S, off, BM, BN, CAUSAL, WINDOW)
@@ -53,12 +55,14 @@ def _fwd_kernel(
     l_i = tl.zeros((MP, BM), dtype=tl.float32)
     for start_j in range(lo, hi if PHASE != 2 else lo, BN):
         offs_j = start_j + tl.arange(0, BN)
+        krow = (offs_j < S)[:, None] & h_ok[None, :]
         if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
             q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
         k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
         s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
         if PRE != 0:
-            s = _compose(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
+            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         s = tl.where(valid, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 2))
@@ -74,19 +78,23 @@ def _fwd_kernel(
     else:
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
+    eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
     acc = tl.zeros((MP, BM, DV), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
+        krow = (offs_j < S)[:, None] & h_ok[None, :]
         if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
             q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
         k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
         s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
         if PRE != 0:
-            s = _compose(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
+            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
         if POST != 0:
-            p = _compose(p, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, False, MIX_POST)
+            ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
+            p = _compose(p, eq_post, ek_post, POST, MIX_POST)
         v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     dv = tl.arange(0, DV)

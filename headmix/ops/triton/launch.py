@@ -34,11 +34,10 @@ TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("bwd", True): (16, 16, 8, 1), ("bwd", False): (32, 32, 4, 1),
 }
 
-# Operands of the static head mix's products of the pre- and post-softmax Compose (and of their gradients) for
-# 16-bit inputs; float32 inputs always mix in exact float32; the rank-R terms and gates are float32 element-wise
-# work. "bf16" (fastest) or "tf32" (float32 operands, 10-bit mantissa); accumulation is float32 either way.
-# Measured on an H100 (docs/kernels.md, with every term as a product): bf16 mixing of the pre-softmax scores
-# missed the 1e-2 bound on dq/dk at the tests' weight scale; tf32 met it.
+# Operands of the head-mixing products of the pre- and post-softmax Compose (and of their gradients) for
+# 16-bit inputs; float32 inputs always mix in exact float32. "bf16" (fastest) or "tf32" (float32 operands,
+# 10-bit mantissa); accumulation is float32 either way. Measured on an H100 (docs/kernels.md): bf16 mixing
+# of the pre-softmax scores misses the 1e-2 bound on dq/dk at the tests' weight scale; tf32 meets it.
 MIX_PRECISION = {"pre": "tf32", "post": "bf16"}
 
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
@@ -116,7 +115,7 @@ def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: 
     BM, BN, warps, stages = TILES[(phase, MP >= 16)]
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     mix = {c: "ieee" if q.dtype == torch.float32 else MIX_PRECISION[c] for c in ("pre", "post")}
-    return dict(G=groups, M=M, MP=MP, R=R, RP=next_pow2(R), DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
+    return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
                 MIX_POST=mix["post"], num_warps=warps, num_stages=stages)
 
 
@@ -159,7 +158,6 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     n_blocks = triton.cdiv(T, meta["BM"])
     chunk, n_split = _key_splits(n_blocks * B * groups, S, meta["BN"]) if split is not False else (S, 1)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    meta.pop("RP")  # the backward kernels' padded rank
     weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
     strides = (*q.stride(), *k.stride(), *v.stride())
     flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
@@ -243,17 +241,15 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
     return dq, dk, dv, grads["pre"], grads["post"]
 
 
-def tensor_core_flops(head_dim: int, heads_per_group: int, pairs: float, static: bool = True) -> dict[str, float]:
-    """Tensor-core FLOPs each kernel does over ``pairs`` (query, key, head) triples, every Compose term on
-    (``static=False``: no static head mix): per pass ``2D`` for each of ``QK^T``, ``dO V^T``, ``P'V``, ``dS K``,
-    ``dS^T Q``, ``P'^T dO``; ``2M`` for each static-mix product or its adjoint and for each ``dW`` product
-    (``M`` padded heads per group; the rank-R terms and gates are element-wise CUDA-core work, not counted).
-    For the profile script (benchmarks/dcmha_profile.py)."""
+def tensor_core_flops(head_dim: int, heads_per_group: int, pairs: float) -> dict[str, float]:
+    """Tensor-core FLOPs each kernel does over ``pairs`` (query, key, head) triples, every Compose term on:
+    per pass ``2D`` for each of ``QK^T``, ``dO V^T``, ``P'V``, ``dS K``, ``dS^T Q``, ``P'^T dO``; ``4M`` for each
+    Compose or adjoint (the ``E_i`` and ``F_j`` products, ``M`` padded heads per group), ``2M`` for each
+    ``dE``/``dF`` accumulation. For the profile script (benchmarks/dcmha_profile.py)."""
     D, M = next_pow2(head_dim), next_pow2(heads_per_group)
-    W = 2 * M if static and M >= 16 else 0
     per = {
-        "_fwd_kernel": 2 * 2 * D + 2 * D + 3 * W,
-        "_bwd_query_kernel": (2 * D + 2 * D + 3 * W) + (2 * D + 2 * D + 2 * D + 4 * W),
-        "_bwd_key_kernel": 2 * D * 4 + 4 * W,
+        "_fwd_kernel": 2 * 2 * D + 2 * D + 2 * 4 * M + 4 * M,
+        "_bwd_query_kernel": (2 * D + 2 * D + 4 * M + 4 * M + 2 * M) + (2 * D + 2 * D + 3 * 4 * M + 2 * D + 2 * M),
+        "_bwd_key_kernel": 2 * D * 4 + 4 * M * 4 + 2 * 2 * M,
     }
     return {name: f * pairs for name, f in per.items()}
