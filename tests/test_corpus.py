@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from headmix.cli import main
-from headmix.training.corpus import (Deduplicator, build_corpus, dictionary_documents, is_validation, pod_to_text,
-                                     troff_to_text)
+from headmix.training.corpus import (Deduplicator, build_corpus, dictionary_documents, is_validation,
+                                     load_sequences, pod_to_text, troff_to_text)
 
 PARAGRAPH = "The quality of mercy is not strained; it droppeth as the gentle rain from heaven upon the place " * 3
 
@@ -96,6 +97,12 @@ def test_headmix_data_on_a_folder(tmp_path, capsys):
         assert (tokens == eos).sum() == len(rows[split]) and tokens[-1] == eos
         first = tokens[: int(np.argmax(tokens == eos))]
         assert tokenizer.decode(first.tolist()) == rows[split][0]["text"]  # the tokens are the text, losslessly
+    packed = load_sequences(out, "train", 16)
+    tokens = np.load(out / "train.npy")
+    assert packed.shape == (tokens.size // 16, 16) and packed.dtype == torch.int64
+    assert packed.flatten().tolist() == tokens[: packed.numel()].tolist()
+    with pytest.raises(ValueError, match=r"fewer than one sequence of seq_len=1000000"):
+        load_sequences(out, "validation", 10**6)
 
 
 @pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs dpkg-deb (Debian)")

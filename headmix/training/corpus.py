@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+import numpy as np  # installed with datasets, transformers and matplotlib
 
 MIN_DEDUP_PARAGRAPH = 200  # characters: shorter paragraphs ("Example:", "RETURN VALUE") repeat legitimately
 DICTIONARY_CHUNK = 1 << 16  # characters of dictionary entries per document
@@ -353,6 +353,26 @@ def build_corpus(out_dir: str | Path, sources: tuple[str, ...] = DEFAULT_SOURCES
     manifest["not_used"] = {k: v for k, v in NOT_USED.items()}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def load_sequences(corpus_dir: str | Path, split: str, seq_len: int) -> "torch.Tensor":
+    """The ``split`` tokens of a ``headmix data`` folder packed into ``(N, seq_len)`` int64 sequences (documents
+    run on across sequence boundaries, separated by the end-of-text token; the tail that does not fill a
+    sequence is dropped). Memory-maps the array: only the packed tensor is in memory."""
+    import torch
+
+    if split not in ("train", "validation"):
+        raise ValueError(f"split={split!r} is not allowed: expected 'train' or 'validation'")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len={seq_len!r} is not allowed: expected a positive integer")
+    path = Path(corpus_dir) / f"{split}.npy"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: build the corpus with `headmix data {corpus_dir}`")
+    tokens = np.load(path, mmap_mode="r")
+    count = tokens.size // seq_len
+    if count == 0:
+        raise ValueError(f"{path} holds {tokens.size} tokens: fewer than one sequence of seq_len={seq_len}")
+    return torch.from_numpy(tokens[: count * seq_len].astype(np.int64)).view(count, seq_len)
 
 
 def manifest_table(manifest: dict) -> str:
