@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np  # installed with datasets, transformers and matplotlib
+import numpy as np
 
 MIN_DEDUP_PARAGRAPH = 200  # characters: shorter paragraphs ("Example:", "RETURN VALUE") repeat legitimately
 DICTIONARY_CHUNK = 1 << 16  # characters of dictionary entries per document
