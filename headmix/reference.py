@@ -101,6 +101,22 @@ def compose(a: Tensor, weights: ComposeWeights, groups: int = 1) -> Tensor:
     return out.reshape(B, H, T, S)
 
 
+def expand_kv_heads(t: Tensor, heads: int) -> Tensor:
+    """Keys or values ``(B, H_kv, S, D)`` repeated to ``heads`` query heads (grouped-query attention: key/value head
+    ``j`` serves query heads ``j * heads/H_kv`` to ``(j+1) * heads/H_kv - 1``); one or ``heads`` heads pass as they are."""
+    return t if t.shape[1] in (1, heads) else t.repeat_interleave(heads // t.shape[1], dim=1)
+
+
+def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
+    """Softmax over the keys of ``scores`` ``(B, H, T, S)`` where the bool ``mask`` allows (``None``: everywhere),
+    in at least float32, returned in the scores' dtype; disallowed keys (and rows without any allowed key) get 0."""
+    if mask is not None:
+        # a finite fill keeps fully masked rows NaN-free; those rows are zeroed below
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
+    return probs if mask is None else probs.masked_fill(~mask, 0.0)
+
+
 def composed_probabilities(
     q: Tensor,
     k: Tensor,
@@ -114,19 +130,13 @@ def composed_probabilities(
     """The attention weights of :func:`composed_attention`, ``(B, H, T, S)``: the post-composed probabilities
     ``Compose(softmax(Compose(Q K^T * scale, pre)), post)`` (rows of masked-out keys are 0; a composed row need
     not sum to 1). Arguments as for :func:`composed_attention`; ``composed_attention = weights @ V``."""
-    H, T, S = q.shape[1], q.shape[2], k.shape[2]
-    k = k if k.shape[1] in (1, H) else k.repeat_interleave(H // k.shape[1], dim=1)
+    T, S = q.shape[2], k.shape[2]
+    k = expand_kv_heads(k, q.shape[1])
     mask = as_mask_spec(mask).dense(T, S, q.device)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # A = Q K^T / sqrt(d)
     if pre is not None:
         scores = compose(scores, pre, groups)  # pre-softmax Compose, on the scaled logits
-    if mask is not None:
-        # a finite fill keeps fully masked rows NaN-free; those rows are zeroed below
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    # softmax accumulates in at least float32; the post-Compose runs in the input dtype again
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-    if mask is not None:
-        probs = probs.masked_fill(~mask, 0.0)
+    probs = masked_softmax(scores, mask)  # the post-Compose runs in the input dtype again
     if post is not None:
         probs = compose(probs, post, groups)  # post-softmax Compose, on the probabilities
     return probs
@@ -159,10 +169,8 @@ def composed_attention(
     Returns:
         ``(B, H, T, Dv)``. A query with no allowed key returns zeros.
     """
-    H = q.shape[1]
-    v = v if v.shape[1] in (1, H) else v.repeat_interleave(H // v.shape[1], dim=1)
     probs = composed_probabilities(q, k, scale=scale, mask=mask, pre=pre, post=post, groups=groups)
-    return torch.matmul(probs, v)
+    return torch.matmul(probs, expand_kv_heads(v, q.shape[1]))
 
 
 def collaborative_attention(
@@ -192,9 +200,4 @@ def collaborative_attention(
     scores = torch.einsum("btd,hd,bsd->bhts", shared_query, mixing, shared_key) * scale  # (q~ * m_h) . k~
     if content is not None:
         scores = scores + content.permute(0, 2, 1)[:, :, None, :]  # + x_j . u_h, the same for every query
-    if mask is not None:
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-    if mask is not None:
-        probs = probs.masked_fill(~mask, 0.0)
-    return torch.matmul(probs, v)
+    return torch.matmul(masked_softmax(scores, mask), v)

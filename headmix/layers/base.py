@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .._validation import check_divisible, check_input, check_padding_mask, check_positive_int
 from ..masks import attention_mask
-from ..reference import composed_probabilities
+from ..reference import composed_probabilities, expand_kv_heads
 from .rotary import DEFAULT_BASE, RotaryEmbedding
 
 if TYPE_CHECKING:
@@ -239,8 +239,7 @@ class Attention(nn.Module):
         k, v, state = keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), {**query_state, **keys}
         if return_weights or implementation == "eager":
             weights = self.attention_weights(q, k, mask, state)
-            H = q.shape[1]
-            out = torch.matmul(weights, v if v.shape[1] == H else v.repeat_interleave(H // v.shape[1], dim=1))
+            out = torch.matmul(weights, expand_kv_heads(v, q.shape[1]))
         else:
             weights = None
             backend = IMPLEMENTATION_BACKENDS.get(implementation) if hasattr(self, "backend") else None

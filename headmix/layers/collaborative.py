@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_positive_int
+from ..reference import masked_softmax
 from .base import Attention, zero_rows_without_keys
 from .mha import MultiHeadAttention
 
@@ -113,10 +114,7 @@ class CollaborativeAttention(Attention):
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale  # (q~ * m_h) . k~ / sqrt(d)
         if "content" in state:
             scores = scores + state["content"].permute(0, 2, 1)[:, :, None, :].to(scores.dtype)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(scores.dtype)
-        return probs if mask is None else probs.masked_fill(~mask, 0.0)
+        return masked_softmax(scores, mask)
 
     @classmethod
     def from_multi_head(cls, mha: MultiHeadAttention) -> CollaborativeAttention:
