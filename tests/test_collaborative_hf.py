@@ -27,6 +27,8 @@ from transformers import (
 
 from headmix.convert.collaborative_hf import convert_to_collaborative
 
+from helpers import run_in_process
+
 pytest.importorskip("tensorly")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -85,22 +87,24 @@ def test_lower_ranks_degrade_monotonically(kind):
     assert errors[0] == 0 and all(a < b for a, b in zip(errors, errors[1:])), errors
 
 
-@pytest.mark.parametrize("kind", ["bert", "gpt2", "albert"])
-def test_saved_model_round_trips_in_a_fresh_process(kind, tmp_path):
-    model = build(kind)
-    convert_to_collaborative(model, key_dim=24, progress=False)
-    model.save_pretrained(tmp_path)
-    expected = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
-    torch.save({"ids": IDS, "mask": MASK, "expected": expected.detach()}, tmp_path / "check.pt")
-    script = (
-        "import torch, headmix; from transformers import AutoModel\n"
-        f"m = AutoModel.from_pretrained({str(tmp_path)!r}).eval()\n"
-        f"c = torch.load({str(tmp_path / 'check.pt')!r}, weights_only=True)\n"
-        "out = m(input_ids=c['ids'], attention_mask=c['mask']).last_hidden_state\n"
-        "assert type(m).__name__.startswith('Collaborative'), type(m)\n"
-        "assert torch.equal(out, c['expected']), (out - c['expected']).abs().max()\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+def test_saved_models_round_trip_in_a_fresh_process(tmp_path):
+    """BERT, GPT-2 and ALBERT converted, saved, and loaded by the Auto classes in one fresh interpreter (one
+    start-up for the three: ~10 s each on the 2-core CI machine)."""
+    lines = ["import torch, headmix; from transformers import AutoModel"]
+    for kind in ("bert", "gpt2", "albert"):
+        model = build(kind)
+        convert_to_collaborative(model, key_dim=24, progress=False)
+        model.save_pretrained(tmp_path / kind)
+        expected = model(input_ids=IDS, attention_mask=MASK).last_hidden_state
+        torch.save({"ids": IDS, "mask": MASK, "expected": expected.detach()}, tmp_path / kind / "check.pt")
+        lines += [
+            f"m = AutoModel.from_pretrained({str(tmp_path / kind)!r}).eval()",
+            f"c = torch.load({str(tmp_path / kind / 'check.pt')!r}, weights_only=True)",
+            "out = m(input_ids=c['ids'], attention_mask=c['mask']).last_hidden_state",
+            f"assert type(m).__name__.startswith('Collaborative'), ({kind!r}, type(m))",
+            f"assert torch.equal(out, c['expected']), ({kind!r}, (out - c['expected']).abs().max())",
+        ]
+    result = subprocess.run([sys.executable, "-c", "\n".join(lines)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -218,8 +222,8 @@ def test_cli_convert_collab(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "encoder.layer.0.attention.self" in result.stdout and "parameters:" in result.stdout
     assert (tmp_path / "out" / "config.json").is_file()
-    missing = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "nope"),
-                              str(tmp_path / "out2"), "--key-dim", "8"], capture_output=True, text=True, timeout=300)
+    missing = run_in_process("headmix", "convert", "collab", str(tmp_path / "nope"), str(tmp_path / "out2"),
+                             "--key-dim", "8")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -241,13 +245,11 @@ def test_cli_convert_collab_gpt2_with_calibration_and_distillation(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distillation: 10 steps on 80 lines" in result.stdout
     assert "key+value cache per token (all layers, torch.float32): 768 -> 480 bytes (-37.5%" in result.stdout  # 2 x (12 + 48) x 4
-    bad = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
-                          str(tmp_path / "out2"), "--key-dim", "12", "--distill-steps", "10"],
-                         capture_output=True, text=True, timeout=300)
+    bad = run_in_process("headmix", "convert", "collab", str(tmp_path / "src"), str(tmp_path / "out2"), "--key-dim",
+                         "12", "--distill-steps", "10")
     assert bad.returncode == 2 and "--distill-steps needs texts" in bad.stderr and "Traceback" not in bad.stderr
-    negative = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
-                               str(tmp_path / "out3"), "--key-dim", "12", "--distill-steps", "-1"],
-                              capture_output=True, text=True, timeout=300)
+    negative = run_in_process("headmix", "convert", "collab", str(tmp_path / "src"), str(tmp_path / "out3"),
+                              "--key-dim", "12", "--distill-steps", "-1")
     assert negative.returncode == 2 and "--distill-steps=-1 is not allowed" in negative.stderr
 
 
