@@ -134,6 +134,8 @@ def main(argv=None) -> list[dict]:
                         help="with --tasks: the first N of the 50 Lee documents (default: all; fewer for a smoke test)")
     parser.add_argument("--calibration-domains", nargs="+", choices=["Shakespeare", "news", "movies"], default=None,
                         help="data-aware calibration text (default: Shakespeare; with --tasks all three)")
+    parser.add_argument("--methods", nargs="+", choices=["plain", "data-aware"], default=["plain", "data-aware"],
+                        help="decompositions to run (default: both)")
     parser.add_argument("--task-data", default=None,
                         help="with --tasks: archive cache (default: $HEADMIX_TASK_DATA or ~/.cache/headmix-ci)")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "headmix"))
@@ -188,7 +190,8 @@ def main(argv=None) -> list[dict]:
     full = model.config.hidden_size
     if tasks:
         rows.append(measure(model, {"key_dim": full, "method": "original", "error": 0.0, "seconds": 0.0}))
-    methods = ["plain"] + [f"data-aware, {domain}" for domain in calibrations]
+    methods = (["plain"] if "plain" in args.methods else []) + (
+        [f"data-aware, {domain}" for domain in calibrations] if "data-aware" in args.methods else [])
     for ratio in args.ratios:
         for method in methods:
             if ratio == 1.0 and method != "plain":

@@ -82,6 +82,7 @@ def test_task_data_read_from_the_archives():
     assert not set(collab_tasks.sample(news, 50, seed=0)) & set(docs)  # calibration text is not the evaluated text
 
 
+@pytest.mark.slow  # two decompositions of the real MiniLM and four models scored: tens of seconds on 2 cores
 @needs_archives
 def test_benchmark_tasks_smoke():
     """The --tasks path end to end on small subsets: the original row, the exact full-rank conversion scoring
