@@ -166,6 +166,9 @@ class DCFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    # forward compiles as one graph (torch.compile(fullgraph=True), with the dynamic or the static cache: tested in
+    # tests/test_generate_static.py); transformers' generation tests of the static cache and compiled forward run
+    _can_compile_fullgraph = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
