@@ -49,6 +49,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headmix.models import DCFormerConfig, DCFormerForCausalLM  # noqa: E402
+from headmix.models.modeling import CACHE_NAME  # noqa: E402  (generate()'s name for a cache object)
 
 
 ANCHOR = "hf-llama"
@@ -158,8 +159,10 @@ def static_cache(model, max_cache_len: int):
 
 
 @torch.no_grad()
-def generate_speed(model, batch, prompt, new_tokens, device, compile_backend: str | None = None) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) through ``generate()``; ``compile_backend``: decode with a static cache
+def generate_speed(model, batch, prompt, new_tokens, device,
+                   compile_backend: str | None = None) -> tuple[float, float, float]:
+    """(prefill tokens/s, decode tokens/s, seconds of the first, warm-up call: with compilation) through
+    ``generate()``; ``compile_backend``: decode with a static cache
     and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on CUDA)."""
     from transformers import CompileConfig
 
@@ -176,17 +179,20 @@ def generate_speed(model, batch, prompt, new_tokens, device, compile_backend: st
     def run(n):
         if cache is not None:
             cache.reset()  # same buffers, same addresses: the CUDA graph replays, nothing recompiles
-            kwargs["cache"] = cache
+            kwargs[CACHE_NAME] = cache
         sync(device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
         sync(device)
         return time.perf_counter() - t0
 
-    run(new_tokens)  # warm-up at full length (allocator growth, kernel selection, caches)
+    first = run(new_tokens)  # warm-up at full length (compilation, allocator growth, kernel selection, caches)
+    if compile_backend and not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+        raise RuntimeError("--compile: generate() compiled nothing (this transformers version did not take the "
+                           "static cache as compileable)")
     prefill = run(1)
     total = run(new_tokens)
-    return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+    return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9), first
 
 
 def non_embedding_parameters(model) -> int:
@@ -280,19 +286,24 @@ def main(argv=None) -> int:
 
         mode = (f"static cache, compiled ({args.compile_backend})" if args.compile else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
-        print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) |")
-        print("|---|---|---|---|")
+        print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
+              "first call s |")
+        print("|---|---|---|---|---|")
         for variant in args.variants:
             torch.manual_seed(0)
             model = build(variant, args.backend, device, dtype, args.num_layers)
             for batch in args.batches:
                 try:
-                    pre, dec = generate_speed(model, batch, args.prompt, args.new_tokens, device,
+                    pre, dec, first = generate_speed(model, batch, args.prompt, args.new_tokens, device,
                                               args.compile_backend if args.compile else None)
                 except torch.OutOfMemoryError:
-                    print(f"| {variant} | {batch} | OOM | |", flush=True)
+                    print(f"| {variant} | {batch} | OOM | | |", flush=True)
                     continue
-                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} |", flush=True)
+                except RuntimeError as error:  # a compile failure: a row saying so, the table goes on
+                    print(f"| {variant} | {batch} | {type(error).__name__}: {str(error).splitlines()[0][:120]} | | |",
+                          flush=True)
+                    continue
+                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} | {first:.1f} |", flush=True)
                 rows.append(("generate", variant, batch, pre, dec))
             del model
             if args.compile:
