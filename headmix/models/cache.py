@@ -78,7 +78,11 @@ class HeadmixStaticCache(HeadmixCache):
 
     def __init__(self, windows: list[int | None], max_cache_len: int) -> None:
         Cache.__init__(self, layers=[StaticLayerCache(max_cache_len, w) for w in windows])
-        self.max_cache_len = max_cache_len
+
+    @property
+    def max_cache_len(self) -> int:
+        """Positions the cache holds (global layers; a sliding-window layer's ring never fills)."""
+        return self.layers[0].max_cache_len
 
     @property
     def length(self):
