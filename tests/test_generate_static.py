@@ -183,3 +183,12 @@ def test_forward_compiles_as_one_graph():
     expected = model(ids, attention_mask=mask, use_cache=False).logits
     assert torch.allclose(compiled(ids, attention_mask=mask, use_cache=False).logits, expected)
     assert DCFormerForCausalLM._can_compile_fullgraph
+
+
+def test_static_cache_docstring_example_runs():
+    import doctest
+
+    import headmix.models.cache
+
+    failures, tried = doctest.testmod(headmix.models.cache)
+    assert tried > 0 and failures == 0
