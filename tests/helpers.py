@@ -71,3 +71,43 @@ class PeakMemory(TorchDispatchMode):
                 self._refs[key] += 1
                 weakref.finalize(t, self._release, key, nbytes)
         return out
+
+
+class Completed:
+    """What ``subprocess.run(..., capture_output=True, text=True)`` returns: ``returncode``, ``stdout``, ``stderr``."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_in_process(target: str, *args: str) -> Completed:
+    """Run the ``headmix`` command line (``target="headmix"``) or a script (a path) in this process, as
+    ``python -m headmix.cli ARGS`` / ``python SCRIPT ARGS`` would, with its output captured.
+
+    A fresh interpreter costs ~10 s of imports on the 2-core CI machine; tests of argument errors and short
+    commands run here instead (the suite keeps a few true subprocess runs of the entry points)."""
+    import contextlib
+    import io
+    import runpy
+    import sys
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if target == "headmix":
+                from headmix.cli import main
+
+                sys.argv = ["headmix", *args]
+                code = main(list(args))
+            else:
+                sys.argv = [target, *args]
+                runpy.run_path(target, run_name="__main__")
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+        if not isinstance(done.code, (int, type(None))):
+            err.write(f"{done.code}\n")
+    finally:
+        sys.argv = argv
+    return Completed(int(code or 0), out.getvalue(), err.getvalue())

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from helpers import run_in_process
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -53,14 +55,13 @@ def test_attention_script_times_layers_at_given_shapes():
     assert [(r[2].strip(), r[3].strip()) for r in rows] == [("global", "mha"), ("global", "dcmha"), ("16", "mha"),
                                                             ("16", "dcmha")]
     assert all(float(r[5]) > 0 for r in rows) and rows[0][6].strip() == "1.00x"
-    bad = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--layers", "--shapes", "16by64",
-                          "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    bad = run_in_process(str(BENCHMARKS / "attention.py"), "--layers", "--shapes", "16by64", "--device", "cpu")
     assert bad.returncode == 2 and "shape '16by64' is not known" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_lm_speed_rejects_an_unknown_variant_option():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-dcformer++:local",
-                           "--device", "cpu", "--skip-generate"], capture_output=True, text=True, timeout=300)
+    done = run_in_process(str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-dcformer++:local", "--device", "cpu",
+                          "--skip-generate")
     assert done.returncode == 2 and "variant option 'local' is not known" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -85,15 +86,14 @@ def test_scaling_script_fits_and_reports_a_multiplier(tmp_path):
     multiplier = [line for line in done.stdout.splitlines() if line.startswith("| dcformer++") and "x |" in line]
     assert len(multiplier) == 1 and float(multiplier[0].split("|")[3].strip().rstrip("x")) > 0
     assert {p.name for p in out.iterdir()} == {"scaling.json", "scaling_table.md", "scaling.png"}
-    again = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--from-json", str(out / "scaling.json"),
-                            "--out", str(tmp_path / "again")], capture_output=True, text=True, timeout=300)
+    again = run_in_process(str(BENCHMARKS / "scaling.py"), "--from-json", str(out / "scaling.json"),
+                           "--out", str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again" / "scaling_table.md").read_text() == (out / "scaling_table.md").read_text()
 
 
 def test_scaling_script_rejects_a_bad_size():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "scaling.py"), "--transformer", "huge"],
-                          capture_output=True, text=True, timeout=300)
+    done = run_in_process(str(BENCHMARKS / "scaling.py"), "--transformer", "huge")
     assert done.returncode == 2 and "size 'huge' is not known" in done.stderr and "Traceback" not in done.stderr
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from helpers import run_in_process
+
 
 def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "headmix.cli", *args], capture_output=True, text=True, timeout=300)
@@ -16,7 +18,7 @@ def test_help_lists_subcommands():
 
 
 def test_demo_runs_and_shows_equivalence():
-    result = run("demo", "--dim", "64", "--heads", "4", "--seq", "40", "--batch", "1")
+    result = run_in_process("headmix", "demo", "--dim", "64", "--heads", "4", "--seq", "40", "--batch", "1")
     assert result.returncode == 0, result.stderr
     rows = {line.split()[0] + " " + line.split()[1]: line.split() for line in result.stdout.splitlines()[2:8]}
     assert float(rows["DCMHA (chunked)"][-2]) <= 1e-6
@@ -24,7 +26,7 @@ def test_demo_runs_and_shows_equivalence():
 
 
 def test_demo_bad_argument_gives_clear_error():
-    result = run("demo", "--dim", "50", "--heads", "4")
+    result = run_in_process("headmix", "demo", "--dim", "50", "--heads", "4")
     assert result.returncode == 2
     assert "dim=50 must be divisible by num_heads=4" in result.stderr and "Traceback" not in result.stderr
 

@@ -27,6 +27,8 @@ from transformers import (
 
 from headmix.convert.collaborative_hf import convert_to_collaborative
 
+from helpers import run_in_process
+
 pytest.importorskip("tensorly")
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -218,8 +220,8 @@ def test_cli_convert_collab(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "encoder.layer.0.attention.self" in result.stdout and "parameters:" in result.stdout
     assert (tmp_path / "out" / "config.json").is_file()
-    missing = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "nope"),
-                              str(tmp_path / "out2"), "--key-dim", "8"], capture_output=True, text=True, timeout=300)
+    missing = run_in_process("headmix", "convert", "collab", str(tmp_path / "nope"), str(tmp_path / "out2"),
+                             "--key-dim", "8")
     assert missing.returncode == 2 and "does not exist" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -241,13 +243,11 @@ def test_cli_convert_collab_gpt2_with_calibration_and_distillation(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distillation: 10 steps on 80 lines" in result.stdout
     assert "key+value cache per token (all layers, torch.float32): 768 -> 480 bytes (-37.5%" in result.stdout  # 2 x (12 + 48) x 4
-    bad = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
-                          str(tmp_path / "out2"), "--key-dim", "12", "--distill-steps", "10"],
-                         capture_output=True, text=True, timeout=300)
+    bad = run_in_process("headmix", "convert", "collab", str(tmp_path / "src"), str(tmp_path / "out2"), "--key-dim",
+                         "12", "--distill-steps", "10")
     assert bad.returncode == 2 and "--distill-steps needs texts" in bad.stderr and "Traceback" not in bad.stderr
-    negative = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
-                               str(tmp_path / "out3"), "--key-dim", "12", "--distill-steps", "-1"],
-                              capture_output=True, text=True, timeout=300)
+    negative = run_in_process("headmix", "convert", "collab", str(tmp_path / "src"), str(tmp_path / "out3"),
+                              "--key-dim", "12", "--distill-steps", "-1")
     assert negative.returncode == 2 and "--distill-steps=-1 is not allowed" in negative.stderr
 
 

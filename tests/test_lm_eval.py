@@ -56,9 +56,14 @@ def saved_model_and_task(tmp_path):
 
 
 @pytest.mark.slow
-def test_lm_eval_hf_model_type_scores_a_local_task(tmp_path):
+def test_lm_eval_scores_a_saved_model_from_the_harness_and_the_headmix_command(tmp_path, capsys):
+    """One saved model, one local task, three routes to the same accuracy: lm-eval's own `hf` model type (through
+    its Python API), `headmix eval MODEL --tasks ...` (lm-eval's task names, options and table, without
+    trust_remote_code; the JSON it writes), and our model's log-probabilities summed here."""
     import lm_eval
     from lm_eval.tasks import TaskManager
+
+    from headmix.cli import main
 
     model, tokenizer, model_dir, items = saved_model_and_task(tmp_path)
     result = lm_eval.simple_evaluate(
@@ -81,27 +86,13 @@ def test_lm_eval_hf_model_type_scores_a_local_task(tmp_path):
             correct += int(max(range(3), key=scores.__getitem__) == item["label"])
     assert harness_acc == pytest.approx(correct / len(items))
 
-
-@pytest.mark.slow
-def test_headmix_eval_tasks_command_scores_a_saved_model(tmp_path, capsys):
-    """`headmix eval MODEL --tasks ...`: lm-eval's task names, options and table, without trust_remote_code; the
-    JSON it writes holds the accuracy the harness computes through its Python API."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    from headmix.cli import main
-
-    _, _, model_dir, _ = saved_model_and_task(tmp_path)
+    capsys.readouterr()
     out = tmp_path / "results.json"
     assert main(["eval", str(model_dir), "--tasks", "shakespeare_cloze", "--include-path", str(tmp_path),
                  "--batch-size", "4", "--output-path", str(out)]) == 0
     table = capsys.readouterr().out
     assert "shakespeare_cloze" in table and "acc" in table
     written = json.loads(out.read_text())["results"]["shakespeare_cloze"]["acc,none"]
-    direct = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["shakespeare_cloze"],
-        task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=4,
-    )["results"]["shakespeare_cloze"]["acc,none"]
-    assert written == pytest.approx(direct)
+    assert written == pytest.approx(harness_acc)
     assert main(["eval", str(model_dir), "--tasks", "no_such_task", "--include-path", str(tmp_path)]) == 2
     assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err

@@ -12,6 +12,8 @@ from transformers import AutoModelForCausalLM
 import headmix  # noqa: F401  (registers the Auto classes)
 from headmix import DCMHA, MultiHeadAttention
 from headmix.models import PRESETS, DCFormerConfig, DCFormerForCausalLM, upcycle
+import headmix.ops as ops
+from headmix.masks import MaskSpec
 
 TINY = dict(vocab_size=97, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=256)
@@ -386,3 +388,29 @@ def test_cache_api_of_the_installed_transformers_without_deprecation_warnings():
     assert torch.equal(by_old_name, out.logits) and old_name.get_seq_length() == 5
     with pytest.raises(ValueError, match="got both cache and past_key_values"):
         model(ids, cache=model.new_cache(), past_key_values=model.new_cache())
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_cache_keeps_the_causal_window_fast_path(monkeypatch, training):
+    """use_cache=True (the config default) with no cache yet, as in training and in a prompt's prefill: the
+    composed-attention backend gets the causal/window structure, not a dense mask tensor it must read (which
+    also stops it skipping key blocks outside the window): a 405M training step was 2.7x slower for it."""
+    seen = []
+    chunked = ops._BACKENDS["chunked"]
+
+    def spy(*args, mask, **kwargs):
+        seen.append(mask)
+        return chunked(*args, mask=mask, **kwargs)
+
+    monkeypatch.setitem(ops._BACKENDS, "chunked", spy)
+    config = DCFormerConfig.from_preset("tiny-dcformer++", num_hidden_layers=2, window_pattern="LG", window_size=8,
+                                        attention_options={"chunk_size": 8})
+    model = DCFormerForCausalLM(config).train(training)
+    ids = torch.randint(0, config.vocab_size, (2, 24))
+    out = model(ids, use_cache=True)
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 24
+    assert len(seen) == 2 and all(isinstance(m, MaskSpec) and m.causal for m in seen)
+    assert [m.window for m in seen] == [8, None]
+    assert all(m.key_padding is None and m.allowed is None for m in seen)
+    with torch.no_grad():  # the same logits as without a cache
+        torch.testing.assert_close(out.logits, model(ids, use_cache=False).logits, rtol=1e-5, atol=1e-5)

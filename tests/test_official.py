@@ -17,6 +17,8 @@ from transformers import AutoModelForCausalLM
 import headmix  # noqa: F401  (registers the Auto classes)
 from headmix.convert.official import export_official, import_official
 
+from helpers import run_in_process
+
 
 def load_official_dir(directory: Path) -> dict[str, torch.Tensor]:
     state = {}
@@ -217,12 +219,11 @@ def test_cli_converts_both_ways_and_reports_errors(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "pythia backbone" in done.stdout
     assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "ours" / "model.safetensors").values())
-    done = subprocess.run([*cli, "to-official", str(tmp_path / "ours"), str(tmp_path / "back")],
-                          capture_output=True, text=True, timeout=300)
+    # the first conversion above went through a fresh interpreter; the rest run the same command line here
+    done = run_in_process("headmix", "convert", "to-official", str(tmp_path / "ours"), str(tmp_path / "back"))
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "back" / "config.json").read_text())["model_type"] == "dcpythia"
-    done = subprocess.run([*cli, "official", str(tmp_path / "official"), str(tmp_path / "ours")],
-                          capture_output=True, text=True, timeout=300)
+    done = run_in_process("headmix", "convert", "official", str(tmp_path / "official"), str(tmp_path / "ours"))
     assert done.returncode == 2 and "already holds weights" in done.stderr and "Traceback" not in done.stderr
 
 
@@ -289,8 +290,7 @@ def test_truncated_weights_file_is_named_and_leaves_no_output(tmp_path, fmt, kee
     if keep(1000) != 500:
         return
     # through the command line (once): one line naming the file, no traceback, nothing written
-    result = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "official", str(tmp_path / "official"),
-                             str(out)], capture_output=True, text=True, timeout=300)
+    result = run_in_process("headmix", "convert", "official", str(tmp_path / "official"), str(out))
     assert result.returncode == 2 and broken.name in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
 

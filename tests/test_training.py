@@ -17,6 +17,8 @@ import torch
 from headmix.training.config import TrainConfig, load_config
 from headmix.training.data import default_corpus, prepare_data
 
+from helpers import run_in_process
+
 # a small model and run: two layers, width 64, on a slice of Shakespeare
 SMALL = [
     "model_overrides={num_hidden_layers: 2, hidden_size: 64, num_attention_heads: 4, intermediate_size: 128}",
@@ -57,15 +59,16 @@ def test_train_then_eval_then_generate(corpus_slice, tmp_path):
         stored = json.loads((out / name / "final" / "result.json").read_text())
         assert stored["validation_loss"] < 6.2  # ln(512) = 6.24 is a uniform guess: it learned something
     model_dir = out / "tiny-dcformer++" / "final"
-    evaluated = headmix("eval", str(model_dir), "--data", str(corpus_slice), "--seq-len", "64",
-                        "--max-sequences", "16", cache=cache)
+    # the first run above went through a fresh interpreter; the rest run the same command line in this process
+    evaluated = run_in_process("headmix", "eval", str(model_dir), "--data", str(corpus_slice), "--seq-len", "64",
+                               "--max-sequences", "16")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "perplexity" in evaluated.stdout
-    generated = headmix("generate", str(model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--greedy",
-                        cache=cache)
+    generated = run_in_process("headmix", "generate", str(model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "12",
+                               "--greedy")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert generated.stdout.startswith("ROMEO:") and len(generated.stdout) > len("ROMEO:")
-    again = headmix(*train_args(corpus_slice, out, cache, "max_steps=8"), cache=cache)  # finished: reused
+    again = run_in_process("headmix", *train_args(corpus_slice, out, cache, "max_steps=8"))  # finished: reused
     assert again.returncode == 0 and table == (out / "results.md").read_text().replace(
         (out / "results.md").read_text().splitlines()[0], table.splitlines()[0])
 
@@ -73,7 +76,7 @@ def test_train_then_eval_then_generate(corpus_slice, tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(corpus_slice, tmp_path):
     cache = tmp_path / "cache"
-    common = ["models=[tiny-dcformer++]", "max_steps=96"]  # long enough that the kill lands mid-run
+    common = ["models=[tiny-dcformer++]", "max_steps=48"]  # long enough that the kill lands mid-run
     reference = headmix(*train_args(corpus_slice, tmp_path / "straight", cache, *common), cache=cache)
     assert reference.returncode == 0, reference.stderr[-3000:]
 
@@ -206,7 +209,7 @@ def test_streaming_pipeline_yields_packed_sequences(corpus_slice, tmp_path):
     ],
 )
 def test_bad_data_is_named(tmp_path, make, message):
-    result = headmix("train", f"data={make(tmp_path)}", f"cache_dir={tmp_path / 'c'}", cache=tmp_path)
+    result = run_in_process("headmix", "train", f"data={make(tmp_path)}", f"cache_dir={tmp_path / 'c'}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert __import__("re").search(message, result.stderr), result.stderr
@@ -218,8 +221,8 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def test_sequence_length_the_model_cannot_take(corpus_slice, tmp_path):
-    result = headmix("train", f"data=[{corpus_slice}]", f"cache_dir={tmp_path}", "seq_len=4096", "num_proc=1",
-                     cache=tmp_path)
+    result = run_in_process("headmix", "train", f"data=[{corpus_slice}]", f"cache_dir={tmp_path}", "seq_len=4096",
+                            "num_proc=1")
     assert result.returncode == 2
     assert "seq_len=4096 is longer than model 'tiny-dcformer++' takes (max_position_embeddings=512)" in result.stderr
 
@@ -257,7 +260,7 @@ def test_config_errors():
 def test_show_config_and_yaml(tmp_path):
     file = tmp_path / "c.yaml"
     file.write_text("max_steps: 7\nmodels: tiny-pythia\n")
-    result = headmix("train", "--config", str(file), "seq_len=32", "--show-config", cache=tmp_path)
+    result = run_in_process("headmix", "train", "--config", str(file), "seq_len=32", "--show-config")
     assert result.returncode == 0, result.stderr
     assert "max_steps: 7" in result.stdout and "- tiny-pythia" in result.stdout and "seq_len: 32" in result.stdout
 

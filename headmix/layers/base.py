@@ -228,12 +228,17 @@ class Attention(nn.Module):
         query_state, key_state = self.composition_state(x)
         keys = {"k": k.transpose(1, 2), "v": v.transpose(1, 2), **key_state}  # every entry (B, T, ...)
         key_positions, key_valid = positions, padding_mask
+        # An empty cache without padding (training with use_cache, a prefill): the keys are exactly the new
+        # positions, so the causal/window structure holds and the backends keep their fast paths (no mask tensor)
+        fresh = cache is None or (padding_mask is None and len(cache) == 0)
         if cache is not None:
             valid = padding_mask if padding_mask is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             keys, key_positions, key_valid = cache.update(keys, positions.expand(B, T), valid)
+            if fresh:
+                key_positions, key_valid = positions, None
         mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
         is_causal = self.causal and self.window is None and key_valid is None and allowed is None
-        structure = (self.causal, self.window) if key_valid is None and cache is None and allowed is None else None
+        structure = (self.causal, self.window) if key_valid is None and fresh and allowed is None else None
         if allowed is not None:
             mask = allowed.bool() if mask is None else mask & allowed.bool()
         k, v, state = keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), {**query_state, **keys}
