@@ -202,7 +202,8 @@ class StaticLayerCache:
     :meth:`~headmix.layers.Attention.composition_state`), allocated at the first :meth:`update` from the shapes of
     what the layer hands in, each ``(batch, slots, ...)``, beside ``positions`` ``(batch, slots)`` and ``valid``
     ``(batch, slots)`` (``False`` for padding and for slots never written). The attention layer attends over all
-    slots; ``valid`` and the positions mask what must not be seen. The count of positions written so far is the
+    slots; ``valid`` and the positions mask what must not be seen (eagerly, a prefill into an empty cache attends
+    over its own positions only, as with the dynamic cache, so the layers keep their causal fast paths). The count of positions written so far is the
     0-d tensor :attr:`length`, updated in place, so a compiled step reads no Python number that changes.
 
     Slots: a global layer (``window=None``, or a window of at least ``max_cache_len``) has ``max_cache_len``, position
@@ -232,6 +233,11 @@ class StaticLayerCache:
         self.valid: Tensor | None = None
         self.length = torch.zeros((), dtype=torch.long)
         self.record_past = False
+
+    def __len__(self) -> int:
+        """Positions cached, eagerly (a host synchronisation). Under ``torch.compile`` the number of slots: a
+        compiled step attends over all of them, and reads no count on the host."""
+        return self.slots if torch.compiler.is_compiling() else min(self.get_seq_length(), self.slots)
 
     def __repr__(self) -> str:
         kind = f"ring of {self.slots}" if self.ring else f"{self.slots} slots"
@@ -298,6 +304,9 @@ class StaticLayerCache:
         if positions.shape[0] != self.positions.shape[0]:
             raise ValueError(f"the static cache was made for batch {self.positions.shape[0]}, got {positions.shape[0]}")
         T = positions.shape[1]
+        # Eagerly, into an empty cache (a prefill), the keys to attend over are just the new ones: the layer keeps
+        # its causal/window fast paths, as with the dynamic cache. A compiled step always attends over the slots.
+        fresh = not torch.compiler.is_compiling() and self.get_seq_length() == 0
         index = self.length + torch.arange(T, device=self.length.device)  # sequence index of each new position
         if self.ring and T > 1:
             full = map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.state, new)
@@ -307,10 +316,10 @@ class StaticLayerCache:
             self._write(index[T - keep:] % self.slots, map_state(lambda t: t[:, T - keep:], new),
                         positions[:, T - keep:], valid[:, T - keep:])
             self.length.add_(T)
-            return full, full_pos, full_valid
+            return (new, positions, valid) if fresh else (full, full_pos, full_valid)
         self._write(index % self.slots if self.ring else index, new, positions, valid)
         self.length.add_(T)
-        return self.state, self.positions, self.valid
+        return (new, positions, valid) if fresh else (self.state, self.positions, self.valid)
 
     def activate_past_recording(self) -> None:
         """Nothing to switch on: a ring keeps ``window`` slots; :meth:`crop` says when it cannot undo."""
