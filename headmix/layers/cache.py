@@ -264,6 +264,11 @@ class StaticLayerCache:
         """Positions seen so far (a host synchronisation: not for a compiled step)."""
         return int(self.length)
 
+    @property
+    def seen(self) -> int:
+        """Positions seen so far, as :attr:`LayerCache.seen` (a host synchronisation)."""
+        return self.get_seq_length()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """``(keys a query of the next step attends over, 0)``: the slots, plus the new ones on a ring's prefill."""
         return self.slots + (query_length if self.ring and query_length > 1 else 0), 0
