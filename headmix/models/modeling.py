@@ -449,17 +449,12 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
             cache.activate_past_recording()  # its rejected candidates are cropped away
 
     def create_masks_for_generate(self, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
-        """What ``generate()`` turns the 2-D padding mask into for a compileable (static) cache: the same 2-D
-        mask (the layers build their own masks from it and the positions; padding to the cache's size is done by
-        :meth:`prepare_inputs_for_generation`)."""
-        return attention_mask
-
-    def prepare_inputs_for_generation(self, *args, **kwargs) -> dict:
-        """transformers' own preparation; with the static cache the 2-D padding mask ``(batch, past + seq)`` is
-        zero-padded to the cache's ``max_cache_len`` columns, so that every decoding step has one shape (the model
-        reads the columns of the new tokens: :meth:`DCFormerModel.forward`)."""
-        inputs = super().prepare_inputs_for_generation(*args, **kwargs)
-        cache, mask = inputs.get(CACHE_NAME), inputs.get("attention_mask")
-        if isinstance(cache, HeadmixStaticCache) and isinstance(mask, Tensor) and mask.dim() == 2:
-            inputs["attention_mask"] = F.pad(mask, (0, max(cache.max_cache_len - mask.shape[1], 0)))
-        return inputs
+        """What ``generate()`` passes as ``attention_mask`` with a compileable (static) cache (transformers' hook in
+        ``prepare_inputs_for_generation``, called with the cache as ``cache`` or, before 5.24, ``past_key_values``):
+        the 2-D padding mask ``(batch, past + seq)`` zero-padded to the cache's ``max_cache_len`` columns, so that
+        every decoding step has one shape (the model reads the columns of the new tokens:
+        :meth:`DCFormerModel.forward`; the layers build their own masks). ``None`` stays ``None`` (no padding)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None or attention_mask.dim() != 2 or not isinstance(cache, HeadmixStaticCache):
+            return attention_mask
+        return F.pad(attention_mask, (0, max(cache.max_cache_len - attention_mask.shape[1], 0)))
