@@ -294,8 +294,8 @@ def load_data(args) -> dict:
     if args.corpus:
         from headmix.training.corpus import load_sequences
 
-        vocab = json.loads((Path(args.corpus) / "manifest.json").read_text()).get("vocab_size") \
-            if (Path(args.corpus) / "manifest.json").is_file() else None
+        manifest = Path(args.corpus) / "manifest.json"
+        vocab = json.loads(manifest.read_text())["settings"]["vocab_size"] if manifest.is_file() else None
         train = load_sequences(args.corpus, "train", args.seq)
         validation = load_sequences(args.corpus, "validation", args.seq)[: args.val]
         vocab = vocab or int(max(train.max(), validation.max())) + 1
