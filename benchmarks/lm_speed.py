@@ -9,7 +9,16 @@ non-embedding parameters; MFU divides by the bf16 matmul rate measured on this d
 
 Inference: ``generate()`` with a ``--prompt``-token prompt and ``--new-tokens`` new tokens (greedy,
 our cache), batch 1 and 16; prefill tokens/s from a 1-token generation, decode tokens/s from the
-difference.
+difference. With ``--compile`` the generation rows decode as a user of transformers would with compilation:
+a static cache (``model.new_cache(max_cache_len=...)``, reset and reused across the timed calls, as transformers
+documents for its ``StaticCache``) and ``generate()``'s own compiled decoding step (``CompileConfig()``: inductor,
+``mode="reduce-overhead"``, i.e. CUDA graphs); one warm-up generation compiles, the timed ones do not.
+
+The anchor: a variant ``hf-llama:<preset>`` is transformers' own ``LlamaForCausalLM`` with that preset's shape
+(random weights, SDPA attention), decoded the same way (its ``StaticCache`` with ``--compile``)::
+
+    python benchmarks/lm_speed.py --variants hf-llama:transformer++-405m transformer++-405m dcformer++-405m \
+        --skip-train --compile --prompt 512 --new-tokens 128 --batches 1 16
 
     python benchmarks/lm_speed.py                                           # GPU: 125M-class models
     python benchmarks/lm_speed.py --variants tiny-transformer++ tiny-dcformer++ --device cpu --seq 64 \\
@@ -40,11 +49,34 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from headmix.models import DCFormerConfig, DCFormerForCausalLM  # noqa: E402
+from headmix.models.modeling import CACHE_NAME  # noqa: E402  (generate()'s name for a cache object)
+
+
+ANCHOR = "hf-llama"
+
+
+def llama_anchor(preset: str, device, dtype, num_layers: int | None = None):
+    """transformers' ``LlamaForCausalLM`` with the shape of a Transformer++ ``preset`` (random weights, SDPA)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = DCFormerConfig.from_preset(preset)
+    if c.backbone != "llama" or c.attention != "mha" or c.window_size is not None or c.qk_norm:
+        raise ValueError(f"{ANCHOR}:{preset}: the anchor takes a Transformer++ preset (llama backbone, global "
+                         "multi-head attention, no QK-norm)")
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                         num_hidden_layers=num_layers or c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                         num_key_value_heads=c.num_key_value_heads, max_position_embeddings=c.max_position_embeddings,
+                         rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    with torch.device(device):
+        return LlamaForCausalLM(config).to(dtype=dtype)
 
 
 def build(variant: str, backend: str, device, dtype, num_layers: int | None = None) -> DCFormerForCausalLM:
     """The model of a variant name, built on ``device`` in ``dtype``; ``num_layers``: keep only that many blocks."""
     preset, _, option = variant.partition(":")
+    if preset == ANCHOR:
+        return llama_anchor(option, device, dtype, num_layers)
     overrides = dict(attention_backend=backend)
     if option == "global":
         overrides.update(window_size=None, window_pattern=None, qk_norm=False)
@@ -117,24 +149,50 @@ def train_speed(model, batch, seq, steps, warmup, device, compile_scope: str | N
     return batch * seq * steps / elapsed, peak
 
 
+def static_cache(model, max_cache_len: int):
+    """A static cache for ``model`` (headmix's, or transformers' ``StaticCache`` for the Llama anchor)."""
+    if isinstance(model, DCFormerForCausalLM):
+        return model.new_cache(max_cache_len=max_cache_len)
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_cache_len)
+
+
 @torch.no_grad()
-def generate_speed(model, batch, prompt, new_tokens, device) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) through ``generate()``."""
+def generate_speed(model, batch, prompt, new_tokens, device,
+                   compile_backend: str | None = None) -> tuple[float, float, float]:
+    """(prefill tokens/s, decode tokens/s, seconds of the first, warm-up call: with compilation) through
+    ``generate()``; ``compile_backend``: decode with a static cache
+    and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on CUDA)."""
+    from transformers import CompileConfig
+
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    cache = None
+    if compile_backend:
+        config = CompileConfig() if compile_backend == "inductor" else CompileConfig(backend=compile_backend, mode=None)
+        config._compile_all_devices = True  # transformers compiles on accelerators only unless told (CPU runs)
+        kwargs["compile_config"] = config
+        cache = static_cache(model, prompt + new_tokens)
 
     def run(n):
+        if cache is not None:
+            cache.reset()  # same buffers, same addresses: the CUDA graph replays, nothing recompiles
+            kwargs[CACHE_NAME] = cache
         sync(device)
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
         sync(device)
         return time.perf_counter() - t0
 
-    run(new_tokens)  # warm-up at full length (allocator growth, kernel selection, caches)
+    first = run(new_tokens)  # warm-up at full length (compilation, allocator growth, kernel selection, caches)
+    if compile_backend and not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+        raise RuntimeError("--compile: generate() compiled nothing (this transformers version did not take the "
+                           "static cache as compileable)")
     prefill = run(1)
     total = run(new_tokens)
-    return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9)
+    return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9), first
 
 
 def non_embedding_parameters(model) -> int:
@@ -185,7 +243,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="train through torch.compile")
+    parser.add_argument("--compile", action="store_true",
+                        help="train through torch.compile; generate with the static cache and a compiled step")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the generation rows with --compile (default: inductor; "
+                             "'eager' or 'aot_eager' for a quick CPU check)")
     parser.add_argument("--compile-scope", default="model", choices=["model", "layers"],
                         help="with --compile: the whole model, or each decoder block")
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
@@ -220,16 +282,34 @@ def main(argv=None) -> int:
                   f"{r['peak_gib']:.1f} | {r['tokens_per_s'] / first:.2f} |", flush=True)
             rows.append(("train", variant, r["tokens_per_s"]))
     if not args.skip_generate:
-        print(f"\n| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) |")
-        print("|---|---|---|---|")
+        import transformers
+
+        mode = (f"static cache, compiled ({args.compile_backend})" if args.compile else "dynamic cache, eager")
+        print(f"\n# generation: {mode}, transformers {transformers.__version__}")
+        print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
+              "first call s |")
+        print("|---|---|---|---|---|")
         for variant in args.variants:
             torch.manual_seed(0)
             model = build(variant, args.backend, device, dtype, args.num_layers)
             for batch in args.batches:
-                pre, dec = generate_speed(model, batch, args.prompt, args.new_tokens, device)
-                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} |", flush=True)
+                try:
+                    pre, dec, first = generate_speed(model, batch, args.prompt, args.new_tokens, device,
+                                              args.compile_backend if args.compile else None)
+                except torch.OutOfMemoryError:
+                    print(f"| {variant} | {batch} | OOM | | |", flush=True)
+                    continue
+                except RuntimeError as error:  # a compile failure: a row saying so, the table goes on
+                    print(f"| {variant} | {batch} | {type(error).__name__}: {str(error).splitlines()[0][:120]} | | |",
+                          flush=True)
+                    continue
+                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} | {first:.1f} |", flush=True)
                 rows.append(("generate", variant, batch, pre, dec))
             del model
+            if args.compile:
+                torch._dynamo.reset()  # the next variant compiles afresh, within the default recompile limits
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return 0
 
 

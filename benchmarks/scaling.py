@@ -105,20 +105,29 @@ def validation_loss(model, sequences, batch, device, autocast) -> float:
     return total / count
 
 
-def train_run(config: DCFormerConfig, data: dict, args, seed: int, device, label: str) -> dict:
-    """Train one model; returns its loss curve against FLOPs and its speed."""
+def train_run(config: DCFormerConfig, data: dict, args, seed: int, device, label: str, *, steps: int | None = None,
+              lr: float | None = None, data_seed: int | None = None, warmup: float = 0.05,
+              keep_model: bool = False) -> dict:
+    """Train one model; returns its loss curve against FLOPs and its speed.
+
+    ``seed`` draws the initialisation; the data order comes from ``data_seed`` (default ``seed``). ``steps``
+    (default ``--epochs`` passes), ``lr`` (default :func:`learning_rate` of ``--lr``) and the ``warmup``
+    fraction of the steps override this script's defaults (benchmarks/study.py uses them); ``keep_model``
+    returns the trained model under ``"model"``."""
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     torch.manual_seed(seed)
     model = DCFormerForCausalLM(config).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    lr = learning_rate(args.lr, config.hidden_size) if lr is None else lr
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=learning_rate(args.lr, config.hidden_size), betas=(0.9, 0.95), fused=device.type == "cuda")
+                            lr=lr, betas=(0.9, 0.95), fused=device.type == "cuda")
     train = data["train"]
-    steps = max(1, round(args.epochs * len(train) / args.batch))
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(opt, max(1, steps // 20), steps, min_lr_rate=0.1)
-    order = torch.cat([torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch))
+    steps = max(1, round(args.epochs * len(train) / args.batch)) if steps is None else steps
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(opt, max(1, round(steps * warmup)), steps, min_lr_rate=0.1)
+    data_seed = seed if data_seed is None else data_seed
+    order = torch.cat([torch.randperm(len(train), generator=torch.Generator().manual_seed(data_seed + epoch))
                        for epoch in range(math.ceil(steps * args.batch / len(train)))])
     bf16 = device.type == "cuda"
 
@@ -149,10 +158,13 @@ def train_run(config: DCFormerConfig, data: dict, args, seed: int, device, label
             curve.append({"step": step, "flops": per_token * tokens_per_step * step, "validation_loss": val})
             print(f"  {label} step {step}/{steps}: validation loss {val:.4f}", file=sys.stderr, flush=True)
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n)
-    return {"label": label, "seed": seed, "parameters": non_embedding, "steps": steps,
-            "tokens": steps * tokens_per_step, "flops": per_token * tokens_per_step * steps,
-            "validation_loss": curve[-1]["validation_loss"], "curve": curve,
-            "tokens_per_s": steps * tokens_per_step / train_time, "seconds": train_time}
+    result = {"label": label, "seed": seed, "parameters": non_embedding, "steps": steps,
+              "tokens": steps * tokens_per_step, "flops": per_token * tokens_per_step * steps,
+              "validation_loss": curve[-1]["validation_loss"], "curve": curve,
+              "tokens_per_s": steps * tokens_per_step / train_time, "seconds": train_time, "learning_rate": lr}
+    if keep_model:
+        result["model"] = model
+    return result
 
 
 # -- analysis ------------------------------------------------------------------------------------

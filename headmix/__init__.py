@@ -28,7 +28,7 @@ from .reference import ComposeWeights, compose, composed_attention
 
 __version__ = "0.1.0"
 
-_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel", "HeadmixCache")
+_MODELS = ("DCFormerConfig", "DCFormerForCausalLM", "DCFormerModel", "HeadmixCache", "HeadmixStaticCache")
 
 
 def __getattr__(name: str) -> Any:
@@ -50,6 +50,7 @@ __all__ = [
     "DCFormerForCausalLM",
     "DCFormerModel",
     "HeadmixCache",
+    "HeadmixStaticCache",
     "ComposeWeights",
     "DynamicWeightProjection",
     "MultiHeadAttention",

@@ -2,7 +2,7 @@
 
     headmix train [--config FILE] [field=value ...]   train and compare models (default: the embedded job)
     headmix eval MODEL_DIR --data FILE ...             validation loss / perplexity on text files
-    headmix generate MODEL_DIR --prompt TEXT            stream generated text
+    headmix generate MODEL_DIR --prompt TEXT            stream generated text (--compile: static cache, compiled step)
     headmix convert upcycle SRC OUT_DIR                 headmix or Llama/Mistral/Qwen2/GPT-NeoX -> DCFormer, same outputs
     headmix convert collab MODEL_DIR OUT_DIR --key-dim-ratio 0.5   MHA -> collaborative attention (BERT, GPT-2, ...)
     headmix convert official SRC_DIR OUT_DIR            official DCFormer/DCPythia checkpoint -> headmix
@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.8, help="(default: %(default)s)")
     generate.add_argument("--top-k", type=int, default=50, help="(default: %(default)s)")
     generate.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    generate.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    generate.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                          help="decode with the static cache and a compiled decoding step (torch.compile, CUDA "
+                               "graphs); default: on for CUDA, off on the CPU (--no-compile: the dynamic cache, eager)")
     generate.set_defaults(run=_generate)
 
     convert = sub.add_parser("convert", help="convert checkpoints")
@@ -268,8 +272,11 @@ def _generate(args: argparse.Namespace) -> int:
     if not (Path(args.model_dir) / "config.json").is_file():
         raise ValueError(f"model directory {args.model_dir} does not exist or has no config.json")
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval()
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={args.device} is not available here (no CUDA device): use --device cpu")
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir).eval().to(device)
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(device)
     if inputs["input_ids"].shape[1] == 0:
         raise ValueError("prompt is empty: give at least one token of text")
     if not args.greedy and not args.temperature > 0:
@@ -288,6 +295,17 @@ def _generate(args: argparse.Namespace) -> int:
         )
     torch.manual_seed(args.seed)
     sampling = dict(do_sample=False) if args.greedy else dict(do_sample=True, temperature=args.temperature, top_k=args.top_k)
+    compile_step = device.type == "cuda" if args.compile is None else args.compile
+    if compile_step:
+        # the Hugging Face way: a static cache, and generate() compiles the decoding step against it (on the CPU
+        # transformers compiles only when told: CompileConfig._compile_all_devices)
+        from transformers import CompileConfig
+
+        config = CompileConfig()
+        if device.type != "cuda":
+            config = CompileConfig(mode="default")
+            config._compile_all_devices = True
+        sampling.update(cache_implementation="static", compile_config=config)
     model.generate(**inputs, max_new_tokens=args.max_new_tokens, streamer=TextStreamer(tokenizer),
                    pad_token_id=tokenizer.eos_token_id, **sampling)
     return 0

@@ -73,7 +73,12 @@ class ComposeWeights:
         )
 
     def is_identity(self) -> bool:
-        return all(getattr(self, f.name) is None for f in fields(self))
+        return all(getattr(self, name) is None for name in COMPOSE_FIELDS)
+
+
+#: The field names of :class:`ComposeWeights`, in order (computed once: ``torch.compile`` does not trace
+#: ``dataclasses.fields``).
+COMPOSE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ComposeWeights))
 
 
 def compose(a: Tensor, weights: ComposeWeights, groups: int = 1) -> Tensor:

@@ -143,3 +143,31 @@ def test_probe_runs_every_kind_and_task_and_writes_table_json_and_plot(tmp_path,
     results = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert len(results) == 2 * 4 and all(0.0 <= r["accuracy"] <= 1.0 for r in results)
     assert (tmp_path / "probe.png").stat().st_size > 1000
+
+
+def test_study_script_runs_every_step_and_resumes(tmp_path):
+    """benchmarks/study.py (issue 18 §2) on a real play at a tiny size: probes, two seeds of each main arm, the
+    control, the Transformer++ token ladder, the multiplier, the verdict, diagnostics and plots; run again, every
+    finished run is read back instead of trained (the study spreads over sessions)."""
+    from headmix.training.data import default_corpus
+
+    play = default_corpus(tmp_path / "cache")[0]
+    args = ["--size", "tiny", "--tokens", "1024", "--evals", "2", "--data", str(play), "--vocab", "300", "--device", "cpu",
+            "--arms", "transformer++", "dcformer++", "control", "--lrs", "3e-3", "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "out")]
+    done = run_in_process(str(BENCHMARKS / "study.py"), *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "out" / "study_table.md").read_text()
+    assert "| transformer++ | 2 | 0.003 | 1,024 |" in table and "| dcformer++ | 2 |" in table and "| control | 1 |" in table
+    assert "| transformer++-x2 (ladder) | 1 | 0.003 | 2,048 |" in table
+    assert "DCFormer++ compute multiplier: **" in table and "Verdict: **" in table
+    assert "with its composition switched off" in table and "| 1 | dynamic.hidden" in table
+    runs = sorted(p.name for p in (tmp_path / "out" / "runs").iterdir())
+    assert len(runs) == 3 + 5 + 2  # probes, main runs, ladder
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"study.json", "study_curves.png", "study_flops.png",
+                                                              "data.json"}
+    again = run_in_process(str(BENCHMARKS / "study.py"), *args)
+    assert again.returncode == 0 and "done earlier" in again.stderr and "step " not in again.stderr
+    assert (tmp_path / "out" / "study_table.md").read_text().splitlines()[2:] == table.splitlines()[2:]
+    bad = run_in_process(str(BENCHMARKS / "study.py"), "--arms", "gpt", "--data", str(play), "--out", str(tmp_path))
+    assert bad.returncode == 2 and "arm(s) ['gpt'] not known" in bad.stderr

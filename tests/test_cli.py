@@ -98,3 +98,36 @@ def test_ctrl_c_during_training_says_what_was_kept_in_one_line(tmp_path, monkeyp
     assert "Traceback" not in err and len(err.splitlines()) == 1
     assert f"tiny-dcformer++ at {tmp_path / 'tiny-dcformer++' / 'checkpoint-60'}" in err
     assert "Run the same command to resume" in err
+
+
+def test_generate_compile_flag_decodes_the_same_text(tiny_model_dir, capsys, monkeypatch):
+    """``--compile`` (default on CUDA, off on the CPU) generates with the static cache through generate()'s
+    compiled step; the greedy text equals the eager dynamic-cache text. The compile backend is swapped for
+    dynamo's "eager" one (the captured graph run as is: inductor would take minutes on the CI machine)."""
+    import transformers
+
+    real = transformers.CompileConfig
+
+    def cheap(*args, **kwargs):
+        config = real(backend="eager", fullgraph=True)
+        config._compile_all_devices = True
+        return config
+
+    monkeypatch.setattr(transformers, "CompileConfig", cheap)
+    seen = {}
+    from headmix.models import DCFormerForCausalLM
+
+    original = DCFormerForCausalLM.generate
+
+    def recording(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DCFormerForCausalLM, "generate", recording)
+    common = ("generate", str(tiny_model_dir), "--prompt", "ROMEO:", "--max-new-tokens", "8", "--greedy")
+    assert main(*common, "--no-compile") == 0
+    eager = capsys.readouterr().out
+    assert "cache_implementation" not in seen
+    assert main(*common, "--compile") == 0
+    assert seen["cache_implementation"] == "static" and seen["compile_config"].fullgraph
+    assert capsys.readouterr().out == eager

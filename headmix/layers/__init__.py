@@ -8,7 +8,7 @@ new option of a layer needs no change in the models (see ``docs/architecture.md`
 from __future__ import annotations
 
 from .base import Attention
-from .cache import LayerCache
+from .cache import LayerCache, StaticLayerCache
 from .collaborative import CollaborativeAttention
 from .composed import ComposedAttention
 from .dcmha import DCMHA, DynamicWeightProjection
@@ -39,6 +39,7 @@ __all__ = [
     "ComposedAttention",
     "DynamicWeightProjection",
     "LayerCache",
+    "StaticLayerCache",
     "MultiHeadAttention",
     "RotaryEmbedding",
     "TalkingHeadsAttention",

@@ -12,14 +12,19 @@ The whole model's cache, :class:`headmix.models.HeadmixCache`, is a ``transforme
 models: this floor does not import ``transformers``); it holds one :class:`LayerCache` per layer. A layer's state is
 a dict of per-position entries (``"k"``, ``"v"`` and what :meth:`~headmix.layers.Attention.composition_state`
 returns for the key side), appended along dim 1 by :meth:`LayerCache.update`; every generation operation
-(crop, reorder, repeat, select) acts on all entries alike through :func:`map_state`. A static (pre-allocated)
-cache would keep the same entries in fixed-size buffers and write them at ``seen`` instead of concatenating.
+(crop, reorder, repeat, select) acts on all entries alike through :func:`map_state`.
+
+:class:`StaticLayerCache` keeps the same entries in buffers allocated once (``(batch, slots, ...)``), written in place
+at a step counter held in a tensor, so that a decoding step has the same shapes, the same tensor addresses and no
+host synchronisation from the first step to the last: what ``torch.compile`` and CUDA graphs need. A global layer
+has one slot per position up to ``max_cache_len``; a sliding-window layer a ring of ``window`` slots (position ``n``
+goes to slot ``n % window``), so its memory is bounded by the window whatever the length of the text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import fields, is_dataclass, replace
+from dataclasses import is_dataclass
 from typing import Any
 
 import torch
@@ -35,9 +40,14 @@ def map_state(fn: Callable[..., Tensor], *states: Any) -> Any:
     if isinstance(first, dict):
         return {key: map_state(fn, *(s[key] for s in states)) for key in first}
     if is_dataclass(first):
-        return replace(first, **{f.name: None if getattr(first, f.name) is None
-                                 else map_state(fn, *(getattr(s, f.name) for s in states)) for f in fields(first)})
+        return type(first)(**{name: None if getattr(first, name) is None
+                              else map_state(fn, *(getattr(s, name) for s in states)) for name in _field_names(first)})
     raise TypeError(f"cannot cache a {type(first).__name__}: expected tensors, dicts or dataclasses of tensors")
+
+
+def _field_names(instance: Any) -> tuple[str, ...]:
+    """A dataclass's field names (read from the class: ``torch.compile`` does not trace ``dataclasses.fields``)."""
+    return tuple(type(instance).__dataclass_fields__)
 
 
 def _leaves(state: Any):
@@ -47,9 +57,9 @@ def _leaves(state: Any):
         for value in state.values():
             yield from _leaves(value)
     elif is_dataclass(state):
-        for f in fields(state):
-            if getattr(state, f.name) is not None:
-                yield from _leaves(getattr(state, f.name))
+        for name in _field_names(state):
+            if getattr(state, name) is not None:
+                yield from _leaves(getattr(state, name))
 
 
 class LayerCache:
@@ -66,7 +76,7 @@ class LayerCache:
         record_past: keep every position (no rolling) so that :meth:`crop` can undo steps (assisted decoding).
     """
 
-    is_compileable = False  # the tensors grow: a compiled step would recompile (a static cache is issue 17's)
+    is_compileable = False  # the tensors grow: a compiled step would recompile (StaticLayerCache is the compileable one)
     supports_early_init = False
 
     def __init__(self, window: int | None = None) -> None:
@@ -182,3 +192,197 @@ class LayerCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in _leaves(self.state))
+
+
+class StaticLayerCache:
+    """Cached key-side state of one attention layer in fixed-size buffers (the static cache; plain torch:
+    :class:`headmix.models.HeadmixStaticCache`, a ``transformers`` ``Cache``, holds one per layer).
+
+    The entries are those of :class:`LayerCache` (``"k"``, ``"v"``, the key side of
+    :meth:`~headmix.layers.Attention.composition_state`), allocated at the first :meth:`update` from the shapes of
+    what the layer hands in, each ``(batch, slots, ...)``, beside ``positions`` ``(batch, slots)`` and ``valid``
+    ``(batch, slots)`` (``False`` for padding and for slots never written). The attention layer attends over all
+    slots; ``valid`` and the positions mask what must not be seen (eagerly, a prefill into an empty cache attends
+    over its own positions only, as with the dynamic cache, so the layers keep their causal fast paths). The count of positions written so far is the
+    0-d tensor :attr:`length`, updated in place, so a compiled step reads no Python number that changes.
+
+    Slots: a global layer (``window=None``, or a window of at least ``max_cache_len``) has ``max_cache_len``, position
+    ``n`` in slot ``n``; writing past the last slot raises (eagerly; a compiled step trusts ``generate()``, which
+    sizes the cache to ``max_length``). A sliding-window layer has a ring of ``window`` slots, position ``n`` in slot
+    ``n % window``: one new token is written first and then attended with the ``window - 1`` before it (exactly its
+    window); several new tokens (a prefill, possibly longer than the window) attend over the ring and themselves
+    concatenated (what :class:`LayerCache` does), then the last ``window`` of them are written.
+
+    Args:
+        max_cache_len: positions the cache holds (``generate()``: its ``max_length``).
+        window: the layer's sliding window (``None``: global).
+    """
+
+    is_compileable = True
+    supports_early_init = False  # the buffers take their shapes from the layer's first update
+
+    def __init__(self, max_cache_len: int, window: int | None = None) -> None:
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"max_cache_len={max_cache_len!r}: expected a positive number of positions")
+        self.max_cache_len = max_cache_len
+        self.window = window
+        self.ring = window is not None and window < max_cache_len
+        self.slots = window if self.ring else max_cache_len
+        self.state: dict[str, Any] | None = None
+        self.positions: Tensor | None = None
+        self.valid: Tensor | None = None
+        self.length = torch.zeros((), dtype=torch.long)
+        self.record_past = False
+
+    def __len__(self) -> int:
+        """Positions cached, eagerly (a host synchronisation). Under ``torch.compile`` the number of slots: a
+        compiled step attends over all of them, and reads no count on the host."""
+        return self.slots if torch.compiler.is_compiling() else min(self.get_seq_length(), self.slots)
+
+    def __repr__(self) -> str:
+        kind = f"ring of {self.slots}" if self.ring else f"{self.slots} slots"
+        return f"StaticLayerCache({kind}, window={self.window}, seen={self.get_seq_length()})"
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.window is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        """Whether :meth:`crop` can undo any number of steps: no ring slot was ever overwritten."""
+        return not self.ring or self.get_seq_length() <= self.slots
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.positions is None else self.positions.shape[0]
+
+    def get_seq_length(self) -> int:
+        """Positions seen so far (a host synchronisation: not for a compiled step)."""
+        return int(self.length)
+
+    @property
+    def seen(self) -> int:
+        """Positions seen so far, as :attr:`LayerCache.seen` (a host synchronisation)."""
+        return self.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """``(keys a query of the next step attends over, 0)``: the slots, plus the new ones on a ring's prefill."""
+        return self.slots + (query_length if self.ring and query_length > 1 else 0), 0
+
+    def check_room(self, new: int) -> None:
+        """Raise a ``ValueError`` naming the sizes if ``new`` more positions do not fit (a host synchronisation;
+        a ring never fills)."""
+        seen = self.get_seq_length()
+        if not self.ring and seen + new > self.slots:
+            raise ValueError(f"the static cache holds {self.max_cache_len} positions: {seen} are cached and "
+                             f"{new} more do not fit; make it with max_cache_len >= {seen + new} (generate() sizes "
+                             "it to max_length: pass max_new_tokens, or generation_config.max_cache_len)")
+
+    def _allocate(self, new: dict[str, Any], positions: Tensor) -> None:
+        batch, device = positions.shape[0], positions.device
+        self.state = map_state(lambda t: t.new_zeros((batch, self.slots, *t.shape[2:])), new)
+        self.positions = torch.zeros(batch, self.slots, dtype=torch.long, device=device)
+        self.valid = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
+        self.length = self.length.to(device)
+        self._mark_static()
+
+    def _mark_static(self) -> None:
+        # fixed addresses: a compiled step mutates these in place, and a CUDA graph replays on the same memory
+        if not torch.compiler.is_compiling():
+            for t in (*_leaves(self.state), self.positions, self.valid, self.length):
+                torch._dynamo.mark_static_address(t)
+
+    def _write(self, slots: Tensor, new: dict[str, Any], positions: Tensor, valid: Tensor) -> None:
+        map_state(lambda buffer, t: buffer.index_copy_(1, slots, t.to(buffer.dtype)), self.state, new)
+        self.positions.index_copy_(1, slots, positions.to(self.positions.dtype))
+        self.valid.index_copy_(1, slots, valid.bool())
+
+    def update(self, new: dict[str, Any], positions: Tensor, valid: Tensor) -> tuple[dict[str, Any], Tensor, Tensor]:
+        """Write the new positions ``(batch, T, ...)``; return the key side to attend over now: every slot (cached and
+        new; ``T`` new ones also on a ring when ``T > 1``), with its positions and validity."""
+        if self.state is None:
+            self._allocate(new, positions)
+        if positions.shape[0] != self.positions.shape[0]:
+            raise ValueError(f"the static cache was made for batch {self.positions.shape[0]}, got {positions.shape[0]}")
+        T = positions.shape[1]
+        # Eagerly, into an empty cache (a prefill), the keys to attend over are just the new ones: the layer keeps
+        # its causal/window fast paths, as with the dynamic cache. A compiled step always attends over the slots.
+        fresh = not torch.compiler.is_compiling() and self.get_seq_length() == 0
+        index = self.length + torch.arange(T, device=self.length.device)  # sequence index of each new position
+        if self.ring and T > 1:
+            full = map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.state, new)
+            full_pos = torch.cat([self.positions, positions], dim=1)
+            full_valid = torch.cat([self.valid, valid.bool()], dim=1)
+            keep = min(T, self.slots)  # the last ``window`` new positions are all a later query may need
+            self._write(index[T - keep:] % self.slots, map_state(lambda t: t[:, T - keep:], new),
+                        positions[:, T - keep:], valid[:, T - keep:])
+            self.length.add_(T)
+            return (new, positions, valid) if fresh else (full, full_pos, full_valid)
+        self._write(index % self.slots if self.ring else index, new, positions, valid)
+        self.length.add_(T)
+        return (new, positions, valid) if fresh else (self.state, self.positions, self.valid)
+
+    def activate_past_recording(self) -> None:
+        """Nothing to switch on: a ring keeps ``window`` slots; :meth:`crop` says when it cannot undo."""
+        self.record_past = True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` positions (transformers' convention: a negative count). Their slots
+        are marked invalid and written again by the next steps; a ring that wrapped cannot undo (it raises)."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop({tokens_to_remove}): pass a negative number of positions to remove "
+                             "(transformers' convention)")
+        remove, seen = -tokens_to_remove, self.get_seq_length()
+        if not remove or self.state is None:
+            return
+        if remove > seen:
+            raise ValueError(f"crop({tokens_to_remove}): the cache has seen only {seen} positions")
+        if self.ring and seen > self.slots:
+            raise ValueError(f"crop({tokens_to_remove}): this sliding-window layer's ring of {self.slots} slots has "
+                             f"wrapped ({seen} positions seen): the positions it overwrote cannot come back")
+        self.valid[:, seen - remove:seen] = False
+        self.length.sub_(remove)
+
+    def select(self, index: Tensor) -> None:
+        """Keep batch rows ``index`` (beam search reordering), in place when the batch size is unchanged."""
+        if self.state is None:
+            return
+
+        def pick(t: Tensor) -> Tensor:
+            chosen = t.index_select(0, index.to(t.device))
+            return t.copy_(chosen) if chosen.shape == t.shape else chosen
+
+        self.state = map_state(pick, self.state)
+        self.positions, self.valid = pick(self.positions), pick(self.valid)
+        self._mark_static()
+
+    reorder_cache = select
+    batch_select_indices = select
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times (new buffers: the batch size changes)."""
+        if self.state is None:
+            return
+        self.state = map_state(lambda t: t.repeat_interleave(repeats, dim=0), self.state)
+        self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self.valid = self.valid.repeat_interleave(repeats, dim=0)
+        self._mark_static()
+
+    def reset(self) -> None:
+        """Empty the layer, keeping its buffers (and their addresses) for the next generation."""
+        if self.valid is not None:
+            self.valid.zero_()
+        self.length.zero_()
+
+    def offload(self) -> None:  # transformers' offloading hooks: not supported, nothing to move
+        pass
+
+    def prefetch(self) -> None:
+        pass
+
+    def nbytes(self) -> int:
+        return 0 if self.state is None else sum(t.numel() * t.element_size() for t in _leaves(self.state))

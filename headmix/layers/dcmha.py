@@ -7,8 +7,6 @@ it (on the probabilities), with weights that depend on the input at each query a
 from __future__ import annotations
 
 import math
-from dataclasses import fields
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -16,7 +14,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..masks import MaskSpec
 from ..ops import resolve_backend
-from ..reference import ComposeWeights, composed_probabilities
+from ..reference import COMPOSE_FIELDS, ComposeWeights, composed_probabilities
 from .composed import ComposedAttention
 
 COMPOSITIONS = ("pre", "post")
@@ -31,15 +29,15 @@ SideWeights = dict[str, ComposeWeights]  # one side's weights per composition: {
 def side_fields(side: str) -> tuple[str, ...]:
     """The :class:`~headmix.reference.ComposeWeights` fields of one side, in field order:
     ``("query_w1", "query_w2", "query_gate")`` for ``"query"``, likewise for ``"key"``."""
-    return tuple(f.name for f in fields(ComposeWeights) if f.name.startswith(side + "_"))
+    return tuple(name for name in COMPOSE_FIELDS if name.startswith(side + "_"))
 
 
 def combine(*parts: ComposeWeights) -> ComposeWeights:
     """One :class:`~headmix.reference.ComposeWeights` from parts that each set some fields (the static
     weights, the query side, the key side); a field takes the first part's that is not ``None``."""
     return ComposeWeights(**{
-        f.name: next((getattr(p, f.name) for p in parts if getattr(p, f.name) is not None), None)
-        for f in fields(ComposeWeights)
+        name: next((getattr(p, name) for p in parts if getattr(p, name) is not None), None)
+        for name in COMPOSE_FIELDS
     })
 
 

@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .cache import HeadmixCache, LayerCache
+from .cache import HeadmixCache, HeadmixStaticCache, LayerCache, StaticLayerCache
 from .configuration import ATTENTION_KINDS, PRESETS, DCFormerConfig, preset_table
 from .modeling import DCFormerForCausalLM, DCFormerModel, DCFormerPreTrainedModel
 from .upcycle import upcycle
@@ -19,7 +19,9 @@ __all__ = [
     "DCFormerModel",
     "DCFormerPreTrainedModel",
     "HeadmixCache",
+    "HeadmixStaticCache",
     "LayerCache",
+    "StaticLayerCache",
     "preset_table",
     "upcycle",
 ]

@@ -7,13 +7,19 @@ composition factors and gates, the collaborative content bias).
 and ``batch_select_indices`` (expansion, contrastive search), ``activate_past_recording`` (so that sliding-window
 layers keep what a later ``crop`` needs), ``reset``. Sliding-window layers roll (their memory is bounded by the
 window) unless recording.
+
+:class:`HeadmixStaticCache` is the static cache, selected the Hugging Face way: ``model.generate(ids,
+cache_implementation="static")`` (or ``generation_config.cache_implementation = "static"``). Its layers are
+:class:`headmix.layers.cache.StaticLayerCache`: buffers allocated once, written in place, so one decoding step has
+static shapes; on CUDA, ``generate()`` then runs the decoding steps through ``torch.compile`` (transformers' own
+compile path: ``generation_config.compile_config``, ``disable_compile=True`` to turn it off).
 """
 
 from __future__ import annotations
 
 from transformers.cache_utils import Cache
 
-from ..layers.cache import LayerCache
+from ..layers.cache import LayerCache, StaticLayerCache
 
 
 class HeadmixCache(Cache):
@@ -56,4 +62,40 @@ class HeadmixCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-__all__ = ["HeadmixCache", "LayerCache"]
+class HeadmixStaticCache(HeadmixCache):
+    """One :class:`StaticLayerCache` per layer: ``windows[i]`` is layer ``i``'s sliding window (``None``: global),
+    ``max_cache_len`` the positions it holds (global layers; sliding-window layers keep a ring of ``window`` slots).
+
+    Example:
+        >>> import torch
+        >>> from headmix.models import DCFormerConfig, DCFormerForCausalLM
+        >>> model = DCFormerForCausalLM(DCFormerConfig.from_preset("tiny-dcformer++")).eval()
+        >>> ids = torch.randint(0, 100, (1, 8))
+        >>> out = model.generate(ids, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        >>> out.shape
+        torch.Size([1, 12])
+    """
+
+    def __init__(self, windows: list[int | None], max_cache_len: int) -> None:
+        Cache.__init__(self, layers=[StaticLayerCache(max_cache_len, w) for w in windows])
+
+    @property
+    def max_cache_len(self) -> int:
+        """Positions the cache holds (global layers; a sliding-window layer's ring never fills)."""
+        return self.layers[0].max_cache_len
+
+    @property
+    def length(self):
+        """The 0-d tensor count of positions seen (what a compiled step reads instead of :meth:`get_seq_length`)."""
+        return self.layers[0].length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_cache_len
+
+    def check_room(self, new: int) -> None:
+        """Raise a ``ValueError`` naming the sizes if ``new`` more positions do not fit (a host synchronisation)."""
+        for layer in self.layers:
+            layer.check_room(new)
+
+
+__all__ = ["HeadmixCache", "HeadmixStaticCache", "LayerCache", "StaticLayerCache"]

@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers.base import Attention
-from .cache import HeadmixCache, LayerCache
+from .cache import HeadmixCache, HeadmixStaticCache, LayerCache
 from .checkpoint import verify_checkpoint
 from .configuration import DCFormerConfig
 
@@ -37,6 +37,10 @@ CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ 
 #: ``"eager"`` runs every layer's materialised reference path (what ``output_attentions`` reads), ``"sdpa"`` (the
 #: default) each layer's own fast path. The mapping onto layers is :data:`headmix.layers.base.IMPLEMENTATION_BACKENDS`.
 KERNELS_IMPLEMENTATION = "headmix_triton"
+
+#: ``cache_implementation`` names that select the static cache (:class:`HeadmixStaticCache`): ``"static"``, and
+#: the names transformers 5 deprecated in its favour.
+STATIC_IMPLEMENTATIONS = ("static", "sliding_window", "hybrid")
 
 
 def _headmix_only_attention(module, *args, **kwargs):
@@ -162,6 +166,9 @@ class DCFormerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["DecoderLayer"]
     _supports_sdpa = True
+    # forward compiles as one graph (torch.compile(fullgraph=True), with the dynamic or the static cache: tested in
+    # tests/test_generate_static.py); transformers' generation tests of the static cache and compiled forward run
+    _can_compile_fullgraph = True
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -217,9 +224,12 @@ class DCFormerModel(DCFormerPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def new_cache(self) -> HeadmixCache:
-        """An empty decoding cache for this model (rolling for sliding-window layers)."""
-        return HeadmixCache([self.config.layer_window(i) for i in range(self.config.num_hidden_layers)])
+    def new_cache(self, max_cache_len: int | None = None) -> HeadmixCache:
+        """An empty decoding cache for this model: the dynamic :class:`HeadmixCache` (rolling for sliding-window
+        layers), or with ``max_cache_len`` the static :class:`HeadmixStaticCache` of that many positions (what
+        ``generate(..., cache_implementation="static")`` makes, sized to ``max_length``)."""
+        windows = [self.config.layer_window(i) for i in range(self.config.num_hidden_layers)]
+        return HeadmixCache(windows) if max_cache_len is None else HeadmixStaticCache(windows, max_cache_len)
 
     def forward(
         self,
@@ -264,29 +274,51 @@ class DCFormerModel(DCFormerPreTrainedModel):
                 f"past_key_values is a {type(past_key_values).__name__}: headmix models keep extra per-position state "
                 "(DCMHA key-wise weights, rolling windows) and need a HeadmixCache (model.new_cache())"
             )
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        static = isinstance(past_key_values, HeadmixStaticCache)
+        compiling = torch.compiler.is_compiling()
+        if static:
+            # A compiled step reads the count of cached positions as a tensor (no host synchronisation); eagerly,
+            # the sizes are checked first, with a clear error
+            if not compiling:
+                past_key_values.check_room(T)
+            past = None if compiling else past_key_values.get_seq_length()
+            new_index = past_key_values.length.to(x.device) + torch.arange(T, device=x.device)
+        else:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
         padding, allowed = None, None
         if attention_mask is not None and attention_mask.dim() == 4:
+            if static:
+                raise ValueError("a 4-D attention_mask is not supported with the static cache (HeadmixStaticCache): "
+                                 "pass a 2-D padding mask (batch, past + seq), or use the dynamic cache")
             if attention_mask.shape[-2:] != (T, past + T) or attention_mask.shape[1] != 1:
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}: a 4-D mask must be "
                                  f"(batch or 1, 1, seq, past + seq) = ({B}, 1, {T}, {past + T})")
             allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         elif attention_mask is not None:
-            if attention_mask.shape != (B, past + T):
+            # With the static cache the mask may be longer than past + seq (generate() pads it to the cache's
+            # size, so that a compiled step sees one shape): entries past the new tokens are ignored.
+            if attention_mask.dim() != 2 or attention_mask.shape[0] != B or (
+                    past is not None and attention_mask.shape[1] < past + T
+                    if static else attention_mask.shape[1] != past + T):
                 raise ValueError(
                     f"attention_mask has shape {tuple(attention_mask.shape)}: expected (batch, past + seq) = "
-                    f"({B}, {past + T})"
+                    f"({B}, {'at least ' if static else ''}{past + T if past is not None else 'past + seq'})"
                 )
             # Under torch.compile/export the mask is always applied (no data-dependent branch in the graph);
             # eagerly, an all-ones mask is dropped so the layers keep their plain causal fast paths.
-            if torch.compiler.is_compiling() or not bool(attention_mask.all()):
-                padding = attention_mask[:, -T:].bool()
-                if position_ids is None:  # left padding: real tokens count from 0
-                    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-        elif position_ids is not None and past == 0 and not torch.compiler.is_compiling():
+            if compiling or not bool(attention_mask.all()):
+                if static:
+                    padding = attention_mask.index_select(1, new_index).bool()
+                    if position_ids is None:  # left padding: real tokens count from 0
+                        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0).index_select(1, new_index)
+                else:
+                    padding = attention_mask[:, -T:].bool()
+                    if position_ids is None:  # left padding: real tokens count from 0
+                        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+        elif position_ids is not None and not static and past == 0 and not compiling:
             allowed = packed_sequence_mask(position_ids)  # None unless the positions restart (packed sequences)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)
+            position_ids = new_index if static else torch.arange(past, past + T, device=x.device)
         implementation = getattr(config, "_attn_implementation", None)
         hidden_states: list[Tensor] = []
         attentions: list[Tensor] = []
@@ -350,8 +382,9 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def new_cache(self) -> HeadmixCache:
-        return self.model.new_cache()
+    def new_cache(self, max_cache_len: int | None = None) -> HeadmixCache:
+        """An empty decoding cache (see :meth:`DCFormerModel.new_cache`)."""
+        return self.model.new_cache(max_cache_len)
 
     def forward(
         self,
@@ -388,7 +421,40 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
     # -- generate() integration: our own cache (a transformers Cache); transformers' own input preparation ----
     # generate() keeps the cache in its model_kwargs under CACHE_NAME (the installed transformers' name).
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
-        if model_kwargs.get(CACHE_NAME) is None and generation_config.use_cache is not False:
-            model_kwargs[CACHE_NAME] = self.new_cache()
-            if getattr(generation_config, "is_assistant", False):
-                model_kwargs[CACHE_NAME].activate_past_recording()  # its rejected candidates are cropped away
+        """Make the cache ``generate()`` decodes with: the dynamic :class:`HeadmixCache`, or for
+        ``cache_implementation="static"`` a :class:`HeadmixStaticCache` sized to the generation's ``max_length``
+        (or ``generation_config.max_cache_len`` if larger), which ``generate()`` compiles the decoding step
+        against on CUDA (transformers' auto-compile: a compileable cache, not a ``DynamicCache``)."""
+        implementation = getattr(generation_config, "cache_implementation", None)
+        if model_kwargs.get(CACHE_NAME) is not None:
+            if implementation is not None:
+                raise ValueError(f"got both cache_implementation={implementation!r} and a {CACHE_NAME} object: "
+                                 "pass one of them")
+            return
+        if generation_config.use_cache is False:
+            return
+        if implementation in STATIC_IMPLEMENTATIONS:
+            # transformers passes (generation_mode, batch_size, max_cache_length) after the kwargs; the buffers take
+            # their batch size from the first step, so only the length is needed
+            length = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
+            length = max(length or 0, generation_config.max_length or 0, getattr(generation_config, "max_cache_len", None) or 0)
+            cache = self.new_cache(max_cache_len=length)
+        elif implementation in (None, "dynamic"):
+            cache = self.new_cache()
+        else:
+            raise ValueError(f"cache_implementation={implementation!r} is not supported by headmix models: use "
+                             f"'dynamic' (the default) or 'static'")
+        model_kwargs[CACHE_NAME] = cache
+        if getattr(generation_config, "is_assistant", False):
+            cache.activate_past_recording()  # its rejected candidates are cropped away
+
+    def create_masks_for_generate(self, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+        """What ``generate()`` passes as ``attention_mask`` with a compileable (static) cache (transformers' hook in
+        ``prepare_inputs_for_generation``, called with the cache as ``cache`` or, before 5.24, ``past_key_values``):
+        the 2-D padding mask ``(batch, past + seq)`` zero-padded to the cache's ``max_cache_len`` columns, so that
+        every decoding step has one shape (the model reads the columns of the new tokens:
+        :meth:`DCFormerModel.forward`; the layers build their own masks). ``None`` stays ``None`` (no padding)."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if attention_mask is None or attention_mask.dim() != 2 or not isinstance(cache, HeadmixStaticCache):
+            return attention_mask
+        return F.pad(attention_mask, (0, max(cache.max_cache_len - attention_mask.shape[1], 0)))

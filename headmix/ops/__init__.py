@@ -10,7 +10,9 @@ A backend is a function with the signature of :func:`headmix.reference.composed_
   runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
 * ``"auto"``: ``triton`` for CUDA tensors whose shape and dtype the kernels take (:func:`triton_takes`:
   float32/bfloat16/float16, head dims 16-128, up to 16 heads per group for training and 32 for inference);
-  else ``chunked`` beyond one block of queries, else ``reference`` (decoding steps).
+  else ``chunked`` beyond one block of queries, else ``reference`` (decoding steps). Inside ``torch.compile``
+  without gradients, one block of queries (a compiled decoding step against the static cache) runs ``reference``
+  on CUDA too: inductor fuses it into the step's graph.
 
 The fallback policy lives here: when ``auto`` cannot use the kernels for a CUDA tensor (a shape they do not
 take, or a kernel that does not fit the GPU at run time), it runs the chunked path and warns once per reason,
@@ -123,6 +125,11 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
         # Decoding, measured on an H100 against a 4096-token cache (docs/kernels.md): head dim 64: 0.55-0.56 vs
         # 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the materialised path; head dim 128:
         # 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms.
+        if like is not None and like.is_cuda and torch.compiler.is_compiling() and not torch.is_grad_enabled() \
+                and query_len <= chunk_size:
+            # a compiled decoding step (the static cache): the materialised path over the fixed cache, one query
+            # block, which inductor fuses into the step's graph (and a CUDA graph replays) with no launch of its own
+            return _BACKENDS["reference"]
         if like is not None and like.is_cuda:
             refusal = _triton_refusal(like, groups, torch.is_grad_enabled(), kv_heads)
             if refusal is None:

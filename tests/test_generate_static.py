@@ -1,0 +1,194 @@
+"""The static cache (``generate(..., cache_implementation="static")``) and compiled decoding against it.
+
+Greedy tokens with the static cache must equal the dynamic cache's for every attention kind and both backbones,
+with prompts longer than the sliding window (the ring wraps), left padding, and generation past the cache size
+(a clear error for global layers; the ring runs on for sliding-window layers). The compiled step (transformers'
+own compile path of ``generate``, forced on the CPU with ``CompileConfig._compile_all_devices``) must compile as
+one graph (``fullgraph=True``), at most twice over a whole generation, and give the eager tokens; the backend here
+counts compilations and runs the captured graph eagerly (inductor would take minutes on the CI machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import CompileConfig
+
+from headmix.layers.cache import StaticLayerCache
+from headmix.models import DCFormerConfig, DCFormerForCausalLM, HeadmixStaticCache
+from headmix.models.modeling import CACHE_NAME
+
+KINDS = ("mha", "talking_heads", "dcmha", "collaborative")
+BACKBONES = {"llama": "tiny-dcformer++", "pythia": "tiny-dcpythia"}
+SMALL = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64, window_size=4,
+             window_pattern="LG")
+PROMPT, NEW = 9, 12  # prompt longer than the window of 4; the ring of 4 slots wraps several times
+
+
+def small_model(backbone: str = "llama", attention=None, **overrides) -> DCFormerForCausalLM:
+    """A 2-layer model (one sliding-window layer, one global) whose every parameter is perturbed, so that the
+    compositions (identity at initialisation), mixes and content biases all act."""
+    options = {"content_bias": True} if attention == "collaborative" else {}
+    config = DCFormerConfig.from_preset(BACKBONES[backbone], **{**SMALL, **overrides},
+                                        **({"attention": attention} if attention else {}),
+                                        **({"attention_options": options} if options else {}))
+    model = DCFormerForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def prompts(batch: int = 2, pad: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, SMALL["vocab_size"], (batch, PROMPT))
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0  # left padding in the first row
+    ids[0, :pad] = 0
+    return ids, mask
+
+
+def greedy(model, ids, mask, **kwargs) -> torch.Tensor:
+    return model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                          pad_token_id=0, eos_token_id=None, **kwargs)[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("kind", KINDS)
+def test_static_cache_gives_the_dynamic_cache_tokens(kind, backbone):
+    model = small_model(backbone, kind)
+    ids, mask = prompts()
+    dynamic = greedy(model, ids, mask)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         pad_token_id=0, eos_token_id=None, cache_implementation="static",
+                         return_dict_in_generate=True)
+    assert torch.equal(out.sequences[:, PROMPT:], dynamic)
+    cache = getattr(out, CACHE_NAME, None) or out.past_key_values
+    assert isinstance(cache, HeadmixStaticCache)
+    ring, full = cache.layers  # "LG": a sliding-window layer, then a global one
+    assert ring.ring and ring.slots == SMALL["window_size"] and ring.state["k"].shape[1] == SMALL["window_size"]
+    assert not full.ring and full.slots == cache.max_cache_len >= PROMPT + NEW - 1
+    assert cache.get_seq_length() == PROMPT + NEW - 1
+
+
+def test_generation_config_selects_the_static_cache():
+    model = small_model()
+    ids, mask = prompts()
+    dynamic = greedy(model, ids, mask)
+    model.generation_config.cache_implementation = "static"
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         pad_token_id=0, eos_token_id=None, return_dict_in_generate=True)
+    assert isinstance(getattr(out, CACHE_NAME, None) or out.past_key_values, HeadmixStaticCache)
+    assert torch.equal(out.sequences[:, PROMPT:], dynamic)
+
+
+def test_unknown_cache_implementation_is_refused():
+    model = small_model()
+    with pytest.raises(ValueError, match="cache_implementation='quantized'.*'dynamic'.*'static'"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, cache_implementation="quantized")
+
+
+def test_static_cache_beam_search_matches_dynamic():
+    model = small_model(attention="dcmha")
+    ids, mask = prompts()
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, cache_implementation="static", **kwargs))
+
+
+def test_generation_past_the_cache_size_names_the_sizes():
+    model = small_model()
+    ids, mask = prompts()
+    cache = model.new_cache(max_cache_len=12)
+    with pytest.raises(ValueError, match=r"holds 12 positions: 12 are cached and 1 more do not fit"):
+        greedy(model, ids, mask, **{CACHE_NAME: cache})
+
+
+def test_sliding_window_layers_run_past_the_cache_size_on_their_ring():
+    """Every layer local: the static cache of 6 positions holds rings of 4 slots and never fills."""
+    model = small_model(window_pattern=None)
+    ids, mask = prompts()
+    assert torch.equal(greedy(model, ids, mask, **{CACHE_NAME: model.new_cache(max_cache_len=6)}),
+                       greedy(model, ids, mask))
+
+
+def test_crop_and_reset_of_the_static_cache():
+    """Assisted decoding's rollback: cropping the last steps and decoding them again gives the same logits."""
+    model = small_model(window_pattern="G")  # global layers only: a ring that wrapped cannot undo (tested below)
+    ids = torch.randint(1, 64, (1, 8))
+    cache = model.new_cache(max_cache_len=16)
+    model(ids[:, :5], **{CACHE_NAME: cache})
+    first = model(ids[:, 5:], **{CACHE_NAME: cache}).logits
+    cache.crop(-3)
+    assert cache.get_seq_length() == cache.seen_tokens == 5
+    assert torch.allclose(model(ids[:, 5:], **{CACHE_NAME: cache}).logits, first, atol=1e-6)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and not cache.layers[0].valid.any()
+    ring = StaticLayerCache(8, window=2)
+    ring.update({"k": torch.randn(1, 3, 1, 2)}, torch.arange(3)[None], torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="ring of 2 slots has wrapped"):
+        ring.crop(-1)
+
+
+def compiled_greedy(model, ids, mask) -> tuple[torch.Tensor, int]:
+    """Greedy tokens with the static cache and the decoding step compiled by ``generate()`` (fullgraph), and the
+    number of graphs compiled."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):  # a function: CompileConfig deep-copies its backend (not a function)
+        graphs.append(graph_module)
+        return graph_module.forward  # the captured graph, run eagerly
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True  # transformers compiles only on accelerators unless told
+    torch._dynamo.reset()
+    tokens = greedy(model, ids, mask, cache_implementation="static", compile_config=config)
+    return tokens, len(graphs)
+
+
+def test_compiled_decoding_step_every_kind_one_graph():
+    """One model with every attention kind (pythia backbone, one sliding-window layer): the compiled steps give
+    the dynamic cache's tokens, and the whole generation compiles the step once (at most one recompile)."""
+    model = small_model("pythia", attention=list(KINDS), num_hidden_layers=4,
+                        attention_options={"content_bias": True})
+    ids, mask = prompts()
+    tokens, graphs = compiled_greedy(model, ids, mask)
+    assert torch.equal(tokens, greedy(model, ids, mask))
+    assert 1 <= graphs <= 2, f"{graphs} compilations over {NEW - 1} decoding steps"
+
+
+def test_converted_official_dcformer_generates_the_same_tokens_compiled(tmp_path):
+    """An official-format DCFormer (random weights, the tests' fixtures), converted, decodes the same greedy
+    tokens compiled against the static cache as eagerly with the dynamic cache."""
+    from official_fixtures import official_config, random_official_state, write_official
+
+    from headmix.convert.official import import_official
+
+    config = official_config("dcformer", n_layer=2, window_size=4, vocab_size=64)  # layer 0 local, 1 global
+    write_official(tmp_path / "official", config, random_official_state(config, seed=3))
+    import_official(tmp_path / "official", tmp_path / "headmix", progress=False)
+    model = DCFormerForCausalLM.from_pretrained(tmp_path / "headmix").eval()
+    assert any(model.config.layer_window(i) for i in range(2))
+    ids, mask = prompts()
+    tokens, graphs = compiled_greedy(model, ids, mask)
+    assert torch.equal(tokens, greedy(model, ids, mask))
+    assert 1 <= graphs <= 2
+
+
+def test_forward_compiles_as_one_graph():
+    """``_can_compile_fullgraph = True`` is what transformers' tests read: besides the decoding steps above, the
+    plain forward (padding, no cache) traces without a graph break."""
+    model = small_model(attention="dcmha", num_hidden_layers=1)
+    ids, mask = prompts()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    expected = model(ids, attention_mask=mask, use_cache=False).logits
+    assert torch.allclose(compiled(ids, attention_mask=mask, use_cache=False).logits, expected)
+    assert DCFormerForCausalLM._can_compile_fullgraph
+
+
+def test_static_cache_docstring_example_runs():
+    import doctest
+
+    import headmix.models.cache
+
+    failures, tried = doctest.testmod(headmix.models.cache)
+    assert tried > 0 and failures == 0
