@@ -48,6 +48,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 
@@ -122,9 +123,14 @@ def diagnostics(model, data: dict, args, device) -> dict:
 
 
 # -- runs, cached on disk --------------------------------------------------------------------------
-def run_once(name: str, out: Path, train: callable) -> dict:
-    """The cached result of run ``name`` (``out/runs/name.json``), training it first if absent."""
-    path = out / "runs" / f"{name}.json"
+def run_path(out: Path, name: str) -> Path:
+    """Where run ``name``'s result is kept."""
+    return out / "runs" / f"{name}.json"
+
+
+def run_once(name: str, out: Path, train: Callable[[], dict]) -> dict:
+    """The cached result of run ``name`` (:func:`run_path`), training it first if absent."""
+    path = run_path(out, name)
     if path.is_file():
         print(f"{name}: done earlier ({path})", file=sys.stderr, flush=True)
         return json.loads(path.read_text())
@@ -201,17 +207,18 @@ def verdict(analysis: dict, arms: dict) -> str:
     if abs(delta) < 2 * sigma:
         return f"not reproduced at this scale (|Δ| = {abs(delta):.4f} < 2σ = {2 * sigma:.4f})"
     control = arms.get("control")
+    beats_control = control is not None and arms["dcformer++"]["mean"] < control["mean"]
     low = analysis.get("multiplier_range", [None])[0]
-    if (delta >= max(3 * sigma, 0.01) and control is not None and arms["dcformer++"]["mean"] < control["mean"]
-            and low is not None and low > 1.2):
+    if delta >= max(3 * sigma, 0.01) and beats_control and low is not None and low > 1.2:
         return f"reproduced (Δ = {delta:.4f} nats, multiplier {analysis['multiplier']:.2f}x, 1-sd low {low:.2f}x)"
     mult = analysis.get("multiplier")
     if mult is not None and 1.1 <= mult <= 1.5:
         return f"direction only (multiplier {mult:.2f}x)"
     if delta < 0:
         return f"DCFormer++ worse at this scale (Δ = {delta:.4f} nats, {abs(delta) / sigma:.1f}σ)"
-    return (f"better but short of 'reproduced' (Δ = {delta:.4f} nats, {delta / sigma:.1f}σ, multiplier "
-            f"{mult if mult is None else round(mult, 2)}x, control {'beaten' if control and arms['dcformer++']['mean'] < control['mean'] else 'not beaten or absent'})")
+    multiplier = "no multiplier" if mult is None else f"multiplier {mult:.2f}x"
+    return (f"better but short of 'reproduced' (Δ = {delta:.4f} nats, {delta / sigma:.1f}σ, {multiplier}, "
+            f"control {'beaten' if beats_control else 'not beaten or absent'})")
 
 
 def table(results: dict, analysis: dict, header: str) -> str:
@@ -252,6 +259,13 @@ def plot(results: dict, analysis: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, ax, path: Path) -> Path:
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
     paths = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n, r in results.items():
@@ -262,11 +276,7 @@ def plot(results: dict, analysis: dict, out: Path) -> list[Path]:
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss")
     ax.set_title("validation loss against tokens (each run's own cosine schedule)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "study_curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(save(fig, ax, out / "study_curves.png"))
     if "fit" in analysis:
         fig, ax = plt.subplots(figsize=(6, 4.5))
         points = analysis["fit"]["points"]
@@ -281,11 +291,7 @@ def plot(results: dict, analysis: dict, out: Path) -> list[Path]:
         ax.set_xscale("log")
         ax.set_xlabel("training FLOPs")
         ax.set_ylabel("final validation loss")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "study_flops.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(save(fig, ax, out / "study_flops.png"))
     return paths
 
 
@@ -360,18 +366,15 @@ def main(argv=None) -> int:
     started = time.time()
     results: dict = {}
     for name, arm, seed, multiple, kind in plan(args):
-        if (out / "runs" / f"{name}.json").is_file():
-            results[name] = run_once(name, out, lambda: {})
-            continue
-        if (time.time() - started) / 60 > args.budget_minutes:
+        if not run_path(out, name).is_file() and (time.time() - started) / 60 > args.budget_minutes:
             print(f"budget of {args.budget_minutes} minutes spent: {name} and later runs left for the next call",
                   file=sys.stderr)
             break
-        config = arm_config(arm, size, loaded()["vocab_size"])
-        lr = float(kind.split(":")[1]) if kind.startswith("probe") else best_rate(results, arm, args.lrs)
-        steps = max(1, round(steps_per_run * multiple))
 
-        def train(config=config, seed=seed, lr=lr, steps=steps, name=name, arm=arm, kind=kind) -> dict:
+        def train() -> dict:  # called by run_once, in this iteration, only if the run is not on disk yet
+            config = arm_config(arm, size, loaded()["vocab_size"])
+            lr = float(kind.split(":")[1]) if kind.startswith("probe") else best_rate(results, arm, args.lrs)
+            steps = max(1, round(steps_per_run * multiple))
             result = train_run(config, data, train_args, seed, device, name, steps=steps, lr=lr, data_seed=0,
                                warmup=0.02, keep_model=arm == "dcformer++" and kind == "main" and seed == 0)
             model = result.pop("model", None)
@@ -383,7 +386,8 @@ def main(argv=None) -> int:
         results[name] = run_once(name, out, train)
     analysis = analyse(results, args)
     described = json.loads((out / "data.json").read_text())["description"] if (out / "data.json").is_file() else "-"
-    header = (f"# headmix study (issue 18 §2): {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = (f"# headmix study (issue 18 §2): {machine}, "
               f"{datetime.date.today()}, torch {torch.__version__}; {args.layers} layers x {args.width}, "
               f"{args.heads} heads x {args.width // args.heads}, seq {args.seq}, batch {args.batch}, "
               f"{steps_per_run * args.batch * args.seq:,} tokens a run; data: {described}\n"
