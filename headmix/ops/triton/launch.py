@@ -6,13 +6,11 @@ the positional structure ``causal``, ``window`` (0: none) and ``offset`` (query 
 
 from __future__ import annotations
 
-from dataclasses import fields
-
 import torch
 import triton
 from torch import Tensor
 
-from ...reference import ComposeWeights
+from ...reference import COMPOSE_FIELDS, ComposeWeights
 from .backward import _bwd_key_kernel, _bwd_query_kernel
 from .forward import _fwd_kernel
 
@@ -24,7 +22,7 @@ HEAD_DIM_CHUNK = 64  # each program writes this many dims of dQ (or dK, dV)
 MAX_TRAINING_HEADS_PER_GROUP = 16
 # The Compose fields in the dataclass's order: bit i of a kernel's flags is field i (tiles.py names the bits;
 # tests/test_triton.py::test_flag_bits_name_the_compose_fields ties the two).
-FIELDS = tuple(f.name for f in fields(ComposeWeights))
+FIELDS = COMPOSE_FIELDS
 
 # Tile shapes per phase ("fwd", "bwd") and padded heads per group: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # One pipeline stage: the (heads x block x block) tiles already fill the shared memory. Tuning scripts
