@@ -192,3 +192,31 @@ def test_static_cache_docstring_example_runs():
 
     failures, tried = doctest.testmod(headmix.models.cache)
     assert tried > 0 and failures == 0
+
+
+def test_compiled_decoding_step_on_the_split_kernels():
+    """DCMHA layers on the fused kernels (interpreted on the CPU): the compiled static-cache steps run the split-key
+    custom op, keys split over programs and their statistics combined on the device, as one graph, and give the
+    reference path's dynamic-cache tokens, with left padding and a ring that wraps."""
+    pytest.importorskip("headmix.ops.triton")
+    model = small_model(attention="dcmha", hidden_size=64)  # head dim 16: the kernels' smallest
+    ids, mask = prompts()
+    new = 5
+    kwargs = dict(attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                  eos_token_id=None)
+    expected = model.generate(ids, **kwargs)  # backend "auto" on the CPU: the reference path
+    for layer in model.model.layers:
+        layer.attention.backend = "triton"
+    ops = []
+
+    def backend(graph_module, example_inputs):
+        ops.append([str(n.target) for n in graph_module.graph.nodes if n.op == "call_function"])
+        return graph_module.forward
+
+    config = CompileConfig(backend=backend, fullgraph=True, mode=None)
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    cache = model.new_cache(max_cache_len=70)  # 70 slots: the global layer's keys split over programs (32 each)
+    tokens = model.generate(ids, compile_config=config, **{CACHE_NAME: cache}, **kwargs)
+    assert torch.equal(tokens, expected)
+    assert 1 <= len(ops) <= 2 and all(any("dcmha_inference" in op for op in graph) for graph in ops)

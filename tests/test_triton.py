@@ -286,6 +286,81 @@ def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
     assert (whole.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
+# A compiled decoding step against the static cache: one query over every slot, a (B, 1, 1, S) mask from the
+# slots' positions and validity. B, H, H_kv, S, window, position of the query.
+STATIC_STEPS = {
+    "global-padding": (2, 4, 4, 40, None, 30),  # slots past the query unwritten, the first row's prompt left-padded
+    "ring": (2, 4, 4, 48, 48, 130),  # a ring of 48 slots that wrapped: positions out of order, all in the window
+    "gqa-no-key": (3, 8, 2, 37, None, 20),  # 4 query heads per k/v head; the third row has no valid slot at all
+}
+
+
+@pytest.mark.parametrize("name", list(STATIC_STEPS))
+def test_compiled_decoding_step_runs_the_split_kernels_and_matches_the_reference(name):
+    """The compiled static-cache decoding step's attention: ``torch.compile(fullgraph=True)`` keeps the split-key
+    kernels as one ``headmix::dcmha_inference`` op (three launches, the splits' statistics combined on the device),
+    equal to the eager call bit for bit and to the float64 reference."""
+    B, H, Hkv, S, window, now = STATIC_STEPS[name]
+    g = torch.Generator().manual_seed(5)
+    G, D = 2, 16
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pre, post = (random_weights(B, 1, S, G, H // G, 2, FIELDS, g) for _ in range(2))
+    slots = torch.arange(S)
+    if window:  # slot s holds the newest position p <= now with p % S == s
+        positions = now - (now - slots) % S
+    else:
+        positions = slots
+    valid = (positions <= now).expand(B, S).clone()
+    valid[0, :5] = False  # left padding of the first row
+    if name == "gqa-no-key":
+        valid[2] = False
+    mask = attention_mask(torch.full((B, 1), now), positions.expand(B, S), causal=True, window=window,
+                          key_padding=valid)
+    ref = composed_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), scale=D**-0.5,
+                             mask=mask, pre=pre, post=post, groups=G)
+    f32 = [t.float().to(DEVICE) for t in (q, k, v)]
+    pre32, post32, mask = as_float32(pre), as_float32(post), mask.to(DEVICE)
+    meta = triton_dcmha.launch_meta(*f32, G, pre32, post32, "fwd")
+    assert launch._key_splits(B * G, S, meta["BN"])[1] > 1  # the split-key path
+
+    def step(q, k, v, mask):
+        core = resolve_backend("triton", 1, 128, q, groups=G, kv_heads=Hkv)
+        return core(q, k, v, scale=D**-0.5, mask=mask, pre=pre32, post=post32, groups=G, chunk_size=128)
+
+    ops = []
+
+    def backend(graph_module, example_inputs):  # records the graph's calls, runs it eagerly
+        ops.extend(str(n.target) for n in graph_module.graph.nodes if n.op == "call_function")
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        eager = step(*f32, mask)
+        compiled = torch.compile(step, fullgraph=True, backend=backend)(*f32, mask)
+    assert any("dcmha_inference" in op for op in ops), ops
+    assert torch.equal(compiled, eager)
+    assert (eager.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if name == "gqa-no-key":
+        assert not eager[2].any()  # a query with no allowed key outputs zeros, as on every path
+
+
+def test_split_sum_kernel_adds_the_splits_in_order():
+    """The last decoding launch: the float32 partial outputs summed over the splits, stored in the output dtype."""
+    from headmix.ops.triton.forward import _split_sum_kernel
+
+    g = torch.Generator().manual_seed(2)
+    parts = torch.randn(5, 3, 700, generator=g).to(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(3, 700, dtype=dtype, device=DEVICE)
+        _split_sum_kernel[(3,)](parts, out, out.numel(), 5, BLOCK=1024)
+        expected = parts[0] + parts[1] + parts[2] + parts[3] + parts[4]  # float32, in split order
+        if dtype == torch.float32:
+            assert torch.equal(out, expected)
+        else:  # within one bf16 step of the float32 sum (Triton's interpreter rounds the cast unlike the GPU)
+            assert ((out.float() - expected).abs() <= 2**-7 * expected.abs()).all()
+
+
 def test_results_are_identical_across_runs():
     first = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)
     second = compare(2, 4, 21, 21, 16, 1, 2, causal=True, window=6, seed=3)

@@ -11,8 +11,9 @@ A backend is a function with the signature of :func:`headmix.reference.composed_
 * ``"auto"``: ``triton`` for CUDA tensors whose shape and dtype the kernels take (:func:`triton_takes`:
   float32/bfloat16/float16, head dims 16-128, up to 16 heads per group for training and 32 for inference);
   else ``chunked`` beyond one block of queries, else ``reference`` (decoding steps). Inside ``torch.compile``
-  without gradients, one block of queries (a compiled decoding step against the static cache) runs ``reference``
-  on CUDA too: inductor fuses it into the step's graph.
+  without gradients, one block of queries (a compiled decoding step against the static cache) runs
+  :data:`COMPILED_DECODE` on CUDA: the split-key kernels (three launches with no host synchronisation, which the
+  step's CUDA graph captures) or the materialised path (which inductor fuses into the step's graph).
 
 The fallback policy lives here: when ``auto`` cannot use the kernels for a CUDA tensor (a shape they do not
 take, or a kernel that does not fit the GPU at run time), it runs the chunked path and warns once per reason,
@@ -36,6 +37,12 @@ from ..reference import composed_attention
 from .chunked import chunked_composed_attention
 
 Backend = Callable[..., Tensor]
+
+#: What ``"auto"`` runs in a compiled decoding step on CUDA (``torch.compile``, no gradients, one block of queries:
+#: the static cache): ``"triton"``, the split-key kernels as the ``headmix::dcmha_inference`` custom op, captured
+#: in the step's CUDA graph; or ``"reference"``, the materialised path, fused by inductor. Measured: docs/results.md
+#: ("Generation: static cache and compiled decoding").
+COMPILED_DECODE = "triton"
 
 _BACKENDS: dict[str, Backend] = {
     "reference": lambda q, k, v, chunk_size=None, **kw: composed_attention(q, k, v, **kw),
@@ -127,8 +134,12 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
         # 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms.
         if like is not None and like.is_cuda and torch.compiler.is_compiling() and not torch.is_grad_enabled() \
                 and query_len <= chunk_size:
-            # a compiled decoding step (the static cache): the materialised path over the fixed cache, one query
-            # block, which inductor fuses into the step's graph (and a CUDA graph replays) with no launch of its own
+            # a compiled decoding step (the static cache), one query block over the fixed cache: the split-key
+            # kernels (a custom op, its launches captured in the step's CUDA graph) when COMPILED_DECODE says so
+            # and they take the shape, else the materialised path, which inductor fuses into the step's graph
+            check_choice("COMPILED_DECODE", COMPILED_DECODE, ("triton", "reference"))
+            if COMPILED_DECODE == "triton" and _triton_refusal(like, groups, False, kv_heads) is None:
+                return functools.partial(_BACKENDS["triton"], fallback=True)
             return _BACKENDS["reference"]
         if like is not None and like.is_cuda:
             refusal = _triton_refusal(like, groups, torch.is_grad_enabled(), kv_heads)
@@ -144,4 +155,4 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     return _BACKENDS[name]
 
 
-__all__ = ["available_backends", "chunked_composed_attention", "register_backend", "resolve_backend", "triton_takes"]
+__all__ = ["COMPILED_DECODE", "available_backends", "chunked_composed_attention", "register_backend", "resolve_backend", "triton_takes"]

@@ -1,4 +1,5 @@
-"""The forward kernel: output and row log-sum-exp, or (decoding) the split-key statistics and partial outputs."""
+"""The forward kernel: output and row log-sum-exp, or (decoding) the split-key statistics and partial outputs;
+and the sum of the partial outputs. Decoding is three launches with no host synchronisation (graph-capturable)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ def _fwd_kernel(
 ):
     """``PHASE`` 0: both passes over all keys, ``O`` and ``lse`` stored. Split keys (decoding: few queries,
     many keys; program axis 2 = split of ``chunk`` keys): ``PHASE`` 1 stores each split's row max and sum
-    in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 reads the combined ``lse`` ``(B, H, T)`` and stores
-    the split's unreduced float32 ``P' V`` in ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by the host)."""
+    in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 reads all splits' statistics from ``lse_ptr``,
+    combines them into the row's ``lse`` on the device, and stores the split's unreduced float32 ``P' V`` in
+    ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by :func:`_split_sum_kernel`)."""
     pid_i = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: launch them first (longest job first, a shorter tail)
         pid_i = tl.num_programs(0) - 1 - pid_i
@@ -73,8 +75,17 @@ def _fwd_kernel(
         tl.store(lse_ptr + split * n_rows + rows, m_i, mask=qok)
         tl.store(lse_ptr + (n_split + split) * n_rows + rows, l_i, mask=qok)
         return
-    if PHASE == 2:  # the rows' final normaliser, combined from the splits' statistics by the host
-        lse = tl.load(lse_ptr + rows, mask=qok, other=float("inf"))
+    if PHASE == 2:  # the rows' final normaliser, combined here from every split's statistics (same order in
+        # every program, so every split of a row gets the same bits): lse = log sum_s l_s exp(m_s - mx) + mx
+        mx = tl.full((MP, BM), NEG, dtype=tl.float32)
+        for s in range(0, n_split):
+            mx = tl.maximum(mx, tl.load(lse_ptr + s * n_rows + rows, mask=qok, other=NEG))
+        total = tl.zeros((MP, BM), dtype=tl.float32)
+        for s in range(0, n_split):
+            m_s = tl.load(lse_ptr + s * n_rows + rows, mask=qok, other=NEG)
+            total += tl.load(lse_ptr + (n_split + s) * n_rows + rows, mask=qok, other=0.0) * tl.exp(m_s - mx)
+        # a row without any allowed key (l = 0 in every split): lse = inf, so its probabilities are all 0
+        lse = tl.where(total > 0, mx + tl.log(total), float("inf"))
     else:
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
@@ -104,3 +115,15 @@ def _fwd_kernel(
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=qok[:, :, None] & (dv < dv_n)[None, None, :])
     if PHASE == 0:
         tl.store(lse_ptr + rows, lse, mask=qok)
+
+
+@triton.jit
+def _split_sum_kernel(parts_ptr, o_ptr, n, n_split, BLOCK: tl.constexpr):
+    """``o = sum_s parts[s]`` over the ``n_split`` float32 partial outputs of the split-key forward (``n`` elements
+    each, dense), in split order (the same bits on every run), stored in ``o``'s dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, n_split):
+        acc += tl.load(parts_ptr + s * n + offs, mask=ok, other=0.0)
+    tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ...reference import COMPOSE_FIELDS, ComposeWeights
 from .backward import _bwd_key_kernel, _bwd_query_kernel
-from .forward import _fwd_kernel
+from .forward import _fwd_kernel, _split_sum_kernel
 
 MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
 WHOLE_HEAD_DIM = 64  # the backward kernels hold whole (padded) head dims up to this; above it they work in chunks:
@@ -40,6 +40,7 @@ MIX_PRECISION = {"pre": "tf32", "post": "bf16"}
 
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
 SPLIT_TARGET_PROGRAMS = 128
+SPLIT_SUM_BLOCK = 1024  # elements per program of the sum of the splits' partial outputs
 
 
 def next_pow2(n: int) -> int:
@@ -124,7 +125,7 @@ def _mask_args(mask: Tensor | None, T: int, S: int, dummy: Tensor):
         return dummy, 0, 0, 0
     if mask.dtype != torch.bool:
         raise ValueError(f"triton backend: mask must be bool, got {mask.dtype}")
-    m = mask.to(torch.uint8)
+    m = mask.view(torch.uint8)  # the same bytes (0/1) read as uint8: no copy, no launch
     while m.dim() < 4:
         m = m[None]
     m = m.expand(m.shape[0], 1, T, S)[:, 0]
@@ -170,14 +171,17 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     stats = torch.empty(2, n_split, B, H, T, dtype=torch.float32, device=q.device)
     parts = torch.empty(n_split, B, H, T, v.shape[-1], dtype=torch.float32, device=q.device)
     grid = (n_blocks, B * groups, n_split)
+    # three launches, nothing read back on the host (a CUDA graph captures them): the splits' statistics; each
+    # split's partial output, with the statistics of all splits combined into the row normaliser in the kernel;
+    # the sum of the partial outputs in split order, in the output dtype
     _fwd_kernel[grid](q, k, v, parts, stats, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, *shape,
                       scale, chunk, n_split, PHASE=1, **flags)
-    # lse = log sum_s l_s exp(m_s); a split without keys has l = 0 (log: -inf), a fully masked row gives -inf
-    lse = torch.logsumexp(stats[0] + torch.log(stats[1]), 0)
-    lse = torch.nan_to_num(lse, nan=float("inf"), neginf=float("inf"))
-    _fwd_kernel[grid](q, k, v, parts, lse, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, *shape,
+    _fwd_kernel[grid](q, k, v, parts, stats, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, *shape,
                       scale, chunk, n_split, PHASE=2, **flags)
-    return parts.sum(0).to(q.dtype), None
+    o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+    n = o.numel()
+    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, n_split, BLOCK=SPLIT_SUM_BLOCK)
+    return o, None
 
 
 def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
