@@ -27,6 +27,7 @@ counted: DCMHA's TFLOP/s is "MHA-equivalent" throughput.
     python benchmarks/attention.py --device cpu --seq 64 --heads 4 --head-dim 16 --repeat 1   # CPU smoke run
     python benchmarks/attention.py --layers                         # GPU: released shapes, one layer each
     python benchmarks/attention.py --layers --compile --shapes 32x80 --windows 256
+    python benchmarks/attention.py --decode-only --decode-graph --variants sdpa dcmha/reference dcmha/triton
 
 Prints a markdown table with device, date and versions; ``--plot FILE.png`` also draws time
 against sequence length.
@@ -224,8 +225,35 @@ def layer_table(shapes, windows, seq, tokens, dtype, device, repeat, compile=Fal
     return rows
 
 
-def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator):
-    """One new query against ``S`` cached keys (inference, no grad)."""
+def graph_timed(fn, repeat: int, replays: int = 20) -> float:
+    """Median seconds of one call of ``fn`` replayed from a CUDA graph (``replays`` replays per timing): what a
+    compiled decoding step with CUDA graphs pays for it, without Python or launch overhead."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture: compilation, autotuning, allocations
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / replays)
+    return statistics.median(times)
+
+
+def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator, graph: bool = False):
+    """One new query against ``S`` cached keys (inference, no grad). ``graph``: replayed from a CUDA graph, the
+    materialised path (``dcmha/reference``) compiled by inductor first, as in a compiled decoding step."""
     with torch.no_grad():
         q = torch.randn(B, H, 1, D, generator=generator).to(device, dtype)
         k, v = (torch.randn(B, H, S, D, generator=generator).to(device, dtype) for _ in range(2))
@@ -241,6 +269,11 @@ def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator):
             core = resolve_backend(backend, 1, 128, q)
             fn = lambda: core(q, k, v, scale=D**-0.5, mask=MaskSpec(causal=True), pre=weights["pre"],  # noqa: E731
                               post=weights["post"], groups=1, chunk_size=128)
+            if graph and backend == "reference":
+                torch._dynamo.reset()
+                fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        if graph:
+            return graph_timed(fn, repeat)
         fn()
         return timed(fn, repeat, device)
 
@@ -262,6 +295,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-chunked-seq", type=int, default=8192, help="skip the chunked path above this")
     parser.add_argument("--decode-cache", type=int, default=4096)
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step table")
+    parser.add_argument("--decode-graph", action="store_true",
+                        help="time each decode step replayed from a CUDA graph (CUDA only; dcmha/reference compiled by "
+                             "inductor first), as a compiled decoding step runs it")
     parser.add_argument("--plot", default=None, help="write a PNG of forward+backward time against sequence length")
     parser.add_argument("--compile", action="store_true", help="torch.compile each timed callable (core or layer)")
     parser.add_argument("--layers", action="store_true",
@@ -274,6 +310,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.decode_graph and device.type != "cuda":
+        raise ValueError("--decode-graph needs a CUDA device (it replays CUDA graphs)")
     if args.layers:
         for shape in args.shapes:
             parse_shape(shape)
@@ -325,15 +363,18 @@ def main(argv=None) -> int:
                 print(f"| {D} | {T} | {variant} | {r['fwd'] * 1e3:.2f} | {r['bwd'] * 1e3:.2f} | "
                       f"{r['fwdbwd'] * 1e3:.2f} | {flops / r['fwdbwd'] / 1e12:.1f} | {peak} | {ratio} |", flush=True)
                 rows.append((D, T, variant, r["fwdbwd"]))
-    print(f"\n# decode step: 1 query, cache {args.decode_cache}, batch 1 and 16")
+    how = ("replayed from a CUDA graph (dcmha/reference compiled by inductor)" if args.decode_graph
+           else "eager")
+    print(f"\n# decode step: 1 query, cache {args.decode_cache}, batch 1 and 16, {how}")
     print("| head dim | batch | variant | ms | vs sdpa |")
     print("|---|---|---|---|---|")
     for D in args.head_dim:
         for B in (1, 16):
             base = None
-            for variant in [v for v in variants if v.split("/")[-1] != "reference"]:
+            # the materialised path is in the decode table only compiled (eagerly it is the slowest, by far)
+            for variant in [v for v in variants if args.decode_graph or v.split("/")[-1] != "reference"]:
                 t = decode_step(variant, B, args.heads, args.decode_cache, D, dtype, device, args.repeat, args.rank,
-                                generator)
+                                generator, graph=args.decode_graph)
                 base = t if variant == "sdpa" else base
                 print(f"| {D} | {B} | {variant} | {t * 1e3:.3f} | {t / base:.2f}x |", flush=True)
     if args.plot:

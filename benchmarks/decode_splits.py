@@ -5,6 +5,7 @@ One query against a ``--cache``-token cache, all Compose terms on (rank 2), no g
 table (ms per step, mean of ``--repeat`` after one warm-up) with device, date and versions.
 
     python benchmarks/decode_splits.py                   # GPU
+    python benchmarks/decode_splits.py --graph           # GPU, each step replayed from a CUDA graph
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--targets", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--repeat", type=int, default=50)
+    parser.add_argument("--graph", action="store_true",
+                        help="replay each step from a CUDA graph (the materialised path compiled by inductor first)")
+    parser.add_argument("--no-materialised", action="store_true", help="leave the materialised path out")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA device")
@@ -61,8 +65,19 @@ def main(argv=None) -> int:
     import triton
 
     device, dtype, H, S = torch.device("cuda"), torch.bfloat16, args.heads, args.cache
+    from attention import graph_timed  # benchmarks/attention.py, beside this script
+
+    def measure(fn, compile=False):
+        if not args.graph:
+            return timed(fn, args.repeat)
+        if compile:
+            torch._dynamo.reset()
+            fn = torch.compile(fn, fullgraph=True, dynamic=False)
+        return graph_timed(fn, args.repeat) * 1e3
+
     print(f"# decode step: {torch.cuda.get_device_name(device)}, {datetime.date.today()}, torch {torch.__version__}, "
-          f"triton {triton.__version__}, bf16, {H} heads, cache {S}, ms per step")
+          f"triton {triton.__version__}, bf16, {H} heads, cache {S}, ms per step, "
+          f"{'replayed from a CUDA graph' if args.graph else 'eager'}")
     print(f"# command: python benchmarks/decode_splits.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print("| head dim | batch | sdpa | materialised | " + " | ".join(f"split target {t}" for t in args.targets) + " |")
     print("|---" * (4 + len(args.targets)) + "|")
@@ -75,11 +90,12 @@ def main(argv=None) -> int:
             pre, post = weights(B, S, H, 2, device, dtype), weights(B, S, H, 2, device, dtype)
             common = dict(scale=D**-0.5, pre=pre, post=post, mask=MaskSpec(causal=True))
             with torch.no_grad():
-                cells = [timed(lambda: F.scaled_dot_product_attention(q, k, v), args.repeat),
-                         timed(lambda: reference(q, k, v, mask=None, groups=1, **common), args.repeat)]
+                cells = [measure(lambda: F.scaled_dot_product_attention(q, k, v)),
+                         float("nan") if args.no_materialised else
+                         measure(lambda: reference(q, k, v, groups=1, **common), compile=True)]
                 for target in args.targets:
-                    launch.SPLIT_TARGET_PROGRAMS = target
-                    cells.append(timed(lambda: triton_dcmha.triton_composed_attention(q, k, v, **common), args.repeat))
+                    launch.SPLIT_TARGET_PROGRAMS = target  # read when the step is called (or captured)
+                    cells.append(measure(lambda: triton_dcmha.triton_composed_attention(q, k, v, **common)))
                 launch.SPLIT_TARGET_PROGRAMS = default
             print(f"| {D} | {B} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
     return 0

@@ -248,6 +248,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend of the generation rows with --compile (default: inductor; "
                              "'eager' or 'aot_eager' for a quick CPU check)")
+    parser.add_argument("--compiled-decode", default=None, choices=["triton", "reference"],
+                        help="with --compile: what DCMHA runs in the compiled decoding step on CUDA (sets "
+                             "headmix.ops.COMPILED_DECODE; default: its value)")
     parser.add_argument("--compile-scope", default="model", choices=["model", "layers"],
                         help="with --compile: the whole model, or each decoder block")
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
@@ -284,7 +287,14 @@ def main(argv=None) -> int:
     if not args.skip_generate:
         import transformers
 
-        mode = (f"static cache, compiled ({args.compile_backend})" if args.compile else "dynamic cache, eager")
+        if args.compiled_decode:
+            import headmix.ops
+
+            headmix.ops.COMPILED_DECODE = args.compiled_decode
+        from headmix.ops import COMPILED_DECODE
+
+        mode = (f"static cache, compiled ({args.compile_backend}; DCMHA's step: {COMPILED_DECODE})" if args.compile
+                else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
         print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
               "first call s |")
