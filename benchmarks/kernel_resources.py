@@ -56,7 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (default: %(default)s)")
     parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd1", "bwd2", "bwd_key"],
-                        choices=["fwd", "bwd1", "bwd2", "bwd_key"])
+                        choices=["fwd", "fwd_split1", "fwd_split2", "bwd1", "bwd2", "bwd_key"],
+                        help="fwd_split1/2: the two launches of the split-key (decoding) forward")
     parser.add_argument("--no-static", action="store_true", help="no static head mix (dcmha_static=False)")
     parser.add_argument("--tiles", nargs="+", default=None, metavar="BMxBNxWARPS",
                         help="tile shapes to compile instead of TILES, e.g. 32x16x8 64x32x8")
@@ -90,6 +91,8 @@ def main(argv=None) -> int:
                    dk_ptr=ptr, dv_ptr=ptr, **{f"d{c}_{t}": "*fp32" for c in ("pre", "post") for t in ("k1", "k2", "kg")},
                    **weights)
         plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0), fwd),
+                     fwd_split1=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=1), fwd),
+                     fwd_split2=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=2), fwd),
                      bwd1=(backward._bwd_query_kernel, "bwd", dict(STAGE=1), query),
                      bwd2=(backward._bwd_query_kernel, "bwd", dict(STAGE=2), query),
                      bwd_key=(backward._bwd_key_kernel, "bwd", dict(DK_STORE=D, DV_STORE=D), key))

@@ -9,8 +9,9 @@ group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)
 * Forward, two passes over the keys. Pass 1: scores ``S = scale * Q K^T`` -> pre-Compose -> mask ->
   running row max and sum per head (online softmax) -> ``lse``. Pass 2: recompute, ``P =
   exp(S' - lse)``, post-Compose, ``O += P' V``. Stores ``O`` and ``lse`` (``B x H x T`` floats).
-  Decoding (no gradients, few query blocks): the keys are split over programs; pass 1 and pass 2
-  become two launches with the splits' statistics combined on the host in between.
+  Decoding (no gradients, few query blocks): the keys are split over programs; three launches with nothing
+  read back on the host (graph-capturable): the splits' statistics; each split's partial output, the statistics
+  of all splits combined into ``lse`` inside the kernel; the sum of the partial outputs.
 * Compose runs as per-position head-mixing matrices on tensor cores (:mod:`.tiles`):
   ``E_i`` per query (static mix, query-wise terms, query gate) and ``F_j`` per key (key-wise terms).
 * Backward, three passes, recomputing instead of storing probabilities (``dY`` denotes an upstream

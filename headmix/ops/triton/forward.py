@@ -78,12 +78,12 @@ def _fwd_kernel(
     if PHASE == 2:  # the rows' final normaliser, combined here from every split's statistics (same order in
         # every program, so every split of a row gets the same bits): lse = log sum_s l_s exp(m_s - mx) + mx
         mx = tl.full((MP, BM), NEG, dtype=tl.float32)
-        for s in range(0, n_split):
-            mx = tl.maximum(mx, tl.load(lse_ptr + s * n_rows + rows, mask=qok, other=NEG))
+        for sp in range(0, n_split):  # (not ``s``: the scores below are ``s``, and Triton types names per kernel)
+            mx = tl.maximum(mx, tl.load(lse_ptr + sp * n_rows + rows, mask=qok, other=NEG))
         total = tl.zeros((MP, BM), dtype=tl.float32)
-        for s in range(0, n_split):
-            m_s = tl.load(lse_ptr + s * n_rows + rows, mask=qok, other=NEG)
-            total += tl.load(lse_ptr + (n_split + s) * n_rows + rows, mask=qok, other=0.0) * tl.exp(m_s - mx)
+        for sp in range(0, n_split):
+            m_sp = tl.load(lse_ptr + sp * n_rows + rows, mask=qok, other=NEG)
+            total += tl.load(lse_ptr + (n_split + sp) * n_rows + rows, mask=qok, other=0.0) * tl.exp(m_sp - mx)
         # a row without any allowed key (l = 0 in every split): lse = inf, so its probabilities are all 0
         lse = tl.where(total > 0, mx + tl.log(total), float("inf"))
     else:
