@@ -295,6 +295,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-chunked-seq", type=int, default=8192, help="skip the chunked path above this")
     parser.add_argument("--decode-cache", type=int, default=4096)
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step table")
+    parser.add_argument("--decode-kernel", default=None, choices=["tiles", "one_query"],
+                        help="the kernel dcmha/triton decodes one query with (sets headmix.ops.triton.launch."
+                             "DECODE_KERNEL; default: its value)")
     parser.add_argument("--decode-graph", action="store_true",
                         help="time each decode step replayed from a CUDA graph (CUDA only; dcmha/reference compiled by "
                              "inductor first), as a compiled decoding step runs it")
@@ -365,6 +368,11 @@ def main(argv=None) -> int:
                 rows.append((D, T, variant, r["fwdbwd"]))
     how = ("replayed from a CUDA graph (dcmha/reference compiled by inductor)" if args.decode_graph
            else "eager")
+    if triton_ok:
+        from headmix.ops.triton import launch
+
+        launch.DECODE_KERNEL = args.decode_kernel or launch.DECODE_KERNEL
+        how += f", dcmha/triton decodes with the {launch.DECODE_KERNEL!r} kernel"
     print(f"\n# decode step: 1 query, cache {args.decode_cache}, batch 1 and 16, {how}")
     print("| head dim | batch | variant | ms | vs sdpa |")
     print("|---|---|---|---|---|")

@@ -56,8 +56,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 (default: %(default)s)")
     parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd1", "bwd2", "bwd_key"],
-                        choices=["fwd", "fwd_split1", "fwd_split2", "bwd1", "bwd2", "bwd_key"],
-                        help="fwd_split1/2: the two launches of the split-key (decoding) forward")
+                        choices=["fwd", "fwd_split1", "fwd_split2", "one_query1", "one_query2", "bwd1", "bwd2",
+                                 "bwd_key"],
+                        help="fwd_split1/2: the two launches of the split-key (decoding) forward; one_query1/2: "
+                             "those of the one-query decode kernel (launch.DECODE_KERNEL='one_query')")
     parser.add_argument("--no-static", action="store_true", help="no static head mix (dcmha_static=False)")
     parser.add_argument("--tiles", nargs="+", default=None, metavar="BMxBNxWARPS",
                         help="tile shapes to compile instead of TILES, e.g. 32x16x8 64x32x8")
@@ -85,6 +87,7 @@ def main(argv=None) -> int:
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
+        one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", mask_ptr="*u8", **weights)
         query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
                      dq_ptr=ptr, d_q1="*fp32", d_q2="*fp32", d_qg="*fp32", dw_part="*fp32", **weights)
         key = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
@@ -93,13 +96,18 @@ def main(argv=None) -> int:
         plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0), fwd),
                      fwd_split1=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=1), fwd),
                      fwd_split2=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=2), fwd),
+                     one_query1=(forward._one_query_kernel, "one_query", dict(PHASE=1, DC=K.one_query_tile(D)[1]), one),
+                     one_query2=(forward._one_query_kernel, "one_query", dict(PHASE=2, DC=K.one_query_tile(D)[1]), one),
                      bwd1=(backward._bwd_query_kernel, "bwd", dict(STAGE=1), query),
                      bwd2=(backward._bwd_query_kernel, "bwd", dict(STAGE=2), query),
                      bwd_key=(backward._bwd_key_kernel, "bwd", dict(DK_STORE=D, DV_STORE=D), key))
         for name in args.kernels:
             fn, phase, extra, pointers = plans[name]
-            shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
-                      else [K.TILES[(phase, MP >= 16)][:3]])
+            if phase == "one_query":  # (heads x keys) tiles: no query rows; the warps launch.py gives it
+                shapes = [(1, K.one_query_tile(D)[0], K.one_query_tile(D)[2])]
+            else:
+                shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
+                          else [K.TILES[(phase, MP >= 16)][:3]])
             for BM, BN, warps in shapes:
                 try:
                     r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)

@@ -251,6 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compiled-decode", default=None, choices=["triton", "reference"],
                         help="with --compile: what DCMHA runs in the compiled decoding step on CUDA (sets "
                              "headmix.ops.COMPILED_DECODE; default: its value)")
+    parser.add_argument("--decode-kernel", default=None, choices=["tiles", "one_query"],
+                        help="the Triton kernel DCMHA decodes one query with (sets headmix.ops.triton.launch."
+                             "DECODE_KERNEL; default: its value)")
     parser.add_argument("--compile-scope", default="model", choices=["model", "layers"],
                         help="with --compile: the whole model, or each decoder block")
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
@@ -292,6 +295,11 @@ def main(argv=None) -> int:
 
             headmix.ops.COMPILED_DECODE = args.compiled_decode
         from headmix.ops import COMPILED_DECODE
+
+        if args.decode_kernel:
+            from headmix.ops.triton import launch
+
+            launch.DECODE_KERNEL = args.decode_kernel
 
         mode = (f"static cache, compiled ({args.compile_backend}; DCMHA's step: {COMPILED_DECODE})" if args.compile
                 else "dynamic cache, eager")

@@ -100,15 +100,16 @@ def test_scaling_script_rejects_a_bad_size():
 def test_kernel_resources_compiles_a_kernel_for_sm90_without_a_gpu():
     """benchmarks/kernel_resources.py: Triton compiles the forward kernel offline and cuobjdump reads it (head dim 24,
     padded to 32 inside the kernel, at an explicit tile shape, without the static mix); the two launches of the
-    split-key (decoding) forward compile too (the interpreter runs code that Triton's compiler refuses, e.g. a name
-    given two types in one kernel)."""
+    split-key (decoding) forward and of the one-query decode kernel compile too (the interpreter runs code that
+    Triton's compiler refuses, e.g. a name given two types in one kernel)."""
     import pytest
 
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
         pytest.skip("this triton build ships no NVIDIA tools")
     done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--head-dim", "24", "--heads", "4",
-                           "--kernels", "fwd", "fwd_split1", "fwd_split2", "--tiles", "16x16x4", "--no-static"],
+                           "--kernels", "fwd", "fwd_split1", "fwd_split2", "one_query1", "one_query2", "--tiles", "16x16x4",
+                           "--no-static"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no static mix" in done.stdout
@@ -119,6 +120,7 @@ def test_kernel_resources_compiles_a_kernel_for_sm90_without_a_gpu():
     assert 0 < registers <= 255 and spill >= 0 and 0 < shared <= 1024
     assert "failed" not in done.stdout, done.stdout
     assert all(f"| {name} | 24 | 16 x 16 | 4 | " in done.stdout for name in ("fwd_split1", "fwd_split2")), done.stdout
+    assert all(f"| {name} | 24 | 1 x 16 | 8 | " in done.stdout for name in ("one_query1", "one_query2")), done.stdout
 
 
 def test_probe_runs_every_kind_and_task_and_writes_table_json_and_plot(tmp_path, capsys):

@@ -295,11 +295,14 @@ STATIC_STEPS = {
 }
 
 
+@pytest.mark.parametrize("kernel", ["tiles", "one_query"])
 @pytest.mark.parametrize("name", list(STATIC_STEPS))
-def test_compiled_decoding_step_runs_the_split_kernels_and_matches_the_reference(name):
+def test_compiled_decoding_step_runs_the_split_kernels_and_matches_the_reference(name, kernel, monkeypatch):
     """The compiled static-cache decoding step's attention: ``torch.compile(fullgraph=True)`` keeps the split-key
     kernels as one ``headmix::dcmha_inference`` op (three launches, the splits' statistics combined on the device),
-    equal to the eager call bit for bit and to the float64 reference."""
+    equal to the eager call bit for bit and to the float64 reference; with either decode kernel
+    (``launch.DECODE_KERNEL``)."""
+    monkeypatch.setattr(launch, "DECODE_KERNEL", kernel)
     B, H, Hkv, S, window, now = STATIC_STEPS[name]
     g = torch.Generator().manual_seed(5)
     G, D = 2, 16
@@ -322,7 +325,8 @@ def test_compiled_decoding_step_runs_the_split_kernels_and_matches_the_reference
     f32 = [t.float().to(DEVICE) for t in (q, k, v)]
     pre32, post32, mask = as_float32(pre), as_float32(post), mask.to(DEVICE)
     meta = triton_dcmha.launch_meta(*f32, G, pre32, post32, "fwd")
-    assert launch._key_splits(B * G, S, meta["BN"])[1] > 1  # the split-key path
+    tile = meta["BN"] if kernel == "tiles" else launch.one_query_tile(D)[0]
+    assert launch._key_splits(B * G, S, tile)[1] > 1  # the split-key path
 
     def step(q, k, v, mask):
         core = resolve_backend("triton", 1, 128, q, groups=G, kv_heads=Hkv)

@@ -6,7 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import NEG, _compose, _heads, _key_range, _matrices, _valid
+from .tiles import (KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _compose, _heads, _key_range,
+                    _matrices, _rows, _valid)
 
 
 @triton.jit
@@ -127,3 +128,136 @@ def _split_sum_kernel(parts_ptr, o_ptr, n, n_split, BLOCK: tl.constexpr):
     for s in range(0, n_split):
         acc += tl.load(parts_ptr + s * n + offs, mask=ok, other=0.0)
     tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _one_query_compose(x, cw, b, g, offs_j, hm, kok, S, G: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
+                       FLAGS: tl.constexpr):
+    """Compose of one query's ``(MP, BN)`` tile (heads x keys), every term applied as it is written in the
+    reference (no per-key ``heads x heads`` matrices): the static mix as one ``(MP, MP)`` contraction, each rank of
+    a low-rank term as a reduction over the heads and a scaled add, the gates as products. ``kok``: ``(BN, MP)``
+    bounds of the key-side factors. float32 throughout."""
+    w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
+    h_ok = hm < M
+    out = x
+    if STATIC & FLAGS:  # out[n, j] += sum_m W[g, m, n] x[m, j]
+        w = tl.load(w_ptr + g * M * M + hm[:, None] * M + hm[None, :], mask=h_ok[:, None] & h_ok[None, :],
+                    other=0.0).to(tl.float32)
+        out += tl.sum(w[:, :, None] * x[:, None, :], 0)
+    if QUERY_LOWRANK & FLAGS:  # the factors at the one query position
+        for r in tl.static_range(R):
+            a = tl.load(qw1 + ((b * G + g) * R + r) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+            c = tl.load(qw2 + ((b * G + g) * R + r) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+            out += c[:, None] * tl.sum(a[:, None] * x, 0)[None, :]
+    if QUERY_GATE & FLAGS:
+        gate = tl.load(qg + (b * G + g) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+        out += gate[:, None] * x
+    if KEY_LOWRANK & FLAGS:  # factors per key: (BN, MP) tiles
+        for r in tl.static_range(R):
+            a = tl.trans(_rows(kw1, b, g, r, offs_j, hm, kok, S, G, R, M))
+            c = tl.trans(_rows(kw2, b, g, r, offs_j, hm, kok, S, G, R, M))
+            out += c * tl.sum(a * x, 0)[None, :]
+    if KEY_GATE & FLAGS:
+        out += tl.trans(_rows(kg, b, g, 0, offs_j, hm, kok, S, G, 1, M)) * x
+    return out
+
+
+@triton.jit
+def _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh, skt, skd, S, kv_rep, dk_n, scale,
+                      pre, kok, G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
+                      DK: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr):
+    """Pre-composed scores ``(MP, BN)`` of the one query against keys ``offs_j``; the head dim in chunks of ``DC``."""
+    s = tl.zeros((MP, BN), dtype=tl.float32)
+    for dc in tl.static_range(0, DK, DC):
+        d = dc + tl.arange(0, DC)
+        q = tl.load(q_ptr + b * sqb + h[:, None] * sqh + d[None, :] * sqd,
+                    mask=(hm < M)[:, None] & (d < dk_n)[None, :], other=0.0).to(tl.float32)
+        k = _heads(k_ptr, b, g, offs_j, d, skb, skh, skt, skd, S, M, hm, kv_rep, dk_n).to(tl.float32)
+        s += tl.sum(q[:, None, :] * k, 2)
+    s = s * scale
+    if PRE != 0:
+        s = _one_query_compose(s, pre, b, g, offs_j, hm, kok, S, G, M, R, PRE)
+    return s
+
+
+@triton.jit
+def _one_query_kernel(
+    q_ptr, k_ptr, v_ptr, parts_ptr, stats_ptr, mask_ptr,
+    pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg,
+    post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg,
+    sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, sms,
+    S, off, kv_rep, dk_n, dv_n, scale, chunk, n_split,
+    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
+    DK: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr,
+    PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+    PHASE: tl.constexpr,
+):
+    """Decoding with one query (``T = 1``, the query at key ``off``), keys split over program axis 1 in ``chunk``s;
+    program axis 0 is (batch, head group). The tiles are ``(heads x keys)``: no query rows to pad, no per-key
+    mixing matrices. ``PHASE`` 1 stores each split's row max and sum, ``(2, n_split, B * H)``; ``PHASE`` 2 combines
+    every split's statistics into the row's normaliser and stores the split's float32 ``P' V``,
+    ``(n_split, B * H, dv_n)`` (summed by :func:`_split_sum_kernel`)."""
+    bg = tl.program_id(0)
+    b = bg // G
+    g = bg % G
+    split = tl.program_id(1)
+    hm = tl.arange(0, MP)
+    h_ok = hm < M
+    h = g * M + hm
+    rows = b * G * M + h  # (MP,) offsets into (B, H)
+    n_rows = tl.num_programs(0) * M  # B * H
+    pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
+    post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
+    lo = split * chunk
+    hi = tl.minimum(S, lo + chunk)
+    if CAUSAL:
+        hi = tl.minimum(hi, off + 1)
+    if WINDOW > 0:  # key tiles wholly outside the window are skipped (lo stays a multiple of BN)
+        lo = tl.maximum(lo, ((off - WINDOW + 1) // BN) * BN)
+    if PHASE == 1:
+        m_i = tl.full((MP,), NEG, dtype=tl.float32)
+        l_i = tl.zeros((MP,), dtype=tl.float32)
+    else:
+        mx = tl.full((MP,), NEG, dtype=tl.float32)
+        for sp in range(0, n_split):
+            mx = tl.maximum(mx, tl.load(stats_ptr + sp * n_rows + rows, mask=h_ok, other=NEG))
+        total = tl.zeros((MP,), dtype=tl.float32)
+        for sp in range(0, n_split):
+            m_sp = tl.load(stats_ptr + sp * n_rows + rows, mask=h_ok, other=NEG)
+            total += tl.load(stats_ptr + (n_split + sp) * n_rows + rows, mask=h_ok, other=0.0) * tl.exp(m_sp - mx)
+        lse = tl.where(total > 0, mx + tl.log(total), float("inf"))  # no allowed key: all probabilities 0
+        acc = tl.zeros((MP, DV), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        kok = (offs_j < S)[:, None] & h_ok[None, :]
+        s = _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh, skt, skd, S, kv_rep, dk_n,
+                              scale, pre, kok, G, M, MP, R, DK, DC, BN, PRE)
+        ok = offs_j < S
+        if CAUSAL:
+            ok = ok & (offs_j <= off)
+        if WINDOW > 0:
+            ok = ok & (off - offs_j < WINDOW)
+            if not CAUSAL:
+                ok = ok & (offs_j - off < WINDOW)
+        if HAS_MASK:
+            ok = ok & (tl.load(mask_ptr + b * smb + offs_j * sms, mask=ok, other=0) != 0)
+        if PHASE == 1:
+            s = tl.where(ok[None, :], s, NEG)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            p = tl.where(ok[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(p, 1)
+            m_i = m_new
+        else:
+            p = tl.where(ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+            if POST != 0:
+                p = _one_query_compose(p, post, b, g, offs_j, hm, kok, S, G, M, R, POST)
+            dv = tl.arange(0, DV)
+            v = _heads(v_ptr, b, g, offs_j, dv, svb, svh, svt, svd, S, M, hm, kv_rep, dv_n).to(tl.float32)
+            acc += tl.sum(p[:, :, None] * v, 1)
+    if PHASE == 1:
+        tl.store(stats_ptr + split * n_rows + rows, m_i, mask=h_ok)
+        tl.store(stats_ptr + (n_split + split) * n_rows + rows, l_i, mask=h_ok)
+    else:
+        dv = tl.arange(0, DV)
+        tl.store(parts_ptr + (split * n_rows + rows)[:, None] * dv_n + dv[None, :], acc,
+                 mask=h_ok[:, None] & (dv < dv_n)[None, :])

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ...reference import COMPOSE_FIELDS, ComposeWeights
 from .backward import _bwd_key_kernel, _bwd_query_kernel
-from .forward import _fwd_kernel, _split_sum_kernel
+from .forward import _fwd_kernel, _one_query_kernel, _split_sum_kernel
 
 MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
 WHOLE_HEAD_DIM = 64  # the backward kernels hold whole (padded) head dims up to this; above it they work in chunks:
@@ -41,6 +41,19 @@ MIX_PRECISION = {"pre": "tf32", "post": "bf16"}
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
 SPLIT_TARGET_PROGRAMS = 128
 SPLIT_SUM_BLOCK = 1024  # elements per program of the sum of the splits' partial outputs
+# What decodes one query (T = 1, no gradients): "tiles", the forward kernel's split-key path (query rows padded
+# to a tile, per-key mixing matrices; measured, docs/kernels.md), or "one_query", :func:`_one_query_kernel`
+# ((heads x keys) tiles, each Compose term applied as written; tested, compiled offline, not yet timed on a GPU).
+DECODE_KERNEL = "tiles"
+# (keys per tile, head-dim chunk of the score products, warps) of the one-query kernel by (padded) head dim; from an
+# offline sm_90 compile (benchmarks/kernel_resources.py, triton 3.9): no spills at 64, the fewest at 128
+ONE_QUERY_TILES = {64: (16, 32, 8), 128: (8, 32, 8)}
+
+
+def one_query_tile(head_dim: int) -> tuple[int, int, int]:
+    """``(BN, DC, num_warps)`` of the one-query decode kernel for a (padded) head dim."""
+    BN, DC, warps = ONE_QUERY_TILES[64 if head_dim <= 64 else 128]
+    return BN, min(DC, head_dim), warps
 
 
 def next_pow2(n: int) -> int:
@@ -162,6 +175,10 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
                  RELOAD=meta["DK"] >= 128, num_warps=warps, num_stages=stages, **meta)
     shape = _shape_args(q, k, v, offset)
+    if DECODE_KERNEL not in ("tiles", "one_query"):
+        raise ValueError(f"DECODE_KERNEL={DECODE_KERNEL!r} is not allowed: expected 'tiles' or 'one_query'")
+    if T == 1 and split is not False and DECODE_KERNEL == "one_query":
+        return _one_query_forward(q, k, v, scale, m, (smb, sms), weights, flags, shape), None
     if n_split == 1:
         o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -182,6 +199,30 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     n = o.numel()
     _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, n_split, BLOCK=SPLIT_SUM_BLOCK)
     return o, None
+
+
+def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -> Tensor:
+    """One query per (batch, head): :func:`_one_query_kernel`'s two phases over split keys, then the sum of the
+    splits (three launches, nothing read back on the host)."""
+    B, H, _, _ = q.shape
+    S, dv_n = k.shape[2], v.shape[-1]
+    BN, DC, warps = one_query_tile(max(flags["DK"], flags["DV"]))
+    G = flags["G"]
+    chunk, n_split = _key_splits(B * G, S, BN)
+    consts = dict(G=G, M=flags["M"], MP=flags["MP"], R=flags["R"], DK=flags["DK"], DV=flags["DV"],
+                  DC=min(DC, flags["DK"]), BN=BN, PRE=flags["PRE"], POST=flags["POST"], CAUSAL=flags["CAUSAL"],
+                  WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], num_warps=warps, num_stages=1)
+    _, _, off, kv_rep, dk_n, _ = shape
+    stats = torch.empty(2, n_split, B, H, dtype=torch.float32, device=q.device)
+    parts = torch.empty(n_split, B, H, dv_n, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_strides)
+    for phase in (1, 2):
+        _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, m, *weights, *strides, S, off, kv_rep, dk_n, dv_n,
+                                            scale, chunk, n_split, PHASE=phase, **consts)
+    o = torch.empty(B, H, 1, dv_n, dtype=q.dtype, device=q.device)
+    n = o.numel()
+    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, n_split, BLOCK=SPLIT_SUM_BLOCK)
+    return o
 
 
 def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
