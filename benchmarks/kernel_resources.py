@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         for name in args.kernels:
             fn, phase, extra, pointers = plans[name]
             shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
-                      else [K.TILES[(phase, MP >= 16)][:3]])
+                      else [K.tile_shape(phase, MP)[:3]])
             for BM, BN, warps in shapes:
                 try:
                     r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)

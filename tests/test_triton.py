@@ -444,6 +444,18 @@ def test_key_padding_is_read_as_one_row_per_batch():
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
 
 
+@pytest.mark.parametrize("heads", [2, 4, 8, 16])
+def test_tiles_shrink_to_16_from_8_heads_per_group(heads):
+    """32x32 tiles only up to 4 heads per group: at 8 they spill thousands of bytes per thread on sm_90
+    (launch.py's comment) and a study-sized DCFormer++ stalled on them; every phase takes the tiles'
+    size class from the padded heads."""
+    q = torch.zeros(1, heads, 8, 16)
+    for phase in ("fwd", "bwd"):
+        meta = triton_dcmha.launch_meta(q, q, q, 1, None, None, phase)
+        assert (meta["BM"], meta["BN"]) == ((16, 16) if heads >= 8 else (32, 32))
+        assert meta["BM"] == launch.tile_shape(phase, heads)[0]
+
+
 def test_flag_bits_name_the_compose_fields():
     """The kernels' named flag bits (tiles.py) are the bits launch.py sets for each ComposeWeights field."""
     from headmix.ops.triton import tiles
