@@ -108,6 +108,7 @@ CASES = [
     (1, 4, 19, 19, 32, 1, 2, dict(causal=False)),
     (2, 4, 5, 25, 16, 1, 2, dict(causal=True, padding=True)),  # decoding against a cache, padded keys
     (1, 16, 18, 18, 16, 1, 2, dict(causal=True)),  # 16 heads per group: the tensor-core mixing path
+    (1, 8, 18, 18, 16, 1, 2, dict(causal=True, window=7)),  # 8 heads per group: 16x16 tiles, as 16 heads
     (1, 6, 21, 21, 16, 2, 3, dict(causal=True, window=5)),  # 3 heads per group, rank 3: padded to powers of 2
     (1, 4, 17, 17, 16, 1, 1, dict(causal=True, fields=("query_w1", "key_gate"))),
     (1, 4, 17, 17, 16, 1, 2, dict(causal=True, fields=("static", "key_w1", "query_gate"), post_on=False)),
