@@ -87,6 +87,7 @@ def main(argv=None) -> int:
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
+        one_dc = K.one_query_tile(D)[1]
         one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", mask_ptr="*u8", **weights)
         query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
                      dq_ptr=ptr, d_q1="*fp32", d_q2="*fp32", d_qg="*fp32", dw_part="*fp32", **weights)
@@ -96,8 +97,8 @@ def main(argv=None) -> int:
         plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0), fwd),
                      fwd_split1=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=1), fwd),
                      fwd_split2=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=2), fwd),
-                     one_query1=(forward._one_query_kernel, "one_query", dict(PHASE=1, DC=K.one_query_tile(D)[1]), one),
-                     one_query2=(forward._one_query_kernel, "one_query", dict(PHASE=2, DC=K.one_query_tile(D)[1]), one),
+                     one_query1=(forward._one_query_kernel, "one_query", dict(PHASE=1, DC=one_dc), one),
+                     one_query2=(forward._one_query_kernel, "one_query", dict(PHASE=2, DC=one_dc), one),
                      bwd1=(backward._bwd_query_kernel, "bwd", dict(STAGE=1), query),
                      bwd2=(backward._bwd_query_kernel, "bwd", dict(STAGE=2), query),
                      bwd_key=(backward._bwd_key_kernel, "bwd", dict(DK_STORE=D, DV_STORE=D), key))
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
                 shapes = [(1, K.one_query_tile(D)[0], K.one_query_tile(D)[2])]
             else:
                 shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
-                          else [K.TILES[(phase, MP >= 16)][:3]])
+                          else [K.tile_shape(phase, MP)[:3]])
             for BM, BN, warps in shapes:
                 try:
                     r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)

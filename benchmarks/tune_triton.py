@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         for c in w.values():
             c.static = None
     leaves = [q, k, v] + [t for c in w.values() for t in vars(c).values() if t is not None]
-    key = triton_dcmha.next_pow2(H) >= 16  # padded heads per group >= 16
+    key = triton_dcmha.next_pow2(H) >= triton_dcmha.SMALL_TILE_HEADS  # the size class of the tiles
 
     def split(ls):
         it = iter(ls[3:])

@@ -108,6 +108,7 @@ CASES = [
     (1, 4, 19, 19, 32, 1, 2, dict(causal=False)),
     (2, 4, 5, 25, 16, 1, 2, dict(causal=True, padding=True)),  # decoding against a cache, padded keys
     (1, 16, 18, 18, 16, 1, 2, dict(causal=True)),  # 16 heads per group: the tensor-core mixing path
+    (1, 8, 18, 18, 16, 1, 2, dict(causal=True, window=7)),  # 8 heads per group: 16x16 tiles, as 16 heads
     (1, 6, 21, 21, 16, 2, 3, dict(causal=True, window=5)),  # 3 heads per group, rank 3: padded to powers of 2
     (1, 4, 17, 17, 16, 1, 1, dict(causal=True, fields=("query_w1", "key_gate"))),
     (1, 4, 17, 17, 16, 1, 2, dict(causal=True, fields=("static", "key_w1", "query_gate"), post_on=False)),
@@ -521,6 +522,18 @@ def test_key_padding_is_read_as_one_row_per_batch():
     grads, expected = (torch.autograd.grad(o, (q, k, v), do) for o in (out, ref))
     for a, b in zip((out, *grads), (ref, *expected)):
         assert (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+
+@pytest.mark.parametrize("heads", [2, 4, 8, 16])
+def test_tiles_shrink_to_16_from_8_heads_per_group(heads):
+    """32x32 tiles only up to 4 heads per group: at 8 they spill thousands of bytes per thread on sm_90
+    (launch.py's comment) and a study-sized DCFormer++ stalled on them; every phase takes the tiles'
+    size class from the padded heads."""
+    q = torch.zeros(1, heads, 8, 16)
+    for phase in ("fwd", "bwd"):
+        meta = triton_dcmha.launch_meta(q, q, q, 1, None, None, phase)
+        assert (meta["BM"], meta["BN"]) == ((16, 16) if heads >= 8 else (32, 32))
+        assert meta["BM"] == launch.tile_shape(phase, heads)[0]
 
 
 def test_flag_bits_name_the_compose_fields():

@@ -24,13 +24,25 @@ MAX_TRAINING_HEADS_PER_GROUP = 16
 # tests/test_triton.py::test_flag_bits_name_the_compose_fields ties the two).
 FIELDS = COMPOSE_FIELDS
 
-# Tile shapes per phase ("fwd", "bwd") and padded heads per group: (BLOCK_M, BLOCK_N, num_warps, num_stages).
-# One pipeline stage: the (heads x block x block) tiles already fill the shared memory. Tuning scripts
-# (benchmarks/tune_triton.py) may override entries to measure alternatives.
+# Tile shapes per phase ("fwd", "bwd") and size class of the padded heads per group (True: 8 or more, the
+# `SMALL_TILE_HEADS` below; False: fewer): (BLOCK_M, BLOCK_N, num_warps, num_stages). One pipeline stage: the
+# (heads x block x block) tiles already fill the shared memory. Tuning scripts (benchmarks/tune_triton.py) may
+# override entries to measure alternatives. 32x32 tiles are for 1-4 heads per group only: at 8 heads they need
+# more registers than a thread has (compiled offline for sm_90 by benchmarks/kernel_resources.py, head dim 64,
+# bf16: forward 2,824 and query backward 8,496-10,048 spilled bytes per thread, against 544 and 120-448 with
+# 16x16 tiles), and a study-sized DCFormer++ (8 layers x 512, 8 heads x 64, 32 x 1024 tokens) had not finished
+# its first training step after 195 s on an H200 (2026-11-30).
 TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
     ("fwd", True): (16, 16, 4, 1), ("fwd", False): (32, 32, 4, 1),  # measured: docs/triton_tiles_h100.md
     ("bwd", True): (16, 16, 8, 1), ("bwd", False): (32, 32, 4, 1),
 }
+SMALL_TILE_HEADS = 8
+
+
+def tile_shape(phase: str, padded_heads: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power
+    of two) heads per group."""
+    return TILES[(phase, padded_heads >= SMALL_TILE_HEADS)]
 
 # Operands of the head-mixing products of the pre- and post-softmax Compose (and of their gradients) for
 # 16-bit inputs; float32 inputs always mix in exact float32. "bf16" (fastest) or "tf32" (float32 operands,
@@ -124,7 +136,7 @@ def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: 
     M, R = _check(q, k, v, groups, pre, post)
     MP = next_pow2(M)
     DK, DV = next_pow2(q.shape[-1]), next_pow2(v.shape[-1])
-    BM, BN, warps, stages = TILES[(phase, MP >= 16)]
+    BM, BN, warps, stages = tile_shape(phase, MP)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     mix = {c: "ieee" if q.dtype == torch.float32 else MIX_PRECISION[c] for c in ("pre", "post")}
     return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
