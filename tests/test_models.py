@@ -116,12 +116,21 @@ def _rewrite(tmp_path, edit):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_missing_tensor_is_reported_as_transformers_reports_it(tmp_path):
-    """A missing tensor is initialised and reported (transformers' loading info), as for transformers' own models."""
-    _rewrite(tmp_path, lambda t: t.pop("model.layers.1.attention.dynamic.factors"))
+@pytest.mark.parametrize("name", ["dynamic.factors", "static.pre"])
+def test_missing_tensor_is_reported_as_transformers_reports_it(tmp_path, name):
+    """A missing tensor is reported (transformers' loading info) and initialised as the layer initialises it,
+    as for transformers' own models: transformers asks the submodule that owns it (the dynamic-weight projection,
+    the static-mix dict), which was left as uninitialised memory before (a CI failure: NaN factors)."""
+    _rewrite(tmp_path, lambda t: t.pop(f"model.layers.1.attention.{name}"))
     model, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
-    assert info["missing_keys"] == {"model.layers.1.attention.dynamic.factors"}
-    assert torch.isfinite(model.model.layers[1].attention.dynamic.factors).all()
+    assert info["missing_keys"] == {f"model.layers.1.attention.{name}"}
+    attention = model.model.layers[1].attention
+    if name == "dynamic.factors":  # the identity init: first factors random, second factors zero
+        factors, rank = attention.dynamic.factors, attention.dynamic.rank
+        assert torch.isfinite(factors).all() and factors[..., :rank, :].abs().sum() > 0
+        assert (factors[..., rank:, :] == 0).all()
+    else:
+        assert (attention.static["pre"] == 0).all()
 
 
 def test_base_model_checkpoint_loads_both_ways(tmp_path):

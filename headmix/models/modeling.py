@@ -189,8 +189,19 @@ class DCFormerPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # linear and embedding weights ~ N(0, initializer_range), norms to 1/0
-        if isinstance(module, Attention):
-            _reset_unloaded(module)
+        layer = module if isinstance(module, Attention) else self._attention_owning(module)
+        if layer is not None:
+            _reset_unloaded(layer)
+
+    def _attention_owning(self, module: nn.Module) -> Attention | None:
+        """The attention layer a parameter-holding submodule belongs to (DCMHA's dynamic-weight projection, its
+        static mixes), whose ``reset_parameters`` initialises it; transformers calls ``_init_weights`` on the
+        module that owns a parameter missing from a checkpoint, which need not be the layer itself."""
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.RMSNorm, nn.LayerNorm)) \
+                or next(module.parameters(recurse=False), None) is None:
+            return None
+        return next((layer for layer in self.modules() if isinstance(layer, Attention)
+                     and any(m is module for m in layer.modules())), None)
 
 
 def _reset_unloaded(layer: Attention) -> None:
