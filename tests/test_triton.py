@@ -469,6 +469,30 @@ def test_gpu_head_dim_128_inference():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("decode_kernel", ["one_query", "tiles"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_decode_step_within_bf16_bounds(decode_kernel, D, monkeypatch):
+    """One query against a long cache (the split-key decode kernels, both of them) in bf16 on the GPU, within
+    1e-2 of the float32 reference: the interpreter tests check their arithmetic in float32 only."""
+    monkeypatch.setattr(launch, "DECODE_KERNEL", decode_kernel)
+    g = torch.Generator().manual_seed(5)
+    B, H, S = 2, 16, 1500
+    q = torch.randn(B, H, 1, D, generator=g)
+    k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(2))
+    pre = random_weights(B, 1, S, 1, H, 2, FIELDS, g, torch.float32)
+    post = random_weights(B, 1, S, 1, H, 2, FIELDS, g, torch.float32)
+    mask = attention_mask(torch.arange(S - 1, S), torch.arange(S), causal=True, window=None, key_padding=None)
+    with torch.no_grad():
+        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
+        low = [ComposeWeights(**{f: getattr(w, f).to("cuda", torch.bfloat16) for f in FIELDS}) for w in (pre, post)]
+        out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
+                                                     pre=low[0], post=low[1],
+                                                     mask=CAUSAL)
+    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_gpu_auto_warns_once_when_it_trains_off_the_kernels():
     """32 heads in one group (DCFormer-2.8B, 6.9B) do not train on the kernels: auto says why, once."""
     import warnings
