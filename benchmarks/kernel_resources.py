@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
-        one_dc = K.one_query_tile(D)[1]
+        one_bn, one_dc, one_warps = K.one_query_tile(D)
         one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", mask_ptr="*u8", **weights)
         query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
                      dq_ptr=ptr, d_q1="*fp32", d_q2="*fp32", d_qg="*fp32", dw_part="*fp32", **weights)
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         for name in args.kernels:
             fn, phase, extra, pointers = plans[name]
             if phase == "one_query":  # (heads x keys) tiles: no query rows; the warps launch.py gives it
-                shapes = [(1, K.one_query_tile(D)[0], K.one_query_tile(D)[2])]
+                shapes = [(1, one_bn, one_warps)]
             else:
                 shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
                           else [K.tile_shape(phase, MP)[:3]])

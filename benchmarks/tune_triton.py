@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         for c in w.values():
             c.static = None
     leaves = [q, k, v] + [t for c in w.values() for t in vars(c).values() if t is not None]
-    key = triton_dcmha.next_pow2(H) >= triton_dcmha.SMALL_TILE_HEADS  # the size class of the tiles
+    padded_heads = triton_dcmha.next_pow2(H)
 
     def split(ls):
         it = iter(ls[3:])
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
             for cand in candidates:
                 triton_dcmha.TILES.clear()
                 triton_dcmha.TILES.update(default)
-                triton_dcmha.TILES[(phase, key)] = cand
+                triton_dcmha.TILES[triton_dcmha.tile_key(phase, padded_heads)] = cand
                 triton_dcmha.MIX_PRECISION.update(mix)
                 try:
                     out = run(leaves)

@@ -449,22 +449,26 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads):
     assert max(errors.values()) <= 1e-2, errors
 
 
+def bf16_inference_error(B: int, H: int, T: int, S: int, D: int, seed: int, device: str = "cuda") -> float:
+    """Relative error (norm) of causal inference on the kernels in bf16 on ``device``, ``T`` queries (the last
+    ones) against ``S`` keys, all Compose terms, against the float32 reference."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(2))
+    pre, post = (random_weights(B, T, S, 1, H, 2, FIELDS, g, torch.float32) for _ in range(2))
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=True, window=None, key_padding=None)
+    with torch.no_grad():
+        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
+        low = [ComposeWeights(**{f: getattr(w, f).to(device, torch.bfloat16) for f in FIELDS}) for w in (pre, post)]
+        out = triton_dcmha.triton_composed_attention(*(t.to(device, torch.bfloat16) for t in (q, k, v)),
+                                                     scale=D**-0.5, pre=low[0], post=low[1], mask=CAUSAL)
+    return ((out.float().cpu() - ref).norm() / ref.norm()).item()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_gpu_head_dim_128_inference():
-    g = torch.Generator().manual_seed(2)
-    B, H, T, D = 1, 16, 200, 128
-    q, k, v = (torch.randn(B, H, T, D, generator=g) for _ in range(3))
-    pre = random_weights(B, T, T, 1, H, 2, FIELDS, g, torch.float32)
-    post = random_weights(B, T, T, 1, H, 2, FIELDS, g, torch.float32)
-    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
-    with torch.no_grad():
-        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
-        low = ComposeWeights(**{f: getattr(pre, f).to("cuda", torch.bfloat16) for f in FIELDS})
-        low_post = ComposeWeights(**{f: getattr(post, f).to("cuda", torch.bfloat16) for f in FIELDS})
-        out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=low, post=low_post, mask=CAUSAL)
-    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
+    assert bf16_inference_error(1, 16, 200, 200, 128, seed=2) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -475,20 +479,7 @@ def test_gpu_decode_step_within_bf16_bounds(decode_kernel, D, monkeypatch):
     """One query against a long cache (the split-key decode kernels, both of them) in bf16 on the GPU, within
     1e-2 of the float32 reference: the interpreter tests check their arithmetic in float32 only."""
     monkeypatch.setattr(launch, "DECODE_KERNEL", decode_kernel)
-    g = torch.Generator().manual_seed(5)
-    B, H, S = 2, 16, 1500
-    q = torch.randn(B, H, 1, D, generator=g)
-    k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(2))
-    pre = random_weights(B, 1, S, 1, H, 2, FIELDS, g, torch.float32)
-    post = random_weights(B, 1, S, 1, H, 2, FIELDS, g, torch.float32)
-    mask = attention_mask(torch.arange(S - 1, S), torch.arange(S), causal=True, window=None, key_padding=None)
-    with torch.no_grad():
-        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
-        low = [ComposeWeights(**{f: getattr(w, f).to("cuda", torch.bfloat16) for f in FIELDS}) for w in (pre, post)]
-        out = triton_dcmha.triton_composed_attention(*(t.to("cuda", torch.bfloat16) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=low[0], post=low[1],
-                                                     mask=CAUSAL)
-    assert ((out.float().cpu() - ref).norm() / ref.norm()).item() <= 1e-2
+    assert bf16_inference_error(2, 16, 1, 1500, D, seed=5) <= 1e-2
 
 
 @pytest.mark.gpu

@@ -39,10 +39,15 @@ TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
 SMALL_TILE_HEADS = 8
 
 
+def tile_key(phase: str, padded_heads: int) -> tuple[str, bool]:
+    """The :data:`TILES` entry of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power of two) heads per group."""
+    return phase, padded_heads >= SMALL_TILE_HEADS
+
+
 def tile_shape(phase: str, padded_heads: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power
-    of two) heads per group."""
-    return TILES[(phase, padded_heads >= SMALL_TILE_HEADS)]
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``phase`` for ``padded_heads`` heads per group."""
+    return TILES[tile_key(phase, padded_heads)]
+
 
 # Operands of the head-mixing products of the pre- and post-softmax Compose (and of their gradients) for
 # 16-bit inputs; float32 inputs always mix in exact float32. "bf16" (fastest) or "tf32" (float32 operands,
@@ -209,10 +214,16 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
                       scale, chunk, n_split, PHASE=1, **flags)
     _fwd_kernel[grid](q, k, v, parts, stats, m, *weights, *strides, *parts.stride()[1:], smb, smt, sms, *shape,
                       scale, chunk, n_split, PHASE=2, **flags)
-    o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+    return _sum_splits(parts, q.dtype), None
+
+
+def _sum_splits(parts: Tensor, dtype: torch.dtype) -> Tensor:
+    """The last decoding launch: the float32 partial outputs ``(n_split, *shape)`` summed in split order into a
+    new ``shape`` tensor of ``dtype`` (:func:`_split_sum_kernel`)."""
+    o = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
     n = o.numel()
-    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, n_split, BLOCK=SPLIT_SUM_BLOCK)
-    return o, None
+    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, parts.shape[0], BLOCK=SPLIT_SUM_BLOCK)
+    return o
 
 
 def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -> Tensor:
@@ -228,15 +239,12 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -
                   WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], num_warps=warps, num_stages=1)
     _, _, off, kv_rep, dk_n, _ = shape
     stats = torch.empty(2, n_split, B, H, dtype=torch.float32, device=q.device)
-    parts = torch.empty(n_split, B, H, dv_n, dtype=torch.float32, device=q.device)
+    parts = torch.empty(n_split, B, H, 1, dv_n, dtype=torch.float32, device=q.device)  # (the kernel: B * H rows)
     strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_strides)
     for phase in (1, 2):
         _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, m, *weights, *strides, S, off, kv_rep, dk_n, dv_n,
                                             scale, chunk, n_split, PHASE=phase, **consts)
-    o = torch.empty(B, H, 1, dv_n, dtype=q.dtype, device=q.device)
-    n = o.numel()
-    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, n_split, BLOCK=SPLIT_SUM_BLOCK)
-    return o
+    return _sum_splits(parts, q.dtype)
 
 
 def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
