@@ -62,6 +62,9 @@ def float32_leaves(q, k, v, pre, post):
     return q32, k32, v32, pre32, post32
 
 
+DYNAMIC = tuple(f for f in FIELDS if f != "static")  # the released DCFormer models' Compose (no static mix)
+
+
 def compare(B, H, T, S, D, G, R, *, causal, window=None, padding=False, fields=FIELDS, pre_on=True, post_on=True,
             seed=0, tol=1e-5, kv_heads=None):
     """Float32 kernels vs the float64 reference: relative error of the output and of every gradient. With
@@ -121,6 +124,11 @@ CASES = [
     (1, 4, 19, 19, 16, 1, 2, dict(causal=False, window=5)),  # non-causal window: bounded on both sides
     (1, 4, 17, 17, 24, 1, 2, dict(causal=True, kv_heads=2)),  # head dim 24, padded to 32
     (1, 4, 13, 13, 80, 2, 2, dict(causal=True, window=5)),  # head dim 80 (DCFormer-2.8B), padded to 128
+    # 32 heads in one group (DCFormer-2.8B, -6.9B): the rank-R form (launch.rank_form), 32-wide head-dim chunks
+    (1, 32, 17, 17, 16, 1, 2, dict(causal=True, window=6, fields=DYNAMIC)),  # static mix off, as released
+    (1, 32, 6, 20, 40, 1, 2, dict(causal=True, padding=True, kv_heads=8)),  # 40 -> 64: chunked; cache, padding, GQA
+    (1, 32, 18, 18, 32, 1, 1, dict(causal=False, kv_heads=4, fields=DYNAMIC)),  # non-causal, 8 query heads per k/v
+    (1, 32, 17, 17, 24, 1, 2, dict(causal=True)),  # every term, the static mix included
 ]
 
 
@@ -142,26 +150,28 @@ def test_training_head_dims_limits():
         triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, mask=CAUSAL)
 
 
-def test_32_heads_per_group_run_forward_only():
-    """32 heads in one group: the forward kernels take it (checked against the reference); training is
-    refused with a clear error (the backward kernels need more shared memory than an H100 has), and
-    ``auto`` would train such a layer on the chunked path."""
-    g = torch.Generator().manual_seed(6)
-    B, H, T, D = 1, 32, 17, 16
-    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=torch.float64) for _ in range(3))
-    pre, post = (random_weights(B, T, T, 1, H, 2, FIELDS, g) for _ in range(2))
-    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
-    with torch.no_grad():
-        ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=1)
-        out = triton_dcmha.triton_composed_attention(*(t.float().to(DEVICE) for t in (q, k, v)), scale=D**-0.5,
-                                                     pre=as_float32(pre), post=as_float32(post), mask=CAUSAL)
-    assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
-    x = q.float().to(DEVICE).requires_grad_()
-    with pytest.raises(ValueError, match="training with 32 heads per group is not supported: expected at most 16"):
-        triton_dcmha.triton_composed_attention(x, x, x, scale=0.1, mask=CAUSAL)
-    assert not triton_takes(x, groups=1, training=True) and triton_takes(x, groups=2, training=True)
-    assert triton_takes(x, groups=1, training=False)
-    assert triton_takes(torch.zeros(1, 4, 8, 80), training=True)  # head dim 80 (DCFormer-2.8B): padded to 128
+def test_32_heads_per_group_train_on_the_kernels():
+    """32 heads in one group (DCFormer-2.8B, -6.9B): the kernels take training too (the rank-R form of the Compose
+    and 32-wide head-dim chunks, which fit an H100/H200's shared memory; CASES above check them against the
+    reference); more heads per group, or unequal chunked key and value head dims, are refused with a clear error."""
+    for D in (80, 128):
+        x = torch.zeros(1, 32, 8, D)
+        assert triton_takes(x, groups=1, training=True) and triton_takes(x, groups=1, training=False)
+        meta = triton_dcmha.launch_meta(x, x, x, 1, None, None, "bwd")
+        assert meta["RANKR"] and (meta["BM"], meta["BN"]) == (16, 16)
+        assert launch.head_dim_chunks("bwd", 32, 128, 128) == launch.head_dim_chunks("fwd", 32, 128, 128) == (32, 32)
+    narrow = torch.zeros(1, 16, 8, 128)
+    assert not triton_dcmha.launch_meta(narrow, narrow, narrow, 1, None, None, "bwd")["RANKR"]
+    assert launch.head_dim_chunks("fwd", 16, 128, 128) == (128, 128)  # whole head dims up to 16 heads, as before
+    assert launch.head_dim_chunks("bwd", 16, 128, 128) == (64, 64)
+    wide = torch.zeros(1, 64, 8, 16, device=DEVICE, requires_grad=True)
+    assert not triton_takes(wide, groups=1, training=False)
+    with pytest.raises(ValueError, match="64 heads per group is not supported: expected at most 32"):
+        triton_dcmha.triton_composed_attention(wide, wide, wide, scale=0.1, mask=CAUSAL)
+    q = torch.randn(1, 32, 16, 64, device=DEVICE, requires_grad=True)
+    v = torch.randn(1, 32, 16, 32, device=DEVICE, requires_grad=True)
+    with pytest.raises(ValueError, match="needs equal key and value head dims, got 64 and 32"):
+        triton_dcmha.triton_composed_attention(q, q, v, scale=0.1, mask=CAUSAL)
 
 
 def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch):
@@ -421,13 +431,32 @@ def test_gpu_torch_compile_runs_the_layer():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim, kv_heads", [(64, 16), (80, 16), (96, 16), (128, 16), (64, 4), (128, 8)])
 def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads):
+    errors = low_precision_errors(dtype, 16, head_dim, kv_heads)
+    assert max(errors.values()) <= 1e-2, errors
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("head_dim, kv_heads, fields", [(80, 32, DYNAMIC), (128, 32, DYNAMIC), (128, 8, FIELDS)],
+                         ids=["2.8B-80", "6.9B-128", "128-gqa8-static"])
+def test_gpu_32_heads_per_group_train_within_bf16_bounds(head_dim, kv_heads, fields):
+    """DCFormer-2.8B (32 x 80) and -6.9B (32 x 128) in one head group, trained on the kernels (the rank-R form) in
+    bf16: output and every gradient within 1e-2 of the float32 reference, as at 16 heads."""
+    errors = low_precision_errors(torch.bfloat16, 32, head_dim, kv_heads, fields, B=1, T=256)
+    assert max(errors.values()) <= 1e-2, errors
+
+
+def low_precision_errors(dtype: torch.dtype, H: int, head_dim: int, kv_heads: int, fields=FIELDS, B: int = 2,
+                         T: int = 300) -> dict[str, float]:
+    """Relative errors (norms) of causal training on the kernels in ``dtype`` on the GPU, one head group, rank 2,
+    Compose weights 0.5 randn: the output and every gradient against the float32 reference, by name."""
     g = torch.Generator().manual_seed(1)
-    B, H, T, G, R = 2, 16, 300, 1, 2
+    G, R = 1, 2
     M = H // G
     q = torch.randn(B, H, T, head_dim, generator=g)
     k, v = (torch.randn(B, kv_heads, T, head_dim, generator=g) for _ in range(2))
-    pre = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
-    post = random_weights(B, T, T, G, M, R, FIELDS, g, torch.float32)
+    pre = random_weights(B, T, T, G, M, R, fields, g, torch.float32)
+    post = random_weights(B, T, T, G, M, R, fields, g, torch.float32)
     leaves32 = [t.requires_grad_() for t in leaves(q, k, v, pre, post)]
     mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
     k_rep, v_rep = (t.repeat_interleave(H // kv_heads, dim=1) for t in leaves32[1:3])
@@ -444,9 +473,8 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads):
     grads = torch.autograd.grad(out, low, do.to("cuda", dtype))
     names = ["out", "dq", "dk", "dv"] + [f"d{c}.{f}" for c, w in (("pre", pre), ("post", post)) for f in FIELDS
                                          if getattr(w, f) is not None]
-    errors = {n: ((a.float().cpu() - b).norm() / b.norm()).item()
-              for n, a, b in zip(names, [out, *grads], [ref, *expected])}
-    assert max(errors.values()) <= 1e-2, errors
+    return {n: ((a.float().cpu() - b).norm() / b.norm()).item()
+            for n, a, b in zip(names, [out, *grads], [ref, *expected])}
 
 
 def bf16_inference_error(B: int, H: int, T: int, S: int, D: int, seed: int, device: str = "cuda") -> float:
@@ -484,21 +512,24 @@ def test_gpu_decode_step_within_bf16_bounds(decode_kernel, D, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-def test_gpu_auto_warns_once_when_it_trains_off_the_kernels():
-    """32 heads in one group (DCFormer-2.8B, 6.9B) do not train on the kernels: auto says why, once."""
+def test_gpu_auto_trains_32_heads_per_group_on_the_kernels_and_warns_once_off_them():
+    """32 heads in one group (DCFormer-2.8B, 6.9B) train on the kernels under auto, silently; a shape the kernels
+    refuse (64 heads in one group) trains on the chunked path, and auto says why, once."""
     import warnings
 
     import headmix.ops
 
     headmix.ops._WARNED.clear()
     q = torch.zeros(1, 32, 512, 80, device="cuda", dtype=torch.bfloat16)
-    with pytest.warns(RuntimeWarning, match="chunked .*because .*training with 32 heads per group"):
-        assert resolve_backend("auto", 512, 128, q).__name__ == "chunked_composed_attention"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        resolve_backend("auto", 512, 128, q)  # once
-    with torch.no_grad():
         assert resolve_backend("auto", 512, 128, q).func is triton_dcmha.triton_composed_attention
+    wide = torch.zeros(1, 64, 512, 16, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="chunked .*because .*64 heads per group is not supported"):
+        assert resolve_backend("auto", 512, 128, wide).__name__ == "chunked_composed_attention"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resolve_backend("auto", 512, 128, wide)  # once
 
 
 def test_attention_benchmark_script_runs_at_a_tiny_size():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .tiles import (KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _compose, _heads, _key_range,
-                    _matrices, _rows, _valid)
+from .tiles import (KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _compose, _compose_rank, _heads,
+                    _key_range, _matrices, _pair_dot, _rows, _valid)
 
 
 @triton.jit
@@ -21,13 +21,17 @@ def _fwd_kernel(
     DK: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
     PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
     PREC: tl.constexpr, MIX_PRE: tl.constexpr, MIX_POST: tl.constexpr, RELOAD: tl.constexpr,
-    PHASE: tl.constexpr,
+    PHASE: tl.constexpr, DCS: tl.constexpr, DCV: tl.constexpr, RANKR: tl.constexpr,
 ):
     """``PHASE`` 0: both passes over all keys, ``O`` and ``lse`` stored. Split keys (decoding: few queries,
     many keys; program axis 2 = split of ``chunk`` keys): ``PHASE`` 1 stores each split's row max and sum
     in ``lse_ptr`` ``(2, n_split, B, H, T)``; ``PHASE`` 2 reads all splits' statistics from ``lse_ptr``,
     combines them into the row's ``lse`` on the device, and stores the split's unreduced float32 ``P' V`` in
-    ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by :func:`_split_sum_kernel`)."""
+    ``o_ptr`` ``(n_split, B, H, T, DV)`` (summed by :func:`_split_sum_kernel`).
+
+    Wide head groups (launch.head_dim_chunks): ``DCS < DK`` accumulates the scores over ``DCS``-wide chunks of the
+    head dim (tiles._pair_dot), and with ``DCV < DV`` (``PHASE`` 0 only) each program writes one ``DCV``-wide chunk
+    of the output, ``program_id(2)``, recomputing the scores. ``RANKR``: the Compose in the rank-R form."""
     pid_i = tl.program_id(0)
     if CAUSAL:  # the last query blocks see the most keys: launch them first (longest job first, a shorter tail)
         pid_i = tl.num_programs(0) - 1 - pid_i
@@ -42,8 +46,11 @@ def _fwd_kernel(
     qrow = (offs_i < T)[:, None] & h_ok[None, :]
     pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
     post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
-    eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
-    if not RELOAD:
+    sq = (sqb, sqh, sqt, sqd)
+    sk = (skb, skh, skt, skd)
+    if not RANKR:
+        eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
+    if not RELOAD and DCS == DK:
         q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
     lo, hi = _key_range(start_i, T, S, off, BM, BN, CAUSAL, WINDOW)
     h = g * M + hm
@@ -59,13 +66,19 @@ def _fwd_kernel(
     for start_j in range(lo, hi if PHASE != 2 else lo, BN):
         offs_j = start_j + tl.arange(0, BN)
         krow = (offs_j < S)[:, None] & h_ok[None, :]
-        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
-            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
-        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
-        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if DCS == DK:
+            if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+                q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
+            k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
+            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        else:
+            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCS, PREC, kv_rep, dk_n) * scale
         if PRE != 0:
-            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+            if RANKR:
+                s = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
+            else:
+                ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+                s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         s = tl.where(valid, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 2))
@@ -90,32 +103,48 @@ def _fwd_kernel(
     else:
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
-    eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
-    acc = tl.zeros((MP, BM, DV), dtype=tl.float32)
+    if not RANKR:
+        eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
+    if DCV == DV:
+        dv = tl.arange(0, DV)
+    else:  # this program's chunk of the output's head dim
+        dv = tl.program_id(2) * DCV + tl.arange(0, DCV)
+    acc = tl.zeros((MP, BM, DCV), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         krow = (offs_j < S)[:, None] & h_ok[None, :]
-        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
-            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
-        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
-        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if DCS == DK:
+            if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+                q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
+            k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
+            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        else:
+            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCS, PREC, kv_rep, dk_n) * scale
         if PRE != 0:
-            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+            if RANKR:
+                s = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
+            else:
+                ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+                s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
         if POST != 0:
-            ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
-            p = _compose(p, eq_post, ek_post, POST, MIX_POST)
-        v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
+            if RANKR:
+                p = _compose_rank(p, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, False, MIX_POST)
+            else:
+                ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
+                p = _compose(p, eq_post, ek_post, POST, MIX_POST)
+        v = _heads(v_ptr, b, g, offs_j, dv, svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
-    dv = tl.arange(0, DV)
     o_ptrs = o_ptr + b * sob + h[:, None, None] * soh + offs_i[None, :, None] * sot + dv[None, None, :] * sod
     if PHASE == 2:
         o_ptrs += split * n_rows * DV
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=qok[:, :, None] & (dv < dv_n)[None, None, :])
     if PHASE == 0:
-        tl.store(lse_ptr + rows, lse, mask=qok)
+        if DCV == DV:
+            tl.store(lse_ptr + rows, lse, mask=qok)
+        else:  # the same row normaliser in every chunk's program: stored by chunk 0's
+            tl.store(lse_ptr + rows, lse, mask=qok & (hm * 0 + tl.program_id(2) == 0)[:, None])
 
 
 @triton.jit

@@ -17,31 +17,42 @@ from .forward import _fwd_kernel, _one_query_kernel, _split_sum_kernel
 MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
 WHOLE_HEAD_DIM = 64  # the backward kernels hold whole (padded) head dims up to this; above it they work in chunks:
 HEAD_DIM_CHUNK = 64  # each program writes this many dims of dQ (or dK, dV)
-# Compiled offline for sm_90 (benchmarks/kernel_resources.py), the backward kernels for 32 heads per group
-# need 256-544 KB of shared memory (an H100/H200 has 227 KB): training takes at most 16 (padded) heads per group.
-MAX_TRAINING_HEADS_PER_GROUP = 16
+MAX_TRAINING_HEADS_PER_GROUP = 32
+# More padded heads per group than this (32: DCFormer-2.8B, DCFormer/DCPythia-6.9B) take the rank-R form of the
+# Compose (tiles._compose_rank) and narrower head-dim chunks (head_dim_chunks): compiled offline for sm_90
+# (benchmarks/kernel_resources.py --heads 32 --head-dim 128 --no-static), the per-position-matrix kernels need
+# 288 / 192 / 320 / 416 KB of shared memory (forward / backward query stages 1, 2 / backward key), an H100/H200
+# has 227 KB; docs/kernels.md, "32 heads per group".
+MATRIX_FORM_HEADS = 16
+# The form of each phase's kernels in those wider groups: "rank" or "matrix" (with the chunks of head_dim_chunks the
+# matrix-form forward fits too: 128 KB and 1,544 spilled bytes per thread at 32 x 128 against the rank form's 64 KB
+# and 976, offline; the matrix-form backward does not fit). Not yet timed against each other on a GPU.
+WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
+WIDE_HEAD_DIM_CHUNK = 32  # the head-dim chunk of the wide groups' kernels (the scores' products and the outputs)
 # The Compose fields in the dataclass's order: bit i of a kernel's flags is field i (tiles.py names the bits;
 # tests/test_triton.py::test_flag_bits_name_the_compose_fields ties the two).
 FIELDS = COMPOSE_FIELDS
 
-# Tile shapes per phase ("fwd", "bwd") and size class of the padded heads per group (True: 8 or more, the
-# `SMALL_TILE_HEADS` below; False: fewer): (BLOCK_M, BLOCK_N, num_warps, num_stages). One pipeline stage: the
+# Tile shapes per phase ("fwd", "bwd") and size class of the padded heads per group (4: fewer than
+# `SMALL_TILE_HEADS` below, 16: 8 or 16, 32: more than MATRIX_FORM_HEADS): (BLOCK_M, BLOCK_N, num_warps, num_stages). One pipeline stage: the
 # (heads x block x block) tiles already fill the shared memory. Tuning scripts (benchmarks/tune_triton.py) may
 # override entries to measure alternatives. 32x32 tiles are for 1-4 heads per group only: at 8 heads they need
 # more registers than a thread has (compiled offline for sm_90 by benchmarks/kernel_resources.py, head dim 64,
 # bf16: forward 2,824 and query backward 8,496-10,048 spilled bytes per thread, against 544 and 120-448 with
 # 16x16 tiles), and a study-sized DCFormer++ (8 layers x 512, 8 heads x 64, 32 x 1024 tokens) had not finished
 # its first training step after 195 s on an H200 (2026-11-30).
-TILES: dict[tuple[str, bool], tuple[int, int, int, int]] = {
-    ("fwd", True): (16, 16, 4, 1), ("fwd", False): (32, 32, 4, 1),  # measured: docs/triton_tiles_h100.md
-    ("bwd", True): (16, 16, 8, 1), ("bwd", False): (32, 32, 4, 1),
+TILES: dict[tuple[str, int], tuple[int, int, int, int]] = {
+    ("fwd", 16): (16, 16, 4, 1), ("fwd", 4): (32, 32, 4, 1),  # measured: docs/triton_tiles_h100.md
+    ("bwd", 16): (16, 16, 8, 1), ("bwd", 4): (32, 32, 4, 1),
+    ("fwd", 32): (16, 16, 8, 1), ("bwd", 32): (16, 16, 8, 1),  # offline sm_90 figures only (docs/kernels.md)
 }
 SMALL_TILE_HEADS = 8
 
 
-def tile_key(phase: str, padded_heads: int) -> tuple[str, bool]:
-    """The :data:`TILES` entry of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power of two) heads per group."""
-    return phase, padded_heads >= SMALL_TILE_HEADS
+def tile_key(phase: str, padded_heads: int) -> tuple[str, int]:
+    """The :data:`TILES` entry of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power of two) heads per group:
+    its size class 4 (up to 4), 16 (8-16) or 32."""
+    return phase, 4 if padded_heads < SMALL_TILE_HEADS else 16 if padded_heads <= MATRIX_FORM_HEADS else 32
 
 
 def tile_shape(phase: str, padded_heads: int) -> tuple[int, int, int, int]:
@@ -75,6 +86,25 @@ def one_query_tile(head_dim: int) -> tuple[int, int, int]:
     return BN, min(DC, head_dim), warps
 
 
+def rank_form(phase: str, padded_heads: int) -> bool:
+    """Whether the kernels of ``phase`` ("fwd" or "bwd") for ``padded_heads`` heads per group hold the Compose in
+    the rank-R form (``RANKR``) rather than as per-position mixing matrices."""
+    return padded_heads > MATRIX_FORM_HEADS and WIDE_FORMS[phase] == "rank"
+
+
+def head_dim_chunks(phase: str, padded_heads: int, DK: int, DV: int) -> tuple[int, int]:
+    """The kernels' head-dim chunks for padded head dims ``DK``, ``DV``. "fwd": ``(DCS, DCV)``, the scores'
+    products accumulated over ``DCS``-wide chunks, the output written in ``DCV``-wide chunks (one per program);
+    "bwd": ``(DCK, DCV)``, the chunks of dQ/dK and dV one program writes (its score products: half-chunks).
+    Up to 16 heads per group the forward holds whole head dims and the backward chunks above
+    :data:`WHOLE_HEAD_DIM`; wider groups chunk by :data:`WIDE_HEAD_DIM_CHUNK`."""
+    if padded_heads > MATRIX_FORM_HEADS:
+        return min(DK, WIDE_HEAD_DIM_CHUNK), min(DV, WIDE_HEAD_DIM_CHUNK)
+    if phase == "fwd" or max(DK, DV) <= WHOLE_HEAD_DIM:
+        return DK, DV
+    return HEAD_DIM_CHUNK, HEAD_DIM_CHUNK  # equal (padded) head dims (check_supported)
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -100,9 +130,12 @@ def check_supported(shape: tuple[int, ...], v_dim: int, groups: int, dtype: torc
     if max(DK, v_dim) > MAX_HEAD_DIM:
         raise ValueError(f"triton backend: head dim {max(DK, v_dim)} is not supported: expected at most "
                          f"{MAX_HEAD_DIM}")
-    if training and max(next_pow2(DK), next_pow2(v_dim)) > WHOLE_HEAD_DIM and next_pow2(DK) != next_pow2(v_dim):
-        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} needs equal key and value "
-                         f"head dims, got {DK} and {v_dim}")
+    chunked = max(next_pow2(DK), next_pow2(v_dim)) > (WHOLE_HEAD_DIM if next_pow2(M) <= MATRIX_FORM_HEADS
+                                                      else WIDE_HEAD_DIM_CHUNK)
+    if training and chunked and next_pow2(DK) != next_pow2(v_dim):
+        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} (above "
+                         f"{WIDE_HEAD_DIM_CHUNK} with more than {MATRIX_FORM_HEADS} heads per group) needs equal key "
+                         f"and value head dims, got {DK} and {v_dim}")
     if training and next_pow2(M) > MAX_TRAINING_HEADS_PER_GROUP:
         raise ValueError(f"triton backend: training with {M} heads per group is not supported: expected at most "
                          f"{MAX_TRAINING_HEADS_PER_GROUP} (use more groups, or backend='chunked')")
@@ -147,7 +180,7 @@ def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     mix = {c: "ieee" if q.dtype == torch.float32 else MIX_PRECISION[c] for c in ("pre", "post")}
     return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
-                MIX_POST=mix["post"], num_warps=warps, num_stages=stages)
+                MIX_POST=mix["post"], RANKR=rank_form(phase, MP), num_warps=warps, num_stages=stages)
 
 
 def _mask_args(mask: Tensor | None, T: int, S: int, dummy: Tensor):
@@ -191,8 +224,11 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
     weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
     strides = (*q.stride(), *k.stride(), *v.stride())
+    DCS, DCV = head_dim_chunks("fwd", meta["MP"], meta["DK"], meta["DV"])
+    out_chunks = meta["DV"] // DCV if n_split == 1 else 1  # (the split-key launches write whole head dims)
     flags = dict(PRE=_flags(pre), POST=_flags(post), CAUSAL=causal, WINDOW=window or 0, HAS_MASK=mask is not None,
-                 RELOAD=meta["DK"] >= 128, num_warps=warps, num_stages=stages, **meta)
+                 RELOAD=meta["DK"] >= 128, DCS=DCS, DCV=DCV if n_split == 1 else meta["DV"], num_warps=warps,
+                 num_stages=stages, **meta)
     shape = _shape_args(q, k, v, offset)
     if DECODE_KERNEL not in ("tiles", "one_query"):
         raise ValueError(f"DECODE_KERNEL={DECODE_KERNEL!r} is not allowed: expected 'tiles' or 'one_query'")
@@ -201,7 +237,7 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     if n_split == 1:
         o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        _fwd_kernel[(n_blocks, B * groups, 1)](q, k, v, o, lse, m, *weights, *strides, *o.stride(), smb, smt, sms,
+        _fwd_kernel[(n_blocks, B * groups, out_chunks)](q, k, v, o, lse, m, *weights, *strides, *o.stride(), smb, smt, sms,
                                                *shape, scale, S, 1, PHASE=0, **flags)
         return o, lse
     stats = torch.empty(2, n_split, B, H, T, dtype=torch.float32, device=q.device)
@@ -274,11 +310,9 @@ def triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, wi
              for c in ("pre", "post")}
     dw_part = torch.zeros(B * G, n_blocks, 2, M, M, **f32)
     DK, DV = meta["DK"], meta["DV"]
-    if max(DK, DV) <= WHOLE_HEAD_DIM:
-        meta.update(DCK=DK, DCV=DV)
-    else:  # equal (padded) head dims (check_supported)
-        meta.update(DCK=HEAD_DIM_CHUNK, DCV=HEAD_DIM_CHUNK)
-    chunks = DK // meta["DCK"]
+    DCK, DCV = head_dim_chunks("bwd", meta["MP"], DK, DV)
+    meta.update(DCK=DCK, DCV=DCV, RP=next_pow2(R))
+    chunks = DK // DCK
     for stage, c in ((1, "post"), (2, "pre")):
         _bwd_query_kernel[(n_blocks, B * G, 1 if stage == 1 else chunks)](
             q, k, v, do, lse, delta, m, dq, *pre_ptrs, *post_ptrs, *qgrad[c], dw_part, *common,

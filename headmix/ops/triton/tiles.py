@@ -159,6 +159,165 @@ def _store_static_grad(part, gm, hm, M: tl.constexpr):
     tl.store(part + hm[None, :] * M + hm[:, None], tl.sum(gm, 0), mask=h_ok[:, None] & h_ok[None, :])
 
 
+# -- the rank-R form (more than 16 heads per group: the backward kernels; docs/kernels.md, "32 heads per group") --
+# The same Compose on the tile's own (MP, BM, BN) layout (heads, queries, keys), without per-position matrices: at
+# query i and key j
+#   y[m] = x[m] + sum_n W[n, m] x[n] + sum_r w2q[i, r, m] h_r + sum_r w2k[j, r, m] h'_r + (gq[i, m] + gk[j, m]) x[m]
+# with h_r = sum_n w1q[i, r, n] x[n] (a reduction over the heads axis) and h'_r likewise with the key-wise factors:
+# float32 element-wise work and reductions, about 2 R M multiply-adds per pair and side; the static mix W is one
+# (MP, MP) @ (MP, BM * BN) product. The adjoint swaps the two factors and transposes W. Gradients per position:
+# dw1[i, r, n] = sum_j x[n] dh_r, dw2[i, r, m] = sum_j dy[m] h_r, dg[i, m] = sum_j dy[m] x[m] (key side: summed over
+# queries), dW = sum over the tile of x dy^T. No (BLOCK, MP, MP) tiles: at 32 heads those (and their layout
+# changes) need more shared memory than an H100/H200 has.
+@triton.jit
+def _factor(ptr, b, g, r, offs, hm, L, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
+    """A per-position factor ``(B, L, G, R, M)`` at rank ``r`` (a gate ``(B, L, G, M)``: ``R=1, r=0``) as an
+    ``(MP, BLOCK)`` tile (heads, positions ``offs``); zero outside the real heads and positions."""
+    p = ptr + (((b * L + offs[None, :]) * G + g) * R + r) * M + hm[:, None]
+    return tl.load(p, mask=(hm < M)[:, None] & (offs < L)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _static_mix(x, w_ptr, g, hm, M: tl.constexpr, ADJOINT: tl.constexpr, MIX: tl.constexpr):
+    """``sum_n W[n, m] x[n]`` (``ADJOINT``: ``sum_n W[m, n] x[n]``) for every head ``m`` of an ``(MP, BM, BN)``
+    tile ``x`` (at least 16 heads): one ``(MP, MP) @ (MP, BM * BN)`` tensor-core product."""
+    base = w_ptr + g * M * M
+    h_ok = hm < M
+    if ADJOINT:  # a[m, n] = W[m, n]
+        a = tl.load(base + hm[:, None] * M + hm[None, :], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
+    else:  # a[m, n] = W[n, m]
+        a = tl.load(base + hm[None, :] * M + hm[:, None], mask=h_ok[:, None] & h_ok[None, :], other=0.0)
+    x2 = tl.reshape(x, (x.shape[0], x.shape[1] * x.shape[2]))
+    if MIX == "bf16":
+        y = tl.dot(a.to(tl.bfloat16), x2.to(tl.bfloat16))
+    else:
+        y = tl.dot(a.to(tl.float32), x2.to(tl.float32), input_precision=MIX)
+    return tl.reshape(y, (x.shape[0], x.shape[1], x.shape[2]))
+
+
+@triton.jit
+def _compose_rank(x, cw, b, g, offs_i, offs_j, hm, T, S, G: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
+                  FLAGS: tl.constexpr, ADJOINT: tl.constexpr, MIX: tl.constexpr):
+    """Compose in the rank-R form (``ADJOINT``: its adjoint) on an ``(MP, BM, BN)`` tile ``x`` at queries ``offs_i``
+    and keys ``offs_j``; ``cw`` the Compose's 7 pointers, ``FLAGS`` which are present (as :func:`_matrices`)."""
+    w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
+    x = x.to(tl.float32)
+    out = x
+    if STATIC & FLAGS:
+        out += _static_mix(x, w_ptr, g, hm, M, ADJOINT, MIX)
+    if QUERY_LOWRANK & FLAGS:
+        for r in tl.static_range(R):
+            a = _factor(qw1, b, g, r, offs_i, hm, T, G, R, M)
+            c = _factor(qw2, b, g, r, offs_i, hm, T, G, R, M)
+            if ADJOINT:
+                a, c = c, a
+            out += c[:, :, None] * tl.sum(x * a[:, :, None], 0)[None, :, :]
+    if KEY_LOWRANK & FLAGS:
+        for r in tl.static_range(R):
+            a = _factor(kw1, b, g, r, offs_j, hm, S, G, R, M)
+            c = _factor(kw2, b, g, r, offs_j, hm, S, G, R, M)
+            if ADJOINT:
+                a, c = c, a
+            out += c[:, None, :] * tl.sum(x * a[:, None, :], 0)[None, :, :]
+    if QUERY_GATE & FLAGS:
+        out += _factor(qg, b, g, 0, offs_i, hm, T, G, 1, M)[:, :, None] * x
+    if KEY_GATE & FLAGS:
+        out += _factor(kg, b, g, 0, offs_j, hm, S, G, 1, M)[:, None, :] * x
+    return out
+
+
+@triton.jit
+def _rank_grads(d1, d2, dg, x, dy, cw, b, g, offs_i, offs_j, hm, T, S, G: tl.constexpr, M: tl.constexpr,
+                R: tl.constexpr, FLAGS: tl.constexpr, QUERY_SIDE: tl.constexpr):
+    """Accumulate one side's per-position weight gradients of ``y = Compose(x)`` (rank-R form) with upstream ``dy``
+    (both ``(MP, BM, BN)``): ``d1``, ``d2`` ``(RP, MP, BLOCK)`` the two factors' (rank on axis 0), ``dg``
+    ``(MP, BLOCK)`` the gate's; ``BLOCK`` is the query block (summed over the tile's keys) or the key block
+    (``QUERY_SIDE=False``, summed over its queries)."""
+    w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
+    x = x.to(tl.float32)
+    dy = dy.to(tl.float32)
+    rr = tl.arange(0, d1.shape[0])
+    if QUERY_SIDE:
+        if QUERY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _factor(qw1, b, g, r, offs_i, hm, T, G, R, M)
+                c = _factor(qw2, b, g, r, offs_i, hm, T, G, R, M)
+                h = tl.sum(x * a[:, :, None], 0)  # (BM, BN)
+                dh = tl.sum(dy * c[:, :, None], 0)
+                d1 += tl.where((rr == r)[:, None, None], tl.sum(x * dh[None, :, :], 2)[None, :, :], 0.0)
+                d2 += tl.where((rr == r)[:, None, None], tl.sum(dy * h[None, :, :], 2)[None, :, :], 0.0)
+        if QUERY_GATE & FLAGS:
+            dg += tl.sum(dy * x, 2)
+    else:
+        if KEY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _factor(kw1, b, g, r, offs_j, hm, S, G, R, M)
+                c = _factor(kw2, b, g, r, offs_j, hm, S, G, R, M)
+                h = tl.sum(x * a[:, None, :], 0)
+                dh = tl.sum(dy * c[:, None, :], 0)
+                d1 += tl.where((rr == r)[:, None, None], tl.sum(x * dh[None, :, :], 1)[None, :, :], 0.0)
+                d2 += tl.where((rr == r)[:, None, None], tl.sum(dy * h[None, :, :], 1)[None, :, :], 0.0)
+        if KEY_GATE & FLAGS:
+            dg += tl.sum(dy * x, 1)
+    return d1, d2, dg
+
+
+@triton.jit
+def _static_grad(dw, x, dy, MIX: tl.constexpr):
+    """``dw[m, n] += sum over the tile of x[m] dy[n]`` (``(MP, MP)``, the static mix's gradient, rank-R form): one
+    ``(MP, BM * BN) @ (BM * BN, MP)`` tensor-core product."""
+    x2 = tl.reshape(x, (x.shape[0], x.shape[1] * x.shape[2]))
+    dy2 = tl.reshape(dy, (x.shape[0], x.shape[1] * x.shape[2]))
+    if MIX == "bf16":
+        dw += tl.dot(x2.to(tl.bfloat16), tl.trans(dy2.to(tl.bfloat16)))
+    else:
+        dw += tl.dot(x2.to(tl.float32), tl.trans(dy2.to(tl.float32)), input_precision=MIX)
+    return dw
+
+
+@triton.jit
+def _store_rank_grads(d1, d2, dg, cw_grads, b, g, offs, ok, L, G: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
+                      FLAGS: tl.constexpr, QUERY_SIDE: tl.constexpr):
+    """Store :func:`_rank_grads`' accumulators into the float32 gradients ``cw_grads = (dw1, dw2, dg)``
+    (``(B, L, G, R, M)``, ``(B, L, G, R, M)``, ``(B, L, G, M)``) at positions ``offs``; ``ok`` ``(MP, BLOCK)``."""
+    p1, p2, pg = cw_grads
+    hm = tl.arange(0, d1.shape[1])
+    if QUERY_SIDE:
+        LOWRANK, GATE = QUERY_LOWRANK & FLAGS, QUERY_GATE & FLAGS
+    else:
+        LOWRANK, GATE = KEY_LOWRANK & FLAGS, KEY_GATE & FLAGS
+    if LOWRANK:
+        rr = tl.arange(0, d1.shape[0])
+        p = (((b * L + offs[None, None, :]) * G + g) * R + rr[:, None, None]) * M + hm[None, :, None]
+        m = (rr < R)[:, None, None] & ok[None, :, :]
+        tl.store(p1 + p, d1, mask=m)
+        tl.store(p2 + p, d2, mask=m)
+    if GATE:
+        tl.store(pg + ((b * L + offs[None, :]) * G + g) * M + hm[:, None], dg, mask=ok)
+
+
+@triton.jit
+def _store_static_rank_grad(part, dw, hm, M: tl.constexpr):
+    """:func:`_static_grad`'s ``dw`` (this program's share of ``dW``) into ``part`` ``(M, M)``."""
+    h_ok = hm < M
+    tl.store(part + hm[:, None] * M + hm[None, :], dw, mask=h_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _pair_dot(a_ptr, sa, offs_a, La, b_ptr, sb, offs_b, Lb, b, g, hm, M: tl.constexpr, D: tl.constexpr,
+              DCH: tl.constexpr, PREC: tl.constexpr, rep_b, dn):
+    """``sum_d a[h, offs_a, d] b[h, offs_b, d]`` for every head ``h`` of group ``g``, over the head dim ``D`` in
+    chunks of ``DCH``: an ``(MP, len(offs_a), len(offs_b))`` float32 tile. ``sa``/``sb``: (batch, head, row,
+    dim) strides; ``rep_b`` query heads per stored head of ``b`` (grouped-query keys and values)."""
+    acc = tl.zeros((hm.shape[0], offs_a.shape[0], offs_b.shape[0]), dtype=tl.float32)
+    for c in range(0, D // DCH):  # a loop, not unrolled: one set of shared-memory buffers
+        d = c * DCH + tl.arange(0, DCH)
+        x = _heads(a_ptr, b, g, offs_a, d, sa[0], sa[1], sa[2], sa[3], La, M, hm, 1, dn)
+        y = _heads(b_ptr, b, g, offs_b, d, sb[0], sb[1], sb[2], sb[3], Lb, M, hm, rep_b, dn)
+        acc += tl.dot(x, tl.trans(y, (0, 2, 1)), input_precision=PREC)
+    return acc
+
+
 @triton.jit
 def _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms,
            CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr):
