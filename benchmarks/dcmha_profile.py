@@ -6,6 +6,7 @@ triton backend and of SDPA, then each CUDA kernel's time from the PyTorch profil
 does on tensor cores (its recomputation and head-mixing products included) and the TFLOP/s that gives.
 
     python benchmarks/dcmha_profile.py --seq 4096 --heads 16 --head-dim 64
+    python benchmarks/dcmha_profile.py --heads 32 --head-dim 128 --seq 2048 --batch 8 --no-static --backend chunked
     ncu --clock-control none -k regex:'_kernel' python benchmarks/dcmha_profile.py --ncu   # one launch each
 """
 
@@ -55,6 +56,11 @@ def main() -> None:
     p.add_argument("--no-static", action="store_true", help="static head mix off (dcmha_static=False)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--ncu", action="store_true", help="one forward+backward only (for ncu)")
+    p.add_argument("--backend", default="triton", choices=["triton", "chunked"],
+                   help="the DCMHA path to time (chunked: the PyTorch fallback, for comparison)")
+    p.add_argument("--forward-form", default=None, choices=["rank", "matrix"],
+                   help="the Compose's form in the forward kernel of groups wider than 16 heads "
+                        "(headmix.ops.triton.launch.WIDE_FORMS['fwd']; default: as set there)")
     args = p.parse_args()
     dev, dtype = torch.device("cuda"), getattr(torch, args.dtype)
     B, H, T, D, G, R = args.batch, args.heads, args.seq, args.head_dim, args.groups, args.rank
@@ -65,7 +71,11 @@ def main() -> None:
     k, v = (torch.randn(B, Hk, T, D, generator=gen).to(dev, dtype).requires_grad_() for _ in range(2))
     pre, post = (weights(B, T, G, M, R, not args.no_static, dev, dtype, gen) for _ in range(2))
     leaves = [q, k, v] + [t for w in (pre, post) for t in vars(w).values() if t is not None]
-    core = resolve_backend("triton", T, 128, q)
+    if args.forward_form:
+        from headmix.ops.triton import launch
+
+        launch.WIDE_FORMS["fwd"] = args.forward_form
+    core = resolve_backend(args.backend, T, 128, q)
     mk = dict(mask=MaskSpec(causal=True, window=args.window))
 
     def fwd():
@@ -102,14 +112,14 @@ def main() -> None:
             kern[e.key] = (e.device_time_total / 1e3 / 5, e.count // 5)
     pairs = B * H * (T * (T + 1) / 2 if args.window is None else sum(min(i + 1, args.window) for i in range(T)))
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}  {datetime.datetime.now():%Y-%m-%d %H:%M}")
-    print(f"# {' '.join(sys.argv)}")
+    print(f"# {' '.join(sys.argv)}  (backend {args.backend})")
     print(f"# pairs (query,key,head) {pairs:.3g}; attention-matmul FLOPs fwd {4 * D * pairs / 1e9:.1f} G")
     print("| what | ms | TFLOP/s (FlashAttention count) |\n|---|---|---|")
     fa = 4 * D * pairs
-    for name, t, f in (("triton fwd", t_fwd, fa), ("triton fwd+bwd", t_all, 3.5 * fa),
+    for name, t, f in ((f"{args.backend} fwd", t_fwd, fa), (f"{args.backend} fwd+bwd", t_all, 3.5 * fa),
                        ("sdpa fwd", s_fwd, fa), ("sdpa fwd+bwd", s_all, 3.5 * fa)):
         print(f"| {name} | {t:.3f} | {f / t / 1e9:.1f} |")
-    print(f"| ratio fwd+bwd triton / sdpa | {t_all / s_all:.1f}x | |")
+    print(f"| ratio fwd+bwd {args.backend} / sdpa | {t_all / s_all:.1f}x | |")
     print("\n| kernel | calls | ms | TC GFLOP (est.) | TFLOP/s |\n|---|---|---|---|---|")
     tc = tensor_core_flops(D, M, pairs)
     for key, (ms, n) in sorted(kern.items(), key=lambda kv: -kv[1][0])[:12]:

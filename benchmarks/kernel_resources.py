@@ -64,9 +64,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", nargs="+", default=None, metavar="BMxBNxWARPS",
                         help="tile shapes to compile instead of TILES, e.g. 32x16x8 64x32x8")
     parser.add_argument("--form", default="auto", choices=["auto", "matrix", "rank"],
-                        help="the Compose's form in the kernels: as launch.py picks it for --heads (auto), per-position "
-                             "matrices with whole head dims in the forward (matrix: the kernels up to 16 heads per "
-                             "group), or the rank-R form with launch.head_dim_chunks' chunks (rank)")
+                        help="the Compose's form in the kernels: as launch.py picks it for --heads (auto), "
+                             "per-position matrices with whole head dims in the forward (matrix: the kernels up to 16 "
+                             "heads per group), or the rank-R form with launch.head_dim_chunks' chunks (rank)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
     import triton
@@ -85,12 +85,13 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for dim in args.head_dim:
         D = K.next_pow2(dim)  # head dims that are no power of two (80, 96) are padded inside the kernels
-        like = MP if args.form == "auto" else (K.MATRIX_FORM_HEADS if args.form == "matrix" else 2 * K.MATRIX_FORM_HEADS)
+        # the padded heads per group whose form and chunks launch.py would give: --heads, or a stand-in
+        like = {"auto": MP, "matrix": K.MATRIX_FORM_HEADS, "rank": 2 * K.MATRIX_FORM_HEADS}[args.form]
         DCK, DCV = K.head_dim_chunks("bwd", like, D, D)
         DCS, DCO = K.head_dim_chunks("fwd", like, D, D)
         flags = 126 if args.no_static else 127  # every Compose term (bit 0: the static mix)
-        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, RP=K.next_pow2(args.rank), RANKR=K.rank_form("bwd", like), DK=D,
-                      DV=D, DCK=DCK, DCV=DCV, PRE=flags, POST=flags,
+        common = dict(G=1, M=args.heads, MP=MP, R=args.rank, RP=K.next_pow2(args.rank), RANKR=K.rank_form("bwd", like),
+                      DK=D, DV=D, DCK=DCK, DCV=DCV, PRE=flags, POST=flags,
                       CAUSAL=True, WINDOW=0, HAS_MASK=False, PREC="ieee" if fp32 else "tf32",
                       MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
                       MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
@@ -102,12 +103,10 @@ def main(argv=None) -> int:
         key = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
                    dk_ptr=ptr, dv_ptr=ptr, **{f"d{c}_{t}": "*fp32" for c in ("pre", "post") for t in ("k1", "k2", "kg")},
                    **weights)
-        fwd_form = dict(RANKR=K.rank_form("fwd", like))
-        plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=0, DCS=DCS, DCV=DCO, **fwd_form), fwd),
-                     fwd_split1=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=1, DCS=DCS, DCV=D, **fwd_form),
-                                 fwd),
-                     fwd_split2=(forward._fwd_kernel, "fwd", dict(RELOAD=D >= 128, PHASE=2, DCS=DCS, DCV=D, **fwd_form),
-                                 fwd),
+        fwd_c = dict(RELOAD=D >= 128, RANKR=K.rank_form("fwd", like), DCS=DCS)
+        plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(fwd_c, PHASE=0, DCV=DCO), fwd),
+                     fwd_split1=(forward._fwd_kernel, "fwd", dict(fwd_c, PHASE=1, DCV=D), fwd),
+                     fwd_split2=(forward._fwd_kernel, "fwd", dict(fwd_c, PHASE=2, DCV=D), fwd),
                      one_query1=(forward._one_query_kernel, "one_query", dict(PHASE=1, DC=one_dc), one),
                      one_query2=(forward._one_query_kernel, "one_query", dict(PHASE=2, DC=one_dc), one),
                      bwd1=(backward._bwd_query_kernel, "bwd", dict(STAGE=1), query),

@@ -126,7 +126,7 @@ CASES = [
     (1, 4, 13, 13, 80, 2, 2, dict(causal=True, window=5)),  # head dim 80 (DCFormer-2.8B), padded to 128
     # 32 heads in one group (DCFormer-2.8B, -6.9B): the rank-R form (launch.rank_form), 32-wide head-dim chunks
     (1, 32, 17, 17, 16, 1, 2, dict(causal=True, window=6, fields=DYNAMIC)),  # static mix off, as released
-    (1, 32, 6, 20, 40, 1, 2, dict(causal=True, padding=True, kv_heads=8)),  # 40 -> 64: chunked; cache, padding, GQA
+    (1, 32, 6, 20, 80, 1, 2, dict(causal=True, padding=True, kv_heads=8)),  # 80 -> 128 in chunks; cache, padding, GQA
     (1, 32, 18, 18, 32, 1, 1, dict(causal=False, kv_heads=4, fields=DYNAMIC)),  # non-causal, 8 query heads per k/v
     (1, 32, 17, 17, 24, 1, 2, dict(causal=True)),  # every term, the static mix included
 ]
@@ -159,7 +159,8 @@ def test_32_heads_per_group_train_on_the_kernels():
         assert triton_takes(x, groups=1, training=True) and triton_takes(x, groups=1, training=False)
         meta = triton_dcmha.launch_meta(x, x, x, 1, None, None, "bwd")
         assert meta["RANKR"] and (meta["BM"], meta["BN"]) == (16, 16)
-        assert launch.head_dim_chunks("bwd", 32, 128, 128) == launch.head_dim_chunks("fwd", 32, 128, 128) == (32, 32)
+    assert launch.head_dim_chunks("bwd", 32, 128, 128) == (32, 32)  # dQ/dK, dV chunks
+    assert launch.head_dim_chunks("fwd", 32, 128, 128) == (32, 64)  # score products, output chunks
     narrow = torch.zeros(1, 16, 8, 128)
     assert not triton_dcmha.launch_meta(narrow, narrow, narrow, 1, None, None, "bwd")["RANKR"]
     assert launch.head_dim_chunks("fwd", 16, 128, 128) == (128, 128)  # whole head dims up to 16 heads, as before

@@ -9,7 +9,7 @@ A backend is a function with the signature of :func:`headmix.reference.composed_
 * ``"triton"``: fused Triton kernels (:mod:`.triton`), imported and registered on first use;
   runs on CUDA tensors, or on the CPU under ``TRITON_INTERPRET=1`` (slow, for tests).
 * ``"auto"``: ``triton`` for CUDA tensors whose shape and dtype the kernels take (:func:`triton_takes`:
-  float32/bfloat16/float16, head dims 16-128, up to 16 heads per group for training and 32 for inference);
+  float32/bfloat16/float16, head dims 16-128, up to 32 heads per group);
   else ``chunked`` beyond one block of queries, else ``reference`` (decoding steps). Inside ``torch.compile``
   without gradients, one block of queries (a compiled decoding step against the static cache) runs
   :data:`COMPILED_DECODE` on CUDA: the split-key kernels (three launches with no host synchronisation, which the

@@ -32,9 +32,11 @@ Masks: causal and sliding-window structure by index arithmetic (key blocks outsi
 skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
 
 Limits: head dims 16-128 and the rank are padded to powers of two; ``M = H / groups`` heads per group up to
-32 (16 for training: the backward kernels for 32 exceed an H100/H200's shared memory). Above a (padded) head
-dim of 64 the backward works in 64-wide chunks of the head dim (whole tiles of 128 exceed the shared memory),
-which needs equal (padded) key and value head dims.
+32, forward and backward. Above a (padded) head dim of 64 the backward works in 64-wide chunks of the head dim
+(whole tiles of 128 exceed the shared memory), which needs equal (padded) key and value head dims. Groups of more
+than 16 heads (DCFormer-2.8B, -6.9B: 32 in one group) hold the Compose in the rank-R form (:mod:`.tiles`), not as
+per-position mixing matrices (which would need more shared memory than an H100/H200 has), and work in 32/64-wide
+head-dim chunks in the forward as in the backward (``launch.head_dim_chunks``).
 
 Grouped-query attention: ``k``, ``v`` may have ``H_kv`` heads (``H_kv`` divides ``H``); query head ``h`` reads
 key/value head ``h // (H / H_kv)`` (no repeated copy in memory); ``dK``, ``dV`` are computed per query head
@@ -71,12 +73,12 @@ Triton is optional: without it (or without a GPU and ``TRITON_INTERPRET=1``) thi
 
 from __future__ import annotations
 
-from .launch import (FIELDS, MAX_TRAINING_HEADS_PER_GROUP, MIX_PRECISION, SMALL_TILE_HEADS, SPLIT_TARGET_PROGRAMS,
+from .launch import (FIELDS, MAX_HEADS_PER_GROUP, MIX_PRECISION, SMALL_TILE_HEADS, SPLIT_TARGET_PROGRAMS,
                      TILES, check_supported, launch_meta, next_pow2, tensor_core_flops, tile_key, tile_shape,
                      triton_backward, triton_forward)
 from .op import flatten, triton_composed_attention
 
-__all__ = ["FIELDS", "MAX_TRAINING_HEADS_PER_GROUP", "MIX_PRECISION", "SMALL_TILE_HEADS", "SPLIT_TARGET_PROGRAMS",
+__all__ = ["FIELDS", "MAX_HEADS_PER_GROUP", "MIX_PRECISION", "SMALL_TILE_HEADS", "SPLIT_TARGET_PROGRAMS",
            "TILES", "check_supported", "flatten", "launch_meta", "next_pow2", "tensor_core_flops", "tile_key",
            "tile_shape", "triton_backward", "triton_composed_attention", "triton_forward"]
 

@@ -129,22 +129,25 @@ def _bwd_query_kernel(
                     dw = _static_grad(dw, p, dp2, MIX_POST)
             elif QUERY_TERMS & POST:
                 gq = _grad_matrices(gq, p, dp2, True, MIX_POST)
+        elif RANKR:  # the weight gradients before the adjoint (shorter live ranges), in chunk 0's programs
+            ds2 = p * (dp - delta[:, :, None])  # dS'
+            ds = ds2
+            if PRE != 0:
+                if chunk == 0:
+                    if (QUERY_LOWRANK | QUERY_GATE) & PRE:
+                        d1, d2, dg = _rank_grads(d1, d2, dg, s, ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE,
+                                                 True)
+                    if STATIC & PRE:
+                        dw = _static_grad(dw, s, ds2, MIX_PRE)
+                ds = _compose_rank(ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, True, MIX_PRE)
+            acc_dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         else:
             ds2 = p * (dp - delta[:, :, None])  # dS'
             ds = ds2
             if PRE != 0:
-                if RANKR:
-                    ds = _compose_rank(ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, True, MIX_PRE)
-                else:
-                    ds = _compose(ds2, _t(eq_pre), _t(ek_pre), PRE, MIX_PRE)
+                ds = _compose(ds2, _t(eq_pre), _t(ek_pre), PRE, MIX_PRE)
             acc_dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-            if RANKR:
-                if (QUERY_LOWRANK | QUERY_GATE) & PRE:
-                    d1, d2, dg = _rank_grads(d1, d2, dg, s, ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE,
-                                             True)
-                if STATIC & PRE:
-                    dw = _static_grad(dw, s, ds2, MIX_PRE)
-            elif QUERY_TERMS & PRE:
+            if QUERY_TERMS & PRE:
                 gq = _grad_matrices(gq, s, ds2, True, MIX_PRE)
     part = dw_part + ((bg * n_blocks + pid_i) * 2) * M * M
     if STAGE == 1:
@@ -246,7 +249,7 @@ def _bwd_key_kernel(
             s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCK // 2, PREC, kv_rep,
                           dk_n) * scale
             dp2 = _pair_dot(do_ptr, so, offs_i, T, v_ptr, sv, offs_j, S, b, g, hm, M, DV, DCV // 2, PREC, kv_rep, dv_n)
-        if RANKR:
+        if RANKR:  # each weight gradient as soon as its operands exist (shorter live ranges), in chunk 0's programs
             s2 = s
             if PRE != 0:
                 s2 = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
@@ -257,6 +260,20 @@ def _bwd_key_kernel(
             if POST != 0:
                 p2 = _compose_rank(p, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, False, MIX_POST)
                 dp = _compose_rank(dp2, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, True, MIX_POST)
+                if (KEY_LOWRANK | KEY_GATE) & POST:
+                    if chunk == 0:
+                        d1_post, d2_post, dg_post = _rank_grads(d1_post, d2_post, dg_post, p, dp2, post, b, g, offs_i,
+                                                                offs_j, hm, T, S, G, M, R, POST, False)
+            acc_dv += tl.dot(tl.trans(p2, (0, 2, 1)).to(do.dtype), do, input_precision=PREC)
+            ds2 = p * (dp - delta[:, :, None])
+            ds = ds2
+            if PRE != 0:
+                if (KEY_LOWRANK | KEY_GATE) & PRE:
+                    if chunk == 0:
+                        d1_pre, d2_pre, dg_pre = _rank_grads(d1_pre, d2_pre, dg_pre, s, ds2, pre, b, g, offs_i, offs_j,
+                                                             hm, T, S, G, M, R, PRE, False)
+                ds = _compose_rank(ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, True, MIX_PRE)
+            acc_dk += tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PREC)
         else:
             eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
             p = _probabilities(s, b, offs_i, offs_j, lse, eq_pre, ek_pre, T, S, off, mask_ptr, smb, smt, sms, PRE,
@@ -267,23 +284,12 @@ def _bwd_key_kernel(
                 eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
                 p2 = _compose(p, eq_post, ek_post, POST, MIX_POST)
                 dp = _compose(dp2, _t(eq_post), _t(ek_post), POST, MIX_POST)
-        acc_dv += tl.dot(tl.trans(p2, (0, 2, 1)).to(do.dtype), do, input_precision=PREC)
-        ds2 = p * (dp - delta[:, :, None])
-        ds = ds2
-        if PRE != 0:
-            if RANKR:
-                ds = _compose_rank(ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, True, MIX_PRE)
-            else:
+            acc_dv += tl.dot(tl.trans(p2, (0, 2, 1)).to(do.dtype), do, input_precision=PREC)
+            ds2 = p * (dp - delta[:, :, None])
+            ds = ds2
+            if PRE != 0:
                 ds = _compose(ds2, _t(eq_pre), _t(ek_pre), PRE, MIX_PRE)
-        acc_dk += tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PREC)
-        if RANKR:
-            if (KEY_LOWRANK | KEY_GATE) & POST:
-                d1_post, d2_post, dg_post = _rank_grads(d1_post, d2_post, dg_post, p, dp2, post, b, g, offs_i, offs_j,
-                                                        hm, T, S, G, M, R, POST, False)
-            if (KEY_LOWRANK | KEY_GATE) & PRE:
-                d1_pre, d2_pre, dg_pre = _rank_grads(d1_pre, d2_pre, dg_pre, s, ds2, pre, b, g, offs_i, offs_j, hm, T,
-                                                     S, G, M, R, PRE, False)
-        else:
+            acc_dk += tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PREC)
             if KEY_TERMS & POST:
                 gk_post = _grad_matrices(gk_post, p, dp2, False, MIX_POST)
             if KEY_TERMS & PRE:

@@ -17,7 +17,7 @@ from .forward import _fwd_kernel, _one_query_kernel, _split_sum_kernel
 MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
 WHOLE_HEAD_DIM = 64  # the backward kernels hold whole (padded) head dims up to this; above it they work in chunks:
 HEAD_DIM_CHUNK = 64  # each program writes this many dims of dQ (or dK, dV)
-MAX_TRAINING_HEADS_PER_GROUP = 32
+MAX_HEADS_PER_GROUP = 32  # forward and backward
 # More padded heads per group than this (32: DCFormer-2.8B, DCFormer/DCPythia-6.9B) take the rank-R form of the
 # Compose (tiles._compose_rank) and narrower head-dim chunks (head_dim_chunks): compiled offline for sm_90
 # (benchmarks/kernel_resources.py --heads 32 --head-dim 128 --no-static), the per-position-matrix kernels need
@@ -28,13 +28,20 @@ MATRIX_FORM_HEADS = 16
 # matrix-form forward fits too: 128 KB and 1,544 spilled bytes per thread at 32 x 128 against the rank form's 64 KB
 # and 976, offline; the matrix-form backward does not fit). Not yet timed against each other on a GPU.
 WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
-WIDE_HEAD_DIM_CHUNK = 32  # the head-dim chunk of the wide groups' kernels (the scores' products and the outputs)
+# Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
+# forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
+# 32 x 128, static mix off (docs/kernels.md): the forward writing 64-wide output chunks spills 1,320 bytes per thread
+# against 976 at 32, and recomputes the scores for half as many chunks; the backward's two 32-wide accumulators (dK
+# and dV) already take 128 of a thread's 255 registers.
+WIDE_OUTPUT_CHUNK = {"fwd": 64, "bwd": 32}
+WIDE_SCORE_CHUNK = 32
 # The Compose fields in the dataclass's order: bit i of a kernel's flags is field i (tiles.py names the bits;
 # tests/test_triton.py::test_flag_bits_name_the_compose_fields ties the two).
 FIELDS = COMPOSE_FIELDS
 
-# Tile shapes per phase ("fwd", "bwd") and size class of the padded heads per group (4: fewer than
-# `SMALL_TILE_HEADS` below, 16: 8 or 16, 32: more than MATRIX_FORM_HEADS): (BLOCK_M, BLOCK_N, num_warps, num_stages). One pipeline stage: the
+# Tile shapes per phase ("fwd", "bwd") and size class of the padded heads per group (tile_key: 4, fewer than
+# `SMALL_TILE_HEADS` below; 16, 8 or 16; 32, more than MATRIX_FORM_HEADS): (BLOCK_M, BLOCK_N, num_warps, num_stages).
+# One pipeline stage: the
 # (heads x block x block) tiles already fill the shared memory. Tuning scripts (benchmarks/tune_triton.py) may
 # override entries to measure alternatives. 32x32 tiles are for 1-4 heads per group only: at 8 heads they need
 # more registers than a thread has (compiled offline for sm_90 by benchmarks/kernel_resources.py, head dim 64,
@@ -97,9 +104,10 @@ def head_dim_chunks(phase: str, padded_heads: int, DK: int, DV: int) -> tuple[in
     products accumulated over ``DCS``-wide chunks, the output written in ``DCV``-wide chunks (one per program);
     "bwd": ``(DCK, DCV)``, the chunks of dQ/dK and dV one program writes (its score products: half-chunks).
     Up to 16 heads per group the forward holds whole head dims and the backward chunks above
-    :data:`WHOLE_HEAD_DIM`; wider groups chunk by :data:`WIDE_HEAD_DIM_CHUNK`."""
+    :data:`WHOLE_HEAD_DIM`; wider groups chunk by :data:`WIDE_OUTPUT_CHUNK` and :data:`WIDE_SCORE_CHUNK`."""
     if padded_heads > MATRIX_FORM_HEADS:
-        return min(DK, WIDE_HEAD_DIM_CHUNK), min(DV, WIDE_HEAD_DIM_CHUNK)
+        out = WIDE_OUTPUT_CHUNK[phase]
+        return (min(DK, WIDE_SCORE_CHUNK) if phase == "fwd" else min(DK, out)), min(DV, out)
     if phase == "fwd" or max(DK, DV) <= WHOLE_HEAD_DIM:
         return DK, DV
     return HEAD_DIM_CHUNK, HEAD_DIM_CHUNK  # equal (padded) head dims (check_supported)
@@ -123,22 +131,18 @@ def check_supported(shape: tuple[int, ...], v_dim: int, groups: int, dtype: torc
     if kv_heads is not None and (kv_heads < 1 or H % kv_heads):
         raise ValueError(f"triton backend: {kv_heads} key/value heads must divide the {H} query heads")
     M = H // groups
-    if M > 32:
-        raise ValueError(f"triton backend: {M} heads per group is not supported: expected at most 32")
+    if M > MAX_HEADS_PER_GROUP:
+        raise ValueError(f"triton backend: {M} heads per group is not supported: expected at most "
+                         f"{MAX_HEADS_PER_GROUP}")
     if min(DK, v_dim) < 16:
         raise ValueError(f"triton backend: head dims {DK}, {v_dim} are not supported: expected at least 16")
     if max(DK, v_dim) > MAX_HEAD_DIM:
         raise ValueError(f"triton backend: head dim {max(DK, v_dim)} is not supported: expected at most "
                          f"{MAX_HEAD_DIM}")
-    chunked = max(next_pow2(DK), next_pow2(v_dim)) > (WHOLE_HEAD_DIM if next_pow2(M) <= MATRIX_FORM_HEADS
-                                                      else WIDE_HEAD_DIM_CHUNK)
-    if training and chunked and next_pow2(DK) != next_pow2(v_dim):
-        raise ValueError(f"triton backend: training with head dims above {WHOLE_HEAD_DIM} (above "
-                         f"{WIDE_HEAD_DIM_CHUNK} with more than {MATRIX_FORM_HEADS} heads per group) needs equal key "
-                         f"and value head dims, got {DK} and {v_dim}")
-    if training and next_pow2(M) > MAX_TRAINING_HEADS_PER_GROUP:
-        raise ValueError(f"triton backend: training with {M} heads per group is not supported: expected at most "
-                         f"{MAX_TRAINING_HEADS_PER_GROUP} (use more groups, or backend='chunked')")
+    whole = WHOLE_HEAD_DIM if next_pow2(M) <= MATRIX_FORM_HEADS else WIDE_OUTPUT_CHUNK["bwd"]
+    if training and max(next_pow2(DK), next_pow2(v_dim)) > whole and next_pow2(DK) != next_pow2(v_dim):
+        raise ValueError(f"triton backend: training with head dims above {whole} ({M} heads per group) needs equal "
+                         f"key and value head dims, got {DK} and {v_dim}")
 
 
 def _flags(w: ComposeWeights | None) -> int:
@@ -237,7 +241,8 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     if n_split == 1:
         o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-        _fwd_kernel[(n_blocks, B * groups, out_chunks)](q, k, v, o, lse, m, *weights, *strides, *o.stride(), smb, smt, sms,
+        _fwd_kernel[(n_blocks, B * groups, out_chunks)](q, k, v, o, lse, m, *weights, *strides, *o.stride(), smb, smt,
+                                                        sms,
                                                *shape, scale, S, 1, PHASE=0, **flags)
         return o, lse
     stats = torch.empty(2, n_split, B, H, T, dtype=torch.float32, device=q.device)
