@@ -14,6 +14,7 @@ version, which may lay out shared memory differently from the GPU machine's.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -44,8 +45,10 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int) -
                               check=True).stdout
     registers = re.search(r"REG:(\d+)", text)
     stack = re.search(r"STACK:(\d+)", text)
+    code = kernel.asm["ptx"].split(".section")[0]  # the debug sections follow; below, line info and comments dropped
+    code = "\n".join(line for line in code.splitlines() if not line.strip().startswith(("//", ".loc", ".file")))
     return dict(registers=int(registers.group(1)) if registers else None, spill=int(stack.group(1)) if stack else None,
-                shared=kernel.metadata.shared)
+                shared=kernel.metadata.shared, ptx=hashlib.sha256(code.encode()).hexdigest()[:16])
 
 
 def main(argv=None) -> int:
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
                         help="the Compose's form in the kernels: as launch.py picks it for --heads (auto), "
                              "per-position matrices with whole head dims in the forward (matrix: the kernels up to 16 "
                              "heads per group), or the rank-R form with launch.head_dim_chunks' chunks (rank)")
+    parser.add_argument("--ptx-hash", action="store_true",
+                        help="one more column: a hash of the PTX without line numbers, to check that a change leaves a "
+                             "kernel's code as it was (compare the column before and after)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
     import triton
@@ -81,8 +87,9 @@ def main(argv=None) -> int:
     print(f"# DCMHA kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per group, "
           f"rank {args.rank}, {args.dtype}, {'no static mix' if args.no_static else 'all Compose terms'}, causal, "
           f"Compose form: {args.form}")
-    print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")
-    print("|---|---|---|---|---|---|---|")
+    extra = " PTX hash |" if args.ptx_hash else ""
+    print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |" + extra)
+    print("|---|---|---|---|---|---|---|" + ("---|" if args.ptx_hash else ""))
     for dim in args.head_dim:
         D = K.next_pow2(dim)  # head dims that are no power of two (80, 96) are padded inside the kernels
         # the padded heads per group whose form and chunks launch.py would give: --heads, or a stand-in
@@ -127,7 +134,7 @@ def main(argv=None) -> int:
                           flush=True)
                     continue
                 print(f"| {name} | {dim} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
-                      f"{r['shared'] / 1024:.0f} |", flush=True)
+                      f"{r['shared'] / 1024:.0f} |" + (f" {r['ptx']} |" if args.ptx_hash else ""), flush=True)
     return 0
 
 
