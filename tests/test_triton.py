@@ -271,12 +271,13 @@ def test_torch_compile_traces_the_kernels_without_a_graph_break():
     (1, 70, dict(causal=True)),
     (3, 70, dict(causal=True, window=20)),
     (2, 45, dict(causal=False, padding=True)),
+    (3, 40, dict(causal=True, H=32, D=64, G=1)),  # 32 heads in one group: rank-R form, 32-wide score products
 ])
 def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
     """Few queries against many keys (decoding with a cache): without gradients the keys are split over
     programs (two launches: statistics, then outputs with the combined normaliser) and summed."""
     g = torch.Generator().manual_seed(11)
-    B, H, D, G = 2, 4, 16, 2
+    B, H, D, G = 2, kwargs.get("H", 4), kwargs.get("D", 16), kwargs.get("G", 2)
     q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
     k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
     pre = random_weights(B, T, S, G, H // G, 2, FIELDS, g)
