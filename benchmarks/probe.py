@@ -21,8 +21,8 @@ pairs and a pairs sweep at ``--width-at`` width.
 
     # CPU, the smallest size (about 25 minutes on one thread): table on stdout, JSON + PNG under docs/probe
     python benchmarks/probe.py --device cpu --threads 1 --out docs/probe
-    # GPU sweep
-    python benchmarks/probe.py --device cuda --size gpu --out docs/probe_gpu
+    # GPU sweep: 24 processes over the visible GPUs; rerun the same command to finish runs cut by the budget
+    python benchmarks/probe.py --device cuda --size gpu-short --workers 24 --budget-minutes 5 --out docs/probe_gpu
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ SIZES = {
     "tiny": ([16], 16, [4], 4, 4, 4, 8, 16),  # the test's: seconds
     "cpu": ([32, 64], 64, [4, 8], 4, 4, 200, 32, 256),  # ~25 min on 1 thread of a shared 2-core CPU
     "gpu": ([32, 64, 128, 256], 128, [8, 16, 32, 64], 32, 8, 4000, 128, 2048),
+    # the gpu grid less its two largest points (width 256, 64 pairs), half the steps: 120 runs that fit in one
+    # device call of a few minutes (docs/probe.md has the estimate)
+    "gpu-short": ([32, 64, 128], 128, [8, 16, 32], 32, 8, 2000, 128, 2048),
 }
 
 
@@ -106,6 +109,41 @@ def build_model(kind: str, width: int, heads: int, pairs: int, task: str) -> DCF
     return DCFormerForCausalLM(config)
 
 
+def train_step(model, optimizer, task: str, pairs: int, batch: int, data: torch.Generator, device) -> torch.Tensor:
+    """One optimiser step on a fresh batch drawn from ``data``; returns the loss."""
+    ids, labels = (t.to(device) for t in make_batch(task, pairs, batch, data))
+    logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
+
+
+def step_cost(args: argparse.Namespace) -> str:
+    """Markdown: milliseconds per training step of each kind at the grid's largest point (largest width, most
+    pairs) for each task, median of ``--step-cost`` steps after a first untimed one, and the ratio to MHA."""
+    width, pairs = max([*args.widths, args.width_at]), max([*args.pairs, args.pairs_at])
+    lines = [f"step cost at width {width}, {pairs} pairs, batch {args.batch}, {args.heads} heads ({args.device})", "",
+             "| task | " + " | ".join(args.kinds) + " |", "|---|" + "---|" * len(args.kinds)]
+    for task in args.tasks:
+        cells = []
+        for kind in args.kinds:
+            torch.manual_seed(0)
+            model = build_model(kind, width, args.heads, pairs, task).to(args.device)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+            data, times = torch.Generator().manual_seed(0), []
+            for _ in range(args.step_cost + 1):
+                started = time.perf_counter()
+                train_step(model, optimizer, task, pairs, args.batch, data, args.device).item()  # .item(): synchronise
+                times.append(time.perf_counter() - started)
+            times = sorted(times[1:])
+            cells.append(times[len(times) // 2])
+        lines.append(f"| {task} | " + " | ".join(f"{1000 * t:.1f} ms ({t / cells[0]:.2f}x)" for t in cells) + " |")
+    return "\n".join(lines)
+
+
 def run(task: str, kind: str, width: int, pairs: int, seed: int, args: argparse.Namespace) -> dict:
     """Train and test one model. Everything random is drawn from ``seed`` alone (the initialisation from the
     global generator, re-seeded here; the sequences from generators of their own), so a run's result does not
@@ -121,13 +159,7 @@ def run(task: str, kind: str, width: int, pairs: int, seed: int, args: argparse.
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(args.steps):
-        ids, labels = (t.to(args.device) for t in make_batch(task, pairs, args.batch, data))
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = train_step(model, optimizer, task, pairs, args.batch, data, args.device)
         schedule.step()
     model.eval()
     test = torch.Generator().manual_seed(999)  # one test set for every run
@@ -190,8 +222,8 @@ def run_grid(points: list[tuple], args: argparse.Namespace) -> dict[tuple, dict]
     (``OUT/runs``) are read back, not trained; the rest run in ``--workers`` processes (1: in this one), each
     printing one line when it finishes; no new run starts after the budget."""
     results: dict[tuple, dict] = {}
-    todo = []
-    for point in points:
+    todo = []  # run seed by seed: a call cut by its budget leaves whole seeds of every grid point
+    for point in sorted(points, key=lambda p: args.seeds.index(p[4])):
         path = run_path(Path(args.out), run_name(*point)) if args.out else None
         if path is not None and path.is_file():
             r = json.loads(path.read_text())
@@ -332,6 +364,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-minutes", type=float,
                         help="start no new run after this many minutes; finished runs are kept in OUT/runs and "
                              "skipped by the next call (default: no limit)")
+    parser.add_argument("--step-cost", type=int, metavar="STEPS",
+                        help="only time STEPS training steps of each kind at the grid's largest point and print the "
+                             "milliseconds per step and the ratio to the first kind")
     parser.add_argument("--out", help="folder for probe.json and probe.png (default: print only)")
     args = parser.parse_args(argv)
     widths, width_at, pairs, pairs_at, heads, steps, batch, evaluate = SIZES[args.size]
@@ -351,6 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.step_cost:
+        print(step_cost(args))
+        return 0
     grid = sorted({(w, args.pairs_at) for w in args.widths} | {(args.width_at, p) for p in args.pairs})
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     print(f"# probe: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "

@@ -149,6 +149,10 @@ def test_probe_runs_every_kind_and_task_and_writes_table_json_and_plot(tmp_path,
     results = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert len(results) == 2 * 4 and all(0.0 <= r["accuracy"] <= 1.0 for r in results)
     assert (tmp_path / "probe.png").stat().st_size > 1000
+    assert probe.main(["--size", "tiny", "--tasks", "mqar", "--kinds", "mha", "dcmha", "--step-cost", "1"]) == 0
+    out = capsys.readouterr().out  # --step-cost: only the timing table, no runs
+    row = next(line for line in out.splitlines() if line.startswith("| mqar |"))
+    assert "step cost at width 16, 4 pairs" in out and " ms (1.00x) | " in row and "runs" not in out
 
 
 def test_probe_workers_give_the_sequential_results_and_a_second_call_skips_finished_runs(tmp_path, capsys):
