@@ -136,7 +136,9 @@ def step_cost(args: argparse.Namespace) -> str:
             data, times = torch.Generator().manual_seed(0), []
             for _ in range(args.step_cost + 1):
                 started = time.perf_counter()
-                train_step(model, optimizer, task, pairs, args.batch, data, args.device).item()  # .item(): synchronise
+                train_step(model, optimizer, task, pairs, args.batch, data, args.device)
+                if str(args.device).startswith("cuda"):
+                    torch.cuda.synchronize()
                 times.append(time.perf_counter() - started)
             times = sorted(times[1:])
             cells.append(times[len(times) // 2])
