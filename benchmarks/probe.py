@@ -22,7 +22,7 @@ pairs and a pairs sweep at ``--width-at`` width.
     # CPU, the smallest size (about 25 minutes on one thread): table on stdout, JSON + PNG under docs/probe
     python benchmarks/probe.py --device cpu --threads 1 --out docs/probe
     # GPU sweep: 24 processes over the visible GPUs; rerun the same command to finish runs cut by the budget
-    python benchmarks/probe.py --device cuda --size gpu-short --workers 24 --budget-minutes 5 --out docs/probe_gpu
+    python benchmarks/probe.py --device cuda --size gpu-short --workers 24 --budget-minutes 4 --out docs/probe_gpu
 """
 
 from __future__ import annotations
