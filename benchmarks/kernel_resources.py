@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     ptr = "*" + args.dtype
     weights = {name: "*fp32" for name in WEIGHTS}
     fp32 = args.dtype == "fp32"
-    MP = K.next_pow2(args.heads)
+    MP = K.padded_heads(args.heads)
     print(f"# DCMHA kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per group, "
           f"rank {args.rank}, {args.dtype}, {'no static mix' if args.no_static else 'all Compose terms'}, causal")
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | registers/thread | spill bytes/thread | shared KB |")

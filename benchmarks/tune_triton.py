@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         for c in w.values():
             c.static = None
     leaves = [q, k, v] + [t for c in w.values() for t in vars(c).values() if t is not None]
-    padded_heads = triton_dcmha.next_pow2(H)
+    padded_heads = triton_dcmha.padded_heads(H)
 
     def split(ls):
         it = iter(ls[3:])

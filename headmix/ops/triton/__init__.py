@@ -72,13 +72,13 @@ Triton is optional: without it (or without a GPU and ``TRITON_INTERPRET=1``) thi
 from __future__ import annotations
 
 from .launch import (FIELDS, MAX_TRAINING_HEADS_PER_GROUP, MIX_PRECISION, SMALL_TILE_HEADS, SPLIT_TARGET_PROGRAMS,
-                     TILES, check_supported, launch_meta, next_pow2, tensor_core_flops, tile_key, tile_shape,
-                     triton_backward, triton_forward)
+                     TILES, check_supported, launch_meta, next_pow2, padded_heads, tensor_core_flops, tile_key,
+                     tile_shape, triton_backward, triton_forward)
 from .op import flatten, triton_composed_attention
 
 __all__ = ["FIELDS", "MAX_TRAINING_HEADS_PER_GROUP", "MIX_PRECISION", "SMALL_TILE_HEADS", "SPLIT_TARGET_PROGRAMS",
-           "TILES", "check_supported", "flatten", "launch_meta", "next_pow2", "tensor_core_flops", "tile_key",
-           "tile_shape", "triton_backward", "triton_composed_attention", "triton_forward"]
+           "TILES", "check_supported", "flatten", "launch_meta", "next_pow2", "padded_heads", "tensor_core_flops",
+           "tile_key", "tile_shape", "triton_backward", "triton_composed_attention", "triton_forward"]
 
 from .. import _register_triton  # noqa: E402  (the registry's name and fallback policy, set once on import)
 

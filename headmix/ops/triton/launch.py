@@ -79,6 +79,22 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+# The tile kernels hold a group's heads padded to a power of two, and from SMALL_TILE_HEADS on to at least
+# MIX_HEADS: the head-mixing products (`tiles._bmm`) are tensor-core `tl.dot`s only when every dimension is at
+# least 16; below that they unroll on CUDA cores with a cross-warp reduction per head, which at 8 heads made
+# a study-sized DCFormer++ (8 layers x 512, 8 heads x 64, 32 x 1024 tokens) take 1,007 ms a training step on an
+# H200 (2026-11-30; Transformer++ 55 ms). The padded heads are masked (read as zeros, never stored). 1-4 heads
+# keep the unrolled products (their 32x32 tiles; the interpreter tests' small cases). The one-query decode
+# kernel has no head-mixing products and pads to a power of two only.
+MIX_HEADS = 16
+
+
+def padded_heads(heads_per_group: int) -> int:
+    """The heads per group the tile kernels hold for ``heads_per_group`` real ones (see :data:`MIX_HEADS`)."""
+    MP = next_pow2(heads_per_group)
+    return max(MP, MIX_HEADS) if MP >= SMALL_TILE_HEADS else MP
+
+
 def check_supported(shape: tuple[int, ...], v_dim: int, groups: int, dtype: torch.dtype, training: bool,
                     kv_heads: int | None = None) -> None:
     """Raise a ``ValueError`` naming the value and what is allowed unless the kernels take queries of
@@ -141,7 +157,7 @@ def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: 
     """The kernels' compile-time parameters and launch shape for these inputs (``phase``: "fwd" or "bwd")."""
     check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=phase == "bwd", kv_heads=k.shape[1])
     M, R = _check(q, k, v, groups, pre, post)
-    MP = next_pow2(M)
+    MP = padded_heads(M)
     DK, DV = next_pow2(q.shape[-1]), next_pow2(v.shape[-1])
     BM, BN, warps, stages = tile_shape(phase, MP)
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
@@ -234,7 +250,7 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -
     BN, DC, warps = one_query_tile(max(flags["DK"], flags["DV"]))
     G = flags["G"]
     chunk, n_split = _key_splits(B * G, S, BN)
-    consts = dict(G=G, M=flags["M"], MP=flags["MP"], R=flags["R"], DK=flags["DK"], DV=flags["DV"],
+    consts = dict(G=G, M=flags["M"], MP=next_pow2(flags["M"]), R=flags["R"], DK=flags["DK"], DV=flags["DV"],
                   DC=min(DC, flags["DK"]), BN=BN, PRE=flags["PRE"], POST=flags["POST"], CAUSAL=flags["CAUSAL"],
                   WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], num_warps=warps, num_stages=1)
     _, _, off, kv_rep, dk_n, _ = shape
@@ -311,7 +327,7 @@ def tensor_core_flops(head_dim: int, heads_per_group: int, pairs: float) -> dict
     per pass ``2D`` for each of ``QK^T``, ``dO V^T``, ``P'V``, ``dS K``, ``dS^T Q``, ``P'^T dO``; ``4M`` for each
     Compose or adjoint (the ``E_i`` and ``F_j`` products, ``M`` padded heads per group), ``2M`` for each
     ``dE``/``dF`` accumulation. For the profile script (benchmarks/dcmha_profile.py)."""
-    D, M = next_pow2(head_dim), next_pow2(heads_per_group)
+    D, M = next_pow2(head_dim), padded_heads(heads_per_group)
     per = {
         "_fwd_kernel": 2 * 2 * D + 2 * D + 2 * 4 * M + 4 * M,
         "_bwd_query_kernel": (2 * D + 2 * D + 4 * M + 4 * M + 2 * M) + (2 * D + 2 * D + 3 * 4 * M + 2 * D + 2 * M),
