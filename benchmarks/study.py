@@ -48,14 +48,13 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scaling import fit_power_law, prepare, train_run, validation_loss  # noqa: E402
+from scaling import fit_power_law, prepare, run_once, run_path, train_run, validation_loss  # noqa: E402
 
 from headmix.models import DCFormerConfig  # noqa: E402
 
@@ -120,24 +119,6 @@ def diagnostics(model, data: dict, args, device) -> dict:
     without = validation_loss(model, data["validation"], args.batch, device, autocast)
     return {"composition_norms": norms, "validation_loss": with_composition,
             "validation_loss_composition_off": without}
-
-
-# -- runs, cached on disk --------------------------------------------------------------------------
-def run_path(out: Path, name: str) -> Path:
-    """Where run ``name``'s result is kept."""
-    return out / "runs" / f"{name}.json"
-
-
-def run_once(name: str, out: Path, train: Callable[[], dict]) -> dict:
-    """The cached result of run ``name`` (:func:`run_path`), training it first if absent."""
-    path = run_path(out, name)
-    if path.is_file():
-        print(f"{name}: done earlier ({path})", file=sys.stderr, flush=True)
-        return json.loads(path.read_text())
-    result = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
 
 
 def plan(args) -> list[tuple[str, str, int, float | None, str]]:
