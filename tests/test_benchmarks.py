@@ -228,5 +228,14 @@ def test_study_script_runs_every_step_and_resumes(tmp_path):
     again = run_in_process(str(BENCHMARKS / "study.py"), *args)
     assert again.returncode == 0 and "done earlier" in again.stderr and "step " not in again.stderr
     assert (tmp_path / "out" / "study_table.md").read_text().splitlines()[2:] == table.splitlines()[2:]
+    rated = run_in_process(str(BENCHMARKS / "study.py"), *args, "--rate", "control=1e-3")  # trains one run only
+    assert rated.returncode == 0, rated.stderr[-3000:]
+    assert rated.stderr.count("step ") and "control-lr0.001-seed0" in rated.stderr
+    table = (tmp_path / "out" / "study_table.md").read_text()
+    assert "| control | 1 | 0.001 | 1,024 |" in table
+    assert "| control-seed0 (the probes' rate; replaced by --rate control=...) | 1 | 0.003 |" in table
     bad = run_in_process(str(BENCHMARKS / "study.py"), "--arms", "gpt", "--data", str(play), "--out", str(tmp_path))
     assert bad.returncode == 2 and "arm(s) ['gpt'] not known" in bad.stderr
+    bad = run_in_process(str(BENCHMARKS / "study.py"), "--rate", "control=fast", "--data", str(play), "--out",
+                         str(tmp_path))
+    assert bad.returncode == 2 and "--rate 'control=fast' is not allowed" in bad.stderr
