@@ -32,6 +32,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -164,6 +165,26 @@ def train_run(config: DCFormerConfig, data: dict, args, seed: int, device, label
               "tokens_per_s": steps * tokens_per_step / train_time, "seconds": train_time, "learning_rate": lr}
     if keep_model:
         result["model"] = model
+    return result
+
+
+# -- runs, cached on disk (benchmarks/study.py and benchmarks/probe.py) ---------------------------
+def run_path(out: Path, name: str) -> Path:
+    """Where run ``name``'s result is kept."""
+    return out / "runs" / f"{name}.json"
+
+
+def run_once(name: str, out: Path, train: Callable[[], dict]) -> dict:
+    """The cached result of run ``name`` (:func:`run_path`), training it first if absent."""
+    path = run_path(out, name)
+    if path.is_file():
+        print(f"{name}: done earlier ({path})", file=sys.stderr, flush=True)
+        return json.loads(path.read_text())
+    result = train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".part")  # renamed when complete: a run killed while writing leaves no result
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(path)
     return result
 
 

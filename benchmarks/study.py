@@ -14,7 +14,9 @@ warm-up 2 %, cosine decay to 10 %; every run trains on the same packed sequences
 
 **Learning rate**: each arm first runs a short probe (``--probe-fraction`` of the tokens) at every rate of
 ``--lrs``; its main runs use the rate with the lowest probe loss (short probes favour larger rates: said, not
-corrected). **Compute multiplier**: Transformer++ also trains at ``--ladder`` multiples of the tokens (seed 0);
+corrected); ``--rate ARM=LR`` trains an arm's main runs at a given rate instead (named ``ARM-lrLR-seedN``), for
+when the probes' choice proved unstable over a full run — the replaced runs stay on disk and in the table, marked,
+and are left out of the analysis). **Compute multiplier**: Transformer++ also trains at ``--ladder`` multiples of the tokens (seed 0);
 a power law ``log L = a + b log C`` through its final losses (mean over seeds at 1x) against training FLOPs
 (``DCFormerConfig.flops_per_token``: weights, attention products and DCMHA's Compose arithmetic, 3x forward)
 gives the compute Transformer++ needs for DCFormer++'s loss, divided by DCFormer++'s own compute; its 1-sd range
@@ -48,14 +50,13 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scaling import fit_power_law, prepare, train_run, validation_loss  # noqa: E402
+from scaling import fit_power_law, prepare, run_once, run_path, train_run, validation_loss  # noqa: E402
 
 from headmix.models import DCFormerConfig  # noqa: E402
 
@@ -122,24 +123,6 @@ def diagnostics(model, data: dict, args, device) -> dict:
             "validation_loss_composition_off": without}
 
 
-# -- runs, cached on disk --------------------------------------------------------------------------
-def run_path(out: Path, name: str) -> Path:
-    """Where run ``name``'s result is kept."""
-    return out / "runs" / f"{name}.json"
-
-
-def run_once(name: str, out: Path, train: Callable[[], dict]) -> dict:
-    """The cached result of run ``name`` (:func:`run_path`), training it first if absent."""
-    path = run_path(out, name)
-    if path.is_file():
-        print(f"{name}: done earlier ({path})", file=sys.stderr, flush=True)
-        return json.loads(path.read_text())
-    result = train()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
-    return result
-
-
 def plan(args) -> list[tuple[str, str, int, float | None, str]]:
     """``(name, arm, seed, token multiple, kind)`` in running order: probes first, then main runs, the ladder."""
     runs = []
@@ -148,12 +131,18 @@ def plan(args) -> list[tuple[str, str, int, float | None, str]]:
             runs.append((f"probe-{arm}-lr{lr:g}", arm, 0, args.probe_fraction, f"probe:{lr:g}"))
     for arm in args.arms:
         for seed in range(args.seeds if arm in ("transformer++", "dcformer++") else 1):
-            runs.append((f"{arm}-seed{seed}", arm, seed, 1.0, "main"))
+            runs.append((f"{main_prefix(arm, args)}{seed}", arm, seed, 1.0, "main"))
     if "transformer++" in args.arms:
         for multiple in args.ladder:
             if multiple != 1.0:
                 runs.append((f"transformer++-x{multiple:g}", "transformer++", 0, multiple, "ladder"))
     return runs
+
+
+def main_prefix(arm: str, args) -> str:
+    """Name of an arm's main runs up to the seed: ``ARM-seed`` at the probes' best rate, ``ARM-lrLR-seed`` at a
+    rate given by ``--rate ARM=LR`` (so a run at the probes' choice and one at the given rate are both kept)."""
+    return f"{arm}-lr{args.rate[arm]:g}-seed" if arm in args.rate else f"{arm}-seed"
 
 
 def best_rate(results: dict, arm: str, rates: list[float]) -> float:
@@ -168,7 +157,7 @@ def analyse(results: dict, args) -> dict:
     """Per-arm losses, the multiplier with its 1-sd range, and the verdict."""
     arms = {}
     for arm in args.arms:
-        runs = [r for n, r in results.items() if n.startswith(f"{arm}-seed")]
+        runs = [r for n, r in results.items() if n.startswith(main_prefix(arm, args))]
         if runs:
             losses = [r["validation_loss"] for r in runs]
             arms[arm] = {"losses": losses, "mean": statistics.fmean(losses),
@@ -221,7 +210,7 @@ def verdict(analysis: dict, arms: dict) -> str:
             f"control {'beaten' if beats_control else 'not beaten or absent'})")
 
 
-def table(results: dict, analysis: dict, header: str) -> str:
+def table(results: dict, analysis: dict, header: str, replaced: dict | None = None) -> str:
     lines = [header, "", "| arm | seeds | learning rate | tokens | validation loss (mean ± sd) | ÷ Transformer++ compute "
              "per token | tokens/s |", "|---|---|---|---|---|---|---|"]
     base = analysis["arms"].get("transformer++")
@@ -234,6 +223,9 @@ def table(results: dict, analysis: dict, header: str) -> str:
         if n.startswith("transformer++-x"):
             lines.append(f"| {n} (ladder) | 1 | {r['learning_rate']:g} | {r['tokens']:,} | {r['validation_loss']:.4f} | "
                          f"1.000 | {r['tokens_per_s']:,.0f} |")
+    for n, r in (replaced or {}).items():
+        lines.append(f"| {n} (the probes' rate; replaced by --rate {r['arm']}=...) | 1 | {r['learning_rate']:g} | "
+                     f"{r['tokens']:,} | {r['validation_loss']:.4f} | - | {r['tokens_per_s']:,.0f} |")
     if "multiplier" in analysis:
         rng = analysis.get("multiplier_range")
         lines += ["", f"DCFormer++ compute multiplier: **{analysis['multiplier']:.2f}x**"
@@ -322,6 +314,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, default=2, help="seeds of Transformer++ and DCFormer++ (others: one)")
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3], help="probed peak rates")
     parser.add_argument("--probe-fraction", type=float, default=0.25, help="probe length, a fraction of the tokens")
+    parser.add_argument("--rate", nargs="*", default=[], metavar="ARM=LR",
+                        help="train ARM's main runs at LR instead of its best probe rate (e.g. when the probes' choice "
+                             "proved unstable over a full run); runs named ARM-lrLR-seedN, the others kept and shown")
     parser.add_argument("--ladder", type=float, nargs="*", default=[1.0, 1.5, 2.0],
                         help="Transformer++ token multiples for the compute fit")
     parser.add_argument("--evals", type=int, default=8, help="validation evaluations per run")
@@ -345,6 +340,16 @@ def main(argv=None) -> int:
         parser.error(f"arm(s) {unknown} not known: expected some of {list(ARMS)}")
     if not all(lr > 0 for lr in args.lrs) or not 0 < args.probe_fraction <= 1:
         parser.error("--lrs must be positive and --probe-fraction in (0, 1]")
+    rates = {}
+    for item in args.rate:
+        arm, _, lr = item.partition("=")
+        try:
+            rates[arm] = float(lr)
+        except ValueError:
+            rates[arm] = -1.0
+        if arm not in ARMS or not rates[arm] > 0:
+            parser.error(f"--rate {item!r} is not allowed: expected ARM=LR with ARM one of {list(ARMS)} and LR > 0")
+    args.rate = rates
     if args.heads < 1 or args.width % args.heads:
         parser.error(f"--width={args.width} must be a multiple of --heads={args.heads}")
     device = torch.device(args.device)
@@ -373,7 +378,8 @@ def main(argv=None) -> int:
 
         def train() -> dict:  # called by run_once, in this iteration, only if the run is not on disk yet
             config = arm_config(arm, size, loaded()["vocab_size"])
-            lr = float(kind.split(":")[1]) if kind.startswith("probe") else best_rate(results, arm, args.lrs)
+            lr = (float(kind.split(":")[1]) if kind.startswith("probe")
+                  else args.rate[arm] if kind == "main" and arm in args.rate else best_rate(results, arm, args.lrs))
             steps = max(1, round(steps_per_run * multiple))
             result = train_run(config, data, train_args, seed, device, name, steps=steps, lr=lr, data_seed=0,
                                warmup=0.02, keep_model=arm == "dcformer++" and kind == "main" and seed == 0)
@@ -392,7 +398,11 @@ def main(argv=None) -> int:
               f"{args.heads} heads x {args.width // args.heads}, seq {args.seq}, batch {args.batch}, "
               f"{steps_per_run * args.batch * args.seq:,} tokens a run; data: {described}\n"
               f"# command: python benchmarks/study.py {shlex.join(sys.argv[1:] if argv is None else argv)}")
-    text = table(results, analysis, header)
+    # main runs made at the probes' rate before a --rate replaced it: shown, not analysed
+    replaced = {f"{arm}-seed{seed}": json.loads(run_path(out, f"{arm}-seed{seed}").read_text())
+                for arm in args.rate if arm in args.arms for seed in range(args.seeds)
+                if run_path(out, f"{arm}-seed{seed}").is_file()}
+    text = table(results, analysis, header, replaced)
     print(text)
     (out / "study_table.md").write_text(text + "\n")
     (out / "study.json").write_text(json.dumps({"header": header, "size": size, "runs": results,

@@ -149,6 +149,59 @@ def test_probe_runs_every_kind_and_task_and_writes_table_json_and_plot(tmp_path,
     results = json.loads((tmp_path / "probe.json").read_text())["results"]
     assert len(results) == 2 * 4 and all(0.0 <= r["accuracy"] <= 1.0 for r in results)
     assert (tmp_path / "probe.png").stat().st_size > 1000
+    assert probe.main(["--size", "tiny", "--tasks", "mqar", "--kinds", "mha", "dcmha", "--step-cost", "1"]) == 0
+    out = capsys.readouterr().out  # --step-cost: only the timing table, no runs
+    row = next(line for line in out.splitlines() if line.startswith("| mqar |"))
+    assert "step cost at width 16, 4 pairs" in out and " ms (1.00x) | " in row and "runs" not in out
+
+
+def test_probe_workers_give_the_sequential_results_and_a_second_call_skips_finished_runs(tmp_path, capsys):
+    """benchmarks/probe.py --workers 2 (spawned processes) trains every run to the same accuracy and final loss,
+    bit for bit, as the sequential run (each run's data and initialisation depend on its seed alone, not on which
+    runs came before it in a process); each finished run is on disk, and a second call reads them back and trains
+    only the one that was deleted; --budget-minutes 0 starts no run and the table says what is missing."""
+    import importlib.util
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("probe", BENCHMARKS / "probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    common = ["--size", "tiny", "--kinds", "mha", "dcmha", "--seeds", "0", "1", "--steps", "2", "--batch", "4",
+              "--eval", "8", "--threads", "1"]  # 8 runs; one thread in each worker too (the default)
+    threads = torch.get_num_threads()
+    try:  # sequential, in process
+        assert probe.main(common + ["--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "probe.py"), *common, "--workers", "2",
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("] two_key-dcmha-w16-p4-s1: accuracy") == 1  # one line per finished run
+
+    def results(folder: str) -> list[tuple]:
+        runs = json.loads((tmp_path / folder / "probe.json").read_text())["results"]
+        return [(r["task"], r["kind"], r["seed"], r["accuracy"], r["final_loss"]) for r in runs]
+
+    one = results("one")
+    assert len(one) == 8 and len({r[4] for r in one}) > 2  # distinct runs, distinct losses
+    assert results("two") == one
+    assert all(json.loads(p.read_text())["seconds"] > 0 for p in (tmp_path / "two" / "runs").glob("*.json"))
+    assert len(list((tmp_path / "two" / "runs").glob("*.json"))) == 8
+    (tmp_path / "two" / "runs" / "mqar-dcmha-w16-p4-s0.json").unlink()
+    capsys.readouterr()
+    try:  # again: 7 runs read back, only the deleted one trained
+        assert probe.main(common + ["--out", str(tmp_path / "two")]) == 0
+        out = capsys.readouterr().out
+        assert "# 7 of 8 runs done earlier" in out and out.count("] ") == 1 and "] mqar-dcmha-w16-p4-s0:" in out
+        assert results("two") == one
+        assert probe.main(common + ["--out", str(tmp_path / "none"), "--budget-minutes", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "8 of 8 runs missing" in out and "| mqar | 16 | 4 | - | - |" in out
+    assert len(json.loads((tmp_path / "none" / "probe.json").read_text())["missing"]) == 8
 
 
 def test_study_script_runs_every_step_and_resumes(tmp_path):
@@ -175,5 +228,14 @@ def test_study_script_runs_every_step_and_resumes(tmp_path):
     again = run_in_process(str(BENCHMARKS / "study.py"), *args)
     assert again.returncode == 0 and "done earlier" in again.stderr and "step " not in again.stderr
     assert (tmp_path / "out" / "study_table.md").read_text().splitlines()[2:] == table.splitlines()[2:]
+    rated = run_in_process(str(BENCHMARKS / "study.py"), *args, "--rate", "control=1e-3")  # trains one run only
+    assert rated.returncode == 0, rated.stderr[-3000:]
+    assert rated.stderr.count("step ") and "control-lr0.001-seed0" in rated.stderr
+    table = (tmp_path / "out" / "study_table.md").read_text()
+    assert "| control | 1 | 0.001 | 1,024 |" in table
+    assert "| control-seed0 (the probes' rate; replaced by --rate control=...) | 1 | 0.003 |" in table
     bad = run_in_process(str(BENCHMARKS / "study.py"), "--arms", "gpt", "--data", str(play), "--out", str(tmp_path))
     assert bad.returncode == 2 and "arm(s) ['gpt'] not known" in bad.stderr
+    bad = run_in_process(str(BENCHMARKS / "study.py"), "--rate", "control=fast", "--data", str(play), "--out",
+                         str(tmp_path))
+    assert bad.returncode == 2 and "--rate 'control=fast' is not allowed" in bad.stderr

@@ -11,6 +11,24 @@ from .tiles import (KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATI
 
 
 @triton.jit
+def _combined_lse(stats_ptr, rows, ok, n_rows, n_split):
+    """The rows' normaliser ``lse = log sum_s l_s exp(m_s - mx) + mx`` from every key split's statistics: row
+    maxima ``m_s`` at ``stats_ptr + s * n_rows + rows``, sums ``l_s`` at ``stats_ptr + (n_split + s) * n_rows +
+    rows``. Combined in split order, so every split's program of a row computes the same bits; a row without any
+    allowed key (``l = 0`` in every split) gets ``inf``, so its probabilities are all 0. ``rows``: offsets of any
+    shape (the forward's ``(MP, BM)``, the one-query kernel's ``(MP,)``), ``ok`` their mask."""
+    mx = tl.load(stats_ptr + rows, mask=ok, other=NEG)
+    for sp in range(1, n_split):
+        mx = tl.maximum(mx, tl.load(stats_ptr + sp * n_rows + rows, mask=ok, other=NEG))
+    total = tl.load(stats_ptr + n_split * n_rows + rows, mask=ok, other=0.0) * tl.exp(
+        tl.load(stats_ptr + rows, mask=ok, other=NEG) - mx)
+    for sp in range(1, n_split):
+        m_sp = tl.load(stats_ptr + sp * n_rows + rows, mask=ok, other=NEG)
+        total += tl.load(stats_ptr + (n_split + sp) * n_rows + rows, mask=ok, other=0.0) * tl.exp(m_sp - mx)
+    return tl.where(total > 0, mx + tl.log(total), float("inf"))
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
     pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg,
@@ -89,17 +107,8 @@ def _fwd_kernel(
         tl.store(lse_ptr + split * n_rows + rows, m_i, mask=qok)
         tl.store(lse_ptr + (n_split + split) * n_rows + rows, l_i, mask=qok)
         return
-    if PHASE == 2:  # the rows' final normaliser, combined here from every split's statistics (same order in
-        # every program, so every split of a row gets the same bits): lse = log sum_s l_s exp(m_s - mx) + mx
-        mx = tl.full((MP, BM), NEG, dtype=tl.float32)
-        for sp in range(0, n_split):  # (not ``s``: the scores below are ``s``, and Triton types names per kernel)
-            mx = tl.maximum(mx, tl.load(lse_ptr + sp * n_rows + rows, mask=qok, other=NEG))
-        total = tl.zeros((MP, BM), dtype=tl.float32)
-        for sp in range(0, n_split):
-            m_sp = tl.load(lse_ptr + sp * n_rows + rows, mask=qok, other=NEG)
-            total += tl.load(lse_ptr + (n_split + sp) * n_rows + rows, mask=qok, other=0.0) * tl.exp(m_sp - mx)
-        # a row without any allowed key (l = 0 in every split): lse = inf, so its probabilities are all 0
-        lse = tl.where(total > 0, mx + tl.log(total), float("inf"))
+    if PHASE == 2:  # the rows' final normaliser, combined here from every split's statistics
+        lse = _combined_lse(lse_ptr, rows, qok, n_rows, n_split)
     else:
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
@@ -247,14 +256,7 @@ def _one_query_kernel(
         m_i = tl.full((MP,), NEG, dtype=tl.float32)
         l_i = tl.zeros((MP,), dtype=tl.float32)
     else:
-        mx = tl.full((MP,), NEG, dtype=tl.float32)
-        for sp in range(0, n_split):
-            mx = tl.maximum(mx, tl.load(stats_ptr + sp * n_rows + rows, mask=h_ok, other=NEG))
-        total = tl.zeros((MP,), dtype=tl.float32)
-        for sp in range(0, n_split):
-            m_sp = tl.load(stats_ptr + sp * n_rows + rows, mask=h_ok, other=NEG)
-            total += tl.load(stats_ptr + (n_split + sp) * n_rows + rows, mask=h_ok, other=0.0) * tl.exp(m_sp - mx)
-        lse = tl.where(total > 0, mx + tl.log(total), float("inf"))  # no allowed key: all probabilities 0
+        lse = _combined_lse(stats_ptr, rows, h_ok, n_rows, n_split)
         acc = tl.zeros((MP, DV), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
