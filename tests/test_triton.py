@@ -517,15 +517,20 @@ def test_gpu_decode_step_within_bf16_bounds(decode_kernel, D, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-def test_gpu_auto_trains_32_heads_per_group_on_the_kernels_and_warns_once_off_them():
-    """32 heads in one group (DCFormer-2.8B, 6.9B) train on the kernels under auto, silently; a shape the kernels
-    refuse (64 heads in one group) trains on the chunked path, and auto says why, once."""
+def test_gpu_auto_trains_32_heads_per_group_on_the_kernels_and_warns_once_off_them(monkeypatch):
+    """32 heads in one group (DCFormer-2.8B, 6.9B): auto keeps them on the chunked path and says why until
+    WIDE_GROUPS_ON_AUTO is set (the rank-R kernels' first GPU run), then trains them on the kernels, silently; a
+    shape the kernels refuse (64 heads in one group) trains on the chunked path, and auto says why, once."""
     import warnings
 
     import headmix.ops
 
     headmix.ops._WARNED.clear()
     q = torch.zeros(1, 32, 512, 80, device="cuda", dtype=torch.bfloat16)
+    if not launch.WIDE_GROUPS_ON_AUTO:
+        with pytest.warns(RuntimeWarning, match="32 heads per group run on the rank-R kernels"):
+            assert resolve_backend("auto", 512, 128, q).__name__ == "chunked_composed_attention"
+        monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert resolve_backend("auto", 512, 128, q).func is triton_dcmha.triton_composed_attention
@@ -535,6 +540,17 @@ def test_gpu_auto_trains_32_heads_per_group_on_the_kernels_and_warns_once_off_th
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         resolve_backend("auto", 512, 128, wide)  # once
+
+
+def test_auto_keeps_wide_groups_off_their_kernels_until_they_have_run_on_a_gpu(monkeypatch):
+    """The rank-R kernels of groups wider than 16 heads are exact in the interpreter (the 32-head cases above) but
+    not yet measured on a GPU: auto's extra refusal names that and the switch, and goes away with the switch."""
+    assert launch.auto_refusal(16) is None and launch.auto_refusal(8) is None
+    monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", False)
+    assert "32 heads per group run on the rank-R kernels" in launch.auto_refusal(32)
+    assert "WIDE_GROUPS_ON_AUTO = True" in launch.auto_refusal(20)
+    monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", True)
+    assert launch.auto_refusal(32) is None
 
 
 def test_attention_benchmark_script_runs_at_a_tiny_size():

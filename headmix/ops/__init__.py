@@ -112,6 +112,17 @@ def _triton_refusal(like: Tensor, groups: int, training: bool, kv_heads: int | N
     return None
 
 
+def _auto_refusal(like: Tensor, groups: int, training: bool, kv_heads: int | None) -> str | None:
+    """Why ``backend="auto"`` does not choose the kernels for this shape: they refuse it, or they take it but are
+    not yet trusted for it (``launch.auto_refusal``); ``None``: auto chooses them."""
+    refusal = _triton_refusal(like, groups, training, kv_heads)
+    if refusal is None:
+        from .triton import launch
+
+        refusal = launch.auto_refusal(like.shape[1] // groups)
+    return refusal
+
+
 def triton_takes(like: Tensor, groups: int = 1, training: bool | None = None, kv_heads: int | None = None) -> bool:
     """Whether the fused kernels take queries shaped and typed like ``like`` (device aside), in ``groups`` head
     groups, with ``kv_heads`` key/value heads, with gradients when ``training`` (default:
@@ -140,11 +151,11 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
             # kernels (a custom op, its launches captured in the step's CUDA graph) when COMPILED_DECODE says so
             # and they take the shape, else the materialised path, which inductor fuses into the step's graph
             check_choice("COMPILED_DECODE", COMPILED_DECODE, ("triton", "reference"))
-            if COMPILED_DECODE == "triton" and _triton_refusal(like, groups, False, kv_heads) is None:
+            if COMPILED_DECODE == "triton" and _auto_refusal(like, groups, False, kv_heads) is None:
                 return functools.partial(_BACKENDS["triton"], fallback=True)
             return _BACKENDS["reference"]
         if like is not None and like.is_cuda:
-            refusal = _triton_refusal(like, groups, torch.is_grad_enabled(), kv_heads)
+            refusal = _auto_refusal(like, groups, torch.is_grad_enabled(), kv_heads)
             if refusal is None:
                 return functools.partial(_BACKENDS["triton"], fallback=True)
             if query_len > chunk_size:

@@ -28,6 +28,11 @@ MATRIX_FORM_HEADS = 16
 # matrix-form forward fits too: 128 KB and 1,544 spilled bytes per thread at 32 x 128 against the rank form's 64 KB
 # and 976, offline; the matrix-form backward does not fit). Not yet timed against each other on a GPU.
 WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
+# backend="auto" chooses those wider groups' kernels only once they have run on a GPU: they are exact in the
+# interpreter (forward and every gradient against float64) and fit an H200's shared memory offline, but their bf16
+# accuracy on a GPU and their speed against the chunked path are not measured yet (2026-11-30: no device time was
+# left). Until then auto keeps such shapes on the chunked path, says why once, and backend="triton" runs the kernels.
+WIDE_GROUPS_ON_AUTO = False
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
 # 32 x 128, static mix off (docs/kernels.md): the forward writing 64-wide output chunks spills 1,320 bytes per thread
@@ -91,6 +96,16 @@ def one_query_tile(head_dim: int) -> tuple[int, int, int]:
     """``(BN, DC, num_warps)`` of the one-query decode kernel for a (padded) head dim."""
     BN, DC, warps = ONE_QUERY_TILES[64 if head_dim <= 64 else 128]
     return BN, min(DC, head_dim), warps
+
+
+def auto_refusal(heads_per_group: int) -> str | None:
+    """Why ``backend="auto"`` does not choose the kernels for a group of ``heads_per_group`` heads that they take
+    (:data:`WIDE_GROUPS_ON_AUTO`), or ``None``."""
+    if padded_heads(heads_per_group) > MATRIX_FORM_HEADS and not WIDE_GROUPS_ON_AUTO:
+        return (f"{heads_per_group} heads per group run on the rank-R kernels, which have not run on a GPU yet "
+                "(backend='triton' runs them; headmix.ops.triton.launch.WIDE_GROUPS_ON_AUTO = True lets auto choose "
+                "them)")
+    return None
 
 
 def rank_form(phase: str, padded_heads: int) -> bool:
