@@ -47,9 +47,11 @@ def test_speed_report_runs_every_section_and_ends_with_the_summary():
 
 
 def test_attention_script_times_layers_at_given_shapes():
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "attention.py"), "--layers", "--device", "cpu", "--dtype",
-                           "float32", "--shapes", "2x16", "--layer-seq", "64", "--tokens", "128", "--windows", "global",
-                           "16", "--repeat", "1"], capture_output=True, text=True, timeout=300)
+    # in this process: tests/test_triton.py::test_attention_benchmark_script_runs_at_a_tiny_size runs attention.py
+    # in a fresh interpreter
+    done = run_in_process(str(BENCHMARKS / "attention.py"), "--layers", "--device", "cpu", "--dtype", "float32",
+                          "--shapes", "2x16", "--layer-seq", "64", "--tokens", "128", "--windows", "global", "16",
+                          "--repeat", "1")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| 2x16 |")]
     assert [(r[2].strip(), r[3].strip()) for r in rows] == [("global", "mha"), ("global", "dcmha"), ("16", "mha"),
@@ -75,7 +77,7 @@ def test_scaling_script_fits_and_reports_a_multiplier(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "scaling.py"), "--transformer", "1,16,2", "1,32,2", "1,48,2",
-         "--dcformer", "1,16,2", "--seq", "32", "--batch", "4", "--epochs", "0.3", "--evals", "2", "--vocab", "300",
+         "--dcformer", "1,16,2", "--seq", "32", "--batch", "4", "--epochs", "0.15", "--evals", "2", "--vocab", "300",
          "--device", "cpu", "--data", str(play), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )

@@ -238,10 +238,10 @@ def test_cli_convert_collab_gpt2_with_calibration_and_distillation(tmp_path):
     GPT2Model(GPT2Config(vocab_size=len(tokenizer), n_embd=48, n_layer=2, n_head=6, initializer_range=0.2,
                          bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path / "src")
     tokenizer.save_pretrained(tmp_path / "src")
-    result = subprocess.run([sys.executable, "-m", "headmix.cli", "convert", "collab", str(tmp_path / "src"),
-                             str(tmp_path / "out"), "--key-dim", "12", "--iterations", "5", "--calibration",
-                             str(tmp_path / "text.txt"), "--distill-steps", "10"],
-                            capture_output=True, text=True, timeout=600)
+    # in this process: test_cli_convert_collab above runs `headmix convert collab` in a fresh interpreter
+    result = run_in_process("headmix", "convert", "collab", str(tmp_path / "src"), str(tmp_path / "out"),
+                            "--key-dim", "12", "--iterations", "5", "--calibration", str(tmp_path / "text.txt"),
+                            "--distill-steps", "10")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "distillation: 10 steps on 80 lines" in result.stdout
     assert "key+value cache per token (all layers, torch.float32): 768 -> 480 bytes (-37.5%" in result.stdout  # 2 x (12 + 48) x 4
