@@ -175,7 +175,8 @@ def run(task: str, kind: str, width: int, pairs: int, seed: int, args: argparse.
             total += int(due.sum())
     return dict(task=task, kind=kind, width=width, pairs=pairs, seed=seed, accuracy=correct / total,
                 final_loss=loss.item(), parameters=sum(p.numel() for p in model.parameters()),
-                seconds=round(time.perf_counter() - started, 2), settings=settings(args), device=str(args.device))
+                seconds=round(time.perf_counter() - started, 2), settings=settings(args), device=str(args.device),
+                device_name=torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "cpu")
 
 
 def settings(args: argparse.Namespace) -> dict:
@@ -336,7 +337,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"2-layer probe, {args.heads} heads, {args.steps} steps x {args.batch}, mean ± sd over "
-                 f"{len(args.seeds)} seeds ({args.device})", fontsize=10)
+                 f"{len(args.seeds)} seeds ({', '.join(trained_on(results)) or args.device})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -384,6 +385,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def trained_on(results: list[dict]) -> list[str]:
+    """Where the runs trained: their devices' names (older runs recorded only ``cuda:N`` / ``cpu``: the kind)."""
+    return sorted({r.get("device_name", str(r["device"]).split(":")[0]) for r in results})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -408,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                     torch=torch.__version__, device=args.device, device_name=device,
+                    # where the runs trained (this call may only have read them back from runs/)
+                    runs_trained_on=trained_on(results),
                     settings={k: v for k, v in vars(args).items() if k != "out"})
         (out / "probe.json").write_text(json.dumps(dict(meta=meta, results=results, missing=missing), indent=1) + "\n")
         plot(results, args, out / "probe.png")

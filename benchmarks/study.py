@@ -305,6 +305,11 @@ def load_data(args) -> dict:
     return data
 
 
+def machine_name(device: torch.device) -> str:
+    """The accelerator's name (``CPU`` for the CPU)."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="gpu", help="shape, run length, window (see SIZES)")
@@ -386,14 +391,19 @@ def main(argv=None) -> int:
             model = result.pop("model", None)
             if model is not None:
                 result["diagnostics"] = diagnostics(model, data, train_args, device)
-            result.update(arm=arm, kind=kind)
+            result.update(arm=arm, kind=kind, device=machine_name(device), torch=torch.__version__,
+                          date=str(datetime.date.today()))
             return result
 
         results[name] = run_once(name, out, train)
     analysis = analyse(results, args)
     described = json.loads((out / "data.json").read_text())["description"] if (out / "data.json").is_file() else "-"
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = (f"# headmix study (issue 18 §2): {machine}, "
+    # where the runs trained (recorded by each run since 2026-11-30; the earlier ones say nothing) and where
+    # this table was put together from them
+    trained = sorted({f"{r['device']}, torch {r['torch']}" for r in results.values() if "device" in r})
+    unrecorded = sum("device" not in r for r in results.values())
+    where = "; ".join(trained + ([f"{unrecorded} run(s) without a record of it"] if unrecorded else []))
+    header = (f"# headmix study (issue 18 §2): runs trained on {where}; table assembled on {machine_name(device)}, "
               f"{datetime.date.today()}, torch {torch.__version__}; {args.layers} layers x {args.width}, "
               f"{args.heads} heads x {args.width // args.heads}, seq {args.seq}, batch {args.batch}, "
               f"{steps_per_run * args.batch * args.seq:,} tokens a run; data: {described}\n"

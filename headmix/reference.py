@@ -73,6 +73,7 @@ class ComposeWeights:
         )
 
     def is_identity(self) -> bool:
+        """Whether every term is absent (``None``): then Compose leaves its input unchanged."""
         return all(getattr(self, name) is None for name in COMPOSE_FIELDS)
 
 

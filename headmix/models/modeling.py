@@ -230,9 +230,11 @@ class DCFormerModel(DCFormerPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (transformers' accessor, used by ``resize_token_embeddings`` and tying)."""
         return self.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding) -> None:
+        """Replace the token embedding."""
         self.embed_tokens = value
 
     def new_cache(self, max_cache_len: int | None = None) -> HeadmixCache:
@@ -388,9 +390,11 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The language-model head (transformers' accessor, used by ``resize_token_embeddings`` and tying)."""
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
+        """Replace the language-model head."""
         self.lm_head = value
 
     def new_cache(self, max_cache_len: int | None = None) -> HeadmixCache:

@@ -26,12 +26,17 @@ MAX_HEADS_PER_GROUP = 32  # forward and backward
 MATRIX_FORM_HEADS = 16
 # The form of each phase's kernels in those wider groups: "rank" or "matrix" (with the chunks of head_dim_chunks the
 # matrix-form forward fits too: 128 KB and 1,544 spilled bytes per thread at 32 x 128 against the rank form's 64 KB
-# and 976, offline; the matrix-form backward does not fit). Not yet timed against each other on a GPU.
+# and 976, offline; the matrix-form backward does not fit). On an H200 (2026-11-30, 32 x 128, B=8 x 2048, static mix
+# off) the rank form's forward took 46.6 ms, the matrix form's 52.9 ms. At 16 heads the rank form (MATRIX_FORM_HEADS
+# lowered to 8) lost to the matrix form: 94.0 ms fwd+bwd against 22.8 ms at 16 x 64 with 16x16 tiles, 160 ms with
+# 32x32 tiles; larger tiles do not fit (278-295 KB of shared memory).
 WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
-# backend="auto" chooses those wider groups' kernels only once they have run on a GPU: they are exact in the
-# interpreter (forward and every gradient against float64) and fit an H200's shared memory offline, but their bf16
-# accuracy on a GPU and their speed against the chunked path are not measured yet (2026-11-30: no device time was
-# left). Until then auto keeps such shapes on the chunked path, says why once, and backend="triton" runs the kernels.
+# backend="auto" does not choose those wider groups' kernels: measured on an H200 (2026-11-30, bf16, B=8 x 2048,
+# 32 heads in one group, static mix off; docs/kernels.md, "32 heads per group"), they train 1.9-2.1x SLOWER than the
+# chunked PyTorch path (fwd+bwd 347 / 400 ms at head dim 80 / 128, chunked 180 / 187 ms), their forward alone is
+# 1.1-1.25x faster (42 / 47 ms against 52), and their bf16 errors are within those of the reference path in bf16.
+# So auto keeps such shapes on the chunked path and says why once; backend="triton" runs the kernels; True lets auto
+# choose them (for a faster kernel generation to come).
 WIDE_GROUPS_ON_AUTO = False
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
@@ -102,9 +107,9 @@ def auto_refusal(heads_per_group: int) -> str | None:
     """Why ``backend="auto"`` does not choose the kernels for a group of ``heads_per_group`` heads that they take
     (:data:`WIDE_GROUPS_ON_AUTO`), or ``None``."""
     if padded_heads(heads_per_group) > MATRIX_FORM_HEADS and not WIDE_GROUPS_ON_AUTO:
-        return (f"{heads_per_group} heads per group run on the rank-R kernels, which have not run on a GPU yet "
-                "(backend='triton' runs them; headmix.ops.triton.launch.WIDE_GROUPS_ON_AUTO = True lets auto choose "
-                "them)")
+        return (f"{heads_per_group} heads per group run on the rank-R kernels, which train about 2x slower than the "
+                "chunked path on an H200 (backend='triton' runs them; headmix.ops.triton.launch.WIDE_GROUPS_ON_AUTO = "
+                "True lets auto choose them)")
     return None
 
 
