@@ -21,12 +21,35 @@ from .tiles import (KEY_GATE, KEY_LOWRANK, KEY_TERMS, QUERY_GATE, QUERY_LOWRANK,
 # tiles stay in registers. RANKR (more than 16 heads per group, launch.compose_form): the Compose in the rank-R
 # form (tiles._compose_rank), no per-position (BLOCK, MP, MP) matrices.
 @triton.jit
-def _probabilities(s, b, offs_i, offs_j, lse, eq, ek, T, S, off, mask_ptr, smb, smt, sms, PRE: tl.constexpr,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, MIX: tl.constexpr):
-    """``P = exp(Compose_pre(S) - lse)`` on the valid entries of a tile of scores ``S``."""
+def _scores_dp(q, k, do, v, q_ptr, k_ptr, do_ptr, v_ptr, sq, sk, so, sv, b, g, offs_i, offs_j, hm, T, S, kv_rep, dk_n,
+               dv_n, scale, M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, DCK: tl.constexpr, DCV: tl.constexpr,
+               PREC: tl.constexpr):
+    """A tile's scores ``S = Q K^T * scale`` and ``dP' = dO V^T`` (both ``(MP, BM, BN)`` float32), which both kernels
+    recompute. Whole head dims (``DK == DCK and DV == DCV``): from the tiles ``q``, ``k``, ``do``, ``v`` (``v`` None:
+    read here, after the scores); else accumulated over half-chunks read from the pointers (tiles._pair_dot)."""
+    if DK == DCK and DV == DCV:
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+        if v is None:
+            v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), sv[0], sv[1], sv[2], sv[3], S, M, hm, kv_rep, dv_n)
+        dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)
+    else:
+        s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCK // 2, PREC, kv_rep, dk_n) * scale
+        dp2 = _pair_dot(do_ptr, so, offs_i, T, v_ptr, sv, offs_j, S, b, g, hm, M, DV, DCV // 2, PREC, kv_rep, dv_n)
+    return s, dp2
+
+
+@triton.jit
+def _probabilities(s, cw, b, g, offs_i, offs_j, hm, lse, eq, ek, T, S, off, mask_ptr, smb, smt, sms, G: tl.constexpr,
+                   M: tl.constexpr, R: tl.constexpr, PRE: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                   HAS_MASK: tl.constexpr, MIX: tl.constexpr, RANKR: tl.constexpr):
+    """``P = exp(Compose_pre(S) - lse)`` on the valid entries of a tile of scores ``S``: the Compose ``cw`` in the
+    rank-R form (``RANKR``), else from the per-query and per-key matrices ``eq``, ``ek``."""
     s2 = s
     if PRE != 0:
-        s2 = _compose(s, eq, ek, PRE, MIX)
+        if RANKR:
+            s2 = _compose_rank(s, cw, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX)
+        else:
+            s2 = _compose(s, eq, ek, PRE, MIX)
     valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
     return tl.where(valid, tl.exp(s2 - lse[:, :, None]), 0.0)
 
@@ -70,10 +93,12 @@ def _bwd_query_kernel(
     sk = (skb, skh, skt, skd)
     sv = (svb, svh, svt, svd)
     so = (sob, soh, sot, sod)
+    eq_pre = 0  # the rank-R form has no per-position matrices
     if not RANKR:
         eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
         eq_post_t = _t(_matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST))
     dc = chunk * DCK + tl.arange(0, DCK)  # this program's chunk of the head dim
+    q, do = 0, 0  # held with whole head dims; chunks are read by _scores_dp
     if DK == DCK and DV == DCV:
         q = _heads(q_ptr, b, g, offs_i, dc, sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
         do = _heads(do_ptr, b, g, offs_i, tl.arange(0, DV), sob, soh, sot, sod, T, M, hm, 1, dv_n)
@@ -94,29 +119,18 @@ def _bwd_query_kernel(
         offs_j = start_j + tl.arange(0, BN)
         krow = (offs_j < S)[:, None] & h_ok[None, :]
         k = _heads(k_ptr, b, g, offs_j, dc, skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
-        if DK == DCK and DV == DCV:
-            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
-            v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
-            dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)  # dP'
-        else:
-            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCK // 2, PREC, kv_rep,
-                          dk_n) * scale
-            dp2 = _pair_dot(do_ptr, so, offs_i, T, v_ptr, sv, offs_j, S, b, g, hm, M, DV, DCV // 2, PREC, kv_rep, dv_n)
-        if RANKR:
-            s2 = s
-            if PRE != 0:
-                s2 = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
-            p = _probabilities(s2, b, offs_i, offs_j, lse, 0, 0, T, S, off, mask_ptr, smb, smt, sms, 0, CAUSAL, WINDOW,
-                               HAS_MASK, MIX_PRE)
-            dp = dp2
-            if POST != 0:
-                dp = _compose_rank(dp2, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, True, MIX_POST)
-        else:
+        s, dp2 = _scores_dp(q, k, do, None, q_ptr, k_ptr, do_ptr, v_ptr, sq, sk, so, sv, b, g, offs_i, offs_j, hm, T, S,
+                            kv_rep, dk_n, dv_n, scale, M, DK, DV, DCK, DCV, PREC)
+        ek_pre = 0
+        if not RANKR:
             ek_pre = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-            p = _probabilities(s, b, offs_i, offs_j, lse, eq_pre, ek_pre, T, S, off, mask_ptr, smb, smt, sms, PRE,
-                               CAUSAL, WINDOW, HAS_MASK, MIX_PRE)
-            dp = dp2
-            if POST != 0:
+        p = _probabilities(s, pre, b, g, offs_i, offs_j, hm, lse, eq_pre, ek_pre, T, S, off, mask_ptr, smb, smt, sms, G,
+                           M, R, PRE, CAUSAL, WINDOW, HAS_MASK, MIX_PRE, RANKR)
+        dp = dp2
+        if POST != 0:
+            if RANKR:
+                dp = _compose_rank(dp2, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, True, MIX_POST)
+            else:
                 ek_post_t = _t(_matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST))
                 dp = _compose(dp2, eq_post_t, ek_post_t, POST, MIX_POST)
         if STAGE == 1:
@@ -214,9 +228,11 @@ def _bwd_key_kernel(
     so = (sob, soh, sot, sod)
     dck = chunk * DCK + tl.arange(0, DCK)
     dcv = chunk * DCV + tl.arange(0, DCV)
+    ek_pre = 0  # the rank-R form has no per-position matrices
     if not RANKR:
         ek_pre = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
         ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
+    k, v = 0, 0  # held with whole head dims; chunks are read by _scores_dp
     if DK == DCK and DV == DCV:
         k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
         v = _heads(v_ptr, b, g, offs_j, tl.arange(0, DV), svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
@@ -242,21 +258,16 @@ def _bwd_key_kernel(
         delta = tl.load(delta_ptr + row, mask=qok, other=0.0)
         q = _heads(q_ptr, b, g, offs_i, dck, sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
         do = _heads(do_ptr, b, g, offs_i, dcv, sob, soh, sot, sod, T, M, hm, 1, dv_n)
-        if DK == DCK and DV == DCV:
-            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
-            dp2 = tl.dot(do, tl.trans(v, (0, 2, 1)), input_precision=PREC).to(tl.float32)
-        else:
-            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCK // 2, PREC, kv_rep,
-                          dk_n) * scale
-            dp2 = _pair_dot(do_ptr, so, offs_i, T, v_ptr, sv, offs_j, S, b, g, hm, M, DV, DCV // 2, PREC, kv_rep, dv_n)
+        s, dp2 = _scores_dp(q, k, do, v, q_ptr, k_ptr, do_ptr, v_ptr, sq, sk, so, sv, b, g, offs_i, offs_j, hm, T, S,
+                            kv_rep, dk_n, dv_n, scale, M, DK, DV, DCK, DCV, PREC)
+        eq_pre = 0
+        if not RANKR:
+            eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
+        p = _probabilities(s, pre, b, g, offs_i, offs_j, hm, lse, eq_pre, ek_pre, T, S, off, mask_ptr, smb, smt, sms, G,
+                           M, R, PRE, CAUSAL, WINDOW, HAS_MASK, MIX_PRE, RANKR)
+        p2 = p
+        dp = dp2
         if RANKR:  # each weight gradient as soon as its operands exist (shorter live ranges), in chunk 0's programs
-            s2 = s
-            if PRE != 0:
-                s2 = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
-            p = _probabilities(s2, b, offs_i, offs_j, lse, 0, 0, T, S, off, mask_ptr, smb, smt, sms, 0, CAUSAL, WINDOW,
-                               HAS_MASK, MIX_PRE)
-            p2 = p
-            dp = dp2
             if POST != 0:
                 p2 = _compose_rank(p, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, False, MIX_POST)
                 dp = _compose_rank(dp2, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, True, MIX_POST)
@@ -275,11 +286,6 @@ def _bwd_key_kernel(
                 ds = _compose_rank(ds2, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, True, MIX_PRE)
             acc_dk += tl.dot(tl.trans(ds, (0, 2, 1)).to(q.dtype), q, input_precision=PREC)
         else:
-            eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
-            p = _probabilities(s, b, offs_i, offs_j, lse, eq_pre, ek_pre, T, S, off, mask_ptr, smb, smt, sms, PRE,
-                               CAUSAL, WINDOW, HAS_MASK, MIX_PRE)
-            p2 = p
-            dp = dp2
             if POST != 0:
                 eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
                 p2 = _compose(p, eq_post, ek_post, POST, MIX_POST)

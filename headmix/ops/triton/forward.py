@@ -29,6 +29,31 @@ def _combined_lse(stats_ptr, rows, ok, n_rows, n_split):
 
 
 @triton.jit
+def _pre_scores(q, q_ptr, k_ptr, sq, sk, pre, eq_pre, b, g, offs_i, offs_j, hm, krow, T, S, kv_rep, dk_n, scale,
+                G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, DK: tl.constexpr,
+                DCS: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr, PREC: tl.constexpr, MIX_PRE: tl.constexpr,
+                RELOAD: tl.constexpr, RANKR: tl.constexpr):
+    """The pre-composed scores ``Compose_pre(Q K^T * scale)``, an ``(MP, BM, BN)`` float32 tile of queries ``offs_i``
+    and keys ``offs_j``: what both passes of :func:`_fwd_kernel` recompute per key block. ``q``: the held query tile
+    (unused with ``RELOAD`` or ``DCS < DK``); ``eq_pre``: the per-query matrices (matrix form); ``krow``: the keys'
+    ``(BN, MP)`` bounds."""
+    if DCS == DK:
+        if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
+            q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sq[0], sq[1], sq[2], sq[3], T, M, hm, 1, dk_n)
+        k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), sk[0], sk[1], sk[2], sk[3], S, M, hm, kv_rep, dk_n)
+        s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
+    else:
+        s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCS, PREC, kv_rep, dk_n) * scale
+    if PRE != 0:
+        if RANKR:
+            s = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
+        else:
+            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
+            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+    return s
+
+
+@triton.jit
 def _fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr,
     pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg,
@@ -66,8 +91,10 @@ def _fwd_kernel(
     post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
     sq = (sqb, sqh, sqt, sqd)
     sk = (skb, skh, skt, skd)
+    eq_pre = 0  # the rank-R form has no per-query matrices
     if not RANKR:
         eq_pre = _matrices(pre, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, PRE, True, MIX_PRE)
+    q = 0  # the query tile, held here unless large heads re-read it (RELOAD) or the head dim is chunked
     if not RELOAD and DCS == DK:
         q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
     lo, hi = _key_range(start_i, T, S, off, BM, BN, CAUSAL, WINDOW)
@@ -84,19 +111,8 @@ def _fwd_kernel(
     for start_j in range(lo, hi if PHASE != 2 else lo, BN):
         offs_j = start_j + tl.arange(0, BN)
         krow = (offs_j < S)[:, None] & h_ok[None, :]
-        if DCS == DK:
-            if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
-                q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
-            k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
-            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
-        else:
-            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCS, PREC, kv_rep, dk_n) * scale
-        if PRE != 0:
-            if RANKR:
-                s = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
-            else:
-                ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-                s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+        s = _pre_scores(q, q_ptr, k_ptr, sq, sk, pre, eq_pre, b, g, offs_i, offs_j, hm, krow, T, S, kv_rep, dk_n, scale,
+                        G, M, MP, R, DK, DCS, BN, PRE, PREC, MIX_PRE, RELOAD, RANKR)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         s = tl.where(valid, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 2))
@@ -122,19 +138,8 @@ def _fwd_kernel(
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         krow = (offs_j < S)[:, None] & h_ok[None, :]
-        if DCS == DK:
-            if RELOAD:  # large heads: re-read the query tile (from L2) rather than hold it
-                q = _heads(q_ptr, b, g, offs_i, tl.arange(0, DK), sqb, sqh, sqt, sqd, T, M, hm, 1, dk_n)
-            k = _heads(k_ptr, b, g, offs_j, tl.arange(0, DK), skb, skh, skt, skd, S, M, hm, kv_rep, dk_n)
-            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision=PREC) * scale
-        else:
-            s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCS, PREC, kv_rep, dk_n) * scale
-        if PRE != 0:
-            if RANKR:
-                s = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
-            else:
-                ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-                s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+        s = _pre_scores(q, q_ptr, k_ptr, sq, sk, pre, eq_pre, b, g, offs_i, offs_j, hm, krow, T, S, kv_rep, dk_n, scale,
+                        G, M, MP, R, DK, DCS, BN, PRE, PREC, MIX_PRE, RELOAD, RANKR)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
         if POST != 0:

@@ -205,20 +205,18 @@ def _compose_rank(x, cw, b, g, offs_i, offs_j, hm, T, S, G: tl.constexpr, M: tl.
     out = x
     if STATIC & FLAGS:
         out += _static_mix(x, w_ptr, g, hm, M, ADJOINT, MIX)
-    if QUERY_LOWRANK & FLAGS:
-        for r in tl.static_range(R):
-            a = _factor(qw1, b, g, r, offs_i, hm, T, G, R, M)
-            c = _factor(qw2, b, g, r, offs_i, hm, T, G, R, M)
-            if ADJOINT:
-                a, c = c, a
-            out += c[:, :, None] * tl.sum(x * a[:, :, None], 0)[None, :, :]
-    if KEY_LOWRANK & FLAGS:
-        for r in tl.static_range(R):
-            a = _factor(kw1, b, g, r, offs_j, hm, S, G, R, M)
-            c = _factor(kw2, b, g, r, offs_j, hm, S, G, R, M)
-            if ADJOINT:
-                a, c = c, a
-            out += c[:, None, :] * tl.sum(x * a[:, None, :], 0)[None, :, :]
+    for side in tl.static_range(2):  # 0: the query-wise low-rank term (spread over the keys, axis 2); 1: key-wise
+        if side == 0:
+            w1, w2, offs, L, LOWRANK = qw1, qw2, offs_i, T, QUERY_LOWRANK & FLAGS
+        else:
+            w1, w2, offs, L, LOWRANK = kw1, kw2, offs_j, S, KEY_LOWRANK & FLAGS
+        if LOWRANK:
+            for r in tl.static_range(R):
+                a = _factor(w1, b, g, r, offs, hm, L, G, R, M)
+                c = _factor(w2, b, g, r, offs, hm, L, G, R, M)
+                if ADJOINT:
+                    a, c = c, a
+                out += tl.expand_dims(c, 2 - side) * tl.sum(x * tl.expand_dims(a, 2 - side), 0)[None, :, :]
     if QUERY_GATE & FLAGS:
         out += _factor(qg, b, g, 0, offs_i, hm, T, G, 1, M)[:, :, None] * x
     if KEY_GATE & FLAGS:
