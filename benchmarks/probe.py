@@ -45,7 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scaling import run_once, run_path  # noqa: E402
+from scaling import machine_name, run_once, run_path  # noqa: E402
 
 from headmix.models import DCFormerConfig, DCFormerForCausalLM  # noqa: E402
 
@@ -176,7 +176,7 @@ def run(task: str, kind: str, width: int, pairs: int, seed: int, args: argparse.
     return dict(task=task, kind=kind, width=width, pairs=pairs, seed=seed, accuracy=correct / total,
                 final_loss=loss.item(), parameters=sum(p.numel() for p in model.parameters()),
                 seconds=round(time.perf_counter() - started, 2), settings=settings(args), device=str(args.device),
-                device_name=torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "cpu")
+                device_name=machine_name(args.device))
 
 
 def settings(args: argparse.Namespace) -> dict:

@@ -169,6 +169,12 @@ def train_run(config: DCFormerConfig, data: dict, args, seed: int, device, label
 
 
 # -- runs, cached on disk (benchmarks/study.py and benchmarks/probe.py) ---------------------------
+def machine_name(device: torch.device | str) -> str:
+    """The accelerator's name for a result's record or a table's header (``CPU`` for the CPU)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def run_path(out: Path, name: str) -> Path:
     """Where run ``name``'s result is kept."""
     return out / "runs" / f"{name}.json"
@@ -374,7 +380,7 @@ def main(argv=None) -> int:
         versions += f", triton {triton.__version__}"
     except ImportError:
         pass
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = machine_name(device)
     header = (f"Device: {name}; {datetime.date.today().isoformat()}; {versions}\n"
               f"Data: {data['description']}, {len(data['train'])} training / {len(data['validation'])} validation "
               f"sequences of {args.seq} tokens, vocab {args.vocab}; {args.epochs:g} epochs, batch {args.batch}, "

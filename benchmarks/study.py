@@ -56,7 +56,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from scaling import fit_power_law, prepare, run_once, run_path, train_run, validation_loss  # noqa: E402
+from scaling import (  # noqa: E402
+    fit_power_law, machine_name, prepare, run_once, run_path, train_run, validation_loss)
 
 from headmix.models import DCFormerConfig  # noqa: E402
 
@@ -303,11 +304,6 @@ def load_data(args) -> dict:
     data = prepare(args.seq, args.vocab, args.data, args.cache_dir)
     data["validation"] = data["validation"][: args.val]
     return data
-
-
-def machine_name(device: torch.device) -> str:
-    """The accelerator's name (``CPU`` for the CPU)."""
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
 def main(argv=None) -> int:
