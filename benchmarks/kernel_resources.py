@@ -78,6 +78,7 @@ def main(argv=None) -> int:
                              "kernel's code as it was (compare the column before and after)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
+    import torch
     import triton
 
     from headmix.ops.triton import backward, forward
@@ -86,6 +87,7 @@ def main(argv=None) -> int:
     ptr = "*" + args.dtype
     weights = {name: "*fp32" for name in WEIGHTS}
     fp32 = args.dtype == "fp32"
+    mix = K.mix_precision({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype])
     MP = K.padded_heads(args.heads)
     print(f"# DCMHA kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per group, "
           f"rank {args.rank}, {args.dtype}, {'no static mix' if args.no_static else 'all Compose terms'}, causal, "
@@ -103,8 +105,7 @@ def main(argv=None) -> int:
         common = dict(G=1, M=args.heads, MP=MP, R=args.rank, RP=K.next_pow2(args.rank), RANKR=K.rank_form("bwd", like),
                       DK=D, DV=D, DCK=DCK, DCV=DCV, PRE=flags, POST=flags,
                       CAUSAL=True, WINDOW=0, HAS_MASK=False, PREC="ieee" if fp32 else "tf32",
-                      MIX_PRE="ieee" if fp32 else K.MIX_PRECISION["pre"],
-                      MIX_POST="ieee" if fp32 else K.MIX_PRECISION["post"])
+                      MIX_PRE=mix["pre"], MIX_POST=mix["post"])
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
         one_bn, one_dc, one_warps = K.one_query_tile(D)
         one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", mask_ptr="*u8", **weights)

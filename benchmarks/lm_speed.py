@@ -9,7 +9,7 @@ non-embedding parameters; MFU divides by the bf16 matmul rate measured on this d
 
 Inference: ``generate()`` with a ``--prompt``-token prompt and ``--new-tokens`` new tokens (greedy,
 our cache), batch 1 and 16; prefill tokens/s from a 1-token generation, decode tokens/s from the
-difference. With ``--compile`` the generation rows decode as a user of transformers would with compilation:
+difference (medians of 3 calls each, after one warm-up call of each length). With ``--compile`` the generation rows decode as a user of transformers would with compilation:
 a static cache (``model.new_cache(max_cache_len=...)``, reset and reused across the timed calls, as transformers
 documents for its ``StaticCache``) and ``generate()``'s own compiled decoding step (``CompileConfig()``: inductor,
 ``mode="reduce-overhead"``, i.e. CUDA graphs); one warm-up generation compiles, the timed ones do not.
@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -160,10 +161,11 @@ def static_cache(model, max_cache_len: int):
 
 @torch.no_grad()
 def generate_speed(model, batch, prompt, new_tokens, device,
-                   compile_backend: str | None = None) -> tuple[float, float, float]:
+                   compile_backend: str | None = None, repeats: int = 3) -> tuple[float, float, float]:
     """(prefill tokens/s, decode tokens/s, seconds of the first, warm-up call: with compilation) through
     ``generate()``; ``compile_backend``: decode with a static cache
-    and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on CUDA)."""
+    and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on CUDA). After one
+    warm-up of each length, the median of ``repeats`` timed calls of each."""
     from transformers import CompileConfig
 
     model.eval()
@@ -190,9 +192,13 @@ def generate_speed(model, batch, prompt, new_tokens, device,
     if compile_backend and not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
         raise RuntimeError("--compile: generate() compiled nothing (this transformers version did not take the "
                            "static cache as compileable)")
-    prefill = run(1)
-    total = run(new_tokens)
-    return batch * prompt / prefill, batch * (new_tokens - 1) / max(total - prefill, 1e-9), first
+    run(1)  # the prefill-only call has its own first-call costs (a 2026-11-30 run timed one at 1 s: 524 tokens/s)
+    prefill = statistics.median(run(1) for _ in range(repeats))
+    total = statistics.median(run(new_tokens) for _ in range(repeats))
+    if total <= prefill:
+        raise RuntimeError(f"generation of {new_tokens} tokens took {total:.4f} s, no longer than the prefill alone "
+                           f"({prefill:.4f} s): the timings are not usable")
+    return batch * prompt / prefill, batch * (new_tokens - 1) / (total - prefill), first
 
 
 def non_embedding_parameters(model) -> int:

