@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -52,6 +54,20 @@ def evaluate_files(
     return {"loss": loss, "perplexity": math.exp(loss), "tokens": count, "sequences": len(sequences)}
 
 
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_path: str | None):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path)
+
+
+def task_manager(include_path: str | os.PathLike | None = None):
+    """lm-eval's ``TaskManager`` over its own tasks and those in ``include_path``, built once per path in a process:
+    indexing the harness's task files takes ~15 s (lm-eval 0.4, one CPU), so repeated evaluations reuse it. Task
+    files added to ``include_path`` later in the same process are not seen."""
+    return _task_manager(None if include_path is None else str(include_path))
+
+
 def evaluate_tasks(
     model_dir: str | Path, tasks: list[str], *, num_fewshot: int | None = None, batch_size: int = 8,
     limit: float | None = None, include_path: str | None = None, device: str = "cpu",
@@ -77,12 +93,11 @@ def evaluate_tasks(
         raise ValueError(f"model directory {model_dir} does not exist or has no config.json")
     try:
         import lm_eval
-        from lm_eval.tasks import TaskManager
     except ImportError as error:
         raise ImportError("headmix eval --tasks needs EleutherAI's harness: pip install lm-eval") from error
     import headmix.models  # noqa: F401  (registers the Auto classes, so the "hf" model type loads ours)
 
-    manager = TaskManager(include_path=include_path)
+    manager = task_manager(include_path)
     unknown = [task for task in tasks if not manager.match_tasks([task])]
     if unknown:
         raise ValueError(f"unknown lm-eval task(s) {unknown}: see `lm_eval ls tasks`"

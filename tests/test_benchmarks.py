@@ -29,8 +29,8 @@ def test_lm_speed_script_prints_both_tables():
 def test_speed_report_runs_every_section_and_ends_with_the_summary():
     """benchmarks/speed_report.py at its CPU smoke size: every section prints, the summary table comes last with
     one measured row per item (compiled runs are left to the GPU: compiling on a 2-core CPU takes minutes)."""
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "speed_report.py"), "--size", "tiny", "--device", "cpu",
-                           "--skip-compile"], capture_output=True, text=True, timeout=600)
+    # in this process (a fresh interpreter costs ~10 s of imports; lm_speed.py and attention.py keep subprocess tests)
+    done = run_in_process(str(BENCHMARKS / "speed_report.py"), "--size", "tiny", "--device", "cpu", "--skip-compile")
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "torch " in out.splitlines()[0] and "transformers " in out.splitlines()[0]
@@ -75,12 +75,10 @@ def test_scaling_script_fits_and_reports_a_multiplier(tmp_path):
 
     play = default_corpus(tmp_path / "cache")[0]
     out = tmp_path / "out"
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "scaling.py"), "--transformer", "1,16,2", "1,32,2", "1,48,2",
-         "--dcformer", "1,16,2", "--seq", "32", "--batch", "4", "--epochs", "0.15", "--evals", "2", "--vocab", "300",
-         "--device", "cpu", "--data", str(play), "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )
+    done = run_in_process(  # in this process: a fresh interpreter costs ~10 s of imports
+        str(BENCHMARKS / "scaling.py"), "--transformer", "1,16,2", "1,32,2", "1,48,2",
+        "--dcformer", "1,16,2", "--seq", "32", "--batch", "4", "--epochs", "0.15", "--evals", "2", "--vocab", "300",
+        "--device", "cpu", "--data", str(play), "--cache-dir", str(tmp_path / "cache"), "--out", str(out))
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| transformer++") or
             line.startswith("| dcformer++ 1x16/2h | 0.")]

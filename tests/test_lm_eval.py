@@ -64,11 +64,14 @@ def test_lm_eval_scores_a_saved_model_from_the_harness_and_the_headmix_command(t
     from lm_eval.tasks import TaskManager
 
     from headmix.cli import main
+    from headmix.evaluation import task_manager
 
     model, tokenizer, model_dir, items = saved_model_and_task(tmp_path)
+    manager = task_manager(tmp_path)  # built once (~15 s): `headmix eval` below reuses it in this process
+    assert isinstance(manager, TaskManager)
     result = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={model_dir},dtype=float32", tasks=["shakespeare_cloze"],
-        task_manager=TaskManager(include_path=str(tmp_path)), device="cpu", batch_size=4,
+        task_manager=manager, device="cpu", batch_size=4,
     )
     harness_acc = result["results"]["shakespeare_cloze"]["acc,none"]
 

@@ -573,6 +573,7 @@ def test_auto_keeps_wide_groups_off_their_kernels_while_they_are_slower(monkeypa
     monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", False)
     assert "32 heads per group run on the rank-R kernels" in launch.auto_refusal(32)
     assert "WIDE_GROUPS_ON_AUTO = True" in launch.auto_refusal(20)
+    assert "compile=true" in launch.auto_refusal(32)  # the way to train these shapes fast today
     monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", True)
     assert launch.auto_refusal(32) is None
 

@@ -122,7 +122,8 @@ def auto_refusal(heads_per_group: int) -> str | None:
     if padded_heads(heads_per_group) > MATRIX_FORM_HEADS and not WIDE_GROUPS_ON_AUTO:
         return (f"{heads_per_group} heads per group run on the rank-R kernels, which train about 2x slower than the "
                 "chunked path on an H200 (backend='triton' runs them; headmix.ops.triton.launch.WIDE_GROUPS_ON_AUTO = "
-                "True lets auto choose them)")
+                "True lets auto choose them). Training compiled (headmix train compile=true, or torch.compile) fuses the "
+                "chunked path: a 32 x 80 layer trained 3.1x faster than eager on an H200")
     return None
 
 
