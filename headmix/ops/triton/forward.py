@@ -45,12 +45,21 @@ def _pre_scores(q, q_ptr, k_ptr, sq, sk, pre, eq_pre, b, g, offs_i, offs_j, hm, 
     else:
         s = _pair_dot(q_ptr, sq, offs_i, T, k_ptr, sk, offs_j, S, b, g, hm, M, DK, DCS, PREC, kv_rep, dk_n) * scale
     if PRE != 0:
-        if RANKR:
-            s = _compose_rank(s, pre, b, g, offs_i, offs_j, hm, T, S, G, M, R, PRE, False, MIX_PRE)
-        else:
-            ek = _matrices(pre, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, PRE, False, MIX_PRE)
-            s = _compose(s, eq_pre, ek, PRE, MIX_PRE)
+        s = _composed(s, pre, eq_pre, b, g, offs_i, offs_j, hm, krow, T, S, G, M, MP, R, BN, PRE, MIX_PRE, RANKR)
     return s
+
+
+@triton.jit
+def _composed(x, w, eq, b, g, offs_i, offs_j, hm, krow, T, S, G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr,
+              R: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, MIX: tl.constexpr, RANKR: tl.constexpr):
+    """``Compose_w(x)`` of an ``(MP, BM, BN)`` tile (queries ``offs_i``, keys ``offs_j``), forward direction: the
+    rank-R form (``RANKR``), or the per-position matrices: ``eq`` the query side's, built once per query block by
+    the caller, the key side's built here."""
+    if RANKR:
+        y = _compose_rank(x, w, b, g, offs_i, offs_j, hm, T, S, G, M, R, FLAGS, False, MIX)
+    else:
+        y = _compose(x, eq, _matrices(w, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, FLAGS, False, MIX), FLAGS, MIX)
+    return y
 
 
 @triton.jit
@@ -128,6 +137,7 @@ def _fwd_kernel(
     else:
         lse = tl.where(l_i > 0, m_i + tl.log(l_i), float("inf"))
 
+    eq_post = 0  # (the rank-R form has no per-query matrices)
     if not RANKR:
         eq_post = _matrices(post, b, g, offs_i, hm, qrow, T, G, M, MP, R, BM, POST, True, MIX_POST)
     if DCV == DV:
@@ -143,11 +153,7 @@ def _fwd_kernel(
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = tl.where(valid, tl.exp(s - lse[:, :, None]), 0.0)
         if POST != 0:
-            if RANKR:
-                p = _compose_rank(p, post, b, g, offs_i, offs_j, hm, T, S, G, M, R, POST, False, MIX_POST)
-            else:
-                ek_post = _matrices(post, b, g, offs_j, hm, krow, S, G, M, MP, R, BN, POST, False, MIX_POST)
-                p = _compose(p, eq_post, ek_post, POST, MIX_POST)
+            p = _composed(p, post, eq_post, b, g, offs_i, offs_j, hm, krow, T, S, G, M, MP, R, BN, POST, MIX_POST, RANKR)
         v = _heads(v_ptr, b, g, offs_j, dv, svb, svh, svt, svd, S, M, hm, kv_rep, dv_n)
         acc += tl.dot(p.to(v.dtype), v, input_precision=PREC)
     o_ptrs = o_ptr + b * sob + h[:, None, None] * soh + offs_i[None, :, None] * sot + dv[None, None, :] * sod
