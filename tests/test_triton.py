@@ -440,13 +440,11 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads, H):
     itself run in bf16 on the same inputs. (bf16 inputs mix the pre-softmax scores in bf16 since 2026-11-30, 6% faster
     whole-model training; measured on an H200 at these shapes, largest gradient error 0.011-0.013 against the
     reference path's 0.020-0.023 in bf16; with tf32 pre-mixing, under the old 1e-2 bound, it was 0.009-0.010.)"""
-    errors = low_precision_errors(dtype, H, head_dim, kv_heads)
-    assert errors["out"] <= 1e-2, errors
     if dtype == torch.float16:
+        errors = low_precision_errors(dtype, H, head_dim, kv_heads)
         assert max(errors.values()) <= 1e-2, errors
     else:
-        bf16_reference = low_precision_errors(dtype, H, head_dim, kv_heads, path="reference")
-        assert max(errors.values()) <= max(bf16_reference.values()), (errors, bf16_reference)
+        assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads)
 
 
 @pytest.mark.gpu
@@ -456,14 +454,21 @@ def test_gpu_low_precision_within_bf16_bounds(dtype, head_dim, kv_heads, H):
 def test_gpu_32_heads_per_group_train_within_bf16_bounds(head_dim, kv_heads, fields):
     """DCFormer-2.8B (32 x 80) and -6.9B (32 x 128) in one head group, trained on the kernels (the rank-R form) in
     bf16: output and every gradient no further from the float32 reference than the reference implementation
-    itself run in bf16 on the same inputs. (At 16 heads the bound is 1e-2; at 32 heads the kernels measured
-    0.0102-0.0110 on an H200, 2026-11-30, against 0.022-0.027 for the reference in bf16: the sums over twice
-    as many heads carry more rounding, in both paths.)"""
-    errors = low_precision_errors(torch.bfloat16, 32, head_dim, kv_heads, fields, B=1, T=256)
-    bf16_reference = low_precision_errors(torch.bfloat16, 32, head_dim, kv_heads, fields, B=1, T=256,
-                                          path="reference")
-    assert max(errors.values()) <= max(bf16_reference.values()), (errors, bf16_reference)
+    itself run in bf16 on the same inputs, the output within 1e-2 (the rule of the 16-head bf16 test too). (The
+    kernels measured 0.0102-0.0110 with tf32 pre-mixing on an H200, 2026-11-30, against 0.022-0.027 for the
+    reference in bf16: the sums over twice as many heads carry more rounding, in both paths.)"""
+    assert_no_further_off_than_the_reference(torch.bfloat16, 32, head_dim, kv_heads, fields, B=1, T=256)
+
+
+def assert_no_further_off_than_the_reference(dtype: torch.dtype, H: int, head_dim: int, kv_heads: int, *args,
+                                             **kwargs) -> None:
+    """The GPU rule for training in ``dtype`` on the kernels (arguments as :func:`low_precision_errors`): the output
+    within 1e-2 of float32, and no error (output, any gradient) above the largest of the reference implementation
+    run in ``dtype`` on the same inputs."""
+    errors = low_precision_errors(dtype, H, head_dim, kv_heads, *args, **kwargs)
+    reference = low_precision_errors(dtype, H, head_dim, kv_heads, *args, path="reference", **kwargs)
     assert errors["out"] <= 1e-2, errors
+    assert max(errors.values()) <= max(reference.values()), (errors, reference)
 
 
 def low_precision_errors(dtype: torch.dtype, H: int, head_dim: int, kv_heads: int, fields=FIELDS, B: int = 2,
