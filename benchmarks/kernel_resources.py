@@ -129,7 +129,7 @@ def main(argv=None) -> int:
                 shapes = [(1, one_bn, one_warps)]
             else:
                 shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles
-                          else [K.tile_shape(phase, MP)[:3]])
+                          else [K.tile_shape(phase, MP, D)[:3]])
             for BM, BN, warps in shapes:
                 try:
                     r = compile_kernel(fn, dict(common, BM=BM, BN=BN, **extra), pointers, warps, args.arch)

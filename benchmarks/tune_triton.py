@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--fwd", type=_tile, nargs="*", default=[_tile(t) for t in FWD])
     parser.add_argument("--bwd", type=_tile, nargs="*", default=[_tile(t) for t in BWD])
-    parser.add_argument("--mix", type=_mix, nargs="+", default=[dict(triton_dcmha.MIX_PRECISION)],
-                        help="PRE,POST mixing precisions, each bf16 or tf32 (default: the module's)")
+    parser.add_argument("--mix", type=_mix, nargs="+", default=[dict(triton_dcmha.MIX_PRECISION[torch.bfloat16])],
+                        help="PRE,POST mixing precisions of bf16 inputs, each bf16 or tf32 (default: the module's)")
     parser.add_argument("--no-static", action="store_true", help="no static head mix (dcmha_static=False)")
     args = parser.parse_args(argv)
     device, dtype = torch.device("cuda"), torch.bfloat16
@@ -102,14 +102,14 @@ def main(argv=None) -> int:
     print("| phase | BLOCK_M | BLOCK_N | warps | stages | mix (pre,post) | ms | rel. error |")
     print("|---|---|---|---|---|---|---|---|")
     default = dict(triton_dcmha.TILES)
-    default_mix = dict(triton_dcmha.MIX_PRECISION)
+    default_mix = dict(triton_dcmha.MIX_PRECISION[torch.bfloat16])
     for mix in args.mix:
         for phase, candidates in (("fwd", args.fwd), ("bwd", args.bwd)):
             for cand in candidates:
                 triton_dcmha.TILES.clear()
                 triton_dcmha.TILES.update(default)
-                triton_dcmha.TILES[triton_dcmha.tile_key(phase, padded_heads)] = cand
-                triton_dcmha.MIX_PRECISION.update(mix)
+                triton_dcmha.TILES[triton_dcmha.tile_key(phase, padded_heads, args.head_dim)] = cand
+                triton_dcmha.MIX_PRECISION[torch.bfloat16].update(mix)
                 try:
                     out = run(leaves)
                     dob = do.to(dtype)
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
                 print("| " + " | ".join(str(x) for x in row) + f" | {result} |", flush=True)
     triton_dcmha.TILES.clear()
     triton_dcmha.TILES.update(default)
-    triton_dcmha.MIX_PRECISION.update(default_mix)
+    triton_dcmha.MIX_PRECISION[torch.bfloat16].update(default_mix)
     return 0
 
 

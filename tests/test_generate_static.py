@@ -129,9 +129,9 @@ def test_crop_and_reset_of_the_static_cache():
         ring.crop(-1)
 
 
-def compiled_greedy(model, ids, mask) -> tuple[torch.Tensor, int]:
-    """Greedy tokens with the static cache and the decoding step compiled by ``generate()`` (fullgraph), and the
-    number of graphs compiled."""
+def compiled_greedy(model, ids, mask, cache=None) -> tuple[torch.Tensor, int]:
+    """Greedy tokens with the static cache (a new one, or ``cache``) and the decoding step compiled by ``generate()``
+    (fullgraph), and the number of graphs compiled."""
     graphs = []
 
     def backend(graph_module, example_inputs):  # a function: CompileConfig deep-copies its backend (not a function)
@@ -141,7 +141,8 @@ def compiled_greedy(model, ids, mask) -> tuple[torch.Tensor, int]:
     config = CompileConfig(backend=backend, fullgraph=True, mode=None)
     config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     torch._dynamo.reset()
-    tokens = greedy(model, ids, mask, cache_implementation="static", compile_config=config)
+    how = {CACHE_NAME: cache} if cache is not None else {"cache_implementation": "static"}
+    tokens = greedy(model, ids, mask, compile_config=config, **how)
     return tokens, len(graphs)
 
 
@@ -172,6 +173,35 @@ def test_converted_official_dcformer_generates_the_same_tokens_compiled(tmp_path
     tokens, graphs = compiled_greedy(model, ids, mask)
     assert torch.equal(tokens, greedy(model, ids, mask))
     assert 1 <= graphs <= 2
+
+
+def test_eager_steps_read_no_count_from_the_device(monkeypatch):
+    """Eagerly (the prefill), the static cache's count of positions is kept on the host: reading the device's count
+    is a host synchronisation, which, once per layer, halved a GPU prefill's speed. After compiled steps (which
+    count on the device only) the count is read back once and is right."""
+    model = small_model(attention="dcmha")
+    ids, mask = prompts()
+    cache = HeadmixStaticCache([model.config.layer_window(i) for i in range(2)], PROMPT + NEW)
+    reads = []
+    to_int = torch.Tensor.__int__
+
+    def counting_int(tensor):
+        if any(tensor is layer.length for layer in cache.layers):
+            reads.append(tensor)
+        return to_int(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "__int__", counting_int)
+    model(ids, attention_mask=mask, **{CACHE_NAME: cache})
+    model(ids[:, :1], attention_mask=torch.ones(2, PROMPT + 1, dtype=torch.long), **{CACHE_NAME: cache})
+    assert reads == [] and cache.get_seq_length() == PROMPT + 1
+    monkeypatch.undo()
+
+    cache.reset()
+    tokens, _ = compiled_greedy(model, ids, mask, cache=cache)
+    assert torch.equal(tokens, greedy(model, ids, mask))
+    seen = ids.shape[1] + NEW - 1  # the last token is sampled, never fed back
+    assert [layer._seen for layer in cache.layers] == [None, None]  # the compiled steps counted on the device
+    assert cache.get_seq_length() == seen and [int(layer.length) for layer in cache.layers] == [seen, seen]
 
 
 def test_forward_compiles_as_one_graph():

@@ -232,10 +232,14 @@ class StaticLayerCache:
         self.positions: Tensor | None = None
         self.valid: Tensor | None = None
         self.length = torch.zeros((), dtype=torch.long)
+        # The same count on the host, kept by eager writes so that an eager forward (a prefill) reads it without a
+        # host synchronisation per layer (each one stalls the CPU's kernel launches until the GPU catches up:
+        # measured, it halved the prefill's speed); None once a compiled step has written (read from the device)
+        self._seen: int | None = 0
         self.record_past = False
 
     def __len__(self) -> int:
-        """Positions cached, eagerly (a host synchronisation). Under ``torch.compile`` the number of slots: a
+        """Positions cached, eagerly (no host synchronisation after eager writes). Under ``torch.compile`` the number of slots: a
         compiled step attends over all of them, and reads no count on the host."""
         return self.slots if torch.compiler.is_compiling() else min(self.get_seq_length(), self.slots)
 
@@ -261,12 +265,15 @@ class StaticLayerCache:
         return -1 if self.positions is None else self.positions.shape[0]
 
     def get_seq_length(self) -> int:
-        """Positions seen so far (a host synchronisation: not for a compiled step)."""
-        return int(self.length)
+        """Positions seen so far: the host's count after eager writes, read from the device (a host synchronisation)
+        after a compiled step's. Not for a compiled step, which reads :attr:`length`."""
+        if self._seen is None:
+            self._seen = int(self.length)
+        return self._seen
 
     @property
     def seen(self) -> int:
-        """Positions seen so far, as :attr:`LayerCache.seen` (a host synchronisation)."""
+        """Positions seen so far, as :attr:`LayerCache.seen`."""
         return self.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -311,7 +318,10 @@ class StaticLayerCache:
         T = positions.shape[1]
         # Eagerly, into an empty cache (a prefill), the keys to attend over are just the new ones: the layer keeps
         # its causal/window fast paths, as with the dynamic cache. A compiled step always attends over the slots.
-        fresh = not torch.compiler.is_compiling() and self.get_seq_length() == 0
+        compiling = torch.compiler.is_compiling()
+        fresh = not compiling and self.get_seq_length() == 0
+        # the host's count follows eager writes; a compiled step leaves it to be read from the device
+        self._seen = None if compiling else self.get_seq_length() + T
         index = self.length + torch.arange(T, device=self.length.device)  # sequence index of each new position
         if self.ring and T > 1:
             full = map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.state, new)
@@ -346,6 +356,7 @@ class StaticLayerCache:
                              f"wrapped ({seen} positions seen): the positions it overwrote cannot come back")
         self.valid[:, seen - remove:seen] = False
         self.length.sub_(remove)
+        self._seen = seen - remove
 
     def select(self, index: Tensor) -> None:
         """Keep batch rows ``index`` (beam search reordering), in place when the batch size is unchanged."""
@@ -377,6 +388,7 @@ class StaticLayerCache:
         if self.valid is not None:
             self.valid.zero_()
         self.length.zero_()
+        self._seen = 0
 
     def offload(self) -> None:  # transformers' offloading hooks: not supported, nothing to move
         pass

@@ -58,23 +58,31 @@ FIELDS = COMPOSE_FIELDS
 # bf16: forward 2,824 and query backward 8,496-10,048 spilled bytes per thread, against 544 and 120-448 with
 # 16x16 tiles), and a study-sized DCFormer++ (8 layers x 512, 8 heads x 64, 32 x 1024 tokens) had not finished
 # its first training step after 195 s on an H200 (2026-11-30).
-TILES: dict[tuple[str, int], tuple[int, int, int, int]] = {
+TILES: dict[tuple, tuple[int, int, int, int]] = {
     ("fwd", 16): (16, 16, 4, 1), ("fwd", 4): (32, 32, 4, 1),  # measured: docs/triton_tiles_h100.md
     ("bwd", 16): (16, 16, 8, 1), ("bwd", 4): (32, 32, 4, 1),
     ("fwd", 32): (16, 16, 8, 1), ("bwd", 32): (16, 16, 8, 1),  # offline sm_90 figures only (docs/kernels.md)
+    # Padded head dims above 64 (80, 96, 128) where they differ: at 4 warps the 16-head forward compiles to 32
+    # registers and 7.8 KB of local memory per thread, at 8 to 255 and 632 B; measured on an H200 (2026-11-30, bf16,
+    # 8 x 2048, causal, static off): forward 12.18 -> 7.60 ms, forward+backward 64.95 -> 60.17 ms
+    ("fwd", 16, 128): (16, 16, 8, 1),
 }
 SMALL_TILE_HEADS = 8
 
 
-def tile_key(phase: str, padded_heads: int) -> tuple[str, int]:
-    """The :data:`TILES` entry of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power of two) heads per group:
-    its size class 4 (up to 4), 16 (8-16) or 32."""
-    return phase, 4 if padded_heads < SMALL_TILE_HEADS else 16 if padded_heads <= MATRIX_FORM_HEADS else 32
+def tile_key(phase: str, padded_heads: int, head_dim: int = 64) -> tuple:
+    """The :data:`TILES` entry of ``phase`` ("fwd" or "bwd") for ``padded_heads`` (a power of two) heads per group
+    and ``head_dim`` (padded): ``(phase, size class)`` with the size class 4 (up to 4), 16 (8-16) or 32, or
+    ``(phase, size class, 128)`` where head dims above 64 have an entry of their own."""
+    key = (phase, 4 if padded_heads < SMALL_TILE_HEADS else 16 if padded_heads <= MATRIX_FORM_HEADS else 32)
+    wide = (*key, 128)
+    return wide if head_dim > 64 and wide in TILES else key
 
 
-def tile_shape(phase: str, padded_heads: int) -> tuple[int, int, int, int]:
-    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``phase`` for ``padded_heads`` heads per group."""
-    return TILES[tile_key(phase, padded_heads)]
+def tile_shape(phase: str, padded_heads: int, head_dim: int = 64) -> tuple[int, int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of ``phase`` for ``padded_heads`` heads per group of
+    ``head_dim`` (padded) dimensions."""
+    return TILES[tile_key(phase, padded_heads, head_dim)]
 
 
 # Operands of the head-mixing products of the pre- and post-softmax Compose (and of their gradients), by input
@@ -230,7 +238,7 @@ def launch_meta(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, phase: 
     M, R = _check(q, k, v, groups, pre, post)
     MP = padded_heads(M)
     DK, DV = next_pow2(q.shape[-1]), next_pow2(v.shape[-1])
-    BM, BN, warps, stages = tile_shape(phase, MP)
+    BM, BN, warps, stages = tile_shape(phase, MP, max(DK, DV))
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     mix = mix_precision(q.dtype)
     return dict(G=groups, M=M, MP=MP, R=R, DK=DK, DV=DV, BM=BM, BN=BN, PREC=prec, MIX_PRE=mix["pre"],
