@@ -204,6 +204,30 @@ def test_eager_steps_read_no_count_from_the_device(monkeypatch):
     assert cache.get_seq_length() == seen and [int(layer.length) for layer in cache.layers] == [seen, seen]
 
 
+@pytest.mark.parametrize("kind", ["mha", "dcmha"])
+def test_prefill_with_a_mask_padded_to_the_cache_takes_the_unmasked_path(kind, monkeypatch):
+    """generate() (transformers 5.17) hands the static cache's prefill a mask as long as the cache, ones over the
+    prompt and zeros past it: the zeros are later steps' slots, not padding, so the prefill keeps the layers'
+    unmasked causal path (and the same logits); a real padded position still takes the masked one."""
+    model = small_model(attention=kind)
+    ids = torch.randint(1, SMALL["vocab_size"], (2, PROMPT))
+    size = PROMPT + NEW
+    mask = torch.zeros(2, size, dtype=torch.long)
+    mask[:, :PROMPT] = 1
+    padding = []
+    attention = type(model.model.layers[0].attention)
+    forward = attention.forward
+    monkeypatch.setattr(attention, "forward", lambda self, x, padding_mask=None, *a, **kw: (
+        padding.append(padding_mask), forward(self, x, padding_mask, *a, **kw))[1])
+    logits = model(ids, attention_mask=mask, **{CACHE_NAME: model.new_cache(max_cache_len=size)}).logits
+    assert padding == [None, None]
+    assert torch.allclose(logits, model(ids, use_cache=False).logits, atol=1e-5)
+    padding.clear()
+    mask[0, 0] = 0  # a left-padded row
+    model(ids, attention_mask=mask, **{CACHE_NAME: model.new_cache(max_cache_len=size)})
+    assert all(p is not None and not p[0, 0] and p[1].all() for p in padding) and len(padding) == 2
+
+
 def test_forward_compiles_as_one_graph():
     """``_can_compile_fullgraph = True`` is what transformers' tests read: besides the decoding steps above, the
     plain forward (padding, no cache) traces without a graph break."""
