@@ -266,16 +266,16 @@ def test_show_config_and_yaml(tmp_path):
     assert "max_steps: 7" in result.stdout and "- tiny-pythia" in result.stdout and "seq_len: 32" in result.stdout
 
 
-def test_fsdp2_on_cpu_is_refused_not_silently_replaced(corpus_slice, tmp_path):
+def test_fsdp2_on_cpu_is_refused_not_silently_replaced(corpus_slice, tmp_path, monkeypatch):
     """accelerate (under Trainer) applies FSDP only on accelerators (its MULTI_CPU mode is excluded), so
     FSDP2 cannot train on the CPU here; headmix says so instead of falling back to DDP unannounced.
+    In this process with torchrun's environment for rank 0 of 2 (the refusal comes before any process group;
+    a real torchrun launch cost 16 s of CI for it; test_ddp_two_processes_match_gradient_accumulation keeps one).
     FSDP2 itself is exercised on GPUs by test_fsdp2_trains_on_two_gpus."""
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519", "-m",
-         "headmix.cli", *train_args(corpus_slice, tmp_path / "fsdp", tmp_path / "cache", "distributed=fsdp2")],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", LOCAL_WORLD_SIZE="2").items():
+        monkeypatch.setenv(name, value)
+    result = run_in_process("headmix", *train_args(corpus_slice, tmp_path / "fsdp", tmp_path / "cache",
+                                                   "distributed=fsdp2"))
     assert result.returncode != 0
     assert "distributed='fsdp2' needs CUDA devices" in result.stderr
 
