@@ -233,14 +233,15 @@ class StaticLayerCache:
         self.valid: Tensor | None = None
         self.length = torch.zeros((), dtype=torch.long)
         # The same count on the host, kept by eager writes so that an eager forward (a prefill) reads it without a
-        # host synchronisation per layer (each one stalls the CPU's kernel launches until the GPU catches up:
-        # measured, it halved the prefill's speed); None once a compiled step has written (read from the device)
+        # host synchronisation per layer (each one stalls the CPU's kernel launches until the GPU catches up: on an
+        # H200, Transformer++-405M's eager prefill of 16 x 512 tokens took 37.4 ms with them, 28.2 without); None
+        # once a compiled step has written (then read from the device)
         self._seen: int | None = 0
         self.record_past = False
 
     def __len__(self) -> int:
-        """Positions cached, eagerly (no host synchronisation after eager writes). Under ``torch.compile`` the number of slots: a
-        compiled step attends over all of them, and reads no count on the host."""
+        """Positions cached, eagerly (no host synchronisation after eager writes). Under ``torch.compile`` the number
+        of slots: a compiled step attends over all of them, and reads no count on the host."""
         return self.slots if torch.compiler.is_compiling() else min(self.get_seq_length(), self.slots)
 
     def __repr__(self) -> str:
