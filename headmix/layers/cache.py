@@ -325,14 +325,14 @@ class StaticLayerCache:
         self._seen = None if compiling else self.get_seq_length() + T
         index = self.length + torch.arange(T, device=self.length.device)  # sequence index of each new position
         if self.ring and T > 1:
-            full = map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.state, new)
-            full_pos = torch.cat([self.positions, positions], dim=1)
-            full_valid = torch.cat([self.valid, valid.bool()], dim=1)
+            attended = (new, positions, valid) if fresh else (  # the ring as it was, then the new positions
+                map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.state, new),
+                torch.cat([self.positions, positions], dim=1), torch.cat([self.valid, valid.bool()], dim=1))
             keep = min(T, self.slots)  # the last ``window`` new positions are all a later query may need
             self._write(index[T - keep:] % self.slots, map_state(lambda t: t[:, T - keep:], new),
                         positions[:, T - keep:], valid[:, T - keep:])
             self.length.add_(T)
-            return (new, positions, valid) if fresh else (full, full_pos, full_valid)
+            return attended
         self._write(index % self.slots if self.ring else index, new, positions, valid)
         self.length.add_(T)
         return (new, positions, valid) if fresh else (self.state, self.positions, self.valid)
