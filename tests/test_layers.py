@@ -200,6 +200,35 @@ def test_dcmha_parameter_count_matches_formula(options):
     assert sum(p.numel() for p in layer.parameters()) == expected
 
 
+@pytest.mark.parametrize("options", [{}, dict(groups=2, rank=3), dict(post=False, key_wise=False)])
+def test_dcmha_composition_weights_come_out_contiguous(options):
+    """Every Compose field of the dynamic projection is a contiguous tensor at any batch and length: the fused
+    kernels take contiguous fields and copied each strided slice (one launch per field per call; 12 per layer of
+    a 405M DCFormer++ prefill); the values are those of the per-kind einsum and slices."""
+    import torch.nn.functional as F
+
+    from headmix.layers.dcmha import FACTOR_NORM_EPS
+
+    layer = DCMHA(DIM, HEADS, init="paper", **options)
+    x = torch.randn(3, 7, DIM)
+    query, key = layer.composition_state(x)
+    fields = [(side, c, name, t) for side, state in (("query", query["query_weights"]), ("key", key["key_weights"]))
+              for c, w in state.items() for name, t in vars(w).items() if t is not None]
+    assert fields and all(t.is_contiguous() for *_, t in fields)
+    dyn = layer.dynamic
+    R = dyn.rank
+    w = torch.einsum("btgck,gckrm->btgcrm", F.gelu(torch.einsum("btd,dgck->btgck", x, dyn.hidden)), dyn.factors)
+    g = torch.tanh(torch.einsum("btd,dgcm->btgcm", x, dyn.gates)) if dyn.gates is not None else None
+    for side, c, name, t in fields:
+        if name.endswith("gate"):
+            expected = g[:, :, :, dyn.gate_kinds.index((c, side))]
+        else:
+            kind = w[:, :, :, dyn.factor_kinds.index((c, side))]
+            expected = (F.rms_norm(kind[..., :R, :], (kind.shape[-1],), eps=FACTOR_NORM_EPS) if name.endswith("w1")
+                        else kind[..., R:, :])
+        torch.testing.assert_close(t, expected)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_baseline_parameter_counts_match_formulas(bias):
     D, H, Dk = DIM, HEADS, 20

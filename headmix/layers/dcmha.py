@@ -107,18 +107,21 @@ class DynamicWeightProjection(nn.Module):
         """``{(composition, side): ComposeWeights}`` with that side's fields set (``query_w1``, ``query_w2``
         ``(B, T, G, R, M)``, ``query_gate`` ``(B, T, G, M)``; likewise ``key_*``) and every other field ``None``."""
         found: dict[tuple[str, str], dict[str, Tensor]] = {}
+        # Each field comes out contiguous (kind and factor outermost, one copy for all of them): the fused kernels
+        # take contiguous fields and would otherwise copy each strided slice, one launch per field and call
         if self.hidden is not None:
             hidden = F.gelu(torch.einsum("btd,dgck->btgck", x, self.hidden))
-            w = torch.einsum("btgck,gckrm->btgcrm", hidden, self.factors)
-            w1, w2 = w[..., : self.rank, :], w[..., self.rank :, :]
-            w1 = F.rms_norm(w1, (w1.shape[-1],), eps=FACTOR_NORM_EPS)
+            G, C, K, R2, M = self.factors.shape
+            factors = self.factors.view(G, C, K, 2, R2 // 2, M)
+            w = torch.einsum("btgck,gcksrm->csbtgrm", hidden, factors).contiguous()
+            w1 = F.rms_norm(w[:, 0], (M,), eps=FACTOR_NORM_EPS)
             for c, (composition, side) in enumerate(self.factor_kinds):
                 first, second, _ = side_fields(side)
-                found.setdefault((composition, side), {}).update({first: w1[:, :, :, c], second: w2[:, :, :, c]})
+                found.setdefault((composition, side), {}).update({first: w1[c], second: w[c, 1]})
         if self.gates is not None:
-            g = torch.tanh(torch.einsum("btd,dgcm->btgcm", x, self.gates))
+            g = torch.tanh(torch.einsum("btd,dgcm->cbtgm", x, self.gates).contiguous())
             for c, (composition, side) in enumerate(self.gate_kinds):
-                found.setdefault((composition, side), {})[side_fields(side)[-1]] = g[:, :, :, c]
+                found.setdefault((composition, side), {})[side_fields(side)[-1]] = g[c]
         return {kind: ComposeWeights(**weights) for kind, weights in found.items()}
 
 
