@@ -311,8 +311,9 @@ def main(argv=None) -> int:
                 else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
         print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
-              "first call s |")
-        print("|---|---|---|---|---|")
+              "prefill ÷ first | decode ÷ first | first call s |")
+        print("|---|---|---|---|---|---|---|")
+        first_rows: dict[int, tuple[float, float]] = {}  # per batch: the first variant's (prefill, decode)
         for variant in args.variants:
             torch.manual_seed(0)
             model = build(variant, args.backend, device, dtype, args.num_layers)
@@ -321,13 +322,15 @@ def main(argv=None) -> int:
                     pre, dec, first = generate_speed(model, batch, args.prompt, args.new_tokens, device,
                                               args.compile_backend if args.compile else None)
                 except torch.OutOfMemoryError:
-                    print(f"| {variant} | {batch} | OOM | | |", flush=True)
+                    print(f"| {variant} | {batch} | OOM | | | | |", flush=True)
                     continue
                 except RuntimeError as error:  # a compile failure: a row saying so, the table goes on
-                    print(f"| {variant} | {batch} | {type(error).__name__}: {str(error).splitlines()[0][:120]} | | |",
-                          flush=True)
+                    print(f"| {variant} | {batch} | {type(error).__name__}: {str(error).splitlines()[0][:120]} | | | "
+                          "| |", flush=True)
                     continue
-                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} | {first:.1f} |", flush=True)
+                base_pre, base_dec = first_rows.setdefault(batch, (pre, dec))
+                print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} | {pre / base_pre:.2f} | {dec / base_dec:.2f} | "
+                      f"{first:.1f} |", flush=True)
                 rows.append(("generate", variant, batch, pre, dec))
             del model
             if args.compile:

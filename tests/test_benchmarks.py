@@ -24,6 +24,10 @@ def test_lm_speed_script_prints_both_tables():
     assert len(train) == 2 and len(generate) == 2
     assert all(float(row.split("|")[3].replace(",", "")) > 0 for row in train)  # tokens/s measured
     assert all("(2 of 4 layers)" in row for row in train)
+    ratios = [[float(cell) for cell in row.split("|")[5:7]] for row in generate]  # prefill, decode ÷ the first row's
+    assert ratios[0] == [1.0, 1.0] and all(r > 0 for r in ratios[1])
+    tokens = [[float(cell.replace(",", "")) for cell in row.split("|")[3:5]] for row in generate]
+    assert all(abs(ratios[1][i] - tokens[1][i] / tokens[0][i]) < 0.011 for i in (0, 1))  # cells are rounded
 
 
 def test_speed_report_runs_every_section_and_ends_with_the_summary():
