@@ -319,10 +319,10 @@ class StaticLayerCache:
         T = positions.shape[1]
         # Eagerly, into an empty cache (a prefill), the keys to attend over are just the new ones: the layer keeps
         # its causal/window fast paths, as with the dynamic cache. A compiled step always attends over the slots.
-        compiling = torch.compiler.is_compiling()
-        fresh = not compiling and self.get_seq_length() == 0
+        seen = None if torch.compiler.is_compiling() else self.get_seq_length()
+        fresh = seen == 0
         # the host's count follows eager writes; a compiled step leaves it to be read from the device
-        self._seen = None if compiling else self.get_seq_length() + T
+        self._seen = None if seen is None else seen + T
         index = self.length + torch.arange(T, device=self.length.device)  # sequence index of each new position
         if self.ring and T > 1:
             attended = (new, positions, valid) if fresh else (  # the ring as it was, then the new positions

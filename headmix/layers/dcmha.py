@@ -111,8 +111,8 @@ class DynamicWeightProjection(nn.Module):
         # take contiguous fields and would otherwise copy each strided slice, one launch per field and call
         if self.hidden is not None:
             hidden = F.gelu(torch.einsum("btd,dgck->btgck", x, self.hidden))
-            G, C, K, R2, M = self.factors.shape
-            factors = self.factors.view(G, C, K, 2, R2 // 2, M)
+            G, C, K, _, M = self.factors.shape
+            factors = self.factors.view(G, C, K, 2, self.rank, M)  # [w_1 | w_2] as its own axis
             w = torch.einsum("btgck,gcksrm->csbtgrm", hidden, factors).contiguous()
             w1 = F.rms_norm(w[:, 0], (M,), eps=FACTOR_NORM_EPS)
             for c, (composition, side) in enumerate(self.factor_kinds):
