@@ -58,6 +58,31 @@ def test_incremental_decoding_matches_full_forward(options):
             assert rel_err(torch.cat(pieces, 1), full) <= 1e-4, (prefill, step)
 
 
+def test_rotary_tables_are_computed_once_per_forward(monkeypatch):
+    """The model computes the rotary cos/sin once per forward for all its layers (transformers' position
+    embeddings), not twice per layer (queries and keys): an eager prefill launches each table's ~8 small kernels
+    once. The logits are those of the layers computing their own tables."""
+    from headmix.layers.rotary import RotaryEmbedding
+
+    model = tiny_model(attention=["mha", "dcmha", "talking_heads", "collaborative"], window_size=5,
+                       window_pattern="LLLG", collaborative_key_dim=16)
+    ids = torch.randint(0, TINY["vocab_size"], (2, 11))
+    calls = []
+    real = RotaryEmbedding.cos_sin
+    monkeypatch.setattr(RotaryEmbedding, "cos_sin", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    with torch.no_grad():
+        shared = model(ids).logits
+        assert len(calls) == 1
+        per_layer = model.model.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1])
+        for layer in model.model.layers:  # each layer on its own computes its table once (queries and keys)
+            before = len(calls)
+            per_layer = layer(per_layer, None, positions, None)
+            assert len(calls) == before + 1
+        alone = model.lm_head(model.model.norm(per_layer))
+    torch.testing.assert_close(alone, shared, rtol=0, atol=0)
+
+
 def test_rolling_cache_is_bounded_by_window():
     model = tiny_model(attention="dcmha", window_size=6, window_pattern="LG")
     cache = model.new_cache()

@@ -340,7 +340,8 @@ def test_compiled_decoding_step_runs_the_split_kernels_and_matches_the_reference
     pre32, post32, mask = as_float32(pre), as_float32(post), mask.to(DEVICE)
     meta = triton_dcmha.launch_meta(*f32, G, pre32, post32, "fwd")
     tile = meta["BN"] if kernel == "tiles" else launch.one_query_tile(D)[0]
-    assert launch._key_splits(B * G, S, tile)[1] > 1  # the split-key path
+    splits = launch._key_splits if kernel == "tiles" else launch._decode_splits
+    assert splits(B * G, S, tile)[1] > 1  # the split-key path
 
     def step(q, k, v, mask):
         core = resolve_backend("triton", 1, 128, q, groups=G, kv_heads=Hkv)
@@ -398,6 +399,27 @@ def test_dcmha_layer_with_triton_backend_matches_reference_backend():
     assert (out - expected).abs().max() <= 1e-4 * expected.abs().max()
     for a, b in zip(grads, grads_expected):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max().clamp_min(1e-6)
+
+
+def test_eager_inference_calls_the_kernels_without_the_dispatcher():
+    """Eagerly and without gradients the layer calls the kernels directly: the custom op's dispatch costs host time
+    in every layer of a host-bound prefill. Traced by torch.compile, the call goes through the custom op (a graph
+    break otherwise); both give the same output."""
+    torch.manual_seed(0)
+    layer = DCMHA(32, 2, window=4, rotary=True, init="paper", backend="triton").to(DEVICE).eval()
+    x = torch.randn(1, 7, 32, device=DEVICE)
+
+    def ops_called(fn):
+        with torch.no_grad(), torch.profiler.profile() as prof:
+            out = fn(x)
+        return out, {e.name for e in prof.events()}
+
+    eager, eager_ops = ops_called(layer)
+    torch._dynamo.reset()
+    compiled, compiled_ops = ops_called(torch.compile(layer, backend="aot_eager", fullgraph=True))
+    assert "headmix::dcmha_inference" not in eager_ops
+    assert "headmix::dcmha_inference" in compiled_ops
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_backend_choice_and_errors(monkeypatch):

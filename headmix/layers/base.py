@@ -191,6 +191,7 @@ class Attention(nn.Module):
         allowed: Tensor | None = None,
         implementation: str | None = None,
         return_weights: bool = False,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Self-attention over ``x``.
 
@@ -210,6 +211,10 @@ class Attention(nn.Module):
                 :data:`IMPLEMENTATION_BACKENDS` (``"headmix_triton"``) that backend in layers that have one.
             return_weights: also return the attention weights ``(batch, heads, seq, keys)`` (computed on the
                 reference path).
+            position_embeddings: optional rotary tables ``(cos, sin)`` of ``positions``, from this layer's
+                ``rotary.cos_sin(positions, dtype)`` (``dtype``: float32, float64 for float64 inputs); a model computes
+                them once per forward for all its layers (transformers' convention). Default: computed here, once for
+                the queries and keys.
 
         Returns:
             ``(batch, seq, dim)``, and the weights when ``return_weights``.
@@ -224,7 +229,7 @@ class Attention(nn.Module):
             raise ValueError(f"positions has shape {tuple(positions.shape)}: expected ({T},) or ({B}, {T})")
         q, k = self.queries_keys(x)
         v = self.split_heads(self.v_proj(x), self.num_key_value_heads)
-        q, k = self.position_queries_keys(q, k, positions, positions)
+        q, k = self.position_queries_keys(q, k, positions, positions, position_embeddings)
         query_state, key_state = self.composition_state(x)
         keys = {"k": k.transpose(1, 2), "v": v.transpose(1, 2), **key_state}  # every entry (B, T, ...)
         key_positions, key_valid = positions, padding_mask
@@ -253,13 +258,18 @@ class Attention(nn.Module):
         return (out, weights) if return_weights else out
 
     def position_queries_keys(
-        self, q: Tensor, k: Tensor, query_positions: Tensor, key_positions: Tensor
+        self, q: Tensor, k: Tensor, query_positions: Tensor, key_positions: Tensor,
+        cos_sin: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """QK-norm (if enabled) then rotary (if enabled)."""
+        """QK-norm (if enabled) then rotary (if enabled). ``cos_sin``: the rotary tables of the query positions
+        (see :meth:`forward`'s ``position_embeddings``); computed once for both when the positions are the same."""
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
-            q, k = self.rotary(q, query_positions), self.rotary(k, key_positions)
+            if cos_sin is None and query_positions is key_positions:
+                cos_sin = self.rotary.cos_sin(query_positions, torch.promote_types(q.dtype, torch.float32))
+            q = self.rotary(q, query_positions, cos_sin)
+            k = self.rotary(k, key_positions, cos_sin if key_positions is query_positions else None)
         return q, k
 
     def extra_repr(self) -> str:

@@ -53,10 +53,20 @@ class RotaryEmbedding(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos(), angles.sin()
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate ``x`` of shape ``(batch, heads, seq, channels)``, blockwise over ``head_dim``-sized blocks."""
+    @property
+    def table_key(self) -> tuple[int, int, float]:
+        """What :meth:`cos_sin` depends on besides the positions: rotary embeddings with equal keys share tables
+        (a model computes them once per forward for all its layers)."""
+        return self.head_dim, self.rot_dim, self.base
+
+    def forward(self, x: Tensor, positions: Tensor, cos_sin: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Rotate ``x`` of shape ``(batch, heads, seq, channels)``, blockwise over ``head_dim``-sized blocks.
+        ``cos_sin``: this embedding's :meth:`cos_sin` of ``positions`` in ``x``'s compute dtype (float32, or float64
+        for float64 inputs), computed once and shared; ``None`` (or another dtype): computed here."""
         compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = self.cos_sin(positions, compute_dtype)
+        if cos_sin is None or cos_sin[0].dtype != compute_dtype:
+            cos_sin = self.cos_sin(positions, compute_dtype)
+        cos, sin = cos_sin
         shape = x.shape
         blocks = x.reshape(*shape[:-1], shape[-1] // self.head_dim, self.head_dim)
         rot, rest = blocks[..., : self.rot_dim], blocks[..., self.rot_dim :]

@@ -142,11 +142,13 @@ class DecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, x: Tensor, padding_mask: Tensor | None, positions: Tensor, cache: LayerCache | None,
                 allowed: Tensor | None = None, implementation: str | None = None,
-                output_attentions: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                output_attentions: bool = False,
+                position_embeddings: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """The block's output ``(batch, seq, dim)``, and the attention weights when ``output_attentions``
         (arguments as for :meth:`headmix.layers.Attention.forward`)."""
         attended = self.attention(self.attention_norm(x), padding_mask=padding_mask, positions=positions, cache=cache,
-                                  allowed=allowed, implementation=implementation, return_weights=output_attentions)
+                                  allowed=allowed, implementation=implementation, return_weights=output_attentions,
+                                  position_embeddings=position_embeddings)
         weights = None
         if output_attentions:
             attended, weights = attended
@@ -338,11 +340,19 @@ class DCFormerModel(DCFormerPreTrainedModel):
         implementation = getattr(config, "_attn_implementation", None)
         hidden_states: list[Tensor] = []
         attentions: list[Tensor] = []
+        # rotary tables once per forward, shared by the layers whose rotary embeddings agree (an eager layer would
+        # compute them itself: ~8 small kernels and their launches per layer)
+        tables: dict[tuple, tuple[Tensor, Tensor]] = {}
+        rotary_dtype = torch.promote_types(x.dtype, torch.float32)
         for i, layer in enumerate(self.layers):
             if output_hidden_states:
                 hidden_states.append(x)
+            rotary = layer.attention.rotary
+            if rotary is not None and rotary.table_key not in tables:
+                tables[rotary.table_key] = rotary.cos_sin(position_ids, rotary_dtype)
             x = layer(x, padding, position_ids, past_key_values.layers[i] if past_key_values is not None else None,
-                      allowed, implementation, output_attentions)
+                      allowed, implementation, output_attentions,
+                      tables[rotary.table_key] if rotary is not None else None)
             if output_attentions:
                 x, weights = x
                 attentions.append(weights)

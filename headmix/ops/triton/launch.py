@@ -6,6 +6,8 @@ the positional structure ``causal``, ``window`` (0: none) and ``offset`` (query 
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 from torch import Tensor
@@ -268,6 +270,19 @@ def _key_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
     return chunk, triton.cdiv(S, chunk)
 
 
+def _decode_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
+    """``(chunk, n_split)`` of the one-query decode kernel: about ``sqrt(S)`` splits, at most
+    ``SPLIT_TARGET_PROGRAMS / programs``. Each of its programs combines every split's statistics in a serial loop,
+    so past some count more splits cost more than they save: on an H200 (2026-11-30, bf16, 16 heads, rank 2, one
+    step replayed from a CUDA graph, batch 1) the step took 25.6 / 25.5 / 24.0 us at 640 cached keys with 40 / 40 /
+    20 splits (head dim 64), 41.0 / 31.8 us with 80 / 40 (head dim 128), 55.1 / 38.3 us at 2048 keys with 128 / 64
+    splits, 60.6 / 48.5 / 56.4 us at 4096 keys with 128 / 64 / 32 splits; at batch 16 the cap (8 splits) was the
+    fastest of 4 / 8 / 16 at 640 keys."""
+    target = max(1, min(SPLIT_TARGET_PROGRAMS // programs, math.isqrt(S)))
+    chunk = max(BN, triton.cdiv(triton.cdiv(S, target), BN) * BN)
+    return chunk, triton.cdiv(S, chunk)
+
+
 def _shape_args(q: Tensor, k: Tensor, v: Tensor, offset: int) -> tuple[int, ...]:
     """``T, S, off, kv_rep, dk_n, dv_n``: lengths, query offset, query heads per key/value head, real head dims."""
     return q.shape[2], k.shape[2], offset, q.shape[1] // k.shape[1], q.shape[-1], v.shape[-1]
@@ -332,7 +347,7 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -
     S, dv_n = k.shape[2], v.shape[-1]
     BN, DC, warps = one_query_tile(max(flags["DK"], flags["DV"]))
     G = flags["G"]
-    chunk, n_split = _key_splits(B * G, S, BN)
+    chunk, n_split = _decode_splits(B * G, S, BN)
     consts = dict(G=G, M=flags["M"], MP=next_pow2(flags["M"]), R=flags["R"], DK=flags["DK"], DV=flags["DV"],
                   DC=min(DC, flags["DK"]), BN=BN, PRE=flags["PRE"], POST=flags["POST"], CAUSAL=flags["CAUSAL"],
                   WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], num_warps=warps, num_stages=1)

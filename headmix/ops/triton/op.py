@@ -64,10 +64,9 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
     return out, q.new_full(q.shape[:3], float("nan"), dtype=torch.float32)
 
 
-@torch.library.custom_op("headmix::dcmha_inference", mutates_args=())
-def _inference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
-                  window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
-                  fallback: bool) -> Tensor:
+def _inference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
+               window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
+               fallback: bool) -> Tensor:
     """The output only, without gradients: keys are split over programs when queries are few (decoding)."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
     try:
@@ -75,6 +74,9 @@ def _inference_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: f
     except OutOfResources as error:
         backend = _no_room(error, fallback, "inference")
     return _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset)
+
+
+_inference_op = torch.library.custom_op("headmix::dcmha_inference", mutates_args=())(_inference)
 
 
 @_inference_op.register_fake
@@ -186,5 +188,10 @@ def triton_composed_attention(
             int(spec.window or 0), spec.offset(q.shape[2], k.shape[2]), pre is not None, post is not None,
             [*flatten(pre, q.new_empty(0)), *flatten(post, q.new_empty(0))], bool(fallback))
     if not needs_grad:
+        # Eagerly, on plain tensors, the op's body is called directly: the dispatcher's round trip costs ~100 us
+        # of host time per call (on the CPU machine), which an eager prefill (host-bound: 24 layers) pays per layer.
+        # Traced (torch.compile, export) or on tensor subclasses (fake, functional), the custom op
+        if not torch.compiler.is_compiling() and type(q) is Tensor:
+            return _inference(*args)
         return _inference_op(*args)
     return _forward_op(*args)[0]
