@@ -29,7 +29,11 @@ SideWeights = dict[str, ComposeWeights]  # one side's weights per composition: {
 def side_fields(side: str) -> tuple[str, ...]:
     """The :class:`~headmix.reference.ComposeWeights` fields of one side, in field order:
     ``("query_w1", "query_w2", "query_gate")`` for ``"query"``, likewise for ``"key"``."""
-    return tuple(name for name in COMPOSE_FIELDS if name.startswith(side + "_"))
+    return _SIDE_FIELDS[side]
+
+
+# worked out once: every eager forward asks for them (host time per layer in a host-bound prefill)
+_SIDE_FIELDS = {side: tuple(name for name in COMPOSE_FIELDS if name.startswith(side + "_")) for side in SIDES}
 
 
 def combine(*parts: ComposeWeights) -> ComposeWeights:
