@@ -9,7 +9,8 @@ non-embedding parameters; MFU divides by the bf16 matmul rate measured on this d
 
 Inference: ``generate()`` with a ``--prompt``-token prompt and ``--new-tokens`` new tokens (greedy,
 our cache), batch 1 and 16; prefill tokens/s from a 1-token generation, decode tokens/s from the
-difference (medians of 3 calls each, after one warm-up call of each length). With ``--compile`` the generation rows decode as a user of transformers would with compilation:
+difference (medians of ``--repeats`` calls each, default 3, after one warm-up call of each length; the last column
+gives their range). With ``--compile`` the generation rows decode as a user of transformers would with compilation:
 a static cache (``model.new_cache(max_cache_len=...)``, reset and reused across the timed calls, as transformers
 documents for its ``StaticCache``) and ``generate()``'s own compiled decoding step (``CompileConfig()``: inductor,
 ``mode="reduce-overhead"``, i.e. CUDA graphs); one warm-up generation compiles, the timed ones do not.
@@ -161,11 +162,13 @@ def static_cache(model, max_cache_len: int):
 
 @torch.no_grad()
 def generate_speed(model, batch, prompt, new_tokens, device,
-                   compile_backend: str | None = None, repeats: int = 3) -> tuple[float, float, float]:
-    """(prefill tokens/s, decode tokens/s, seconds of the first, warm-up call: with compilation) through
+                   compile_backend: str | None = None, repeats: int = 3) -> tuple[float, float, float, dict]:
+    """(prefill tokens/s, decode tokens/s, seconds of the first, warm-up call: with compilation, spread) through
     ``generate()``; ``compile_backend``: decode with a static cache
     and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on CUDA). After one
-    warm-up of each length, the median of ``repeats`` timed calls of each."""
+    warm-up of each length, the median of ``repeats`` timed calls of each. ``spread``: ``{"prefill": (lowest,
+    highest), "decode": (lowest, highest)}`` tokens/s over the timed calls (decode: each full generation against the
+    median prefill), for the table to show how much a figure moves between calls."""
     from transformers import CompileConfig
 
     model.eval()
@@ -193,12 +196,17 @@ def generate_speed(model, batch, prompt, new_tokens, device,
         raise RuntimeError("--compile: generate() compiled nothing (this transformers version did not take the "
                            "static cache as compileable)")
     run(1)  # the prefill-only call has its own first-call costs (a 2026-11-30 run timed one at 1 s: 524 tokens/s)
-    prefill = statistics.median(run(1) for _ in range(repeats))
-    total = statistics.median(run(new_tokens) for _ in range(repeats))
+    prefills = [run(1) for _ in range(repeats)]
+    totals = [run(new_tokens) for _ in range(repeats)]
+    prefill, total = statistics.median(prefills), statistics.median(totals)
     if total <= prefill:
         raise RuntimeError(f"generation of {new_tokens} tokens took {total:.4f} s, no longer than the prefill alone "
                            f"({prefill:.4f} s): the timings are not usable")
-    return batch * prompt / prefill, batch * (new_tokens - 1) / (total - prefill), first
+    # (a full call no longer than the median prefill, possible on a busy CPU at tiny sizes, has no decode rate)
+    decode = [batch * (new_tokens - 1) / (t - prefill) for t in totals if t > prefill]
+    spread = {"prefill": (batch * prompt / max(prefills), batch * prompt / min(prefills)),
+              "decode": (min(decode), max(decode))}
+    return batch * prompt / prefill, batch * (new_tokens - 1) / (total - prefill), first, spread
 
 
 def non_embedding_parameters(model) -> int:
@@ -247,6 +255,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed generate() calls of each length per row (the table prints their medians and range; "
+                             "batch-1 rows are host-bound and move between calls: more repeats, nothing else running)")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--compile", action="store_true",
@@ -264,6 +275,8 @@ def main(argv=None) -> int:
                         help="with --compile: the whole model, or each decoder block")
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        raise ValueError(f"--repeats is {args.repeats}: expected a positive number of timed calls")
     if args.num_layers is not None and args.num_layers < 1:
         raise ValueError(f"--num-layers is {args.num_layers}: expected a positive number of blocks")
     device = torch.device(args.device)
@@ -311,26 +324,28 @@ def main(argv=None) -> int:
                 else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
         print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
-              "prefill ÷ first | decode ÷ first | first call s |")
-        print("|---|---|---|---|---|---|---|")
+              f"prefill ÷ first | decode ÷ first | first call s | range over {args.repeats} calls (prefill; decode) |")
+        print("|---|---|---|---|---|---|---|---|")
         first_rows: dict[int, tuple[float, float]] = {}  # per batch: the first variant's (prefill, decode)
         for variant in args.variants:
             torch.manual_seed(0)
             model = build(variant, args.backend, device, dtype, args.num_layers)
             for batch in args.batches:
                 try:
-                    pre, dec, first = generate_speed(model, batch, args.prompt, args.new_tokens, device,
-                                              args.compile_backend if args.compile else None)
+                    pre, dec, first, spread = generate_speed(model, batch, args.prompt, args.new_tokens, device,
+                                                             args.compile_backend if args.compile else None,
+                                                             args.repeats)
                 except torch.OutOfMemoryError:
-                    print(f"| {variant} | {batch} | OOM | | | | |", flush=True)
+                    print(f"| {variant} | {batch} | OOM | | | | | |", flush=True)
                     continue
                 except RuntimeError as error:  # a compile failure: a row saying so, the table goes on
                     print(f"| {variant} | {batch} | {type(error).__name__}: {str(error).splitlines()[0][:120]} | | | "
-                          "| |", flush=True)
+                          "| | |", flush=True)
                     continue
                 base_pre, base_dec = first_rows.setdefault(batch, (pre, dec))
+                (pre_lo, pre_hi), (dec_lo, dec_hi) = spread["prefill"], spread["decode"]
                 print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} | {pre / base_pre:.2f} | {dec / base_dec:.2f} | "
-                      f"{first:.1f} |", flush=True)
+                      f"{first:.1f} | {pre_lo:,.0f}–{pre_hi:,.0f}; {dec_lo:,.1f}–{dec_hi:,.1f} |", flush=True)
                 rows.append(("generate", variant, batch, pre, dec))
             del model
             if args.compile:

@@ -28,6 +28,10 @@ def test_lm_speed_script_prints_both_tables():
     assert ratios[0] == [1.0, 1.0] and all(r > 0 for r in ratios[1])
     tokens = [[float(cell.replace(",", "")) for cell in row.split("|")[3:5]] for row in generate]
     assert all(abs(ratios[1][i] - tokens[1][i] / tokens[0][i]) < 0.011 for i in (0, 1))  # cells are rounded
+    for row, (prefill, decode) in zip(generate, tokens):  # the range over the timed calls holds the median
+        ranges = [[float(x.replace(",", "")) for x in part.split("–")] for part in row.split("|")[8].split(";")]
+        assert ranges[0][0] <= prefill * 1.001 and prefill <= ranges[0][1] * 1.001, row
+        assert ranges[1][0] <= decode * 1.001 and decode <= ranges[1][1] * 1.001, row
 
 
 def test_speed_report_runs_every_section_and_ends_with_the_summary():
