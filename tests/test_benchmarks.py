@@ -247,3 +247,18 @@ def test_study_script_runs_every_step_and_resumes(tmp_path):
     bad = run_in_process(str(BENCHMARKS / "study.py"), "--rate", "control=fast", "--data", str(play), "--out",
                          str(tmp_path))
     assert bad.returncode == 2 and "--rate 'control=fast' is not allowed" in bad.stderr
+
+
+def test_host_overhead_script_times_both_layers_and_restores_the_kernels():
+    from headmix.ops.triton import launch
+
+    kernel = launch._fwd_kernel
+    done = run_in_process(str(BENCHMARKS / "host_overhead.py"), "--device", "cpu", "--dim", "64", "--heads", "4",
+                          "--tokens", "4", "--repeat", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith(("| mha", "| dcmha"))]
+    assert [r[1].strip() for r in rows] == ["mha", "dcmha"]
+    assert all(float(cell.replace(",", "")) > 0 for r in rows for cell in r[2:6])
+    assert "stubbed" in done.stdout.splitlines()[0] and launch._fwd_kernel is kernel
+    bad = run_in_process(str(BENCHMARKS / "host_overhead.py"), "--dim", "100", "--heads", "16")
+    assert bad.returncode == 2 and "--dim 100 over --heads 16" in bad.stderr and "Traceback" not in bad.stderr

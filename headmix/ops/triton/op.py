@@ -190,8 +190,8 @@ def triton_composed_attention(
     if not needs_grad:
         # Eagerly, on plain tensors, the op's body is called directly: the dispatcher's round trip costs ~100 us
         # of host time per call (on the CPU machine), which an eager prefill (host-bound: 24 layers) pays per layer.
-        # Traced (torch.compile, export) or on tensor subclasses (fake, functional), the custom op
-        if not torch.compiler.is_compiling() and type(q) is Tensor:
+        # Traced (torch.compile, export, torch.jit.trace) or on tensor subclasses (fake, functional), the custom op
+        if type(q) is Tensor and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             return _inference(*args)
         return _inference_op(*args)
     return _forward_op(*args)[0]
