@@ -56,11 +56,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     stub = args.stub_kernels or device.type == "cpu"
     if stub:
-        os.environ["TRITON_INTERPRET"] = "1"  # the triton backend accepts CPU tensors; its launches are stubbed below
-    kernels = ("_fwd_kernel", "_one_query_kernel", "_split_sum_kernel")
-    if stub:
+        os.environ["TRITON_INTERPRET"] = "1"  # the triton backend accepts CPU tensors; its launches are stubbed
         from headmix.ops.triton import launch
 
+        kernels = ("_fwd_kernel", "_one_query_kernel", "_split_sum_kernel")
         real = {name: getattr(launch, name) for name in kernels}
         for name in kernels:
             setattr(launch, name, _NoLaunch())

@@ -266,7 +266,12 @@ def _key_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
     the query blocks already fill the device."""
     if programs * 2 > SPLIT_TARGET_PROGRAMS:
         return S, 1
-    chunk = max(BN, triton.cdiv(triton.cdiv(S, SPLIT_TARGET_PROGRAMS // programs), BN) * BN)
+    return _split_chunks(S, SPLIT_TARGET_PROGRAMS // programs, BN)
+
+
+def _split_chunks(S: int, splits: int, BN: int) -> tuple[int, int]:
+    """``(chunk, n_split)`` for about ``splits`` splits of ``S`` keys, each chunk a multiple of ``BN`` keys."""
+    chunk = max(BN, triton.cdiv(triton.cdiv(S, splits), BN) * BN)
     return chunk, triton.cdiv(S, chunk)
 
 
@@ -278,9 +283,7 @@ def _decode_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
     20 splits (head dim 64), 41.0 / 31.8 us with 80 / 40 (head dim 128), 55.1 / 38.3 us at 2048 keys with 128 / 64
     splits, 60.6 / 48.5 / 56.4 us at 4096 keys with 128 / 64 / 32 splits; at batch 16 the cap (8 splits) was the
     fastest of 4 / 8 / 16 at 640 keys."""
-    target = max(1, min(SPLIT_TARGET_PROGRAMS // programs, math.isqrt(S)))
-    chunk = max(BN, triton.cdiv(triton.cdiv(S, target), BN) * BN)
-    return chunk, triton.cdiv(S, chunk)
+    return _split_chunks(S, max(1, min(SPLIT_TARGET_PROGRAMS // programs, math.isqrt(S))), BN)
 
 
 def _shape_args(q: Tensor, k: Tensor, v: Tensor, offset: int) -> tuple[int, ...]:
