@@ -17,7 +17,7 @@ from headmix.ops import available_backends, resolve_backend, triton_takes
 from headmix.reference import ComposeWeights, composed_attention
 
 triton_dcmha = pytest.importorskip("headmix.ops.triton")
-from headmix.ops.triton import launch, op  # noqa: E402
+from headmix.ops.triton import blockwise, launch, op  # noqa: E402
 
 CAUSAL = MaskSpec(causal=True)
 FIELDS = triton_dcmha.FIELDS
@@ -133,11 +133,51 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7])) + "-" + "-".join(
-    f"{k}{v if not isinstance(v, tuple) else len(v)}" for k, v in c[7].items()))
-def test_kernels_match_reference_forward_and_backward(case):
+def case_id(c) -> str:
+    return "-".join(map(str, c[:7])) + "-" + "-".join(f"{k}{v if not isinstance(v, tuple) else len(v)}"
+                                                      for k, v in c[7].items())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernels_match_reference_forward_and_backward(case, monkeypatch):
+    """The tile kernels (forced: auto sends some of these shapes to the blockwise path)."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "tiles")
     *shape, options = case
     compare(*shape, **options)
+
+
+BLOCKWISE_CASES = [CASES[i] for i in (1, 2, 3, 6, 7, 9, 10, 14, 15, 16, 19, 20, 22)] + [
+    (2, 4, 70, 70, 16, 1, 2, dict(causal=True, window=20)),  # several query blocks and key chunks (patched below)
+    (1, 4, 40, 40, 16, 2, 2, dict(causal=True, pre_on=False, fields=("static", "query_gate"))),
+]
+
+
+@pytest.mark.parametrize("case", BLOCKWISE_CASES, ids=case_id)
+def test_blockwise_kernels_match_reference_forward_and_backward(case, monkeypatch):
+    """The blockwise training path (materialised query blocks: blockwise.py), forced, through the same custom op:
+    windows, non-causal, key padding with a cache, groups, padded head counts, rank 3, subsets of the terms, grouped
+    key/value heads, 32 heads in one group, the static mix; small query blocks and key chunks, so blocks overlap in
+    their keys and rows span several chunks."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 4 * 4 * 32 * 70)
+    monkeypatch.setattr(blockwise, "KEY_CHUNK", 32)
+    *shape, options = case
+    compare(*shape, **options)
+
+
+def test_training_kernels_policy(monkeypatch):
+    """auto trains groups of more than 16 heads, or head dims above 64, on the blockwise path unless a Compose has a
+    static mix; the setting forces either; a bad setting names the allowed values."""
+    assert launch.training_kernels(16, 64, static=False) == "tiles"
+    assert launch.training_kernels(16, 128, static=False) == "blockwise"
+    assert launch.training_kernels(16, 80, static=False) == "blockwise"
+    assert launch.training_kernels(32, 80, static=False) == "blockwise"
+    assert launch.training_kernels(32, 128, static=True) == "tiles"
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "tiles")
+    assert launch.training_kernels(32, 128, static=False) == "tiles"
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="TRAINING_KERNELS.*'fastest'.*auto.*tiles.*blockwise"):
+        launch.training_kernels(16, 64, static=False)
 
 
 def test_training_head_dims_limits():
@@ -199,11 +239,12 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
     q32, k32, v32, pre32, post32 = float32_leaves(q, k, v, pre, post)
     args = (q32, k32, v32)
     kwargs = dict(scale=D**-0.5, pre=pre32, post=post32, mask=MaskSpec(causal=True, window=5))
-    monkeypatch.setattr(op, "triton_backward", no_room)
+    monkeypatch.setattr(op, "train_backward", no_room)
     out = triton_dcmha.triton_composed_attention(*args, **kwargs)  # the forward kernel fits
     with pytest.raises(RuntimeError, match="do not fit this GPU at this shape .*shared memory.*backend='chunked'"):
         out.backward(do.float().to(DEVICE))
-    monkeypatch.setattr(op, "triton_forward", no_room)
+    monkeypatch.setattr(op, "train_forward", no_room)
+    monkeypatch.setattr(op, "triton_forward", no_room)  # (the call without gradients)
     with pytest.raises(RuntimeError, match="do not fit this GPU"):
         triton_dcmha.triton_composed_attention(*args, **kwargs)
     with pytest.warns(RuntimeWarning, match="falls back"):
@@ -482,6 +523,18 @@ def test_gpu_32_heads_per_group_train_within_bf16_bounds(head_dim, kv_heads, fie
     assert_no_further_off_than_the_reference(torch.bfloat16, 32, head_dim, kv_heads, fields, B=1, T=256)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H, head_dim, kv_heads, fields", [(16, 64, 16, FIELDS), (16, 128, 4, DYNAMIC),
+                                                           (32, 80, 32, DYNAMIC)], ids=["16x64", "16x128", "32x80"])
+def test_gpu_blockwise_trains_within_low_precision_bounds(dtype, H, head_dim, kv_heads, fields, monkeypatch):
+    """The blockwise training path (forced) in bf16 and fp16: the output within 1e-2 of float32 and no error above
+    the reference implementation's own in that dtype (the rule of the tile kernels' tests)."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads, fields, B=1, T=256)
+
+
 def assert_no_further_off_than_the_reference(dtype: torch.dtype, H: int, head_dim: int, kv_heads: int, *args,
                                              **kwargs) -> None:
     """The GPU rule for training in ``dtype`` on the kernels (arguments as :func:`low_precision_errors`): the output
@@ -577,8 +630,11 @@ def test_gpu_auto_trains_32_heads_per_group_on_the_kernels_and_warns_once_off_th
 
     headmix.ops._WARNED.clear()
     q = torch.zeros(1, 32, 512, 80, device="cuda", dtype=torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_backend("auto", 512, 128, q, static=False).func is triton_dcmha.triton_composed_attention
     if not launch.WIDE_GROUPS_ON_AUTO:
-        with pytest.warns(RuntimeWarning, match="32 heads per group run on the rank-R kernels"):
+        with pytest.warns(RuntimeWarning, match="32 heads per group with a static head mix run on the rank-R"):
             assert resolve_backend("auto", 512, 128, q).__name__ == "chunked_composed_attention"
         monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", True)
     with warnings.catch_warnings():
@@ -593,14 +649,16 @@ def test_gpu_auto_trains_32_heads_per_group_on_the_kernels_and_warns_once_off_th
 
 
 def test_auto_keeps_wide_groups_off_their_kernels_while_they_are_slower(monkeypatch):
-    """The rank-R kernels of groups wider than 16 heads are exact in the interpreter (the 32-head cases above) but
-    train about 2x slower than the chunked path on an H200: auto's extra refusal names that and the switch, and
-    goes away with the switch."""
+    """The rank-R tile kernels of groups wider than 16 heads are exact in the interpreter (the 32-head cases above)
+    but train about 2x slower than the chunked path on an H200: with a static mix (which keeps such groups on them)
+    auto's extra refusal names that and the switch, and goes away with the switch; without one they train on the
+    blockwise path, which auto takes."""
     assert launch.auto_refusal(16) is None and launch.auto_refusal(8) is None
     monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", False)
-    assert "32 heads per group run on the rank-R kernels" in launch.auto_refusal(32)
-    assert "WIDE_GROUPS_ON_AUTO = True" in launch.auto_refusal(20)
+    assert "32 heads per group with a static head mix run on the rank-R kernels" in launch.auto_refusal(32)
+    assert "WIDE_GROUPS_ON_AUTO = True" in launch.auto_refusal(20, static=True)
     assert "compile=true" in launch.auto_refusal(32)  # the way to train these shapes fast today
+    assert launch.auto_refusal(32, static=False) is None
     monkeypatch.setattr(launch, "WIDE_GROUPS_ON_AUTO", True)
     assert launch.auto_refusal(32) is None
 

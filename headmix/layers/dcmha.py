@@ -270,7 +270,7 @@ class DCMHA(ComposedAttention):
                structure: tuple[bool, int | None] | None = None, backend: str | None = None) -> Tensor:
         weights = self.compose_weights(state)
         core = resolve_backend(backend or self.backend, q.shape[-2], self.chunk_size, q, groups=self.groups,
-                               kv_heads=k.shape[1])
+                               kv_heads=k.shape[1], static=bool(self.static))
         return core(
             q, k, v, scale=self.scale, mask=MaskSpec.of(mask, structure), groups=self.groups,
             chunk_size=self.chunk_size, pre=weights.get("pre"), post=weights.get("post"),

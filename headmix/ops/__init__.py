@@ -112,14 +112,14 @@ def _triton_refusal(like: Tensor, groups: int, training: bool, kv_heads: int | N
     return None
 
 
-def _auto_refusal(like: Tensor, groups: int, training: bool, kv_heads: int | None) -> str | None:
+def _auto_refusal(like: Tensor, groups: int, training: bool, kv_heads: int | None, static: bool) -> str | None:
     """Why ``backend="auto"`` does not choose the kernels for this shape: they refuse it, or they take it but are
     not yet trusted for it (``launch.auto_refusal``); ``None``: auto chooses them."""
     refusal = _triton_refusal(like, groups, training, kv_heads)
     if refusal is None:
         from .triton import launch
 
-        refusal = launch.auto_refusal(like.shape[1] // groups)
+        refusal = launch.auto_refusal(like.shape[1] // groups, static)
     return refusal
 
 
@@ -132,10 +132,12 @@ def triton_takes(like: Tensor, groups: int = 1, training: bool | None = None, kv
 
 
 def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | None = None,
-                    groups: int = 1, kv_heads: int | None = None) -> Backend:
+                    groups: int = 1, kv_heads: int | None = None, static: bool = True) -> Backend:
     """The backend function for ``name``. ``"auto"`` picks ``triton`` for CUDA tensors ``like`` (the queries)
     whose shape and dtype the kernels take (:func:`triton_takes`), with the fallback policy above; else
-    ``chunked`` when there is more than one block of queries, else ``reference``."""
+    ``chunked`` when there is more than one block of queries, else ``reference``. ``static``: whether a Compose may
+    have a static head mix (groups of more than 16 heads train on the fused kernels only without one:
+    ``launch.TRAINING_KERNELS``)."""
     check_choice("backend", name, available_backends())
     check_positive_int("chunk_size", chunk_size)
     if name == "triton":
@@ -151,11 +153,11 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
             # kernels (a custom op, its launches captured in the step's CUDA graph) when COMPILED_DECODE says so
             # and they take the shape, else the materialised path, which inductor fuses into the step's graph
             check_choice("COMPILED_DECODE", COMPILED_DECODE, ("triton", "reference"))
-            if COMPILED_DECODE == "triton" and _auto_refusal(like, groups, False, kv_heads) is None:
+            if COMPILED_DECODE == "triton" and _auto_refusal(like, groups, False, kv_heads, static) is None:
                 return functools.partial(_BACKENDS["triton"], fallback=True)
             return _BACKENDS["reference"]
         if like is not None and like.is_cuda:
-            refusal = _auto_refusal(like, groups, torch.is_grad_enabled(), kv_heads)
+            refusal = _auto_refusal(like, groups, torch.is_grad_enabled(), kv_heads, static)
             if refusal is None:
                 return functools.partial(_BACKENDS["triton"], fallback=True)
             if query_len > chunk_size:

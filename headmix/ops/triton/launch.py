@@ -12,8 +12,10 @@ import torch
 import triton
 from torch import Tensor
 
+from ..._validation import check_choice
 from ...reference import COMPOSE_FIELDS, ComposeWeights
 from .backward import _bwd_key_kernel, _bwd_query_kernel
+from .blockwise import blockwise_backward, blockwise_forward
 from .forward import _fwd_kernel, _one_query_kernel, _split_sum_kernel
 
 MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
@@ -33,13 +35,21 @@ MATRIX_FORM_HEADS = 16
 # lowered to 8) lost to the matrix form: 94.0 ms fwd+bwd against 22.8 ms at 16 x 64 with 16x16 tiles, 160 ms with
 # 32x32 tiles; larger tiles do not fit (278-295 KB of shared memory).
 WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
-# backend="auto" does not choose those wider groups' kernels: measured on an H200 (2026-11-30, bf16, B=8 x 2048,
+# backend="auto" does not choose those wider groups' tile kernels: measured on an H200 (2026-11-30, bf16, B=8 x 2048,
 # 32 heads in one group, static mix off; docs/kernels.md, "32 heads per group"), they train 1.9-2.1x SLOWER than the
-# chunked PyTorch path (fwd+bwd 347 / 400 ms at head dim 80 / 128, chunked 180 / 187 ms), their forward alone is
-# 1.1-1.25x faster (42 / 47 ms against 52), and their bf16 errors are within those of the reference path in bf16.
-# So auto keeps such shapes on the chunked path and says why once; backend="triton" runs the kernels; True lets auto
-# choose them (for a faster kernel generation to come).
+# chunked path (fwd+bwd 347 / 400 ms at head dim 80 / 128, chunked 180 / 187 ms). Without a static mix such groups
+# train on the blockwise path instead (TRAINING_KERNELS below: 122 / 123 ms, 2026-11-30, same machine kind), which
+# auto chooses; with one (the blockwise path's static mix is slow: see TRAINING_KERNELS) auto keeps them on the chunked
+# path and says why once; backend="triton" runs the tile kernels; True lets auto choose them.
 WIDE_GROUPS_ON_AUTO = False
+# Which kernels train (the forward that stores the row log-sum-exp, and the backward): "tiles", the fused tile kernels
+# (forward.py, backward.py: nothing quadratic in memory), "blockwise" (blockwise.py: materialised query blocks, the
+# products on cuBLAS, the Compose in Triton at memory speed, a bounded buffer), or "auto": blockwise where it measured
+# faster. On an H200 (2026-11-30, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms, tiles -> blockwise;
+# benchmarks/training_paths.py): 16 x 64 20.9 -> 33.6 (slower), with the static mix 21.1 -> 103.6, window 256
+# 5.3 -> 14.7; 16 x 128 59.2 -> 34.4; 32 x 80 in one group 348.1 -> 121.6; 32 x 128 398.4 -> 123.2. So auto takes the
+# blockwise path for groups of more than 16 heads or padded head dims above 64, without a static mix.
+TRAINING_KERNELS = "auto"
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
 # 32 x 128, static mix off (docs/kernels.md): the forward writing 64-wide output chunks spills 1,320 bytes per thread
@@ -126,15 +136,27 @@ def one_query_tile(head_dim: int) -> tuple[int, int, int]:
     return BN, min(DC, head_dim), warps
 
 
-def auto_refusal(heads_per_group: int) -> str | None:
+def auto_refusal(heads_per_group: int, static: bool = True) -> str | None:
     """Why ``backend="auto"`` does not choose the kernels for a group of ``heads_per_group`` heads that they take
-    (:data:`WIDE_GROUPS_ON_AUTO`), or ``None``."""
-    if padded_heads(heads_per_group) > MATRIX_FORM_HEADS and not WIDE_GROUPS_ON_AUTO:
-        return (f"{heads_per_group} heads per group run on the rank-R kernels, which train about 2x slower than the "
-                "chunked path on an H200 (backend='triton' runs them; headmix.ops.triton.launch.WIDE_GROUPS_ON_AUTO = "
-                "True lets auto choose them). Training compiled (headmix train compile=true, or torch.compile) fuses the "
-                "chunked path: a 32 x 80 layer trained 3.1x faster than eager on an H200")
+    (:data:`WIDE_GROUPS_ON_AUTO`; ``static``: a Compose has a static mix, or may have), or ``None``."""
+    wide = padded_heads(heads_per_group) > MATRIX_FORM_HEADS
+    if wide and not WIDE_GROUPS_ON_AUTO and training_kernels(padded_heads(heads_per_group), 64, static) == "tiles":
+        return (f"{heads_per_group} heads per group with a static head mix run on the rank-R kernels, which train about "
+                "2x slower than the chunked path on an H200 (backend='triton' runs them; "
+                "headmix.ops.triton.launch.WIDE_GROUPS_ON_AUTO = True lets auto choose them; without a static mix they "
+                "train on the faster blockwise kernels). Training compiled (headmix train compile=true, or "
+                "torch.compile) fuses the chunked path: a 32 x 80 layer trained 3.1x faster than eager on an H200")
     return None
+
+
+def training_kernels(padded_heads: int, head_dim: int, static: bool) -> str:
+    """"tiles" or "blockwise": which kernels train a group of ``padded_heads`` heads of ``head_dim`` dimensions,
+    ``static`` whether a Compose has a static mix (:data:`TRAINING_KERNELS`)."""
+    check_choice("TRAINING_KERNELS", TRAINING_KERNELS, ("auto", "tiles", "blockwise"))
+    if TRAINING_KERNELS != "auto":
+        return TRAINING_KERNELS
+    wide = padded_heads > MATRIX_FORM_HEADS or next_pow2(head_dim) > WHOLE_HEAD_DIM
+    return "blockwise" if wide and not static else "tiles"
 
 
 def rank_form(phase: str, padded_heads: int) -> bool:
@@ -444,3 +466,28 @@ def tensor_core_flops(head_dim: int, heads_per_group: int, pairs: float) -> dict
         "_bwd_key_kernel": 2 * D * 4 + 4 * M * 4 + 2 * 2 * M,
     }
     return {name: f * pairs for name, f in per.items()}
+
+
+def _static(pre: ComposeWeights | None, post: ComposeWeights | None) -> bool:
+    return any(w is not None and w.static is not None for w in (pre, post))
+
+
+def _kernels_for(q: Tensor, v: Tensor, groups: int, pre, post) -> str:
+    return training_kernels(padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1]), _static(pre, post))
+
+
+def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
+    """``(O, lse)`` for training, on the kernels :func:`training_kernels` names (either backward takes either
+    forward's ``lse``)."""
+    if _kernels_for(q, v, groups, pre, post) == "blockwise":
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
+
+
+def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
+    """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
+    if _kernels_for(q, v, groups, pre, post) == "blockwise":
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
+    return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)

@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
-from .launch import FIELDS, check_supported, triton_backward, triton_forward
+from .launch import FIELDS, check_supported, train_backward, train_forward, triton_forward
 
 # ``FALLBACK(error, what)`` -> a backend function to run instead of the kernels (``what``: "forward",
 # "backward" or "inference"); installed by the ops registry, which owns the policy. ``None``: always raise.
@@ -57,7 +57,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
     backward kernels, bigger still, fall back too)."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
     try:
-        return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
+        return train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
     except OutOfResources as error:
         backend = _no_room(error, fallback, "forward")
     out = _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset)
@@ -97,8 +97,8 @@ def _backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask:
     """``[dq, dk, dv, then one gradient per present Compose weight, in FIELDS order, pre then post]``."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
     try:
-        dq, dk, dv, dpre, dpost = triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window,
-                                                  offset)
+        dq, dk, dv, dpre, dpost = train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window,
+                                                 offset)
     except OutOfResources as error:
         if fallback and FALLBACK is not None:  # recomputed through autograd by _backward (none inside a custom op)
             raise

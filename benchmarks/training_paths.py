@@ -1,0 +1,124 @@
+"""The two training paths of the fused DCMHA kernels side by side: the tile kernels and the blockwise path.
+
+For each shape (``HEADSxHEAD_DIM``, optionally ``:GROUPS``) and window, times the forward (which stores the row
+log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"blockwise"`` (medians of
+``triton.testing.do_bench``), the backward's peak extra memory, and how far the two paths' bf16 results are apart
+(relative norms: output, largest gradient). Causal, rank 2, every dynamic Compose term, Compose weights 0.1 randn;
+``--static`` adds the static mix. Prints a markdown table with the device, date and versions::
+
+    python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256
+    python benchmarks/training_paths.py --device cpu --batch 1 --seq 32 --shapes 4x16 --dtype float32   # interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (kernels interpreted)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--shapes", nargs="+", default=["16x64", "16x128", "32x80:1", "32x128:1"],
+                        help="HEADSxHEAD_DIM[:GROUPS] (default groups: 1)")
+    parser.add_argument("--windows", type=int, nargs="+", default=[0], help="0: global (causal) attention")
+    parser.add_argument("--static", action="store_true", help="with the static head mix")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"], choices=["tiles", "blockwise"])
+    args = parser.parse_args(argv)
+
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    from headmix.ops.triton import launch
+    from headmix.reference import ComposeWeights
+
+    dtype = getattr(torch, args.dtype)
+
+    def timed(fn) -> float:
+        if device == "cpu":
+            import time
+
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=5, rep=60, return_mode="median")
+
+    def inputs(H, D, G, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        B, T, M, R = args.batch, args.seq, H // G, 2
+
+        def rnd(*shape, scale=1.0):
+            return (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
+
+        def compose():
+            return ComposeWeights(static=rnd(G, M, M, scale=0.1) if args.static else None,
+                                  query_w1=rnd(B, T, G, R, M, scale=0.1), query_w2=rnd(B, T, G, R, M, scale=0.1),
+                                  key_w1=rnd(B, T, G, R, M, scale=0.1), key_w2=rnd(B, T, G, R, M, scale=0.1),
+                                  query_gate=rnd(B, T, G, M, scale=0.1), key_gate=rnd(B, T, G, M, scale=0.1))
+
+        return rnd(B, H, T, D), rnd(B, H, T, D), rnd(B, H, T, D), compose(), compose(), rnd(B, H, T, D)
+
+    def rel(a, b) -> float:
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+    rows = []
+    for spec in args.shapes:
+        heads, _, groups = spec.partition(":")
+        H, D = (int(x) for x in heads.split("x"))
+        G = int(groups or 1)
+        for window in args.windows:
+            q, k, v, pre, post, do = inputs(H, D, G)
+            call = (D ** -0.5, None, pre, post, G, True, window, 0)
+            results = {}
+            for path in args.paths:
+                launch.TRAINING_KERNELS = path
+                try:
+                    out, lse = launch.train_forward(q, k, v, *call)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                        base = torch.cuda.memory_allocated()
+                    grads = launch.train_backward(do, q, k, v, lse, *call)
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
+                    fwd = timed(lambda: launch.train_forward(q, k, v, *call))
+                    bwd = timed(lambda: launch.train_backward(do, q, k, v, lse, *call))
+                    flat = [out, *grads[:3], *grads[3].values(), *grads[4].values()]
+                    results[path] = flat
+                    rows.append([spec, str(window or "global"), path, f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
+                                 f"{peak:.2f}"])
+                except Exception as error:  # noqa: BLE001  (one failing path must not hide the others' rows)
+                    rows.append([spec, str(window or "global"), path, "error", type(error).__name__, str(error)[:60], ""])
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+            if len(results) == 2:
+                a, b = results.values()
+                rows[-1].append(f"out {rel(a[0], b[0]):.1e}, grads ≤ {max(rel(x, y) for x, y in zip(a[1:], b[1:])):.1e}")
+    launch.TRAINING_KERNELS = "auto"
+
+    import triton
+
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (TRITON_INTERPRET=1)"
+    print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
+          f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print(f"# command: python benchmarks/training_paths.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"# batch {args.batch} x {args.seq}, causal, rank 2, static mix {'on' if args.static else 'off'}")
+    print("| shape | window | path | fwd ms | bwd ms | fwd+bwd ms | bwd peak extra GiB | paths apart (relative) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(c) for c in row + [""] * (8 - len(row))) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,510 @@
+"""Training DCMHA on materialised query blocks: the attention products on cuBLAS, the Compose in Triton at memory speed.
+
+The tile kernels (:mod:`.forward`, :mod:`.backward`) never write a ``(query x key)`` tensor, and pay for it: every
+program holds all heads of a group, so its tiles are small, its registers spill and the tensor cores idle (docs/kernels.md,
+"Kernels v2"). This path takes the other side of the trade for training. Queries go in blocks of ``C`` rows
+(:func:`block_rows`: a bounded buffer, ``B x H x C x L`` float32, ``L`` the keys the block may see); per block
+
+* ``S = Q K^T`` and ``dP' = dO V^T`` (float32 out), ``O = P' V``, ``dQ = dS K``, ``dK += dS^T Q``, ``dV += P'^T dO``: batched
+  matrix products on cuBLAS (grouped-query heads by a reshape, no copies of ``K``, ``V``);
+* the Compose and the softmax, forward and adjoint, with every per-position weight gradient: four Triton kernels that
+  read and write those buffers tile by tile, one program per (query tile, batch x group) walking its row of key
+  tiles. Each cross-head sum (``h_r = sum_m w1[r, m] x_m``) is a loop over the group's heads with 2-D tiles in one
+  layout, so the Compose costs element-wise work and the kernels run at the speed of memory;
+* a static head mix (``W``), when present, as ``einsum`` products over the heads axis next to the kernels.
+
+The forward stores only ``O`` and the row log-sum-exp ``lse`` (the tile kernels' own, so either backward takes either
+forward's); the backward recomputes ``S``, ``S'`` (pre-composed scores) and ``P'`` (post-composed probabilities) block by
+block. Arithmetic is float32 except the products' operands (the inputs' dtype: ``P'`` and ``dS`` are rounded to it
+before their products, as in the tile kernels). Key-side weight gradients are summed over query tiles from per-tile
+partial sums (no atomics: the same bits on every run).
+
+Takes what the tile kernels take (:func:`headmix.ops.triton.launch.check_supported`) with rank at most
+:data:`MAX_RANK`; :func:`takes` says so. The spec is :func:`headmix.reference.composed_attention`
+(``tests/test_triton.py`` checks forward and every gradient against it).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _key_range, _valid
+
+BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buffer (512 MB)
+TILE = (8, 64, 4)  # (query rows, keys, warps) of a program's tiles
+KEY_CHUNK = 256  # keys per program (its share of a row's sums)
+
+# -- kernels -----------------------------------------------------------------------------------------------------------
+# Every kernel: one program per (query tile, key chunk, batch x group); a tile is (MP, BM, BN), every head of the group
+# at BM queries and BN keys, loaded once. With no tensor-core product inside, the tile keeps the loads' layout (heads
+# in each thread's registers), so the sums over heads (the Compose's hidden terms) stay inside a thread. Sums over a
+# row's keys (softmax statistics, Delta, query-side weight gradients) are per key chunk, over a column's queries
+# (key-side weight gradients) per query tile: partial sums, added up by the host in a fixed order.
+@triton.jit
+def _side(ptr, b, pos, ok, n_full, g, r, hm, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
+    """A per-position factor ``(B, n_full, G, R, M)`` (a gate: ``R = 1``, ``r = 0``) at rank ``r`` and positions ``pos``
+    (relative to ``ptr``, which points at the block's first position) as an ``(MP, len(pos))`` float32 tile, 0 where not
+    ``ok`` or past the group's heads."""
+    p = ptr + ((b * n_full + pos[None, :]) * G + g) * (R * M) + r * M + hm[:, None]
+    return tl.load(p, mask=(hm < M)[:, None] & ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _head(x, hm, m):
+    """Head ``m``'s ``(BM, BN)`` slice of an ``(MP, BM, BN)`` tile."""
+    return tl.sum(tl.where((hm == m)[:, None, None], x, 0.0), 0)
+
+
+@triton.jit
+def _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G: tl.constexpr,
+              M: tl.constexpr, R: tl.constexpr, FLAGS: tl.constexpr, ADJOINT: tl.constexpr):
+    """Compose (``ADJOINT``: its adjoint) of an ``(MP, BM, BN)`` tile at queries ``offs_i`` and keys ``offs_j``:
+    ``x + W-mix(x) + sum_r w2[r] (w1[r] . x) (query- and key-wise) + (g_q + g_k) x``; the adjoint transposes ``W`` and
+    swaps the two factors."""
+    y = x
+    if STATIC & FLAGS:
+        for m in range(0, M):  # y[n] += W[m, n] x[m]  (adjoint: y[n] += W[n, m] x[m])
+            if ADJOINT:
+                col = tl.load(w_ptr + g * M * M + hm * M + m, mask=hm < M, other=0.0).to(tl.float32)
+            else:
+                col = tl.load(w_ptr + g * M * M + m * M + hm, mask=hm < M, other=0.0).to(tl.float32)
+            y += col[:, None, None] * _head(x, hm, m)[None, :, :]
+    if QUERY_LOWRANK & FLAGS:
+        for r in tl.static_range(R):
+            a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+            c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+            if ADJOINT:
+                a, c = c, a
+            y += c[:, :, None] * tl.sum(a[:, :, None] * x, 0)[None, :, :]
+    if KEY_LOWRANK & FLAGS:
+        for r in tl.static_range(R):
+            a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+            c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+            if ADJOINT:
+                a, c = c, a
+            y += c[:, None, :] * tl.sum(a[:, None, :] * x, 0)[None, :, :]
+    if QUERY_GATE & FLAGS:
+        y += _side(qg, b, offs_i, i_ok, T, g, 0, hm, G, 1, M)[:, :, None] * x
+    if KEY_GATE & FLAGS:
+        y += _side(kg, b, offs_j, j_ok, S, g, 0, hm, G, 1, M)[:, None, :] * x
+    return y
+
+
+@triton.jit
+def _frame(C, L, off, KC, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """This program's query tile, batch x group and keys ``[lo, hi)``: its chunk of ``KC`` keys within the range the
+    mask's structure lets the tile see."""
+    pid_i = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    bg = tl.program_id(2)
+    lo, hi = _key_range(pid_i * BM, C, L, off, BM, BN, CAUSAL, WINDOW)
+    lo = tl.maximum(lo, pid_c * KC)
+    hi = tl.minimum(hi, pid_c * KC + KC)
+    return pid_i, pid_c, bg, lo, hi
+
+
+@triton.jit
+def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+                C, L, T, S, off, scale, smb, smt, sms, KC, n_c,
+                G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_MASK: tl.constexpr, STATS: tl.constexpr):
+    """``S' = Compose_pre(scale * S)`` (``S = Q K^T``; float32 ``(B, H, C, L)``) on the tiles the mask's structure
+    allows; with ``STATS``, each row's max and sum of ``exp`` of the masked ``S'`` over this key chunk, ``(B, H, n_c,
+    C)`` each."""
+    pid_i, pid_c, bg, lo, hi = _frame(C, L, off, KC, BM, BN, CAUSAL, WINDOW)
+    b = bg // G
+    g = bg % G
+    offs_i = pid_i * BM + tl.arange(0, BM)
+    i_ok = offs_i < C
+    hm = tl.arange(0, MP)
+    m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
+    l_i = tl.zeros((MP, BM), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        j_ok = offs_j < L
+        at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
+        ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+        x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
+        y = _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
+                      False)
+        tl.store(out_ptr + at, y, mask=ok)
+        if STATS:
+            valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+            ys = tl.where(valid, y, NEG)
+            m_new = tl.maximum(m_i, tl.max(ys, 2))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(valid, tl.exp(ys - m_new[:, :, None]), 0.0), 2)
+            m_i = m_new
+    if STATS:
+        rows = ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :]
+        rok = (hm < M)[:, None] & i_ok[None, :]
+        tl.store(pm_ptr + rows, m_i, mask=rok)
+        tl.store(pl_ptr + rows, l_i, mask=rok)
+
+
+@triton.jit
+def _probs(sp_ptr, at, ok, lse, valid):
+    """``P = exp(S' - lse)`` on the allowed entries of an ``(MP, BM, BN)`` tile, 0 elsewhere."""
+    x = tl.load(sp_ptr + at, mask=ok, other=0.0)
+    return tl.where(valid, tl.exp(x - lse[:, :, None]), 0.0)
+
+
+@triton.jit
+def _post_kernel(sp_ptr, lse_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+                 C, L, T, S, off, smb, smt, sms, slb, slh, KC,
+                 G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 HAS_MASK: tl.constexpr):
+    """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype."""
+    pid_i, pid_c, bg, lo, hi = _frame(C, L, off, KC, BM, BN, CAUSAL, WINDOW)
+    b = bg // G
+    g = bg % G
+    offs_i = pid_i * BM + tl.arange(0, BM)
+    i_ok = offs_i < C
+    hm = tl.arange(0, MP)
+    lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :],
+                  mask=(hm < M)[:, None] & i_ok[None, :], other=float("inf"))
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        j_ok = offs_j < L
+        at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
+        ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+        valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        p = _probs(sp_ptr, at, ok, lse, valid)
+        y = _compose3(p, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
+                      False)
+        tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+                    pdelta, pq1, pq2, pqg, pk1, pk2, pkg, pw,
+                    C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC, n_c, n_i,
+                    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr):
+    """The adjoint of one Compose on a tile, and its weight gradients.
+
+    Post side (``PRE_SIDE`` False): the Compose's input is ``P`` (from ``S'``, ``lse``), its output's gradient ``dP'``
+    (``dy_ptr``); writes ``dP`` (float32, ``out_ptr``) and this key chunk's share of ``Delta = sum_j P dP`` per row
+    (``pdelta``, ``(B, H, n_c, C)``). Pre side: the input is ``scale * S`` (``x_ptr``), the output's gradient ``dS' = P
+    (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS * scale`` in
+    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``). Partial sums: query side ``(B, n_c, C, G, R, M)`` per key
+    chunk, key side ``(B, n_i, L, G, R, M)`` per query tile, the static mix ``(B * G, n_i, n_c, M, M)``."""
+    pid_i, pid_c, bg, lo, hi = _frame(C, L, off, KC, BM, BN, CAUSAL, WINDOW)
+    b = bg // G
+    g = bg % G
+    offs_i = pid_i * BM + tl.arange(0, BM)
+    i_ok = offs_i < C
+    hm = tl.arange(0, MP)
+    rr = tl.arange(0, RP)
+    rows_ok = (hm < M)[:, None] & i_ok[None, :]
+    lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :], mask=rows_ok,
+                  other=float("inf"))
+    if PRE_SIDE:
+        delta = tl.load(delta_ptr + (bg * M + hm[:, None]) * C + offs_i[None, :], mask=rows_ok, other=0.0)
+    a_delta = tl.zeros((MP, BM), dtype=tl.float32)
+    a_q1 = tl.zeros((RP, MP, BM), dtype=tl.float32)
+    a_q2 = tl.zeros((RP, MP, BM), dtype=tl.float32)
+    a_qg = tl.zeros((MP, BM), dtype=tl.float32)
+    a_w = tl.zeros((MP, MP), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j = start_j + tl.arange(0, BN)
+        j_ok = offs_j < L
+        at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
+        ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+        valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        p = _probs(sp_ptr, at, ok, lse, valid)
+        if PRE_SIDE:
+            x = tl.load(x_ptr + at, mask=ok, other=0.0) * scale
+            dy = p * (tl.load(dy_ptr + at, mask=ok, other=0.0) - delta[:, :, None])
+        else:
+            x = p
+            dy = tl.load(dy_ptr + at, mask=ok, other=0.0)
+        dx = _compose3(dy, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
+                       True)
+        if PRE_SIDE:
+            tl.store(out_ptr + at, (dx * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(out_ptr + at, dx, mask=ok)
+            a_delta += tl.sum(p * dx, 2)
+        # weight gradients of y = Compose(x) with upstream dy: dw1[r] = sum (w2[r] . dy) x, dw2[r] = sum dy (w1[r] . x),
+        # dg = sum dy x, dW[m, n] = sum x[m] dy[n]; query side summed over keys (axis 2), key side over queries (axis 1)
+        if QUERY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+                c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+                h = tl.sum(a[:, :, None] * x, 0)
+                dh = tl.sum(c[:, :, None] * dy, 0)
+                a_q1 += tl.where((rr == r)[:, None, None], tl.sum(x * dh[None, :, :], 2)[None, :, :], 0.0)
+                a_q2 += tl.where((rr == r)[:, None, None], tl.sum(dy * h[None, :, :], 2)[None, :, :], 0.0)
+        if QUERY_GATE & FLAGS:
+            a_qg += tl.sum(dy * x, 2)
+        kp = ((b * n_i + pid_i) * L + offs_j[None, :]) * G + g
+        kok = (hm < M)[:, None] & j_ok[None, :]
+        if KEY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+                c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+                h = tl.sum(a[:, None, :] * x, 0)
+                dh = tl.sum(c[:, None, :] * dy, 0)
+                tl.store(pk1 + kp * (R * M) + r * M + hm[:, None], tl.sum(x * dh[None, :, :], 1), mask=kok)
+                tl.store(pk2 + kp * (R * M) + r * M + hm[:, None], tl.sum(dy * h[None, :, :], 1), mask=kok)
+        if KEY_GATE & FLAGS:
+            tl.store(pkg + kp * M + hm[:, None], tl.sum(dy * x, 1), mask=kok)
+        if STATIC & FLAGS:
+            for m in range(0, M):
+                row = tl.sum(tl.sum(_head(x, hm, m)[None, :, :] * dy, 2), 1)  # (MP,): sum x[m] dy[n] over the tile
+                a_w += tl.where((hm == m)[:, None], row[None, :], 0.0)
+    qp = ((b * n_c + pid_c) * C + offs_i[None, :]) * G + g
+    if not PRE_SIDE:
+        tl.store(pdelta + ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :], a_delta, mask=rows_ok)
+    if QUERY_LOWRANK & FLAGS:
+        p3 = qp[None, :, :] * (R * M) + rr[:, None, None] * M + hm[None, :, None]
+        m3 = (rr < R)[:, None, None] & rows_ok[None, :, :]
+        tl.store(pq1 + p3, a_q1, mask=m3)
+        tl.store(pq2 + p3, a_q2, mask=m3)
+    if QUERY_GATE & FLAGS:
+        tl.store(pqg + qp * M + hm[:, None], a_qg, mask=rows_ok)
+    if STATIC & FLAGS:
+        wp = pw + ((bg * n_i + pid_i) * n_c + pid_c) * M * M + hm[:, None] * M + hm[None, :]
+        tl.store(wp, a_w, mask=(hm < M)[:, None] & (hm < M)[None, :])
+
+
+# -- launches ----------------------------------------------------------------------------------------------------------
+def block_rows(B: int, H: int, T: int, S: int, BM: int) -> int:
+    """Queries per block: a multiple of ``BM`` with ``B * H * rows * S`` at most :data:`BLOCK_ELEMENTS` (at least ``BM``),
+    at most ``T`` rounded up to ``BM``."""
+    rows = max(BM, (BLOCK_ELEMENTS // max(1, B * H * S)) // BM * BM)
+    return min(rows, triton.cdiv(T, BM) * BM)
+
+
+def _products(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` batched over the leading dims, float32 out (bf16/fp16 operands on cuBLAS accumulate in float32)."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+        lead = a.shape[:-2]
+        out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+        return out.view(*lead, *out.shape[-2:])
+    return torch.matmul(a.float(), b.float())
+
+
+class _Block:
+    """One query block: rows ``i0:i1``, the keys ``lo:hi`` they may see, the query offset within them, the mask's view,
+    and the launch geometry (tiles, key chunks)."""
+
+    def __init__(self, i0, i1, S, offset, causal, window, mask):
+        self.i0, self.i1 = i0, i1
+        lo, hi = 0, S
+        if causal:
+            hi = min(S, i1 + offset)
+        if window:
+            lo = max(0, i0 + offset - window + 1)
+            if not causal:
+                hi = min(S, i1 - 1 + offset + window)
+        self.lo, self.hi = lo, max(lo, hi)
+        self.C, self.L = i1 - i0, self.hi - self.lo
+        self.off = i0 + offset - lo  # block row i sits at block key i + off
+        self.mask = None if mask is None else mask[:, i0:i1, lo:self.hi]
+        self.n_i = triton.cdiv(self.C, TILE[0])
+        self.KC = max(TILE[1], KEY_CHUNK // TILE[1] * TILE[1])
+        self.n_c = triton.cdiv(self.L, self.KC)
+
+    def mask_args(self, dummy: Tensor):
+        if self.mask is None:
+            return dummy, 0, 0, 0
+        m = self.mask
+        return m, (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1), m.stride(2)
+
+
+def _weights(w, blk: _Block, dummy: Tensor) -> list[Tensor]:
+    """The seven fields of ``w`` (the static mix whole; the others at the block's rows / keys: views, the kernels index
+    from their first position)."""
+    if w is None:
+        return [dummy] * 7
+    out = [dummy if w.static is None else w.static.contiguous()]
+    for f, rows in (("query_w1", True), ("query_w2", True), ("key_w1", False), ("key_w2", False),
+                    ("query_gate", True), ("key_gate", False)):
+        t = getattr(w, f)
+        out.append(dummy if t is None else (t[:, blk.i0:blk.i1] if rows else t[:, blk.lo:blk.hi]))
+    return out
+
+
+def _flags(w) -> int:
+    """The kernels' Compose flag bits (:mod:`.tiles`) of the fields ``w`` has."""
+    if w is None:
+        return 0
+    bits = {"static": 1, "query_w1": 2, "key_w1": 8, "query_gate": 32, "key_gate": 64}
+    return sum(bit for f, bit in bits.items() if getattr(w, f) is not None)
+
+
+def _rank(pre, post) -> int:
+    for w in (pre, post):
+        if w is not None:
+            for f in ("query_w1", "key_w1"):
+                if getattr(w, f) is not None:
+                    return getattr(w, f).shape[3]
+    return 1
+
+
+class _Run:
+    """What every launch of one call shares: shapes, mask, flags, constants."""
+
+    def __init__(self, q, k, mask, pre, post, groups, causal, window, offset):
+        B, H, T, _ = q.shape
+        self.B, self.H, self.T, self.S = B, H, T, k.shape[2]
+        self.Hkv, self.G, self.M = k.shape[1], groups, H // groups
+        self.rep = H // self.Hkv
+        self.causal, self.window, self.offset = bool(causal), int(window or 0), offset
+        self.pre, self.post = pre, post
+        self.dummy = q.new_empty(1)
+        self.mask = None
+        if mask is not None:
+            m = mask.view(torch.uint8)
+            while m.dim() < 4:
+                m = m[None]
+            self.mask = m.expand(m.shape[0], 1, T, self.S)[:, 0]
+        # key tiles the structure never lets a query see are not written: buffers read by the products start at 0
+        self.skips = self.causal or bool(self.window)
+        BM, BN, warps = TILE
+        self.consts = dict(G=groups, M=self.M, MP=max(2, triton.next_power_of_2(self.M)), R=_rank(pre, post), BM=BM,
+                           BN=BN, CAUSAL=self.causal, WINDOW=self.window, HAS_MASK=mask is not None, num_warps=warps)
+
+    def blocks(self):
+        C = block_rows(self.B, self.H, self.T, self.S, TILE[0])
+        for i0 in range(0, self.T, C):
+            blk = _Block(i0, min(self.T, i0 + C), self.S, self.offset, self.causal, self.window, self.mask)
+            if blk.L > 0:
+                yield blk
+
+    def grid(self, blk: _Block):
+        return (blk.n_i, blk.n_c, self.B * self.G)
+
+    def geometry(self, blk: _Block):
+        return (blk.C, blk.L, self.T, self.S, blk.off)
+
+    def scores(self, q, k, blk: _Block) -> Tensor:
+        """``Q K^T`` of the block, ``(B, H, C, L)`` float32 (unscaled)."""
+        qb = q[:, :, blk.i0:blk.i1].reshape(self.B, self.Hkv, self.rep * blk.C, q.shape[-1])
+        return _products(qb, k[:, :, blk.lo:blk.hi].transpose(-1, -2)).view(self.B, self.H, blk.C, blk.L)
+
+    def pre_compose(self, s, blk, scale, stats: bool):
+        """``S'`` of the block, and with ``stats`` the per-chunk row maxima and sums ``(B, H, n_c, C)``."""
+        f32 = dict(dtype=torch.float32, device=s.device)
+        sp = torch.empty_like(s)
+        pm = torch.empty(self.B, self.H, blk.n_c, blk.C, **f32) if stats else self.dummy
+        pl = torch.empty(self.B, self.H, blk.n_c, blk.C, **f32) if stats else self.dummy
+        m, smb, smt, sms = blk.mask_args(self.dummy)
+        _pre_kernel[self.grid(blk)](s, sp, pm, pl, m, *_weights(self.pre, blk, self.dummy), *self.geometry(blk), scale,
+                                    smb, smt, sms, blk.KC, blk.n_c, FLAGS=_flags(self.pre), STATS=stats,
+                                    **self.consts)
+        return sp, pm, pl
+
+    def post_compose(self, sp, lse, blk, dtype) -> Tensor:
+        """``P'`` of the block in ``dtype``."""
+        pp = (torch.zeros if self.skips else torch.empty)(self.B, self.H, blk.C, blk.L, dtype=dtype, device=sp.device)
+        m, smb, smt, sms = blk.mask_args(self.dummy)
+        _post_kernel[self.grid(blk)](sp, lse[:, :, blk.i0:blk.i1], pp, m, *_weights(self.post, blk, self.dummy),
+                                     *self.geometry(blk), smb, smt, sms, lse.stride(0), lse.stride(1), blk.KC,
+                                     FLAGS=_flags(self.post), **self.consts)
+        return pp
+
+
+def _combine_lse(pm: Tensor, pl: Tensor) -> Tensor:
+    """Rows' ``lse`` from per-chunk maxima and sums ``(B, H, n_c, C)`` (``+inf`` where no key is allowed)."""
+    mx = pm.max(dim=2).values
+    total = (pl * torch.exp(pm - mx[:, :, None])).sum(dim=2)
+    return torch.where(total > 0, mx + torch.log(total), torch.full_like(total, float("inf")))
+
+
+def blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
+    """``(O, lse)`` as :func:`headmix.ops.triton.launch.triton_forward` without splits."""
+    run = _Run(q, k, mask, pre, post, groups, causal, window, offset)
+    B, H, T = run.B, run.H, run.T
+    o = torch.zeros(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, T), float("inf"), dtype=torch.float32, device=q.device)
+    for blk in run.blocks():
+        s = run.scores(q, k, blk)
+        sp, pm, pl = run.pre_compose(s, blk, scale, stats=True)
+        del s
+        lse[:, :, blk.i0:blk.i1] = _combine_lse(pm, pl)
+        pp = run.post_compose(sp, lse, blk, q.dtype)
+        del sp
+        ob = torch.matmul(pp.view(B, run.Hkv, run.rep * blk.C, blk.L), v[:, :, blk.lo:blk.hi])
+        o[:, :, blk.i0:blk.i1] = ob.view(B, H, blk.C, -1)
+    return o, lse
+
+
+def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
+    """Gradients ``(dq, dk, dv, dpre, dpost)`` as :func:`headmix.ops.triton.launch.triton_backward`."""
+    from .launch import FIELDS
+
+    q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
+    lse = lse.contiguous()
+    run = _Run(q, k, mask, pre, post, groups, causal, window, offset)
+    B, H, D, Hkv, G, M, rep = run.B, run.H, q.shape[-1], run.Hkv, run.G, run.M, run.rep
+    R = run.consts["R"]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.zeros_like(q)
+    dk = torch.zeros(B, Hkv, run.S, D, **f32)
+    dv = torch.zeros(B, Hkv, run.S, v.shape[-1], **f32)
+    grads = {c: ({} if w is None else {f: torch.zeros(getattr(w, f).shape, **f32) for f in FIELDS
+                                       if getattr(w, f) is not None}) for c, w in (("pre", pre), ("post", post))}
+    dummy = run.dummy
+    for blk in run.blocks():
+        C, L = blk.C, blk.L
+        s = run.scores(q, k, blk)
+        sp, _, _ = run.pre_compose(s, blk, scale, stats=False)
+        pp = run.post_compose(sp, lse, blk, q.dtype)
+        dob = do[:, :, blk.i0:blk.i1].reshape(B, Hkv, rep * C, -1)
+        dv[:, :, blk.lo:blk.hi] += _products(pp.view(B, Hkv, rep * C, L).transpose(-1, -2), dob)
+        del pp
+        dpp = _products(dob, v[:, :, blk.lo:blk.hi].transpose(-1, -2)).view(B, H, C, L)
+        m, smb, smt, sms = blk.mask_args(dummy)
+        lse_blk = lse[:, :, blk.i0:blk.i1]
+        delta = None
+        for side, w in (("post", post), ("pre", pre)):
+            g_ = grads[side]
+            parts = {f: torch.zeros(shape, **f32) if f in g_ else dummy for f, shape in (
+                ("query_w1", (B, blk.n_c, C, G, R, M)), ("query_w2", (B, blk.n_c, C, G, R, M)),
+                ("query_gate", (B, blk.n_c, C, G, M)), ("key_w1", (B, blk.n_i, L, G, R, M)),
+                ("key_w2", (B, blk.n_i, L, G, R, M)), ("key_gate", (B, blk.n_i, L, G, M)),
+                ("static", (B * G, blk.n_i, blk.n_c, M, M)))}
+            if side == "post":
+                out = torch.empty(B, H, C, L, **f32)  # dP
+                pdelta = torch.zeros(B, H, blk.n_c, C, **f32)
+                x, dy = dummy, dpp
+            else:
+                out = (torch.zeros if run.skips else torch.empty)(B, H, C, L, dtype=q.dtype, device=q.device)  # dS
+                pdelta = dummy
+                x, dy = s, dp
+            _adjoint_kernel[run.grid(blk)](
+                x, sp, lse_blk, dy, dummy if delta is None else delta, out, m, *_weights(w, blk, dummy), pdelta,
+                *(parts[f] for f in ("query_w1", "query_w2", "query_gate", "key_w1", "key_w2", "key_gate", "static")),
+                *run.geometry(blk), scale if side == "pre" else 1.0, smb, smt, sms, lse.stride(0), lse.stride(1),
+                blk.KC, blk.n_c, blk.n_i, FLAGS=_flags(w), PRE_SIDE=side == "pre", RP=max(2, triton.next_power_of_2(R)),
+                **run.consts)
+            for f, t in parts.items():
+                if f not in g_:
+                    continue
+                if f == "static":
+                    g_[f] += t.view(B, G, -1, M, M).sum(dim=(0, 2))
+                elif f.startswith("query"):
+                    g_[f][:, blk.i0:blk.i1] += t.sum(1)
+                else:
+                    g_[f][:, blk.lo:blk.hi] += t.sum(1)
+            if side == "post":
+                dp, delta = out, pdelta.sum(2)
+                del dpp
+            else:
+                ds = out
+        del s, sp, dp
+        dsr = ds.view(B, Hkv, rep * C, L)
+        qb = q[:, :, blk.i0:blk.i1].reshape(B, Hkv, rep * C, D)
+        dq[:, :, blk.i0:blk.i1] = _products(dsr, k[:, :, blk.lo:blk.hi]).view(B, H, C, D)
+        dk[:, :, blk.lo:blk.hi] += _products(dsr.transpose(-1, -2), qb)
+        del ds, dsr
+    out = {c: {f: t.to(getattr(w, f).dtype) for f, t in grads[c].items()} for c, w in (("pre", pre), ("post", post))}
+    return dq, dk.to(k.dtype), dv.to(v.dtype), out["pre"], out["post"]
