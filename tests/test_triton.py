@@ -166,12 +166,14 @@ def test_blockwise_kernels_match_reference_forward_and_backward(case, monkeypatc
 
 
 def test_training_kernels_policy(monkeypatch):
-    """auto trains groups of more than 16 heads, or head dims above 64, on the blockwise path unless a Compose has a
-    static mix; the setting forces either; a bad setting names the allowed values."""
+    """auto trains groups of more than 16 heads, and head dims above 64 without a window, on the blockwise path
+    unless a Compose has a static mix; the setting forces either; a bad setting names the allowed values."""
     assert launch.training_kernels(16, 64, static=False) == "tiles"
     assert launch.training_kernels(16, 128, static=False) == "blockwise"
     assert launch.training_kernels(16, 80, static=False) == "blockwise"
+    assert launch.training_kernels(16, 128, static=False, window=256) == "tiles"
     assert launch.training_kernels(32, 80, static=False) == "blockwise"
+    assert launch.training_kernels(32, 80, static=False, window=256) == "blockwise"
     assert launch.training_kernels(32, 128, static=True) == "tiles"
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "tiles")
     assert launch.training_kernels(32, 128, static=False) == "tiles"

@@ -1,27 +1,29 @@
 """Training DCMHA on materialised query blocks: the attention products on cuBLAS, the Compose in Triton at memory speed.
 
 The tile kernels (:mod:`.forward`, :mod:`.backward`) never write a ``(query x key)`` tensor, and pay for it: every
-program holds all heads of a group, so its tiles are small, its registers spill and the tensor cores idle (docs/kernels.md,
-"Kernels v2"). This path takes the other side of the trade for training. Queries go in blocks of ``C`` rows
-(:func:`block_rows`: a bounded buffer, ``B x H x C x L`` float32, ``L`` the keys the block may see); per block
+program holds all heads of a group next to tensor-core products, so its tiles are small, its registers spill and the
+tensor cores idle (docs/kernels.md, "Kernels v2"). This path takes the other side of the trade, for training. Queries
+go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H x C x L`` float32 at most
+:data:`BLOCK_ELEMENTS`, ``L`` the keys the block may see); per block
 
-* ``S = Q K^T`` and ``dP' = dO V^T`` (float32 out), ``O = P' V``, ``dQ = dS K``, ``dK += dS^T Q``, ``dV += P'^T dO``: batched
-  matrix products on cuBLAS (grouped-query heads by a reshape, no copies of ``K``, ``V``);
-* the Compose and the softmax, forward and adjoint, with every per-position weight gradient: four Triton kernels that
-  read and write those buffers tile by tile, one program per (query tile, batch x group) walking its row of key
-  tiles. Each cross-head sum (``h_r = sum_m w1[r, m] x_m``) is a loop over the group's heads with 2-D tiles in one
-  layout, so the Compose costs element-wise work and the kernels run at the speed of memory;
-* a static head mix (``W``), when present, as ``einsum`` products over the heads axis next to the kernels.
+* ``S = Q K^T`` and ``dP' = dO V^T`` (float32 out), ``O = P' V``, ``dQ = dS K``, ``dK += dS^T Q``, ``dV += P'^T dO``:
+  batched matrix products on cuBLAS (grouped-query heads by a reshape, no repeated ``K``, ``V``);
+* the Compose and the softmax, forward and adjoint, with every per-position weight gradient: Triton kernels that read
+  and write those buffers once per element, one program per (query tile, key chunk, batch x group) on
+  ``(heads x rows x keys)`` tiles. No tensor-core product runs inside them, so a tile keeps its loads' layout, with
+  every head of a position in one thread's registers: the Compose's sums over heads (``h_r = sum_m w1[r, m] x_m``)
+  and the static mix stay inside a thread, and the kernels are bound by memory, not latency;
+* sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk, sums down a column
+  (key-side weight gradients) per query tile, and the static mix's gradient per program: partial sums, added by the
+  host in a fixed order (no atomics: the same bits on every run).
 
-The forward stores only ``O`` and the row log-sum-exp ``lse`` (the tile kernels' own, so either backward takes either
-forward's); the backward recomputes ``S``, ``S'`` (pre-composed scores) and ``P'`` (post-composed probabilities) block by
-block. Arithmetic is float32 except the products' operands (the inputs' dtype: ``P'`` and ``dS`` are rounded to it
-before their products, as in the tile kernels). Key-side weight gradients are summed over query tiles from per-tile
-partial sums (no atomics: the same bits on every run).
-
-Takes what the tile kernels take (:func:`headmix.ops.triton.launch.check_supported`) with rank at most
-:data:`MAX_RANK`; :func:`takes` says so. The spec is :func:`headmix.reference.composed_attention`
-(``tests/test_triton.py`` checks forward and every gradient against it).
+The forward stores only ``O`` and the row log-sum-exp ``lse`` (the tile kernels' own quantity, so either backward
+takes either forward's); the backward recomputes ``S``, ``S'`` (pre-composed scores) and ``P'`` (post-composed
+probabilities) block by block. Arithmetic is float32 except the products' operands (the inputs' dtype: ``P'`` and
+``dS`` are rounded to it before their products, as in the tile kernels). It takes every shape the tile kernels take
+(any rank, heads per group, head dim); which path trains is :func:`headmix.ops.triton.launch.training_kernels`' choice.
+The spec is :func:`headmix.reference.composed_attention` (``tests/test_triton.py`` checks the output and every
+gradient against it).
 """
 
 from __future__ import annotations
@@ -34,8 +36,21 @@ from torch import Tensor
 from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _key_range, _valid
 
 BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buffer (512 MB)
-TILE = (8, 64, 4)  # (query rows, keys, warps) of a program's tiles
-KEY_CHUNK = 256  # keys per program (its share of a row's sums)
+# (query rows, keys, warps) of a program's (heads x rows x keys) tile, by padded heads per group (up to 16, more).
+# Compiled offline for sm_90 (triton 3.9, static mix off; .devm-style script of benchmarks/kernel_resources.py), the
+# larger tiles spill: at 16 heads (8, 64, 4) 336-1,848 bytes per thread, (16, 16, 4) and (8, 32, 4) 0-232; at 32 heads
+# (8, 64, 4) 6.9-10.1 KB with 32 registers, (4, 32, 4) 24-448 B. On an H200 (2026-11-30, bf16, B = 8 x 2048, causal,
+# rank 2, forward+backward ms): 16 x 64: (8, 64, 4) 33.6, (2, 64, 4) 31.7, (8, 32, 8) 31.5, (4, 32, 4) 25.6,
+# (8, 16, 4) 24.0, (8, 32, 4) 23.6, (16, 16, 4) 21.5; 32 x 80 in one group: (8, 64, 4) 121.6, (4, 32, 8) 74.2,
+# (2, 16, 4) 61.3, (8, 16, 4) 50.8, (2, 32, 4) 50.7, (4, 16, 4) 50.2, (4, 32, 4) 46.3.
+TILES = {16: (16, 16, 4), 32: (4, 32, 4)}
+KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
+# with (8, 32, 4) tiles and 46.3 (256) / 47.7 (512) at 32 x 80 with (4, 32, 4), same runs
+
+
+def tile(padded_heads: int) -> tuple[int, int, int]:
+    """``(BM, BN, num_warps)`` of the kernels for a group of ``padded_heads`` (a power of two) heads."""
+    return TILES[16 if padded_heads <= 16 else 32]
 
 # -- kernels -----------------------------------------------------------------------------------------------------------
 # Every kernel: one program per (query tile, key chunk, batch x group); a tile is (MP, BM, BN), every head of the group
@@ -94,16 +109,30 @@ def _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok
 
 
 @triton.jit
-def _frame(C, L, off, KC, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """This program's query tile, batch x group and keys ``[lo, hi)``: its chunk of ``KC`` keys within the range the
+def _frame(C, L, off, KC, G: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """This program's query tile ``pid_i`` (rows ``offs_i``, in bounds ``i_ok``), key chunk ``pid_c``, batch x group
+    ``bg`` (``b``, ``g``), the heads ``hm`` and its keys ``[lo, hi)``: its chunk of ``KC`` keys within the range the
     mask's structure lets the tile see."""
     pid_i = tl.program_id(0)
     pid_c = tl.program_id(1)
     bg = tl.program_id(2)
+    offs_i = pid_i * BM + tl.arange(0, BM)
     lo, hi = _key_range(pid_i * BM, C, L, off, BM, BN, CAUSAL, WINDOW)
     lo = tl.maximum(lo, pid_c * KC)
     hi = tl.minimum(hi, pid_c * KC + KC)
-    return pid_i, pid_c, bg, lo, hi
+    return pid_i, pid_c, bg, bg // G, bg % G, offs_i, offs_i < C, tl.arange(0, MP), lo, hi
+
+
+@triton.jit
+def _at(start_j, bg, offs_i, i_ok, hm, C, L, M: tl.constexpr, BN: tl.constexpr):
+    """Keys ``offs_j`` (in bounds ``j_ok``) of the tile at ``start_j``, its offsets into a ``(B, H, C, L)`` buffer and
+    their bounds."""
+    offs_j = start_j + tl.arange(0, BN)
+    j_ok = offs_j < L
+    at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
+    ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+    return offs_j, j_ok, at, ok
 
 
 @triton.jit
@@ -115,19 +144,11 @@ def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2,
     """``S' = Compose_pre(scale * S)`` (``S = Q K^T``; float32 ``(B, H, C, L)``) on the tiles the mask's structure
     allows; with ``STATS``, each row's max and sum of ``exp`` of the masked ``S'`` over this key chunk, ``(B, H, n_c,
     C)`` each."""
-    pid_i, pid_c, bg, lo, hi = _frame(C, L, off, KC, BM, BN, CAUSAL, WINDOW)
-    b = bg // G
-    g = bg % G
-    offs_i = pid_i * BM + tl.arange(0, BM)
-    i_ok = offs_i < C
-    hm = tl.arange(0, MP)
+    pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
     l_i = tl.zeros((MP, BM), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
-        offs_j = start_j + tl.arange(0, BN)
-        j_ok = offs_j < L
-        at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
-        ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
         x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
         y = _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
                       False)
@@ -159,19 +180,11 @@ def _post_kernel(sp_ptr, lse_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, 
                  BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
                  HAS_MASK: tl.constexpr):
     """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype."""
-    pid_i, pid_c, bg, lo, hi = _frame(C, L, off, KC, BM, BN, CAUSAL, WINDOW)
-    b = bg // G
-    g = bg % G
-    offs_i = pid_i * BM + tl.arange(0, BM)
-    i_ok = offs_i < C
-    hm = tl.arange(0, MP)
+    pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :],
                   mask=(hm < M)[:, None] & i_ok[None, :], other=float("inf"))
     for start_j in range(lo, hi, BN):
-        offs_j = start_j + tl.arange(0, BN)
-        j_ok = offs_j < L
-        at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
-        ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
         valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = _probs(sp_ptr, at, ok, lse, valid)
         y = _compose3(p, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
@@ -194,12 +207,7 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
     (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS * scale`` in
     ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``). Partial sums: query side ``(B, n_c, C, G, R, M)`` per key
     chunk, key side ``(B, n_i, L, G, R, M)`` per query tile, the static mix ``(B * G, n_i, n_c, M, M)``."""
-    pid_i, pid_c, bg, lo, hi = _frame(C, L, off, KC, BM, BN, CAUSAL, WINDOW)
-    b = bg // G
-    g = bg % G
-    offs_i = pid_i * BM + tl.arange(0, BM)
-    i_ok = offs_i < C
-    hm = tl.arange(0, MP)
+    pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     rr = tl.arange(0, RP)
     rows_ok = (hm < M)[:, None] & i_ok[None, :]
     lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :], mask=rows_ok,
@@ -212,10 +220,7 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
     a_qg = tl.zeros((MP, BM), dtype=tl.float32)
     a_w = tl.zeros((MP, MP), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
-        offs_j = start_j + tl.arange(0, BN)
-        j_ok = offs_j < L
-        at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
-        ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
         valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = _probs(sp_ptr, at, ok, lse, valid)
         if PRE_SIDE:
@@ -295,7 +300,7 @@ class _Block:
     """One query block: rows ``i0:i1``, the keys ``lo:hi`` they may see, the query offset within them, the mask's view,
     and the launch geometry (tiles, key chunks)."""
 
-    def __init__(self, i0, i1, S, offset, causal, window, mask):
+    def __init__(self, i0, i1, S, offset, causal, window, mask, BM, BN):
         self.i0, self.i1 = i0, i1
         lo, hi = 0, S
         if causal:
@@ -308,8 +313,8 @@ class _Block:
         self.C, self.L = i1 - i0, self.hi - self.lo
         self.off = i0 + offset - lo  # block row i sits at block key i + off
         self.mask = None if mask is None else mask[:, i0:i1, lo:self.hi]
-        self.n_i = triton.cdiv(self.C, TILE[0])
-        self.KC = max(TILE[1], KEY_CHUNK // TILE[1] * TILE[1])
+        self.n_i = triton.cdiv(self.C, BM)
+        self.KC = max(BN, KEY_CHUNK // BN * BN)
         self.n_c = triton.cdiv(self.L, self.KC)
 
     def mask_args(self, dummy: Tensor):
@@ -368,14 +373,16 @@ class _Run:
             self.mask = m.expand(m.shape[0], 1, T, self.S)[:, 0]
         # key tiles the structure never lets a query see are not written: buffers read by the products start at 0
         self.skips = self.causal or bool(self.window)
-        BM, BN, warps = TILE
-        self.consts = dict(G=groups, M=self.M, MP=max(2, triton.next_power_of_2(self.M)), R=_rank(pre, post), BM=BM,
-                           BN=BN, CAUSAL=self.causal, WINDOW=self.window, HAS_MASK=mask is not None, num_warps=warps)
+        MP = max(2, triton.next_power_of_2(self.M))
+        BM, BN, warps = tile(MP)
+        self.consts = dict(G=groups, M=self.M, MP=MP, R=_rank(pre, post), BM=BM, BN=BN, CAUSAL=self.causal,
+                           WINDOW=self.window, HAS_MASK=mask is not None, num_warps=warps)
 
     def blocks(self):
-        C = block_rows(self.B, self.H, self.T, self.S, TILE[0])
+        BM, BN = self.consts["BM"], self.consts["BN"]
+        C = block_rows(self.B, self.H, self.T, self.S, BM)
         for i0 in range(0, self.T, C):
-            blk = _Block(i0, min(self.T, i0 + C), self.S, self.offset, self.causal, self.window, self.mask)
+            blk = _Block(i0, min(self.T, i0 + C), self.S, self.offset, self.causal, self.window, self.mask, BM, BN)
             if blk.L > 0:
                 yield blk
 

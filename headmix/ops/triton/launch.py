@@ -46,9 +46,11 @@ WIDE_GROUPS_ON_AUTO = False
 # (forward.py, backward.py: nothing quadratic in memory), "blockwise" (blockwise.py: materialised query blocks, the
 # products on cuBLAS, the Compose in Triton at memory speed, a bounded buffer), or "auto": blockwise where it measured
 # faster. On an H200 (2026-11-30, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms, tiles -> blockwise;
-# benchmarks/training_paths.py): 16 x 64 20.9 -> 33.6 (slower), with the static mix 21.1 -> 103.6, window 256
-# 5.3 -> 14.7; 16 x 128 59.2 -> 34.4; 32 x 80 in one group 348.1 -> 121.6; 32 x 128 398.4 -> 123.2. So auto takes the
-# blockwise path for groups of more than 16 heads or padded head dims above 64, without a static mix.
+# `python benchmarks/training_paths.py --shapes ... --windows 0 256`, docs/kernels.md "The blockwise training path"):
+# 16 x 64 20.9 -> 21.5, with the static mix 21.0 -> 66.9, window 256 5.3 -> 13.9; 16 x 128 59.7 -> 22.3, window 256
+# 16.1 -> 18.1; 32 x 80 in one group 345.9 -> 46.2, window 256 95.2 -> 19.9; 32 x 128 398.4 -> 47.9. So auto takes
+# the blockwise path without a static mix for groups of more than 16 heads, and for padded head dims above 64 without
+# a window.
 TRAINING_KERNELS = "auto"
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
@@ -149,14 +151,16 @@ def auto_refusal(heads_per_group: int, static: bool = True) -> str | None:
     return None
 
 
-def training_kernels(padded_heads: int, head_dim: int, static: bool) -> str:
+def training_kernels(padded_heads: int, head_dim: int, static: bool, window: int = 0) -> str:
     """"tiles" or "blockwise": which kernels train a group of ``padded_heads`` heads of ``head_dim`` dimensions,
-    ``static`` whether a Compose has a static mix (:data:`TRAINING_KERNELS`)."""
+    ``static`` whether a Compose has a static mix, ``window`` the sliding window (0: none) (:data:`TRAINING_KERNELS`)."""
     check_choice("TRAINING_KERNELS", TRAINING_KERNELS, ("auto", "tiles", "blockwise"))
     if TRAINING_KERNELS != "auto":
         return TRAINING_KERNELS
-    wide = padded_heads > MATRIX_FORM_HEADS or next_pow2(head_dim) > WHOLE_HEAD_DIM
-    return "blockwise" if wide and not static else "tiles"
+    if static:
+        return "tiles"
+    wide_head_dim = next_pow2(head_dim) > WHOLE_HEAD_DIM and not window
+    return "blockwise" if padded_heads > MATRIX_FORM_HEADS or wide_head_dim else "tiles"
 
 
 def rank_form(phase: str, padded_heads: int) -> bool:
@@ -472,14 +476,15 @@ def _static(pre: ComposeWeights | None, post: ComposeWeights | None) -> bool:
     return any(w is not None and w.static is not None for w in (pre, post))
 
 
-def _kernels_for(q: Tensor, v: Tensor, groups: int, pre, post) -> str:
-    return training_kernels(padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1]), _static(pre, post))
+def _kernels_for(q: Tensor, v: Tensor, groups: int, pre, post, window) -> str:
+    return training_kernels(padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1]), _static(pre, post),
+                            window or 0)
 
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
     """``(O, lse)`` for training, on the kernels :func:`training_kernels` names (either backward takes either
     forward's ``lse``)."""
-    if _kernels_for(q, v, groups, pre, post) == "blockwise":
+    if _kernels_for(q, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
@@ -487,7 +492,7 @@ def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offse
 
 def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
     """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
-    if _kernels_for(q, v, groups, pre, post) == "blockwise":
+    if _kernels_for(q, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
