@@ -165,6 +165,28 @@ def test_blockwise_kernels_match_reference_forward_and_backward(case, monkeypatc
     compare(*shape, **options)
 
 
+@pytest.mark.parametrize("T, blockwise_runs", [(130, True), (20, False)])
+def test_forward_without_gradients_takes_the_blockwise_path_for_many_queries(T, blockwise_runs, monkeypatch):
+    """Without gradients, 128 queries or more (a prefill, an evaluation forward) run the blockwise forward where it
+    trains; fewer (decoding, short chunks) keep the tile kernels' split-key forward; both equal the reference."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    calls = []
+    real = blockwise.blockwise_forward
+    monkeypatch.setattr(launch, "blockwise_forward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(3)
+    B, H, S, D = 1, 4, T + 3, 16
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(2))
+    pre, post = (random_weights(B, T, S, 1, H, 2, FIELDS, g, dtype=torch.float32) for _ in range(2))
+    spec = MaskSpec(causal=True, window=9)
+    with torch.no_grad():
+        out = triton_dcmha.triton_composed_attention(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), scale=D**-0.5,
+                                                     mask=spec, pre=as_float32(pre), post=as_float32(post))
+        expected = composed_attention(q, k, v, scale=D**-0.5, mask=spec, pre=pre, post=post)
+    assert bool(calls) == blockwise_runs
+    assert ((out.cpu() - expected).norm() / expected.norm()).item() <= 1e-5
+
+
 def test_training_kernels_policy(monkeypatch):
     """auto trains groups of more than 16 heads, and head dims above 64 without a window, on the blockwise path
     unless a Compose has a static mix; the setting forces either; a bad setting names the allowed values."""
@@ -246,7 +268,7 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
     with pytest.raises(RuntimeError, match="do not fit this GPU at this shape .*shared memory.*backend='chunked'"):
         out.backward(do.float().to(DEVICE))
     monkeypatch.setattr(op, "train_forward", no_room)
-    monkeypatch.setattr(op, "triton_forward", no_room)  # (the call without gradients)
+    monkeypatch.setattr(op, "inference_forward", no_room)  # (the call without gradients)
     with pytest.raises(RuntimeError, match="do not fit this GPU"):
         triton_dcmha.triton_composed_attention(*args, **kwargs)
     with pytest.warns(RuntimeWarning, match="falls back"):

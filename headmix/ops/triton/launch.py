@@ -496,3 +496,20 @@ def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, win
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
+
+
+# Without gradients, calls of at least this many queries (a prefill, an evaluation forward) take the blockwise forward
+# where it trains (:func:`training_kernels`): the same computation as its training forward, which measured 9.9 against
+# 41.5 ms for the tile kernels' forward at 32 x 80 (H200, B = 8 x 2048; docs/kernels.md, "The blockwise training
+# path"). Fewer queries (decoding, short chunks) keep the tile kernels' split-key forward. 128: one block of the chunked
+# path's default, a round figure, not tuned.
+BLOCKWISE_MIN_QUERIES = 128
+
+
+def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
+    """The output without gradients: the blockwise forward for :data:`BLOCKWISE_MIN_QUERIES` queries or more where
+    :func:`training_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
+    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and _kernels_for(q, v, groups, pre, post, window) == "blockwise":
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=False, kv_heads=k.shape[1])
+        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]

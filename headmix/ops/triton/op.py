@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
-from .launch import FIELDS, check_supported, train_backward, train_forward, triton_forward
+from .launch import FIELDS, check_supported, inference_forward, train_backward, train_forward
 
 # ``FALLBACK(error, what)`` -> a backend function to run instead of the kernels (``what``: "forward",
 # "backward" or "inference"); installed by the ops registry, which owns the policy. ``None``: always raise.
@@ -67,10 +67,11 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
 def _inference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
                window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
                fallback: bool) -> Tensor:
-    """The output only, without gradients: keys are split over programs when queries are few (decoding)."""
+    """The output only, without gradients (``launch.inference_forward``): keys are split over programs when queries
+    are few (decoding)."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
     try:
-        return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+        return inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
     except OutOfResources as error:
         backend = _no_room(error, fallback, "inference")
     return _run(backend, q, k, v, scale, mask, pre, post, groups, causal, window, offset)
