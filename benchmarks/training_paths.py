@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    from headmix.ops.triton import launch
+    from headmix.ops.triton import launch, op
     from headmix.reference import ComposeWeights
 
     dtype = getattr(torch, args.dtype)
@@ -85,15 +85,15 @@ def main(argv=None) -> int:
             for path in args.paths:
                 launch.TRAINING_KERNELS = path
                 try:
-                    out, lse = launch.train_forward(q, k, v, *call)
+                    out, lse = op.train_forward(q, k, v, *call)
                     if device == "cuda":
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                         base = torch.cuda.memory_allocated()
-                    grads = launch.train_backward(do, q, k, v, lse, *call)
+                    grads = op.train_backward(do, q, k, v, lse, *call)
                     peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
-                    fwd = timed(lambda: launch.train_forward(q, k, v, *call))
-                    bwd = timed(lambda: launch.train_backward(do, q, k, v, lse, *call))
+                    fwd = timed(lambda: op.train_forward(q, k, v, *call))
+                    bwd = timed(lambda: op.train_backward(do, q, k, v, lse, *call))
                     flat = [out, *grads[:3], *grads[3].values(), *grads[4].values()]
                     results[path] = flat
                     rows.append([spec, str(window or "global"), path, f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",

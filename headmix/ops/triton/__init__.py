@@ -51,8 +51,9 @@ Layout of this package, by role:
 * :mod:`.tiles`: the ``@triton.jit`` tile helpers (mixing matrices, masks, block ranges) and the names of the
   Compose-term flag bits (``STATIC``, ``QUERY_LOWRANK``, ``KEY_LOWRANK``, ``QUERY_GATE``, ``KEY_GATE``);
 * :mod:`.forward`, :mod:`.backward`: the tile kernels;
-* :mod:`.blockwise`: the blockwise training path (materialised query blocks, products on cuBLAS, the Compose in
-  Triton at memory speed), which trains wide groups and head dims above 64 (``launch.TRAINING_KERNELS``);
+* :mod:`.blockwise` (launches) and :mod:`.blockwise_kernels`: the blockwise training path (materialised query
+  blocks, products on cuBLAS, the Compose in Triton at memory speed), which trains wide groups and head dims above 64
+  (``launch.TRAINING_KERNELS``; :mod:`.op` routes each call);
 * :mod:`.launch`: what the kernels take (:func:`check_supported`), tile shapes, launches;
 * :mod:`.op`: the ``torch.library`` custom ops with autograd, and the entry point
   :func:`triton_composed_attention`. What runs when a kernel does not fit the GPU is the ops registry's

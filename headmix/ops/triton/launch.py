@@ -15,7 +15,6 @@ from torch import Tensor
 from ..._validation import check_choice
 from ...reference import COMPOSE_FIELDS, ComposeWeights
 from .backward import _bwd_key_kernel, _bwd_query_kernel
-from .blockwise import blockwise_backward, blockwise_forward
 from .forward import _fwd_kernel, _one_query_kernel, _split_sum_kernel
 
 MAX_HEAD_DIM = 128  # forward and backward; head dims that are no power of two are padded inside the kernels
@@ -38,9 +37,8 @@ WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
 # backend="auto" does not choose those wider groups' tile kernels: measured on an H200 (2026-11-30, bf16, B=8 x 2048,
 # 32 heads in one group, static mix off; docs/kernels.md, "32 heads per group"), they train 1.9-2.1x SLOWER than the
 # chunked path (fwd+bwd 347 / 400 ms at head dim 80 / 128, chunked 180 / 187 ms). Without a static mix such groups
-# train on the blockwise path instead (TRAINING_KERNELS below: 122 / 123 ms, 2026-11-30, same machine kind), which
-# auto chooses; with one (the blockwise path's static mix is slow: see TRAINING_KERNELS) auto keeps them on the chunked
-# path and says why once; backend="triton" runs the tile kernels; True lets auto choose them.
+# train on the blockwise path (TRAINING_KERNELS below: 46 / 48 ms), which auto chooses; with one auto keeps them on the
+# chunked path and says why once; backend="triton" runs the tile kernels; True lets auto choose them.
 WIDE_GROUPS_ON_AUTO = False
 # Which kernels train (the forward that stores the row log-sum-exp, and the backward): "tiles", the fused tile kernels
 # (forward.py, backward.py: nothing quadratic in memory), "blockwise" (blockwise.py: materialised query blocks, the
@@ -471,45 +469,3 @@ def tensor_core_flops(head_dim: int, heads_per_group: int, pairs: float) -> dict
     }
     return {name: f * pairs for name, f in per.items()}
 
-
-def _static(pre: ComposeWeights | None, post: ComposeWeights | None) -> bool:
-    return any(w is not None and w.static is not None for w in (pre, post))
-
-
-def _kernels_for(q: Tensor, v: Tensor, groups: int, pre, post, window) -> str:
-    return training_kernels(padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1]), _static(pre, post),
-                            window or 0)
-
-
-def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
-    """``(O, lse)`` for training, on the kernels :func:`training_kernels` names (either backward takes either
-    forward's ``lse``)."""
-    if _kernels_for(q, v, groups, pre, post, window) == "blockwise":
-        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
-        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
-    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
-
-
-def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
-    """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
-    if _kernels_for(q, v, groups, pre, post, window) == "blockwise":
-        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
-        return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
-    return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
-
-
-# Without gradients, calls of at least this many queries (a prefill, an evaluation forward) take the blockwise forward
-# where it trains (:func:`training_kernels`): the same computation as its training forward, which measured 9.9 against
-# 41.5 ms for the tile kernels' forward at 32 x 80 (H200, B = 8 x 2048; docs/kernels.md, "The blockwise training
-# path"). Fewer queries (decoding, short chunks) keep the tile kernels' split-key forward. 128: one block of the chunked
-# path's default, a round figure, not tuned.
-BLOCKWISE_MIN_QUERIES = 128
-
-
-def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
-    """The output without gradients: the blockwise forward for :data:`BLOCKWISE_MIN_QUERIES` queries or more where
-    :func:`training_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
-    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and _kernels_for(q, v, groups, pre, post, window) == "blockwise":
-        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=False, kv_heads=k.shape[1])
-        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
-    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]

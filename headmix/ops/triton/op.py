@@ -16,7 +16,8 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
-from .launch import FIELDS, check_supported, inference_forward, train_backward, train_forward
+from .blockwise import blockwise_backward, blockwise_forward
+from .launch import FIELDS, check_supported, padded_heads, training_kernels, triton_backward, triton_forward
 
 # ``FALLBACK(error, what)`` -> a backend function to run instead of the kernels (``what``: "forward",
 # "backward" or "inference"); installed by the ops registry, which owns the policy. ``None``: always raise.
@@ -49,6 +50,44 @@ def _recompute_backward(backend, do, q, k, v, scale, mask, pre, post, groups, ca
     return dq, dk, dv, *({f: next(grads) for f in (w or {})} for w in weights)
 
 
+def kernels_for(q: Tensor, v: Tensor, groups: int, pre, post, window) -> str:
+    """"tiles" or "blockwise": :func:`headmix.ops.triton.launch.training_kernels` for these inputs."""
+    static = any(w is not None and w.static is not None for w in (pre, post))
+    return training_kernels(padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1]), static, window or 0)
+
+
+def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
+    """``(O, lse)`` for training, on the kernels :func:`training_kernels` names (either backward takes either
+    forward's ``lse``)."""
+    if kernels_for(q, v, groups, pre, post, window) == "blockwise":
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
+
+
+def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
+    """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
+    if kernels_for(q, v, groups, pre, post, window) == "blockwise":
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
+    return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
+
+
+# Without gradients, this many queries or more (a prefill, an evaluation forward) take the blockwise forward where it
+# trains: its training forward measured 9.9 against 41.5 ms for the tile kernels' at 32 x 80 (H200, B = 8 x 2048).
+# Fewer keep the split-key tile forward (decoding). A round figure, not tuned.
+BLOCKWISE_MIN_QUERIES = 128
+
+
+def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
+    """The output without gradients: the blockwise forward for :data:`BLOCKWISE_MIN_QUERIES` queries or more where
+    :func:`training_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
+    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and kernels_for(q, v, groups, pre, post, window) == "blockwise":
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=False, kv_heads=k.shape[1])
+        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+    return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+
+
 @torch.library.custom_op("headmix::dcmha_forward", mutates_args=())
 def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
                 window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
@@ -67,7 +106,7 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: flo
 def _inference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, groups: int, causal: bool,
                window: int, offset: int, pre_present: bool, post_present: bool, weights: list[Tensor],
                fallback: bool) -> Tensor:
-    """The output only, without gradients (``launch.inference_forward``): keys are split over programs when queries
+    """The output only, without gradients (:func:`inference_forward`): keys are split over programs when queries
     are few (decoding)."""
     pre, post = _unflatten(pre_present, weights[:7]), _unflatten(post_present, weights[7:])
     try:

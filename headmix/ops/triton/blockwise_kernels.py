@@ -1,0 +1,235 @@
+"""The Triton kernels of the blockwise training path (:mod:`.blockwise`): the Compose and the softmax, forward and
+adjoint, with every per-position weight gradient, on ``(heads x rows x keys)`` tiles of materialised query blocks."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _key_range, _valid
+
+# -- kernels -----------------------------------------------------------------------------------------------------------
+# Every kernel: one program per (query tile, key chunk, batch x group); a tile is (MP, BM, BN), every head of the group
+# at BM queries and BN keys, loaded once. With no tensor-core product inside, the tile keeps the loads' layout (heads
+# in each thread's registers), so the sums over heads (the Compose's hidden terms) stay inside a thread. Sums over a
+# row's keys (softmax statistics, Delta, query-side weight gradients) are per key chunk, over a column's queries
+# (key-side weight gradients) per query tile: partial sums, added up by the host in a fixed order.
+@triton.jit
+def _side(ptr, b, pos, ok, n_full, g, r, hm, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
+    """A per-position factor ``(B, n_full, G, R, M)`` (a gate: ``R = 1``, ``r = 0``) at rank ``r`` and positions ``pos``
+    (relative to ``ptr``, which points at the block's first position) as an ``(MP, len(pos))`` float32 tile, 0 where not
+    ``ok`` or past the group's heads."""
+    p = ptr + ((b * n_full + pos[None, :]) * G + g) * (R * M) + r * M + hm[:, None]
+    return tl.load(p, mask=(hm < M)[:, None] & ok[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _head(x, hm, m):
+    """Head ``m``'s ``(BM, BN)`` slice of an ``(MP, BM, BN)`` tile."""
+    return tl.sum(tl.where((hm == m)[:, None, None], x, 0.0), 0)
+
+
+@triton.jit
+def _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G: tl.constexpr,
+              M: tl.constexpr, R: tl.constexpr, FLAGS: tl.constexpr, ADJOINT: tl.constexpr):
+    """Compose (``ADJOINT``: its adjoint) of an ``(MP, BM, BN)`` tile at queries ``offs_i`` and keys ``offs_j``:
+    ``x + W-mix(x) + sum_r w2[r] (w1[r] . x) (query- and key-wise) + (g_q + g_k) x``; the adjoint transposes ``W`` and
+    swaps the two factors."""
+    y = x
+    if STATIC & FLAGS:
+        for m in range(0, M):  # y[n] += W[m, n] x[m]  (adjoint: y[n] += W[n, m] x[m])
+            if ADJOINT:
+                col = tl.load(w_ptr + g * M * M + hm * M + m, mask=hm < M, other=0.0).to(tl.float32)
+            else:
+                col = tl.load(w_ptr + g * M * M + m * M + hm, mask=hm < M, other=0.0).to(tl.float32)
+            y += col[:, None, None] * _head(x, hm, m)[None, :, :]
+    if QUERY_LOWRANK & FLAGS:
+        for r in tl.static_range(R):
+            a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+            c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+            if ADJOINT:
+                a, c = c, a
+            y += c[:, :, None] * tl.sum(a[:, :, None] * x, 0)[None, :, :]
+    if KEY_LOWRANK & FLAGS:
+        for r in tl.static_range(R):
+            a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+            c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+            if ADJOINT:
+                a, c = c, a
+            y += c[:, None, :] * tl.sum(a[:, None, :] * x, 0)[None, :, :]
+    if QUERY_GATE & FLAGS:
+        y += _side(qg, b, offs_i, i_ok, T, g, 0, hm, G, 1, M)[:, :, None] * x
+    if KEY_GATE & FLAGS:
+        y += _side(kg, b, offs_j, j_ok, S, g, 0, hm, G, 1, M)[:, None, :] * x
+    return y
+
+
+@triton.jit
+def _frame(C, L, off, KC, G: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+           CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """This program's query tile ``pid_i`` (rows ``offs_i``, in bounds ``i_ok``), key chunk ``pid_c``, batch x group
+    ``bg`` (``b``, ``g``), the heads ``hm`` and its keys ``[lo, hi)``: its chunk of ``KC`` keys within the range the
+    mask's structure lets the tile see."""
+    pid_i = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    bg = tl.program_id(2)
+    offs_i = pid_i * BM + tl.arange(0, BM)
+    lo, hi = _key_range(pid_i * BM, C, L, off, BM, BN, CAUSAL, WINDOW)
+    lo = tl.maximum(lo, pid_c * KC)
+    hi = tl.minimum(hi, pid_c * KC + KC)
+    return pid_i, pid_c, bg, bg // G, bg % G, offs_i, offs_i < C, tl.arange(0, MP), lo, hi
+
+
+@triton.jit
+def _at(start_j, bg, offs_i, i_ok, hm, C, L, M: tl.constexpr, BN: tl.constexpr):
+    """Keys ``offs_j`` (in bounds ``j_ok``) of the tile at ``start_j``, its offsets into a ``(B, H, C, L)`` buffer and
+    their bounds."""
+    offs_j = start_j + tl.arange(0, BN)
+    j_ok = offs_j < L
+    at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
+    ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
+    return offs_j, j_ok, at, ok
+
+
+@triton.jit
+def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+                C, L, T, S, off, scale, smb, smt, sms, KC, n_c,
+                G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                HAS_MASK: tl.constexpr, STATS: tl.constexpr):
+    """``S' = Compose_pre(scale * S)`` (``S = Q K^T``; float32 ``(B, H, C, L)``) on the tiles the mask's structure
+    allows; with ``STATS``, each row's max and sum of ``exp`` of the masked ``S'`` over this key chunk, ``(B, H, n_c,
+    C)`` each."""
+    pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
+    m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
+    l_i = tl.zeros((MP, BM), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
+        x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
+        y = _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
+                      False)
+        tl.store(out_ptr + at, y, mask=ok)
+        if STATS:
+            valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+            ys = tl.where(valid, y, NEG)
+            m_new = tl.maximum(m_i, tl.max(ys, 2))
+            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(valid, tl.exp(ys - m_new[:, :, None]), 0.0), 2)
+            m_i = m_new
+    if STATS:
+        rows = ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :]
+        rok = (hm < M)[:, None] & i_ok[None, :]
+        tl.store(pm_ptr + rows, m_i, mask=rok)
+        tl.store(pl_ptr + rows, l_i, mask=rok)
+
+
+@triton.jit
+def _probs(sp_ptr, at, ok, lse, valid):
+    """``P = exp(S' - lse)`` on the allowed entries of an ``(MP, BM, BN)`` tile, 0 elsewhere."""
+    x = tl.load(sp_ptr + at, mask=ok, other=0.0)
+    return tl.where(valid, tl.exp(x - lse[:, :, None]), 0.0)
+
+
+@triton.jit
+def _post_kernel(sp_ptr, lse_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+                 C, L, T, S, off, smb, smt, sms, slb, slh, KC,
+                 G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                 HAS_MASK: tl.constexpr):
+    """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype."""
+    pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
+    lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :],
+                  mask=(hm < M)[:, None] & i_ok[None, :], other=float("inf"))
+    for start_j in range(lo, hi, BN):
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
+        valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        p = _probs(sp_ptr, at, ok, lse, valid)
+        y = _compose3(p, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
+                      False)
+        tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+                    pdelta, pq1, pq2, pqg, pk1, pk2, pkg, pw,
+                    C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC, n_c, n_i,
+                    G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
+                    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr):
+    """The adjoint of one Compose on a tile, and its weight gradients.
+
+    Post side (``PRE_SIDE`` False): the Compose's input is ``P`` (from ``S'``, ``lse``), its output's gradient ``dP'``
+    (``dy_ptr``); writes ``dP`` (float32, ``out_ptr``) and this key chunk's share of ``Delta = sum_j P dP`` per row
+    (``pdelta``, ``(B, H, n_c, C)``). Pre side: the input is ``scale * S`` (``x_ptr``), the output's gradient ``dS' = P
+    (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS * scale`` in
+    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``). Partial sums: query side ``(B, n_c, C, G, R, M)`` per key
+    chunk, key side ``(B, n_i, L, G, R, M)`` per query tile, the static mix ``(B * G, n_i, n_c, M, M)``."""
+    pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
+    rr = tl.arange(0, RP)
+    rows_ok = (hm < M)[:, None] & i_ok[None, :]
+    lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :], mask=rows_ok,
+                  other=float("inf"))
+    if PRE_SIDE:
+        delta = tl.load(delta_ptr + (bg * M + hm[:, None]) * C + offs_i[None, :], mask=rows_ok, other=0.0)
+    a_delta = tl.zeros((MP, BM), dtype=tl.float32)
+    a_q1 = tl.zeros((RP, MP, BM), dtype=tl.float32)
+    a_q2 = tl.zeros((RP, MP, BM), dtype=tl.float32)
+    a_qg = tl.zeros((MP, BM), dtype=tl.float32)
+    a_w = tl.zeros((MP, MP), dtype=tl.float32)
+    for start_j in range(lo, hi, BN):
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
+        valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        p = _probs(sp_ptr, at, ok, lse, valid)
+        if PRE_SIDE:
+            x = tl.load(x_ptr + at, mask=ok, other=0.0) * scale
+            dy = p * (tl.load(dy_ptr + at, mask=ok, other=0.0) - delta[:, :, None])
+        else:
+            x = p
+            dy = tl.load(dy_ptr + at, mask=ok, other=0.0)
+        dx = _compose3(dy, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
+                       True)
+        if PRE_SIDE:
+            tl.store(out_ptr + at, (dx * scale).to(out_ptr.dtype.element_ty), mask=ok)
+        else:
+            tl.store(out_ptr + at, dx, mask=ok)
+            a_delta += tl.sum(p * dx, 2)
+        # weight gradients of y = Compose(x) with upstream dy: dw1[r] = sum (w2[r] . dy) x, dw2[r] = sum dy (w1[r] . x),
+        # dg = sum dy x, dW[m, n] = sum x[m] dy[n]; query side summed over keys (axis 2), key side over queries (axis 1)
+        if QUERY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+                c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)
+                h = tl.sum(a[:, :, None] * x, 0)
+                dh = tl.sum(c[:, :, None] * dy, 0)
+                a_q1 += tl.where((rr == r)[:, None, None], tl.sum(x * dh[None, :, :], 2)[None, :, :], 0.0)
+                a_q2 += tl.where((rr == r)[:, None, None], tl.sum(dy * h[None, :, :], 2)[None, :, :], 0.0)
+        if QUERY_GATE & FLAGS:
+            a_qg += tl.sum(dy * x, 2)
+        kp = ((b * n_i + pid_i) * L + offs_j[None, :]) * G + g
+        kok = (hm < M)[:, None] & j_ok[None, :]
+        if KEY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+                c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)
+                h = tl.sum(a[:, None, :] * x, 0)
+                dh = tl.sum(c[:, None, :] * dy, 0)
+                tl.store(pk1 + kp * (R * M) + r * M + hm[:, None], tl.sum(x * dh[None, :, :], 1), mask=kok)
+                tl.store(pk2 + kp * (R * M) + r * M + hm[:, None], tl.sum(dy * h[None, :, :], 1), mask=kok)
+        if KEY_GATE & FLAGS:
+            tl.store(pkg + kp * M + hm[:, None], tl.sum(dy * x, 1), mask=kok)
+        if STATIC & FLAGS:
+            for m in range(0, M):
+                row = tl.sum(tl.sum(_head(x, hm, m)[None, :, :] * dy, 2), 1)  # (MP,): sum x[m] dy[n] over the tile
+                a_w += tl.where((hm == m)[:, None], row[None, :], 0.0)
+    qp = ((b * n_c + pid_c) * C + offs_i[None, :]) * G + g
+    if not PRE_SIDE:
+        tl.store(pdelta + ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :], a_delta, mask=rows_ok)
+    if QUERY_LOWRANK & FLAGS:
+        p3 = qp[None, :, :] * (R * M) + rr[:, None, None] * M + hm[None, :, None]
+        m3 = (rr < R)[:, None, None] & rows_ok[None, :, :]
+        tl.store(pq1 + p3, a_q1, mask=m3)
+        tl.store(pq2 + p3, a_q2, mask=m3)
+    if QUERY_GATE & FLAGS:
+        tl.store(pqg + qp * M + hm[:, None], a_qg, mask=rows_ok)
+    if STATIC & FLAGS:
+        wp = pw + ((bg * n_i + pid_i) * n_c + pid_c) * M * M + hm[:, None] * M + hm[None, :]
+        tl.store(wp, a_w, mask=(hm < M)[:, None] & (hm < M)[None, :])
