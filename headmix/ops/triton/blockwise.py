@@ -34,6 +34,7 @@ import triton
 from torch import Tensor
 
 from .blockwise_kernels import _adjoint_kernel, _post_kernel, _pre_kernel
+from .launch import FIELDS, _flags
 
 BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buffer (512 MB)
 # (query rows, keys, warps) of a program's (heads x rows x keys) tile, by padded heads per group (up to 16, more).
@@ -51,6 +52,7 @@ KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512
 def tile(padded_heads: int) -> tuple[int, int, int]:
     """``(BM, BN, num_warps)`` of the kernels for a group of ``padded_heads`` (a power of two) heads."""
     return TILES[16 if padded_heads <= 16 else 32]
+
 
 def block_rows(B: int, H: int, T: int, S: int, BM: int) -> int:
     """Queries per block: a multiple of ``BM`` with ``B * H * rows * S`` at most :data:`BLOCK_ELEMENTS` (at least ``BM``),
@@ -107,14 +109,6 @@ def _weights(w, blk: _Block, dummy: Tensor) -> list[Tensor]:
         t = getattr(w, f)
         out.append(dummy if t is None else (t[:, blk.i0:blk.i1] if rows else t[:, blk.lo:blk.hi]))
     return out
-
-
-def _flags(w) -> int:
-    """The kernels' Compose flag bits (:mod:`.tiles`) of the fields ``w`` has."""
-    if w is None:
-        return 0
-    bits = {"static": 1, "query_w1": 2, "key_w1": 8, "query_gate": 32, "key_gate": 64}
-    return sum(bit for f, bit in bits.items() if getattr(w, f) is not None)
 
 
 def _rank(pre, post) -> int:
@@ -218,8 +212,6 @@ def blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, o
 
 def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
     """Gradients ``(dq, dk, dv, dpre, dpost)`` as :func:`headmix.ops.triton.launch.triton_backward`."""
-    from .launch import FIELDS
-
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     lse = lse.contiguous()
     run = _Run(q, k, mask, pre, post, groups, causal, window, offset)
