@@ -165,6 +165,34 @@ def test_blockwise_kernels_match_reference_forward_and_backward(case, monkeypatc
     compare(*shape, **options)
 
 
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monkeypatch):
+    """The key-side weight gradients' sums over query tiles: atomic adds by default, per-tile partial sums added by the
+    host in a fixed order under ``torch.use_deterministic_algorithms(True)``; both equal the reference (several
+    blocks, key chunks and query tiles)."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 4 * 4 * 32 * 70)
+    monkeypatch.setattr(blockwise, "KEY_CHUNK", 32)
+    seen = []
+    real = blockwise._adjoint_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                seen.append(kwargs["ATOMIC"])
+                return real[grid](*args, **kwargs)
+            return launch_
+
+    monkeypatch.setattr(blockwise, "_adjoint_kernel", Spy())
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        compare(2, 4, 70, 70, 16, 1, 2, causal=True, window=20)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert seen and set(seen) == {not deterministic}
+
+
 @pytest.mark.parametrize("T, blockwise_runs", [(130, True), (20, False)])
 def test_forward_without_gradients_takes_the_blockwise_path_for_many_queries(T, blockwise_runs, monkeypatch):
     """Without gradients, 128 queries or more (a prefill, an evaluation forward) run the blockwise forward where it
@@ -188,12 +216,15 @@ def test_forward_without_gradients_takes_the_blockwise_path_for_many_queries(T, 
 
 
 def test_training_kernels_policy(monkeypatch):
-    """auto trains groups of more than 16 heads, and head dims above 64 without a window, on the blockwise path
-    unless a Compose has a static mix; the setting forces either; a bad setting names the allowed values."""
-    assert launch.training_kernels(16, 64, static=False) == "tiles"
+    """auto trains on the blockwise path unless a Compose has a static mix, or a window meets a group of up to 16 heads
+    with head dims up to 64 (those keep the tile kernels); the setting forces either; a bad setting names the allowed
+    values."""
+    assert launch.training_kernels(16, 64, static=False) == "blockwise"
     assert launch.training_kernels(16, 128, static=False) == "blockwise"
     assert launch.training_kernels(16, 80, static=False) == "blockwise"
-    assert launch.training_kernels(16, 128, static=False, window=256) == "tiles"
+    assert launch.training_kernels(16, 64, static=False, window=256) == "tiles"
+    assert launch.training_kernels(16, 128, static=False, window=256) == "blockwise"
+    assert launch.training_kernels(16, 64, static=True) == "tiles"
     assert launch.training_kernels(32, 80, static=False) == "blockwise"
     assert launch.training_kernels(32, 80, static=False, window=256) == "blockwise"
     assert launch.training_kernels(32, 128, static=True) == "tiles"

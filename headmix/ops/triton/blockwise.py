@@ -14,9 +14,13 @@ go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H
   ``(heads x rows x keys)`` tiles. No tensor-core product runs inside them, so a tile keeps its loads' layout, with
   every head of a position in one thread's registers: the Compose's sums over heads (``h_r = sum_m w1[r, m] x_m``)
   and the static mix stay inside a thread, and the kernels are bound by memory, not latency;
-* sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk, sums down a column
-  (key-side weight gradients) per query tile, and the static mix's gradient per program: partial sums, added by the
-  host in a fixed order (no atomics: the same bits on every run).
+* sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk and the static
+  mix's gradient per program: partial sums, added by the host in a fixed order. Sums down a column (key-side weight
+  gradients) are atomic adds into the gradient, whose order varies from run to run; under
+  ``torch.use_deterministic_algorithms(True)`` they are partial sums per query tile, added by the host like the others
+  (the same bits on every run, at the cost of a ``(B, n_i, L, G, R, M)`` buffer per field and block).
+* the backward makes ``S'`` and ``P'`` in one pass (``lse`` is known), the forward in two (the softmax statistics of a
+  row are complete only after its last key chunk).
 
 The forward stores only ``O`` and the row log-sum-exp ``lse`` (the tile kernels' own quantity, so either backward
 takes either forward's); the backward recomputes ``S``, ``S'`` (pre-composed scores) and ``P'`` (post-composed
@@ -37,21 +41,26 @@ from .blockwise_kernels import _adjoint_kernel, _post_kernel, _pre_kernel
 from .launch import FIELDS, _flags
 
 BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buffer (512 MB)
-# (query rows, keys, warps) of a program's (heads x rows x keys) tile, by padded heads per group (up to 16, more).
-# Compiled offline for sm_90 (triton 3.9, static mix off; .devm-style script of benchmarks/kernel_resources.py), the
-# larger tiles spill: at 16 heads (8, 64, 4) 336-1,848 bytes per thread, (16, 16, 4) and (8, 32, 4) 0-232; at 32 heads
-# (8, 64, 4) 6.9-10.1 KB with 32 registers, (4, 32, 4) 24-448 B. On an H200 (2026-11-30, bf16, B = 8 x 2048, causal,
-# rank 2, forward+backward ms): 16 x 64: (8, 64, 4) 33.6, (2, 64, 4) 31.7, (8, 32, 8) 31.5, (4, 32, 4) 25.6,
-# (8, 16, 4) 24.0, (8, 32, 4) 23.6, (16, 16, 4) 21.5; 32 x 80 in one group: (8, 64, 4) 121.6, (4, 32, 8) 74.2,
-# (2, 16, 4) 61.3, (8, 16, 4) 50.8, (2, 32, 4) 50.7, (4, 16, 4) 50.2, (4, 32, 4) 46.3.
-TILES = {16: (16, 16, 4), 32: (4, 32, 4)}
+# (query rows, keys, warps) of each kernel's (heads x rows x keys) tile, by padded heads per group (up to 16, more).
+# Compiled offline for sm_90 (triton 3.9, static mix off; benchmarks/kernel_resources.py's compile_kernel), larger
+# tiles spill: at 16 heads (8, 64, 4) 336-1,848 bytes per thread; at 32 heads (8, 64, 4) 6.9-10.1 KB. On an H200
+# (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms), one kernel's tile varied at a time: 16 x 64,
+# all (16, 16, 4): 18.8; pre (8, 16, 4) 18.5, (16, 16, 8) 18.6, (8, 32, 4) 19.3; post (8, 16, 4) 18.6, (16, 16, 8)
+# 18.9, (8, 32, 4) 19.8; adjoint (4, 32, 4) 20.0, (8, 16, 4) 21.8, (16, 16, 8) 24.4, (8, 32, 8) 25.8. 32 x 128 in one
+# group, all (4, 32, 4): 41.0; pre (2, 32, 4) 40.7, (8, 16, 4) 41.8, (4, 32, 8) 43.9; post (2, 32, 4) 40.6, (8, 16, 4)
+# 40.8, (4, 32, 8) 40.9; adjoint (2, 64, 4) 41.6, (2, 32, 4) 44.3, (4, 16, 4) 46.4, (4, 32, 8) 58.3. (The adjoint with
+# its query-side sums kept per key lane and summed once after the loop, against its shuffles per tile: 3-50% slower at
+# every tile tried, from the registers.) Earlier sweeps (2026-11-30, one tile for all kernels): docs/kernels.md.
+TILES = {16: dict(pre=(8, 16, 4), post=(8, 16, 4), adjoint=(16, 16, 4)),
+         32: dict(pre=(2, 32, 4), post=(2, 32, 4), adjoint=(4, 32, 4))}
 KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
 # with (8, 32, 4) tiles and 46.3 (256) / 47.7 (512) at 32 x 80 with (4, 32, 4), same runs
 
 
-def tile(padded_heads: int) -> tuple[int, int, int]:
-    """``(BM, BN, num_warps)`` of the kernels for a group of ``padded_heads`` (a power of two) heads."""
-    return TILES[16 if padded_heads <= 16 else 32]
+def tile(padded_heads: int, kernel: str) -> tuple[int, int, int]:
+    """``(BM, BN, num_warps)`` of ``kernel`` (``"pre"``, ``"post"`` or ``"adjoint"``) for a group of ``padded_heads``
+    (a power of two) heads."""
+    return TILES[16 if padded_heads <= 16 else 32][kernel]
 
 
 def block_rows(B: int, H: int, T: int, S: int, BM: int) -> int:
@@ -71,10 +80,10 @@ def _products(a: Tensor, b: Tensor) -> Tensor:
 
 
 class _Block:
-    """One query block: rows ``i0:i1``, the keys ``lo:hi`` they may see, the query offset within them, the mask's view,
-    and the launch geometry (tiles, key chunks)."""
+    """One query block: rows ``i0:i1``, the keys ``lo:hi`` they may see, the query offset within them and the mask's
+    view."""
 
-    def __init__(self, i0, i1, S, offset, causal, window, mask, BM, BN):
+    def __init__(self, i0, i1, S, offset, causal, window, mask):
         self.i0, self.i1 = i0, i1
         lo, hi = 0, S
         if causal:
@@ -87,9 +96,11 @@ class _Block:
         self.C, self.L = i1 - i0, self.hi - self.lo
         self.off = i0 + offset - lo  # block row i sits at block key i + off
         self.mask = None if mask is None else mask[:, i0:i1, lo:self.hi]
-        self.n_i = triton.cdiv(self.C, BM)
-        self.KC = max(BN, KEY_CHUNK // BN * BN)
-        self.n_c = triton.cdiv(self.L, self.KC)
+
+    def split(self, BM: int, BN: int) -> tuple[int, int, int]:
+        """``(n_i, KC, n_c)``: query tiles of ``BM`` rows, keys per chunk (a multiple of ``BN``), key chunks."""
+        KC = max(BN, KEY_CHUNK // BN * BN)
+        return triton.cdiv(self.C, BM), KC, triton.cdiv(self.L, KC)
 
     def mask_args(self, dummy: Tensor):
         if self.mask is None:
@@ -140,20 +151,22 @@ class _Run:
         # key tiles the structure never lets a query see are not written: buffers read by the products start at 0
         self.skips = self.causal or bool(self.window)
         MP = max(2, triton.next_power_of_2(self.M))
-        BM, BN, warps = tile(MP)
-        self.consts = dict(G=groups, M=self.M, MP=MP, R=_rank(pre, post), BM=BM, BN=BN, CAUSAL=self.causal,
-                           WINDOW=self.window, HAS_MASK=mask is not None, num_warps=warps)
+        self.tiles = {kernel: tile(MP, kernel) for kernel in ("pre", "post", "adjoint")}
+        self.consts = dict(G=groups, M=self.M, MP=MP, R=_rank(pre, post), CAUSAL=self.causal, WINDOW=self.window,
+                           HAS_MASK=mask is not None)
 
     def blocks(self):
-        BM, BN = self.consts["BM"], self.consts["BN"]
-        C = block_rows(self.B, self.H, self.T, self.S, BM)
+        C = block_rows(self.B, self.H, self.T, self.S, max(BM for BM, _, _ in self.tiles.values()))
         for i0 in range(0, self.T, C):
-            blk = _Block(i0, min(self.T, i0 + C), self.S, self.offset, self.causal, self.window, self.mask, BM, BN)
+            blk = _Block(i0, min(self.T, i0 + C), self.S, self.offset, self.causal, self.window, self.mask)
             if blk.L > 0:
                 yield blk
 
-    def grid(self, blk: _Block):
-        return (blk.n_i, blk.n_c, self.B * self.G)
+    def launch(self, blk: _Block, kernel: str):
+        """``(grid, (n_i, KC, n_c), constants)`` of ``kernel``'s launch on ``blk``."""
+        BM, BN, warps = self.tiles[kernel]
+        n_i, KC, n_c = blk.split(BM, BN)
+        return (n_i, n_c, self.B * self.G), (n_i, KC, n_c), dict(self.consts, BM=BM, BN=BN, num_warps=warps)
 
     def geometry(self, blk: _Block):
         return (blk.C, blk.L, self.T, self.S, blk.off)
@@ -163,25 +176,29 @@ class _Run:
         qb = q[:, :, blk.i0:blk.i1].reshape(self.B, self.Hkv, self.rep * blk.C, q.shape[-1])
         return _products(qb, k[:, :, blk.lo:blk.hi].transpose(-1, -2)).view(self.B, self.H, blk.C, blk.L)
 
-    def pre_compose(self, s, blk, scale, stats: bool):
-        """``S'`` of the block, and with ``stats`` the per-chunk row maxima and sums ``(B, H, n_c, C)``."""
+    def pre_compose(self, s, blk, scale):
+        """``S'`` of the block, and the per-chunk row maxima and sums ``(B, H, n_c, C)``."""
         f32 = dict(dtype=torch.float32, device=s.device)
+        grid, (_, KC, n_c), consts = self.launch(blk, "pre")
         sp = torch.empty_like(s)
-        pm = torch.empty(self.B, self.H, blk.n_c, blk.C, **f32) if stats else self.dummy
-        pl = torch.empty(self.B, self.H, blk.n_c, blk.C, **f32) if stats else self.dummy
+        pm = torch.empty(self.B, self.H, n_c, blk.C, **f32)
+        pl = torch.empty(self.B, self.H, n_c, blk.C, **f32)
         m, smb, smt, sms = blk.mask_args(self.dummy)
-        _pre_kernel[self.grid(blk)](s, sp, pm, pl, m, *_weights(self.pre, blk, self.dummy), *self.geometry(blk), scale,
-                                    smb, smt, sms, blk.KC, blk.n_c, FLAGS=_flags(self.pre), STATS=stats,
-                                    **self.consts)
+        _pre_kernel[grid](s, sp, pm, pl, m, *_weights(self.pre, blk, self.dummy), *self.geometry(blk), scale,
+                          smb, smt, sms, KC, n_c, FLAGS=_flags(self.pre), **consts)
         return sp, pm, pl
 
-    def post_compose(self, sp, lse, blk, dtype) -> Tensor:
-        """``P'`` of the block in ``dtype``."""
+    def post_compose(self, sp, lse, blk, dtype, s=None, scale=1.0) -> Tensor:
+        """``P'`` of the block in ``dtype`` from ``S'`` (``sp``); given ``S`` (``s``), ``S'`` is made from it on the
+        way and written into ``sp`` (the backward's one pass)."""
         pp = (torch.zeros if self.skips else torch.empty)(self.B, self.H, blk.C, blk.L, dtype=dtype, device=sp.device)
         m, smb, smt, sms = blk.mask_args(self.dummy)
-        _post_kernel[self.grid(blk)](sp, lse[:, :, blk.i0:blk.i1], pp, m, *_weights(self.post, blk, self.dummy),
-                                     *self.geometry(blk), smb, smt, sms, lse.stride(0), lse.stride(1), blk.KC,
-                                     FLAGS=_flags(self.post), **self.consts)
+        pre = _weights(self.pre, blk, self.dummy) if s is not None else [self.dummy] * 7
+        grid, (_, KC, _), consts = self.launch(blk, "post")
+        _post_kernel[grid](self.dummy if s is None else s, sp, lse[:, :, blk.i0:blk.i1], pp, m, *pre,
+                           *_weights(self.post, blk, self.dummy), *self.geometry(blk), scale, smb, smt, sms,
+                           lse.stride(0), lse.stride(1), KC, PRE_FLAGS=_flags(self.pre), FLAGS=_flags(self.post),
+                           FROM_S=s is not None, **consts)
         return pp
 
 
@@ -200,7 +217,7 @@ def blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, o
     lse = torch.full((B, H, T), float("inf"), dtype=torch.float32, device=q.device)
     for blk in run.blocks():
         s = run.scores(q, k, blk)
-        sp, pm, pl = run.pre_compose(s, blk, scale, stats=True)
+        sp, pm, pl = run.pre_compose(s, blk, scale)
         del s
         lse[:, :, blk.i0:blk.i1] = _combine_lse(pm, pl)
         pp = run.post_compose(sp, lse, blk, q.dtype)
@@ -224,41 +241,44 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
     grads = {c: ({} if w is None else {f: torch.zeros(getattr(w, f).shape, **f32) for f in FIELDS
                                        if getattr(w, f) is not None}) for c, w in (("pre", pre), ("post", post))}
     dummy = run.dummy
+    atomic = not torch.are_deterministic_algorithms_enabled()  # key-side sums added in place (see module doc)
     for blk in run.blocks():
         C, L = blk.C, blk.L
         s = run.scores(q, k, blk)
-        sp, _, _ = run.pre_compose(s, blk, scale, stats=False)
-        pp = run.post_compose(sp, lse, blk, q.dtype)
+        sp = torch.empty_like(s)
+        pp = run.post_compose(sp, lse, blk, q.dtype, s=s, scale=scale)
         dob = do[:, :, blk.i0:blk.i1].reshape(B, Hkv, rep * C, -1)
         dv[:, :, blk.lo:blk.hi] += _products(pp.view(B, Hkv, rep * C, L).transpose(-1, -2), dob)
         del pp
         dpp = _products(dob, v[:, :, blk.lo:blk.hi].transpose(-1, -2)).view(B, H, C, L)
         m, smb, smt, sms = blk.mask_args(dummy)
         lse_blk = lse[:, :, blk.i0:blk.i1]
+        grid, (n_i, KC, n_c), consts = run.launch(blk, "adjoint")
         delta = None
         for side, w in (("post", post), ("pre", pre)):
             g_ = grads[side]
             parts = {f: torch.zeros(shape, **f32) if f in g_ else dummy for f, shape in (
-                ("query_w1", (B, blk.n_c, C, G, R, M)), ("query_w2", (B, blk.n_c, C, G, R, M)),
-                ("query_gate", (B, blk.n_c, C, G, M)), ("key_w1", (B, blk.n_i, L, G, R, M)),
-                ("key_w2", (B, blk.n_i, L, G, R, M)), ("key_gate", (B, blk.n_i, L, G, M)),
-                ("static", (B * G, blk.n_i, blk.n_c, M, M)))}
+                ("query_w1", (B, n_c, C, G, R, M)), ("query_w2", (B, n_c, C, G, R, M)),
+                ("query_gate", (B, n_c, C, G, M)), ("static", (B * G, n_i, n_c, M, M)))}
+            for f, shape in (("key_w1", (B, n_i, L, G, R, M)), ("key_w2", (B, n_i, L, G, R, M)),
+                             ("key_gate", (B, n_i, L, G, M))):
+                parts[f] = dummy if f not in g_ else g_[f][:, blk.lo:] if atomic else torch.zeros(shape, **f32)
             if side == "post":
                 out = torch.empty(B, H, C, L, **f32)  # dP
-                pdelta = torch.zeros(B, H, blk.n_c, C, **f32)
+                pdelta = torch.zeros(B, H, n_c, C, **f32)
                 x, dy = dummy, dpp
             else:
                 out = (torch.zeros if run.skips else torch.empty)(B, H, C, L, dtype=q.dtype, device=q.device)  # dS
                 pdelta = dummy
                 x, dy = s, dp
-            _adjoint_kernel[run.grid(blk)](
+            _adjoint_kernel[grid](
                 x, sp, lse_blk, dy, dummy if delta is None else delta, out, m, *_weights(w, blk, dummy), pdelta,
                 *(parts[f] for f in ("query_w1", "query_w2", "query_gate", "key_w1", "key_w2", "key_gate", "static")),
                 *run.geometry(blk), scale if side == "pre" else 1.0, smb, smt, sms, lse.stride(0), lse.stride(1),
-                blk.KC, blk.n_c, blk.n_i, FLAGS=_flags(w), PRE_SIDE=side == "pre", RP=max(2, triton.next_power_of_2(R)),
-                **run.consts)
+                KC, n_c, n_i, run.S if atomic else n_i * L, 0 if atomic else L, FLAGS=_flags(w),
+                PRE_SIDE=side == "pre", RP=max(2, triton.next_power_of_2(R)), ATOMIC=atomic, **consts)
             for f, t in parts.items():
-                if f not in g_:
+                if f not in g_ or (atomic and f.startswith("key")):
                     continue
                 if f == "static":
                     g_[f] += t.view(B, G, -1, M, M).sum(dim=(0, 2))

@@ -96,10 +96,9 @@ def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2,
                 C, L, T, S, off, scale, smb, smt, sms, KC, n_c,
                 G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HAS_MASK: tl.constexpr, STATS: tl.constexpr):
+                HAS_MASK: tl.constexpr):
     """``S' = Compose_pre(scale * S)`` (``S = Q K^T``; float32 ``(B, H, C, L)``) on the tiles the mask's structure
-    allows; with ``STATS``, each row's max and sum of ``exp`` of the masked ``S'`` over this key chunk, ``(B, H, n_c,
-    C)`` each."""
+    allows, and each row's max and sum of ``exp`` of the masked ``S'`` over this key chunk, ``(B, H, n_c, C)`` each."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
     l_i = tl.zeros((MP, BM), dtype=tl.float32)
@@ -109,17 +108,15 @@ def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2,
         y = _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
                       False)
         tl.store(out_ptr + at, y, mask=ok)
-        if STATS:
-            valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
-            ys = tl.where(valid, y, NEG)
-            m_new = tl.maximum(m_i, tl.max(ys, 2))
-            l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(valid, tl.exp(ys - m_new[:, :, None]), 0.0), 2)
-            m_i = m_new
-    if STATS:
-        rows = ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :]
-        rok = (hm < M)[:, None] & i_ok[None, :]
-        tl.store(pm_ptr + rows, m_i, mask=rok)
-        tl.store(pl_ptr + rows, l_i, mask=rok)
+        valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
+        ys = tl.where(valid, y, NEG)
+        m_new = tl.maximum(m_i, tl.max(ys, 2))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(valid, tl.exp(ys - m_new[:, :, None]), 0.0), 2)
+        m_i = m_new
+    rows = ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :]
+    rok = (hm < M)[:, None] & i_ok[None, :]
+    tl.store(pm_ptr + rows, m_i, mask=rok)
+    tl.store(pl_ptr + rows, l_i, mask=rok)
 
 
 @triton.jit
@@ -130,19 +127,28 @@ def _probs(sp_ptr, at, ok, lse, valid):
 
 
 @triton.jit
-def _post_kernel(sp_ptr, lse_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
-                 C, L, T, S, off, smb, smt, sms, slb, slh, KC,
+def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk1, pk2, pqg, pkg,
+                 w_ptr, q1, q2, k1, k2, qg, kg, C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC,
                  G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                 HAS_MASK: tl.constexpr):
-    """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype."""
+                 BN: tl.constexpr, PRE_FLAGS: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, FROM_S: tl.constexpr):
+    """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype. ``S'`` is read from
+    ``sp_ptr``, or with ``FROM_S`` (the backward, where ``lse`` is known before the block) made here, ``S' =
+    Compose_pre(scale * S)`` from ``s_ptr`` with the weights ``pw_ptr ..``, and stored in ``sp_ptr``."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :],
                   mask=(hm < M)[:, None] & i_ok[None, :], other=float("inf"))
     for start_j in range(lo, hi, BN):
         offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
         valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
-        p = _probs(sp_ptr, at, ok, lse, valid)
+        if FROM_S:
+            x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
+            sp = _compose3(x, pw_ptr, pq1, pq2, pk1, pk2, pqg, pkg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M,
+                           R, PRE_FLAGS, False)
+            tl.store(sp_ptr + at, sp, mask=ok)
+            p = tl.where(valid, tl.exp(sp - lse[:, :, None]), 0.0)
+        else:
+            p = _probs(sp_ptr, at, ok, lse, valid)
         y = _compose3(p, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
                       False)
         tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=ok)
@@ -151,18 +157,21 @@ def _post_kernel(sp_ptr, lse_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, 
 @triton.jit
 def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
                     pdelta, pq1, pq2, pqg, pk1, pk2, pkg, pw,
-                    C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC, n_c, n_i,
+                    C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC, n_c, n_i, kb, ki,
                     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr):
+                    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr, ATOMIC: tl.constexpr):
     """The adjoint of one Compose on a tile, and its weight gradients.
 
     Post side (``PRE_SIDE`` False): the Compose's input is ``P`` (from ``S'``, ``lse``), its output's gradient ``dP'``
     (``dy_ptr``); writes ``dP`` (float32, ``out_ptr``) and this key chunk's share of ``Delta = sum_j P dP`` per row
     (``pdelta``, ``(B, H, n_c, C)``). Pre side: the input is ``scale * S`` (``x_ptr``), the output's gradient ``dS' = P
     (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS * scale`` in
-    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``). Partial sums: query side ``(B, n_c, C, G, R, M)`` per key
-    chunk, key side ``(B, n_i, L, G, R, M)`` per query tile, the static mix ``(B * G, n_i, n_c, M, M)``."""
+    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``). Query-side weight gradients: partial sums ``(B, n_c, C, G, R,
+    M)`` per key chunk; the static mix's ``(B * G, n_i, n_c, M, M)`` per program; key side: rows ``(b * kb + pid_i *
+    ki + key) * G + g`` of a ``(.., G, R, M)`` buffer, stored (a partial sum per query tile: ``kb = n_i * L``, ``ki =
+    L``) or, with ``ATOMIC``, added in place (``ki = 0``: every query tile into one row; the order of the additions
+    varies from run to run)."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     rr = tl.arange(0, RP)
     rows_ok = (hm < M)[:, None] & i_ok[None, :]
@@ -185,41 +194,48 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
         else:
             x = p
             dy = tl.load(dy_ptr + at, mask=ok, other=0.0)
-        dx = _compose3(dy, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
-                       True)
+        # dx = Compose^T(dy), the terms in _compose3's order; with the weight gradients of y = Compose(x): per rank,
+        # h = w1 . x and dh = w2 . dy (sums over heads, in-thread), dx += w1 dh, dw1 = sum x dh, dw2 = sum dy h;
+        # gates dg = sum dy x; static dW[m, n] = sum x[m] dy[n]. Query side summed over keys (axis 2), key side over
+        # queries (axis 1).
+        dx = dy
+        if STATIC & FLAGS:
+            for m in range(0, M):  # dx[n] += W[n, m] dy[m]; dW[m, :] += sum x[m] dy
+                col = tl.load(w_ptr + g * M * M + hm * M + m, mask=hm < M, other=0.0).to(tl.float32)
+                dx += col[:, None, None] * _head(dy, hm, m)[None, :, :]
+                row = tl.sum(tl.sum(_head(x, hm, m)[None, :, :] * dy, 2), 1)
+                a_w += tl.where((hm == m)[:, None], row[None, :], 0.0)
+        if QUERY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)[:, :, None]
+                c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)[:, :, None]
+                h = tl.sum(a * x, 0)[None, :, :]
+                dh = tl.sum(c * dy, 0)[None, :, :]
+                dx += a * dh
+                a_q1 += tl.where((rr == r)[:, None, None], tl.sum(x * dh, 2)[None, :, :], 0.0)
+                a_q2 += tl.where((rr == r)[:, None, None], tl.sum(dy * h, 2)[None, :, :], 0.0)
+        kp = (b * kb + pid_i * ki + offs_j[None, :]) * G + g
+        kok = (hm < M)[:, None] & j_ok[None, :]
+        if KEY_LOWRANK & FLAGS:
+            for r in tl.static_range(R):
+                a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)[:, None, :]
+                c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)[:, None, :]
+                h = tl.sum(a * x, 0)[None, :, :]
+                dh = tl.sum(c * dy, 0)[None, :, :]
+                dx += a * dh
+                _key_sum(pk1 + kp * (R * M) + r * M + hm[:, None], tl.sum(x * dh, 1), kok, ATOMIC)
+                _key_sum(pk2 + kp * (R * M) + r * M + hm[:, None], tl.sum(dy * h, 1), kok, ATOMIC)
+        if QUERY_GATE & FLAGS:
+            dx += _side(qg, b, offs_i, i_ok, T, g, 0, hm, G, 1, M)[:, :, None] * dy
+            a_qg += tl.sum(dy * x, 2)
+        if KEY_GATE & FLAGS:
+            dx += _side(kg, b, offs_j, j_ok, S, g, 0, hm, G, 1, M)[:, None, :] * dy
+            _key_sum(pkg + kp * M + hm[:, None], tl.sum(dy * x, 1), kok, ATOMIC)
         if PRE_SIDE:
             tl.store(out_ptr + at, (dx * scale).to(out_ptr.dtype.element_ty), mask=ok)
         else:
             tl.store(out_ptr + at, dx, mask=ok)
             a_delta += tl.sum(p * dx, 2)
-        # weight gradients of y = Compose(x) with upstream dy: dw1[r] = sum (w2[r] . dy) x, dw2[r] = sum dy (w1[r] . x),
-        # dg = sum dy x, dW[m, n] = sum x[m] dy[n]; query side summed over keys (axis 2), key side over queries (axis 1)
-        if QUERY_LOWRANK & FLAGS:
-            for r in tl.static_range(R):
-                a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)
-                c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)
-                h = tl.sum(a[:, :, None] * x, 0)
-                dh = tl.sum(c[:, :, None] * dy, 0)
-                a_q1 += tl.where((rr == r)[:, None, None], tl.sum(x * dh[None, :, :], 2)[None, :, :], 0.0)
-                a_q2 += tl.where((rr == r)[:, None, None], tl.sum(dy * h[None, :, :], 2)[None, :, :], 0.0)
-        if QUERY_GATE & FLAGS:
-            a_qg += tl.sum(dy * x, 2)
-        kp = ((b * n_i + pid_i) * L + offs_j[None, :]) * G + g
-        kok = (hm < M)[:, None] & j_ok[None, :]
-        if KEY_LOWRANK & FLAGS:
-            for r in tl.static_range(R):
-                a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)
-                c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)
-                h = tl.sum(a[:, None, :] * x, 0)
-                dh = tl.sum(c[:, None, :] * dy, 0)
-                tl.store(pk1 + kp * (R * M) + r * M + hm[:, None], tl.sum(x * dh[None, :, :], 1), mask=kok)
-                tl.store(pk2 + kp * (R * M) + r * M + hm[:, None], tl.sum(dy * h[None, :, :], 1), mask=kok)
-        if KEY_GATE & FLAGS:
-            tl.store(pkg + kp * M + hm[:, None], tl.sum(dy * x, 1), mask=kok)
-        if STATIC & FLAGS:
-            for m in range(0, M):
-                row = tl.sum(tl.sum(_head(x, hm, m)[None, :, :] * dy, 2), 1)  # (MP,): sum x[m] dy[n] over the tile
-                a_w += tl.where((hm == m)[:, None], row[None, :], 0.0)
     qp = ((b * n_c + pid_c) * C + offs_i[None, :]) * G + g
     if not PRE_SIDE:
         tl.store(pdelta + ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :], a_delta, mask=rows_ok)
@@ -233,3 +249,12 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
     if STATIC & FLAGS:
         wp = pw + ((bg * n_i + pid_i) * n_c + pid_c) * M * M + hm[:, None] * M + hm[None, :]
         tl.store(wp, a_w, mask=(hm < M)[:, None] & (hm < M)[None, :])
+
+
+@triton.jit
+def _key_sum(ptr, value, mask, ATOMIC: tl.constexpr):
+    """A key-side partial sum: stored, or with ``ATOMIC`` added in place."""
+    if ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, value, mask=mask)

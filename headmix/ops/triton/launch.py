@@ -43,12 +43,12 @@ WIDE_GROUPS_ON_AUTO = False
 # Which kernels train (the forward that stores the row log-sum-exp, and the backward): "tiles", the fused tile kernels
 # (forward.py, backward.py: nothing quadratic in memory), "blockwise" (blockwise.py: materialised query blocks, the
 # products on cuBLAS, the Compose in Triton at memory speed, a bounded buffer), or "auto": blockwise where it measured
-# faster. On an H200 (2026-11-30, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms, tiles -> blockwise;
-# `python benchmarks/training_paths.py --shapes ... --windows 0 256`, docs/kernels.md "The blockwise training path"):
-# 16 x 64 20.9 -> 21.5, with the static mix 21.0 -> 66.9, window 256 5.3 -> 13.9; 16 x 128 59.7 -> 22.3, window 256
-# 16.1 -> 18.1; 32 x 80 in one group 345.9 -> 46.2, window 256 95.2 -> 19.9; 32 x 128 398.4 -> 47.9. So auto takes
-# the blockwise path without a static mix for groups of more than 16 heads, and for padded head dims above 64 without
-# a window.
+# faster. On an H200 (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms, tiles -> blockwise;
+# `python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256`, docs/kernels.md "The
+# blockwise training path"): 16 x 64 20.9 -> 18.2, window 256 5.3 -> 13.3; 16 x 128 59.8 -> 19.0, window 256 16.4 ->
+# 14.2; 32 x 80 in one group 351.7 -> 38.5, window 256 96.8 -> 16.8; 32 x 128 404.9 -> 40.2, window 256 112.1 ->
+# 18.1; with the static mix (2026-11-30) 16 x 64 21.0 -> 66.9. So auto takes the blockwise path without a static mix
+# everywhere but windowed groups of up to 16 heads with padded head dims up to 64.
 TRAINING_KERNELS = "auto"
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
@@ -157,8 +157,8 @@ def training_kernels(padded_heads: int, head_dim: int, static: bool, window: int
         return TRAINING_KERNELS
     if static:
         return "tiles"
-    wide_head_dim = next_pow2(head_dim) > WHOLE_HEAD_DIM and not window
-    return "blockwise" if padded_heads > MATRIX_FORM_HEADS or wide_head_dim else "tiles"
+    wide_head_dim = next_pow2(head_dim) > WHOLE_HEAD_DIM
+    return "blockwise" if padded_heads > MATRIX_FORM_HEADS or not window or wide_head_dim else "tiles"
 
 
 def rank_form(phase: str, padded_heads: int) -> bool:
