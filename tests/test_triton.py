@@ -146,7 +146,7 @@ def test_kernels_match_reference_forward_and_backward(case, monkeypatch):
     compare(*shape, **options)
 
 
-BLOCKWISE_CASES = [CASES[i] for i in (1, 2, 3, 6, 7, 9, 10, 14, 15, 16, 19, 20, 22)] + [
+BLOCKWISE_CASES = [CASES[i] for i in (1, 2, 3, 4, 6, 7, 9, 10, 12, 13, 14, 15, 16, 19, 20, 22)] + [
     (2, 4, 70, 70, 16, 1, 2, dict(causal=True, window=20)),  # several query blocks and key chunks (patched below)
     (1, 4, 40, 40, 16, 2, 2, dict(causal=True, pre_on=False, fields=("static", "query_gate"))),
 ]

@@ -38,7 +38,8 @@ import triton
 from torch import Tensor
 
 from .blockwise_kernels import _adjoint_kernel, _post_kernel, _pre_kernel
-from .launch import FIELDS, _flags
+from ...masks import MaskSpec
+from .launch import FIELDS, _check, _flags, _mask_args
 
 BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buffer (512 MB)
 # (query rows, keys, warps) of each kernel's (heads x rows x keys) tile, by padded heads per group (up to 16, more).
@@ -83,30 +84,17 @@ class _Block:
     """One query block: rows ``i0:i1``, the keys ``lo:hi`` they may see, the query offset within them and the mask's
     view."""
 
-    def __init__(self, i0, i1, S, offset, causal, window, mask):
+    def __init__(self, i0, i1, S, structure: MaskSpec, mask):
         self.i0, self.i1 = i0, i1
-        lo, hi = 0, S
-        if causal:
-            hi = min(S, i1 + offset)
-        if window:
-            lo = max(0, i0 + offset - window + 1)
-            if not causal:
-                hi = min(S, i1 - 1 + offset + window)
-        self.lo, self.hi = lo, max(lo, hi)
+        self.lo, self.hi = structure.key_range(i0, i1, S, 0)  # (query_offset is given: no query count needed)
         self.C, self.L = i1 - i0, self.hi - self.lo
-        self.off = i0 + offset - lo  # block row i sits at block key i + off
-        self.mask = None if mask is None else mask[:, i0:i1, lo:self.hi]
+        self.off = i0 + structure.query_offset - self.lo  # block row i sits at block key i + off
+        self.mask = None if mask is None else mask[:, i0:i1, self.lo:self.hi]
 
     def split(self, BM: int, BN: int) -> tuple[int, int, int]:
         """``(n_i, KC, n_c)``: query tiles of ``BM`` rows, keys per chunk (a multiple of ``BN``), key chunks."""
         KC = max(BN, KEY_CHUNK // BN * BN)
         return triton.cdiv(self.C, BM), KC, triton.cdiv(self.L, KC)
-
-    def mask_args(self, dummy: Tensor):
-        if self.mask is None:
-            return dummy, 0, 0, 0
-        m = self.mask
-        return m, (m.stride(0) if m.shape[0] > 1 else 0), m.stride(1), m.stride(2)
 
 
 def _weights(w, blk: _Block, dummy: Tensor) -> list[Tensor]:
@@ -122,15 +110,6 @@ def _weights(w, blk: _Block, dummy: Tensor) -> list[Tensor]:
     return out
 
 
-def _rank(pre, post) -> int:
-    for w in (pre, post):
-        if w is not None:
-            for f in ("query_w1", "key_w1"):
-                if getattr(w, f) is not None:
-                    return getattr(w, f).shape[3]
-    return 1
-
-
 class _Run:
     """What every launch of one call shares: shapes, mask, flags, constants."""
 
@@ -139,26 +118,24 @@ class _Run:
         self.B, self.H, self.T, self.S = B, H, T, k.shape[2]
         self.Hkv, self.G, self.M = k.shape[1], groups, H // groups
         self.rep = H // self.Hkv
-        self.causal, self.window, self.offset = bool(causal), int(window or 0), offset
+        self.causal, self.window = bool(causal), int(window or 0)
         self.pre, self.post = pre, post
         self.dummy = q.new_empty(1)
-        self.mask = None
-        if mask is not None:
-            m = mask.view(torch.uint8)
-            while m.dim() < 4:
-                m = m[None]
-            self.mask = m.expand(m.shape[0], 1, T, self.S)[:, 0]
+        m, *self.mask_strides = _mask_args(mask, T, self.S, self.dummy)  # (B or 1, T, S) uint8, its strides
+        self.mask = None if mask is None else m
+        self.structure = MaskSpec(causal=self.causal, window=self.window or None, query_offset=offset)
         # key tiles the structure never lets a query see are not written: buffers read by the products start at 0
         self.skips = self.causal or bool(self.window)
         MP = max(2, triton.next_power_of_2(self.M))
         self.tiles = {kernel: tile(MP, kernel) for kernel in ("pre", "post", "adjoint")}
-        self.consts = dict(G=groups, M=self.M, MP=MP, R=_rank(pre, post), CAUSAL=self.causal, WINDOW=self.window,
+        R = _check(q, k, k, groups, pre, post)[1]  # (the rank; the caller checked the shapes)
+        self.consts = dict(G=groups, M=self.M, MP=MP, R=R, CAUSAL=self.causal, WINDOW=self.window,
                            HAS_MASK=mask is not None)
 
     def blocks(self):
         C = block_rows(self.B, self.H, self.T, self.S, max(BM for BM, _, _ in self.tiles.values()))
         for i0 in range(0, self.T, C):
-            blk = _Block(i0, min(self.T, i0 + C), self.S, self.offset, self.causal, self.window, self.mask)
+            blk = _Block(i0, min(self.T, i0 + C), self.S, self.structure, self.mask)
             if blk.L > 0:
                 yield blk
 
@@ -167,6 +144,10 @@ class _Run:
         BM, BN, warps = self.tiles[kernel]
         n_i, KC, n_c = blk.split(BM, BN)
         return (n_i, n_c, self.B * self.G), (n_i, KC, n_c), dict(self.consts, BM=BM, BN=BN, num_warps=warps)
+
+    def mask_args(self, blk: _Block):
+        """The block's view of the mask and its (batch, query, key) strides, or a dummy and zeros."""
+        return (self.dummy, 0, 0, 0) if blk.mask is None else (blk.mask, *self.mask_strides)
 
     def geometry(self, blk: _Block):
         return (blk.C, blk.L, self.T, self.S, blk.off)
@@ -183,7 +164,7 @@ class _Run:
         sp = torch.empty_like(s)
         pm = torch.empty(self.B, self.H, n_c, blk.C, **f32)
         pl = torch.empty(self.B, self.H, n_c, blk.C, **f32)
-        m, smb, smt, sms = blk.mask_args(self.dummy)
+        m, smb, smt, sms = self.mask_args(blk)
         _pre_kernel[grid](s, sp, pm, pl, m, *_weights(self.pre, blk, self.dummy), *self.geometry(blk), scale,
                           smb, smt, sms, KC, n_c, FLAGS=_flags(self.pre), **consts)
         return sp, pm, pl
@@ -192,7 +173,7 @@ class _Run:
         """``P'`` of the block in ``dtype`` from ``S'`` (``sp``); given ``S`` (``s``), ``S'`` is made from it on the
         way and written into ``sp`` (the backward's one pass)."""
         pp = (torch.zeros if self.skips else torch.empty)(self.B, self.H, blk.C, blk.L, dtype=dtype, device=sp.device)
-        m, smb, smt, sms = blk.mask_args(self.dummy)
+        m, smb, smt, sms = self.mask_args(blk)
         pre = _weights(self.pre, blk, self.dummy) if s is not None else [self.dummy] * 7
         grid, (_, KC, _), consts = self.launch(blk, "post")
         _post_kernel[grid](self.dummy if s is None else s, sp, lse[:, :, blk.i0:blk.i1], pp, m, *pre,
@@ -251,7 +232,7 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
         dv[:, :, blk.lo:blk.hi] += _products(pp.view(B, Hkv, rep * C, L).transpose(-1, -2), dob)
         del pp
         dpp = _products(dob, v[:, :, blk.lo:blk.hi].transpose(-1, -2)).view(B, H, C, L)
-        m, smb, smt, sms = blk.mask_args(dummy)
+        m, smb, smt, sms = run.mask_args(blk)
         lse_blk = lse[:, :, blk.i0:blk.i1]
         grid, (n_i, KC, n_c), consts = run.launch(blk, "adjoint")
         delta = None

@@ -30,6 +30,20 @@ def _head(x, hm, m):
 
 
 @triton.jit
+def _rank_terms(y, x, w1, w2, b, pos, ok, n, g, hm, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr,
+                ADJOINT: tl.constexpr, AXIS: tl.constexpr):
+    """``y + sum_r w2[r] (w1[r] . x)`` (``ADJOINT``: the two factors swapped) for an ``(MP, BM, BN)`` tile ``x``, with
+    the factors at positions ``pos`` along the tile's queries (``AXIS`` 2: query-wise) or keys (``AXIS`` 1: key-wise)."""
+    for r in tl.static_range(R):
+        a = _side(w1, b, pos, ok, n, g, r, hm, G, R, M)
+        c = _side(w2, b, pos, ok, n, g, r, hm, G, R, M)
+        if ADJOINT:
+            a, c = c, a
+        y += tl.expand_dims(c, AXIS) * tl.sum(tl.expand_dims(a, AXIS) * x, 0)[None, :, :]
+    return y
+
+
+@triton.jit
 def _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G: tl.constexpr,
               M: tl.constexpr, R: tl.constexpr, FLAGS: tl.constexpr, ADJOINT: tl.constexpr):
     """Compose (``ADJOINT``: its adjoint) of an ``(MP, BM, BN)`` tile at queries ``offs_i`` and keys ``offs_j``:
@@ -44,19 +58,9 @@ def _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok
                 col = tl.load(w_ptr + g * M * M + m * M + hm, mask=hm < M, other=0.0).to(tl.float32)
             y += col[:, None, None] * _head(x, hm, m)[None, :, :]
     if QUERY_LOWRANK & FLAGS:
-        for r in tl.static_range(R):
-            a = _side(q1, b, offs_i, i_ok, T, g, r, hm, G, R, M)
-            c = _side(q2, b, offs_i, i_ok, T, g, r, hm, G, R, M)
-            if ADJOINT:
-                a, c = c, a
-            y += c[:, :, None] * tl.sum(a[:, :, None] * x, 0)[None, :, :]
+        y = _rank_terms(y, x, q1, q2, b, offs_i, i_ok, T, g, hm, G, R, M, ADJOINT, 2)
     if KEY_LOWRANK & FLAGS:
-        for r in tl.static_range(R):
-            a = _side(k1, b, offs_j, j_ok, S, g, r, hm, G, R, M)
-            c = _side(k2, b, offs_j, j_ok, S, g, r, hm, G, R, M)
-            if ADJOINT:
-                a, c = c, a
-            y += c[:, None, :] * tl.sum(a[:, None, :] * x, 0)[None, :, :]
+        y = _rank_terms(y, x, k1, k2, b, offs_j, j_ok, S, g, hm, G, R, M, ADJOINT, 1)
     if QUERY_GATE & FLAGS:
         y += _side(qg, b, offs_i, i_ok, T, g, 0, hm, G, 1, M)[:, :, None] * x
     if KEY_GATE & FLAGS:
