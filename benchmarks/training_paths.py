@@ -8,6 +8,11 @@ log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"bl
 
     python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256
     python benchmarks/training_paths.py --device cpu --batch 1 --seq 32 --shapes 4x16 --dtype float32   # interpreter
+
+``--sweep-tiles`` adds, for the blockwise path, one row per candidate tile of one kernel (the others at
+``blockwise.TILES``), as chosen for ``blockwise.TILES``::
+
+    python benchmarks/training_paths.py --shapes 16x64 32x128:1 --paths blockwise --sweep-tiles
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# Candidate (query rows, keys, warps) per kernel, by padded heads per group, for --sweep-tiles (the sweep behind
+# headmix.ops.triton.blockwise.TILES).
+SWEEP = {16: dict(pre=[(16, 16, 4), (8, 16, 4), (16, 16, 8), (8, 32, 4)],
+                  post=[(16, 16, 4), (8, 16, 4), (16, 16, 8), (8, 32, 4)],
+                  adjoint=[(16, 16, 4), (8, 16, 4), (16, 16, 8), (8, 32, 8), (4, 32, 4)]),
+         32: dict(pre=[(4, 32, 4), (4, 32, 8), (2, 32, 4), (8, 16, 4)], post=[(4, 32, 4), (4, 32, 8), (2, 32, 4), (8, 16, 4)],
+                  adjoint=[(4, 32, 4), (4, 32, 8), (2, 32, 4), (4, 16, 4), (2, 64, 4)])}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (kernels interpreted)")
@@ -32,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--static", action="store_true", help="with the static head mix")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"], choices=["tiles", "blockwise"])
+    parser.add_argument("--sweep-tiles", action="store_true",
+                        help="blockwise path: also each candidate tile of each kernel (SWEEP), one kernel at a time")
     args = parser.parse_args(argv)
 
     import torch
@@ -39,7 +55,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    from headmix.ops.triton import launch, op
+    from headmix.ops.triton import blockwise, launch, op
     from headmix.reference import ComposeWeights
 
     dtype = getattr(torch, args.dtype)
@@ -82,8 +98,15 @@ def main(argv=None) -> int:
             q, k, v, pre, post, do = inputs(H, D, G)
             call = (D ** -0.5, None, pre, post, G, True, window, 0)
             results = {}
-            for path in args.paths:
+            key = 16 if H // G <= 16 else 32
+            default = dict(blockwise.TILES[key])
+            runs = [(path, None) for path in args.paths]
+            if args.sweep_tiles and "blockwise" in args.paths:
+                runs += [("blockwise", (kernel, t)) for kernel, ts in SWEEP[key].items() for t in ts if t != default[kernel]]
+            for path, variant in runs:
                 launch.TRAINING_KERNELS = path
+                blockwise.TILES[key] = dict(default, **dict([variant])) if variant else default
+                label = path if variant is None else f"{path}, {variant[0]} {variant[1]}"
                 try:
                     out, lse = op.train_forward(q, k, v, *call)
                     if device == "cuda":
@@ -95,15 +118,20 @@ def main(argv=None) -> int:
                     fwd = timed(lambda: op.train_forward(q, k, v, *call))
                     bwd = timed(lambda: op.train_backward(do, q, k, v, lse, *call))
                     flat = [out, *grads[:3], *grads[3].values(), *grads[4].values()]
-                    results[path] = flat
-                    rows.append([spec, str(window or "global"), path, f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
+                    if variant is None:
+                        results[path] = flat
+                        row_of_default = len(rows)
+                    rows.append([spec, str(window or "global"), label, f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
                                  f"{peak:.2f}"])
                 except Exception as error:  # noqa: BLE001  (one failing path must not hide the others' rows)
-                    rows.append([spec, str(window or "global"), path, "error", type(error).__name__, str(error)[:60], ""])
+                    rows.append([spec, str(window or "global"), label, "error", type(error).__name__, str(error)[:60],
+                                 ""])
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+            blockwise.TILES[key] = default
             if len(results) == 2:
                 a, b = results.values()
-                rows[-1].append(f"out {rel(a[0], b[0]):.1e}, grads ≤ {max(rel(x, y) for x, y in zip(a[1:], b[1:])):.1e}")
+                apart = max(rel(x, y) for x, y in zip(a[1:], b[1:]))
+                rows[row_of_default].append(f"out {rel(a[0], b[0]):.1e}, grads ≤ {apart:.1e}")
     launch.TRAINING_KERNELS = "auto"
 
     import triton

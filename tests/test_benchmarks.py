@@ -278,3 +278,19 @@ def test_training_paths_script_times_both_paths_and_they_agree():
         values = [float(part.split()[-1]) for part in cell.split(",")]
         assert max(values) < 1e-5, cell
     assert "torch " in done.stdout and "# command:" in done.stdout
+
+
+def test_training_paths_sweep_varies_one_kernel_tile_at_a_time(monkeypatch):
+    """``--sweep-tiles``: the blockwise row with the chosen tiles, then one row per other candidate of each kernel."""
+    done = run_in_process(str(BENCHMARKS / "training_paths.py"), "--device", "cpu", "--batch", "1", "--seq", "20",
+                          "--shapes", "4x16", "--paths", "blockwise", "--sweep-tiles", "--dtype", "float32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    labels = [line.split("|")[3].strip() for line in done.stdout.splitlines() if line.startswith("| 4x16 |")]
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from training_paths import SWEEP
+
+    from headmix.ops.triton.blockwise import TILES
+
+    expected = ["blockwise"] + [f"blockwise, {kernel} {t}" for kernel, ts in SWEEP[16].items() for t in ts
+                                if t != TILES[16][kernel]]
+    assert labels == expected
