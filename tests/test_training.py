@@ -107,6 +107,31 @@ def test_killed_run_resumes_to_the_same_result(corpus_slice, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_deterministic_runs_under_torch_deterministic_mode(tmp_path, monkeypatch):
+    """``deterministic=true`` (on the command line: a string) reaches transformers' ``full_determinism``, under which
+    the Trainer switches on ``torch.use_deterministic_algorithms`` (what the DCMHA kernels read); a run may resume
+    with it changed (it does not change what is computed)."""
+    from headmix.training.engine import NON_DEFINING, training_arguments
+
+    config = load_config(None, ["deterministic=true", f"output_dir={tmp_path}"])
+    assert config.deterministic is True and "deterministic" in NON_DEFINING
+    args = training_arguments(config, tmp_path)
+    assert args.full_determinism is True
+    assert training_arguments(TrainConfig(output_dir=str(tmp_path)), tmp_path).full_determinism is False
+    from transformers.trainer_utils import enable_full_determinism
+
+    for name in ("CUBLAS_WORKSPACE_CONFIG", "CUDA_LAUNCH_BLOCKING", "ASCEND_LAUNCH_BLOCKING", "HCCL_DETERMINISTIC",
+                 "FLASH_ATTENTION_DETERMINISTIC"):
+        monkeypatch.delenv(name, raising=False)  # what it sets is restored after the test, as is the torch flag
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        enable_full_determinism(args.seed)  # what Trainer.__init__ calls when full_determinism is set
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before)
+        torch.backends.cudnn.deterministic = False
+
+
 def test_changed_settings_in_a_used_output_dir_are_refused_not_reused(corpus_slice, tmp_path, capsys):
     """A 2-step run, then 3 steps into the same directory: that used to reuse the 2-step model and write a
     table saying "3 steps". Now it stops naming the field; the same settings reuse; overwrite=true retrains."""

@@ -60,6 +60,10 @@ class TrainConfig:
         precision: ``auto`` (bf16 on a GPU that supports it, else fp32), ``fp32``, ``bf16``, ``fp16``.
         distributed: ``ddp`` or ``fsdp2`` when launched with ``torchrun`` on several processes.
         compile: ``torch.compile`` the model.
+        deterministic: the same bits on every run of the same settings on the same hardware, at some speed:
+            transformers' ``full_determinism`` (``torch.use_deterministic_algorithms(True)``, cuBLAS and cuDNN in
+            their deterministic modes), under which the DCMHA training kernels add their key-side gradient sums in a
+            fixed order instead of by atomic adds (default ``false``; runs on the CPU are deterministic either way).
         gradient_checkpointing: recompute activations in the backward pass.
         cache_dir: tokenizer, corpus and tokenised-data cache (default ``~/.cache/headmix``).
     """
@@ -96,6 +100,7 @@ class TrainConfig:
     precision: str = "auto"
     distributed: str = "ddp"
     compile: bool = False
+    deterministic: bool = False
     gradient_checkpointing: bool = False
     cache_dir: str = ""
 

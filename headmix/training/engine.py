@@ -36,7 +36,7 @@ RESULT = "result.json"
 RUN = "run.json"  # the settings that define a model directory's run
 # fields that do not change what a run computes: they may differ between a run and its resumption
 NON_DEFINING = ("models", "init_from", "output_dir", "overwrite", "cache_dir", "num_proc", "keep_last", "log_every",
-                "save_every", "eval_every")
+                "save_every", "eval_every", "deterministic")
 # transformers renamed `gradient_checkpointing` to `activation_checkpointing` in 5.x; use what is there
 CHECKPOINTING_FIELD = next(
     (f.name for f in dataclasses.fields(TrainingArguments) if f.name == "activation_checkpointing"),
@@ -216,6 +216,7 @@ def training_arguments(config: TrainConfig, output_dir: Path) -> TrainingArgumen
         save_total_limit=None,  # HeadmixTrainer keeps the last `keep_last` itself, after the atomic rename
         seed=config.seed,
         data_seed=config.seed,
+        full_determinism=config.deterministic,
         report_to="none",
         remove_unused_columns=False,
         dataloader_num_workers=0,
