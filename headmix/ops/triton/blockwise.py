@@ -13,7 +13,8 @@ go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H
   and write those buffers once per element, one program per (query tile, key chunk, batch x group) on
   ``(heads x rows x keys)`` tiles. No tensor-core product runs inside them, so a tile keeps its loads' layout, with
   every head of a position in one thread's registers: the Compose's sums over heads (``h_r = sum_m w1[r, m] x_m``)
-  and the static mix stay inside a thread, and the kernels are bound by memory, not latency;
+  and the static mix stay inside a thread. Sums along a tile's keys or queries (weight gradients, softmax statistics)
+  cross lanes: their warp shuffles, not memory, bound the adjoint kernels (docs/kernels.md, "Second pass");
 * sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk and the static
   mix's gradient per program: partial sums, added by the host in a fixed order. Sums down a column (key-side weight
   gradients) are atomic adds into the gradient, whose order varies from run to run; under
@@ -51,7 +52,8 @@ BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buf
 # group, all (4, 32, 4): 41.0; pre (2, 32, 4) 40.7, (8, 16, 4) 41.8, (4, 32, 8) 43.9; post (2, 32, 4) 40.6, (8, 16, 4)
 # 40.8, (4, 32, 8) 40.9; adjoint (2, 64, 4) 41.6, (2, 32, 4) 44.3, (4, 16, 4) 46.4, (4, 32, 8) 58.3. (The adjoint with
 # its query-side sums kept per key lane and summed once after the loop, against its shuffles per tile: 3-50% slower at
-# every tile tried, from the registers.) Earlier sweeps (2026-11-30, one tile for all kernels): docs/kernels.md.
+# every tile tried, from the registers; with them from per-query Gram matrices of heads on tensor cores: 11-20%
+# slower.) Earlier sweeps (2026-11-30, one tile for all kernels): docs/kernels.md.
 TILES = {16: dict(pre=(8, 16, 4), post=(8, 16, 4), adjoint=(16, 16, 4)),
          32: dict(pre=(2, 32, 4), post=(2, 32, 4), adjoint=(4, 32, 4))}
 KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
