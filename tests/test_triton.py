@@ -165,6 +165,28 @@ def test_blockwise_kernels_match_reference_forward_and_backward(case, monkeypatc
     compare(*shape, **options)
 
 
+def test_blockwise_products_know_whether_bmm_takes_out_dtype(monkeypatch):
+    """The blockwise path's cuBLAS products ask for float32 out of bf16 operands through ``torch.bmm(out_dtype=)``,
+    which older torch releases lack (the package allows torch 2.5): then ``TypeError`` marks it missing, and the
+    products fall back to float32 copies rather than fail."""
+    assert blockwise.bmm_takes_out_dtype()  # this torch (CI: 2.13) has it
+    real = torch.bmm
+
+    def old_bmm(a, b, *, out=None):  # the signature of releases without out_dtype
+        return real(a, b, out=out)
+
+    blockwise.bmm_takes_out_dtype.cache_clear()
+    monkeypatch.setattr(torch, "bmm", old_bmm)
+    try:
+        assert not blockwise.bmm_takes_out_dtype()
+    finally:
+        monkeypatch.undo()
+        blockwise.bmm_takes_out_dtype.cache_clear()
+    a, b = torch.randn(2, 3, 4, dtype=torch.bfloat16), torch.randn(2, 4, 5, dtype=torch.bfloat16)
+    assert blockwise._products(a, b).dtype == torch.float32
+    torch.testing.assert_close(blockwise._products(a, b), a.float() @ b.float())
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monkeypatch):
     """The key-side weight gradients' sums over query tiles: atomic adds by default, per-tile partial sums added by the

@@ -34,6 +34,8 @@ gradient against it).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from torch import Tensor
@@ -77,12 +79,27 @@ def block_rows(B: int, H: int, T: int, S: int, BM: int) -> int:
 
 
 def _products(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` batched over the leading dims, float32 out (bf16/fp16 operands on cuBLAS accumulate in float32)."""
-    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda:
+    """``a @ b`` batched over the leading dims, float32 out (bf16/fp16 operands on cuBLAS accumulate in float32; a
+    torch without ``bmm(out_dtype=)`` multiplies float32 copies instead, slower)."""
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and bmm_takes_out_dtype():
         lead = a.shape[:-2]
         out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
         return out.view(*lead, *out.shape[-2:])
     return torch.matmul(a.float(), b.float())
+
+
+@functools.cache
+def bmm_takes_out_dtype() -> bool:
+    """Whether this torch's ``torch.bmm`` takes ``out_dtype`` (float32 products of bf16/fp16 operands on CUDA; older
+    releases lack it, and raise ``TypeError``)."""
+    x = torch.zeros(1, 1, 1)
+    try:
+        torch.bmm(x, x, out_dtype=torch.float32)
+    except TypeError:
+        return False
+    except (RuntimeError, NotImplementedError):  # the argument exists; only not for these CPU operands
+        pass
+    return True
 
 
 class _Block:
