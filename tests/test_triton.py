@@ -612,6 +612,38 @@ def test_gpu_blockwise_trains_within_low_precision_bounds(dtype, H, head_dim, kv
     assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads, fields, B=1, T=256)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+def test_gpu_blockwise_deterministic_mode_repeats_bit_for_bit(monkeypatch):
+    """Under ``torch.use_deterministic_algorithms(True)`` two backward passes of the blockwise path give the same bits
+    (the key-side sums in a fixed order); by default (atomic adds) the key-side gradients agree with them to float32
+    summation order."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's own condition for determinism
+    g = torch.Generator().manual_seed(5)
+    B, H, T, D = 2, 16, 512, 64
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
+    pre, post = (random_weights(B, T, T, 1, H, 2, DYNAMIC, g, torch.float32) for _ in range(2))
+    pre, post = (ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).to("cuda", torch.bfloat16)
+                                   for f in FIELDS}) for w in (pre, post))
+    call = (D ** -0.5, None, pre, post, 1, True, 0, 0)
+    _, lse = op.train_forward(q, k, v, *call)
+
+    def key_grads():
+        grads = op.train_backward(do, q, k, v, lse, *call)
+        return [grads[s][f].float() for s in (3, 4) for f in ("key_w1", "key_w2", "key_gate")]
+
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = key_grads(), key_grads()
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for a, b in zip(key_grads(), first):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-3)  # bf16 results of float32 sums in another order
+
+
 def assert_no_further_off_than_the_reference(dtype: torch.dtype, H: int, head_dim: int, kv_heads: int, *args,
                                              **kwargs) -> None:
     """The GPU rule for training in ``dtype`` on the kernels (arguments as :func:`low_precision_errors`): the output
