@@ -6,7 +6,7 @@ For each sequence length and head dim, times forward, backward and forward+backw
 * ``sdpa``: plain MHA through ``F.scaled_dot_product_attention`` (FlashAttention on H100/H200);
 * ``talking_heads/<backend>``: Compose with the static head mix only, before and after the softmax;
 * ``dcmha/<backend>``: full DCMHA Compose (static mix, query- and key-wise rank-R terms, both gates,
-  pre and post), the paper's setting.
+  pre and post), the paper's setting; ``--no-static`` drops the static mix (the released models' setting).
 
 Backends: ``reference`` (materialised), ``chunked`` (query blocks + checkpointing), ``triton``.
 A decode step (one query against a cache of ``--decode-cache`` keys) is timed too.
@@ -58,15 +58,18 @@ RELEASED_SHAPES = ("16x64", "16x128", "32x80", "32x128")
 DCFormer-6.9B / DCPythia-6.9B 32x128."""
 
 
-def composition(B: int, T: int, H: int, R: int, full: bool, device, dtype, generator) -> dict[str, ComposeWeights]:
-    """Random Compose weights (small, so the softmax stays sane) for ``pre`` and ``post``."""
+def composition(B: int, T: int, H: int, R: int, full: bool, device, dtype, generator,
+                static: bool = True) -> dict[str, ComposeWeights]:
+    """Random Compose weights (small, so the softmax stays sane) for ``pre`` and ``post``; ``full``: every term
+    (without the static mix unless ``static``), else the static mix alone (talking-heads)."""
     def rnd(*shape):
         return (0.1 * torch.randn(*shape, generator=generator)).to(device, dtype).requires_grad_()
 
     out = {}
     for c in ("pre", "post"):
         if full:
-            out[c] = ComposeWeights(static=rnd(1, H, H), query_w1=rnd(B, T, 1, R, H), query_w2=rnd(B, T, 1, R, H),
+            out[c] = ComposeWeights(static=rnd(1, H, H) if static else None, query_w1=rnd(B, T, 1, R, H),
+                                    query_w2=rnd(B, T, 1, R, H),
                                     key_w1=rnd(B, T, 1, R, H), key_w2=rnd(B, T, 1, R, H),
                                     query_gate=rnd(B, T, 1, H), key_gate=rnd(B, T, 1, H))
         else:
@@ -101,9 +104,9 @@ def variant_fn(name: str, q, k, v, weights, scale: float, mask, chunk_size: int)
                         post=weights[kind]["post"], groups=1, chunk_size=chunk_size)
 
 
-def measure(name, B, H, T, D, dtype, device, repeat, chunk_size, R, generator, compile=False):
+def measure(name, B, H, T, D, dtype, device, repeat, chunk_size, R, generator, compile=False, static=True):
     q, k, v = (torch.randn(B, H, T, D, generator=generator).to(device, dtype).requires_grad_() for _ in range(3))
-    weights = {"dcmha": composition(B, T, H, R, True, device, dtype, generator),
+    weights = {"dcmha": composition(B, T, H, R, True, device, dtype, generator, static),
                "talking_heads": composition(B, T, H, R, False, device, dtype, generator)}
     mask = torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
     fn = variant_fn(name, q, k, v, weights, D**-0.5, mask, chunk_size)
@@ -251,7 +254,7 @@ def graph_timed(fn, repeat: int, replays: int = 20) -> float:
     return statistics.median(times)
 
 
-def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator, graph: bool = False):
+def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator, graph: bool = False, static: bool = True):
     """One new query against ``S`` cached keys (inference, no grad). ``graph``: replayed from a CUDA graph, the
     materialised path (``dcmha/reference``) compiled by inductor first, as in a compiled decoding step."""
     with torch.no_grad():
@@ -261,7 +264,7 @@ def decode_step(name, B, H, S, D, dtype, device, repeat, R, generator, graph: bo
             fn = lambda: F.scaled_dot_product_attention(q, k, v, scale=D**-0.5)  # noqa: E731
         else:
             kind, backend = name.split("/")
-            weights = composition(B, S, H, R, kind == "dcmha", device, dtype, generator)
+            weights = composition(B, S, H, R, kind == "dcmha", device, dtype, generator, static)
             for c in weights.values():
                 for f in ("query_w1", "query_w2", "query_gate"):
                     if getattr(c, f) is not None:
@@ -309,7 +312,8 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", nargs="+", default=["global", "256"], help="for --layers: 'global' or a size")
     parser.add_argument("--layer-seq", type=int, default=2048, help="for --layers")
     parser.add_argument("--tokens", type=int, default=16384, help="tokens per batch, for --layers")
-    parser.add_argument("--no-static", action="store_true", help="for --layers: DCMHA without the static mix")
+    parser.add_argument("--no-static", action="store_true",
+                        help="DCMHA without the static mix (the released models' setting), core and --layers")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -339,7 +343,7 @@ def main(argv=None) -> int:
         pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# attention core: {name}, {datetime.date.today()}, {versions}, {args.dtype}, batch {args.batch}, "
-          f"{args.heads} heads, rank {args.rank}, causal")
+          f"{args.heads} heads, rank {args.rank}, causal, DCMHA static mix {'off' if args.no_static else 'on'}")
     print(f"# command: python benchmarks/attention.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print("| head dim | seq | variant | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd TFLOP/s | peak extra GiB | "
           "vs sdpa (fwd+bwd) |")
@@ -354,7 +358,7 @@ def main(argv=None) -> int:
                 if T > limit:
                     continue
                 r = measure(variant, args.batch, args.heads, T, D, dtype, device, args.repeat, args.chunk_size,
-                            args.rank, generator, args.compile)
+                            args.rank, generator, args.compile, static=not args.no_static)
                 if r.get("oom") or r.get("error"):
                     print(f"| {D} | {T} | {variant} | {r.get('error', 'OOM')} | | | | | |", flush=True)
                     rows.append((D, T, variant, None))
@@ -382,7 +386,7 @@ def main(argv=None) -> int:
             # the materialised path is in the decode table only compiled (eagerly it is the slowest, by far)
             for variant in [v for v in variants if args.decode_graph or v.split("/")[-1] != "reference"]:
                 t = decode_step(variant, B, args.heads, args.decode_cache, D, dtype, device, args.repeat, args.rank,
-                                generator, graph=args.decode_graph)
+                                generator, graph=args.decode_graph, static=not args.no_static)
                 base = t if variant == "sdpa" else base
                 print(f"| {D} | {B} | {variant} | {t * 1e3:.3f} | {t / base:.2f}x |", flush=True)
     if args.plot:

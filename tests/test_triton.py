@@ -782,10 +782,11 @@ def test_attention_benchmark_script_runs_at_a_tiny_size():
     done = subprocess.run(
         [sys.executable, str(script), "--device", "cpu", "--seq", "32", "--heads", "4", "--head-dim", "16",
          "--repeat", "1", "--dtype", "float32", "--variants", "sdpa", "dcmha/chunked", "dcmha/triton",
-         "--decode-cache", "32"],
+         "--decode-cache", "32", "--no-static"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"},
     )
     assert done.returncode == 0, done.stderr
+    assert "DCMHA static mix off" in done.stdout  # the released models' setting (the blockwise training path)
     rows = [line for line in done.stdout.splitlines() if line.startswith("| 16 |")]
     assert len(rows) == 3 + 2 * 3  # training rows, then decode rows at batch 1 and 16
     assert all("error" not in r.lower() and "OOM" not in r for r in rows)
