@@ -27,7 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WEIGHTS = tuple(f"{c}_{t}" for c in ("pre", "post") for t in ("w", "q1", "q2", "k1", "k2", "qg", "kg"))
 
 
-def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int) -> dict:
+def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, divisible=()) -> dict:
+    """Compile ``fn`` for ``sm_{arch}``: registers, spill bytes, shared memory and a PTX hash. ``divisible``: the
+    arguments (pointers, integers) to compile as multiples of 16, as Triton's launcher specialises them when they are
+    at run time; the layouts Triton picks follow them (docs/kernels.md, "Third pass"), so name those of the launch being
+    studied (``"all"``: every pointer and integer argument)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -35,7 +39,10 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int) -
     constants = {k: v for k, v in constants.items() if k in fn.arg_names}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scale" else "i32")
                  for name in fn.arg_names}
-    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()})
+    div = {name for name, kind in signature.items() if kind != "constexpr" and kind != "fp32"
+           and (divisible == "all" or name in divisible)}
+    source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
+                       attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in div})
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,11 +80,17 @@ def main(argv=None) -> int:
                         help="the Compose's form in the kernels: as launch.py picks it for --heads (auto), "
                              "per-position matrices with whole head dims in the forward (matrix: the kernels up to 16 "
                              "heads per group), or the rank-R form with launch.head_dim_chunks' chunks (rank)")
+    parser.add_argument("--blockwise", action="store_true",
+                        help="the blockwise training path's kernels instead (blockwise.TILES or --tiles "
+                             "BMxBNxWARPSxVEC), every pointer and integer argument but L a multiple of 16 as at the "
+                             "benchmark shapes; head dims do not enter them")
     parser.add_argument("--ptx-hash", action="store_true",
                         help="one more column: a hash of the PTX without line numbers, to check that a change leaves a "
                              "kernel's code as it was (compare the column before and after)")
     args = parser.parse_args(argv)
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
+    if args.blockwise:
+        return blockwise_table(args)
     import torch
     import triton
 
@@ -139,6 +152,45 @@ def main(argv=None) -> int:
                     continue
                 print(f"| {name} | {dim} | {BM} x {BN} | {warps} | {r['registers']} | {r['spill']} | "
                       f"{r['shared'] / 1024:.0f} |" + (f" {r['ptx']} |" if args.ptx_hash else ""), flush=True)
+    return 0
+
+
+def blockwise_table(args) -> int:
+    """``--blockwise``: registers, spills and shared memory of the blockwise kernels, one row per (kernel, tile)."""
+    import triton
+
+    from headmix.ops.triton import blockwise_kernels as bk
+    from headmix.ops.triton.blockwise import tile
+    from headmix.ops.triton.launch import padded_heads
+
+    fields = {"q1", "q2", "k1", "k2", "qg", "kg", "pdelta", "pq1", "pq2", "pqg", "pk1", "pk2", "pkg", "pw"}
+    low = "*" + args.dtype
+    MP = padded_heads(args.heads)
+    flags = 126 if args.no_static else 127
+    common = dict(G=1, M=args.heads, MP=MP, R=args.rank, RP=max(2, triton.next_power_of_2(args.rank)), FLAGS=flags,
+                  PRE_FLAGS=flags, CAUSAL=True, WINDOW=0, HAS_MASK=False)
+    plans = dict(pre=(bk._pre_kernel, "pre", {}, ()), post=(bk._post_kernel, "post", dict(FROM_S=False), ("out_ptr",)),
+                 post_from_s=(bk._post_kernel, "post", dict(FROM_S=True), ("out_ptr",)),
+                 adjoint_post=(bk._adjoint_kernel, "adjoint", dict(PRE_SIDE=False, ATOMIC=True), ()),
+                 adjoint_pre=(bk._adjoint_kernel, "adjoint", dict(PRE_SIDE=True, ATOMIC=True), ("out_ptr",)))
+    print(f"# blockwise kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per "
+          f"group, rank {args.rank}, {args.dtype} P'/dS, {'no static mix' if args.no_static else 'all Compose terms'}, "
+          "causal, arguments but L specialised as multiples of 16 (the launcher's choice at the benchmark shapes)")
+    print("| kernel | BLOCK_M x BLOCK_N | warps | VEC | registers/thread | spill bytes/thread | shared KB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, (fn, kind, extra, low_ptrs) in plans.items():
+        shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [tile(MP, kind)])
+        pointers = {n: "*u8" if n == "mask_ptr" else low if n in low_ptrs else "*fp32" for n in fn.arg_names
+                    if n.endswith("_ptr") or n in fields}
+        for BM, BN, warps, vec in shapes:
+            try:
+                r = compile_kernel(fn, dict(common, BM=BM, BN=BN, VEC=vec, **extra), pointers, warps, args.arch,
+                                   divisible=[n for n in fn.arg_names if n != "L"])  # (L: do_not_specialize)
+            except Exception as error:  # noqa: BLE001  (a row saying so; the table goes on)
+                print(f"| {name} | {BM} x {BN} | {warps} | {vec} | failed: {type(error).__name__} | | |", flush=True)
+                continue
+            print(f"| {name} | {BM} x {BN} | {warps} | {vec} | {r['registers']} | {r['spill']} | "
+                  f"{r['shared'] / 1024:.0f} |", flush=True)
     return 0
 
 

@@ -26,13 +26,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-# Candidate (query rows, keys, warps) per kernel, by padded heads per group, for --sweep-tiles (the sweep behind
+# Candidate (query rows, keys, warps, VEC) per kernel, by padded heads per group, for --sweep-tiles (the sweep behind
 # headmix.ops.triton.blockwise.TILES).
-SWEEP = {16: dict(pre=[(16, 16, 4), (8, 16, 4), (16, 16, 8), (8, 32, 4)],
-                  post=[(16, 16, 4), (8, 16, 4), (16, 16, 8), (8, 32, 4)],
-                  adjoint=[(16, 16, 4), (8, 16, 4), (16, 16, 8), (8, 32, 8), (4, 32, 4)]),
-         32: dict(pre=[(4, 32, 4), (4, 32, 8), (2, 32, 4), (8, 16, 4)], post=[(4, 32, 4), (4, 32, 8), (2, 32, 4), (8, 16, 4)],
-                  adjoint=[(4, 32, 4), (4, 32, 8), (2, 32, 4), (4, 16, 4), (2, 64, 4)])}
+SWEEP = {16: dict(pre=[(4, 32, 2, 4), (8, 16, 4, 16), (2, 32, 2, 4), (8, 32, 4, 2)],
+                  post=[(4, 32, 2, 4), (8, 16, 4, 16), (2, 32, 2, 4), (2, 64, 2, 4), (8, 32, 4, 2)],
+                  adjoint=[(4, 32, 2, 4), (16, 16, 4, 16), (2, 32, 2, 4), (2, 32, 1, 4), (4, 16, 1, 4), (2, 64, 2, 4)]),
+         32: dict(pre=[(2, 32, 4, 2), (2, 32, 4, 16), (2, 32, 2, 4)],
+                  post=[(4, 32, 4, 2), (2, 32, 4, 16), (2, 32, 2, 4), (2, 32, 2, 2), (2, 32, 4, 2)],
+                  adjoint=[(2, 32, 2, 4), (4, 32, 4, 16), (1, 32, 1, 4), (2, 16, 1, 4), (2, 16, 2, 4)])}
 
 
 def main(argv=None) -> int:
@@ -46,6 +47,9 @@ def main(argv=None) -> int:
     parser.add_argument("--static", action="store_true", help="with the static head mix")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"], choices=["tiles", "blockwise"])
+    parser.add_argument("--deterministic", action="store_true",
+                        help="under torch.use_deterministic_algorithms(True): the blockwise path's key-side weight "
+                             "gradients as partial sums added in a fixed order, not atomic adds")
     parser.add_argument("--sweep-tiles", action="store_true",
                         help="blockwise path: also each candidate tile of each kernel (SWEEP), one kernel at a time")
     args = parser.parse_args(argv)
@@ -59,6 +63,8 @@ def main(argv=None) -> int:
     from headmix.reference import ComposeWeights
 
     dtype = getattr(torch, args.dtype)
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
     def timed(fn) -> float:
         if device == "cpu":
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
     print(f"# {name}, torch {torch.__version__}, triton {triton.__version__}, {args.dtype}, "
           f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"# command: python benchmarks/training_paths.py {' '.join(argv if argv is not None else sys.argv[1:])}")
-    print(f"# batch {args.batch} x {args.seq}, causal, rank 2, static mix {'on' if args.static else 'off'}")
+    print(f"# batch {args.batch} x {args.seq}, causal, rank 2, static mix {'on' if args.static else 'off'}"
+          f"{', deterministic algorithms' if args.deterministic else ''}")
     print("| shape | window | path | fwd ms | bwd ms | fwd+bwd ms | bwd peak extra GiB | paths apart (relative) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import run_in_process
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -129,6 +131,25 @@ def test_kernel_resources_compiles_a_kernel_for_sm90_without_a_gpu():
     assert "failed" not in done.stdout, done.stdout
     assert all(f"| {name} | 24 | 16 x 16 | 4 | " in done.stdout for name in ("fwd_split1", "fwd_split2")), done.stdout
     assert all(f"| {name} | 24 | 1 x 16 | 8 | " in done.stdout for name in ("one_query1", "one_query2")), done.stdout
+
+
+@pytest.mark.parametrize("heads", [16, 32])
+def test_blockwise_kernels_compile_for_sm90_at_their_tiles(heads):
+    """``kernel_resources.py --blockwise``: the blockwise kernels at ``blockwise.TILES`` (their ``VEC`` included)
+    compile offline for sm_90 with every argument but ``L`` specialised as a multiple of 16, as the launcher does at the
+    benchmark shapes, within 255 registers and at most 512 bytes of spills (the interpreter runs code that Triton's compiler
+    refuses; the tiles were chosen at 0-136 bytes with triton 3.9)."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
+        pytest.skip("this triton build ships no NVIDIA tools")
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "kernel_resources.py"), "--blockwise", "--heads",
+                           str(heads), "--no-static"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| kernel")]
+    assert [r[0] for r in rows] == ["pre", "post", "post_from_s", "adjoint_post", "adjoint_pre"], done.stdout
+    for row in rows:
+        assert 0 < int(row[4]) <= 255 and 0 <= int(row[5]) <= 512, row
 
 
 def test_probe_runs_every_kind_and_task_and_writes_table_json_and_plot(tmp_path, capsys):

@@ -11,10 +11,11 @@ go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H
 * the Compose and the softmax, forward and adjoint, with every per-position weight gradient: Triton kernels
   (:mod:`.blockwise_kernels`) that read
   and write those buffers once per element, one program per (query tile, key chunk, batch x group) on
-  ``(heads x rows x keys)`` tiles. No tensor-core product runs inside them, so a tile keeps its loads' layout, with
-  every head of a position in one thread's registers: the Compose's sums over heads (``h_r = sum_m w1[r, m] x_m``)
-  and the static mix stay inside a thread. Sums along a tile's keys or queries (weight gradients, softmax statistics)
-  cross lanes: their warp shuffles, not memory, bound the adjoint kernels (docs/kernels.md, "Second pass");
+  ``(heads x rows x keys)`` tiles. No tensor-core product runs inside them, so a tile keeps its loads' layout, which
+  the tile table sets (:data:`TILES`: a few keys per thread, a group's heads over 2-4 lanes or warps): the Compose's sums
+  over heads (``h_r = sum_m w1[r, m] x_m``) and the sums along a tile's keys or queries (weight gradients, softmax
+  statistics) are in-thread adds, then warp shuffles or shared-memory round trips, which with the Compose's
+  arithmetic bound the kernels (docs/kernels.md, "Second pass" and "Third pass");
 * sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk and the static
   mix's gradient per program: partial sums, added by the host in a fixed order. Sums down a column (key-side weight
   gradients) are atomic adds into the gradient, whose order varies from run to run; under
@@ -45,25 +46,27 @@ from ...masks import MaskSpec
 from .launch import FIELDS, _check, _flags, _mask_args
 
 BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buffer (512 MB)
-# (query rows, keys, warps) of each kernel's (heads x rows x keys) tile, by padded heads per group (up to 16, more).
-# Compiled offline for sm_90 (triton 3.9, static mix off; benchmarks/kernel_resources.py's compile_kernel), larger
-# tiles spill: at 16 heads (8, 64, 4) 336-1,848 bytes per thread; at 32 heads (8, 64, 4) 6.9-10.1 KB. On an H200
-# (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms), one kernel's tile varied at a time: 16 x 64,
-# all (16, 16, 4): 18.8; pre (8, 16, 4) 18.5, (16, 16, 8) 18.6, (8, 32, 4) 19.3; post (8, 16, 4) 18.6, (16, 16, 8)
-# 18.9, (8, 32, 4) 19.8; adjoint (4, 32, 4) 20.0, (8, 16, 4) 21.8, (16, 16, 8) 24.4, (8, 32, 8) 25.8. 32 x 128 in one
-# group, all (4, 32, 4): 41.0; pre (2, 32, 4) 40.7, (8, 16, 4) 41.8, (4, 32, 8) 43.9; post (2, 32, 4) 40.6, (8, 16, 4)
-# 40.8, (4, 32, 8) 40.9; adjoint (2, 64, 4) 41.6, (2, 32, 4) 44.3, (4, 16, 4) 46.4, (4, 32, 8) 58.3. (The adjoint with
-# its query-side sums kept per key lane and summed once after the loop, against its shuffles per tile: 3-50% slower at
-# every tile tried, from the registers; with them from per-query Gram matrices of heads on tensor cores: 11-20%
-# slower.) Earlier sweeps (2026-11-30, one tile for all kernels): docs/kernels.md.
-TILES = {16: dict(pre=(8, 16, 4), post=(8, 16, 4), adjoint=(16, 16, 4)),
-         32: dict(pre=(2, 32, 4), post=(2, 32, 4), adjoint=(4, 32, 4))}
+# (query rows, keys, warps, VEC) of each kernel's (heads x rows x keys) tile, by padded heads per group (up to 16,
+# more). VEC is the alignment of a row's start that the kernels promise Triton (the host lowers it to the largest power
+# of two dividing the block's key count): with it, and the tile's shape, Triton picks the layout (keys per thread,
+# heads over lanes or warps), which sets how the sums over heads, keys and queries cross lanes and warps
+# (docs/kernels.md, "Third pass"). On an H200 (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms,
+# one kernel's tile varied at a time, `training_paths.py --sweep-tiles`): 16 x 64 from (4, 32, 2, 4) everywhere, 15.46:
+# pre (2, 32, 2, 4) 15.44, (8, 32, 4, 2) 15.77, (8, 16, 4, 16) 16.10; post (2, 64, 2, 4) 14.59, (2, 32, 2, 4) 15.20,
+# (8, 32, 4, 2) 15.89, (8, 16, 4, 16) 18.31; adjoint (2, 32, 1, 4) 14.79, (2, 64, 2, 4) 15.52, (4, 16, 1, 4) 15.64,
+# (2, 32, 2, 4) 17.13, (16, 16, 4, 16) 22.26. 32 x 128 in one group from the tiles below, 33.77: pre (2, 32, 2, 4)
+# 34.13, (2, 32, 4, 16) 34.22; post (2, 32, 2, 2) 33.59, (2, 32, 2, 4) 34.30, (2, 32, 4, 2) 35.05, (2, 32, 4, 16)
+# 41.68; adjoint (2, 16, 1, 4) 33.52, (1, 32, 1, 4) 35.76, (2, 16, 2, 4) 39.56, (4, 32, 4, 16) 39.67 (differences
+# under 1% were not taken). An earlier sweep (same day, from VEC 16 everywhere) had ruled out VEC 1 (16 x 64 adjoint
+# (16, 16, 4, 1): +5.6 ms) and larger programs ((4, 128, 8, 16): +13 ms).
+TILES = {16: dict(pre=(4, 32, 2, 4), post=(2, 64, 2, 4), adjoint=(2, 32, 1, 4)),
+         32: dict(pre=(2, 32, 4, 2), post=(4, 32, 4, 2), adjoint=(2, 32, 2, 4))}
 KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
 # with (8, 32, 4) tiles and 46.3 (256) / 47.7 (512) at 32 x 80 with (4, 32, 4), same runs
 
 
-def tile(padded_heads: int, kernel: str) -> tuple[int, int, int]:
-    """``(BM, BN, num_warps)`` of ``kernel`` (``"pre"``, ``"post"`` or ``"adjoint"``) for a group of ``padded_heads``
+def tile(padded_heads: int, kernel: str) -> tuple[int, int, int, int]:
+    """``(BM, BN, num_warps, VEC)`` of ``kernel`` (``"pre"``, ``"post"`` or ``"adjoint"``) for a group of ``padded_heads``
     (a power of two) heads."""
     return TILES[16 if padded_heads <= 16 else 32][kernel]
 
@@ -155,7 +158,7 @@ class _Run:
                            HAS_MASK=mask is not None)
 
     def blocks(self):
-        C = block_rows(self.B, self.H, self.T, self.S, max(BM for BM, _, _ in self.tiles.values()))
+        C = block_rows(self.B, self.H, self.T, self.S, max(t[0] for t in self.tiles.values()))
         for i0 in range(0, self.T, C):
             blk = _Block(i0, min(self.T, i0 + C), self.S, self.structure, self.mask)
             if blk.L > 0:
@@ -163,9 +166,11 @@ class _Run:
 
     def launch(self, blk: _Block, kernel: str):
         """``(grid, (n_i, KC, n_c), constants)`` of ``kernel``'s launch on ``blk``."""
-        BM, BN, warps = self.tiles[kernel]
+        BM, BN, warps, vec = self.tiles[kernel]
         n_i, KC, n_c = blk.split(BM, BN)
-        return (n_i, n_c, self.B * self.G), (n_i, KC, n_c), dict(self.consts, BM=BM, BN=BN, num_warps=warps)
+        vec = min(vec, blk.L & -blk.L)  # the kernels' rows start at multiples of it: L must be one
+        return (n_i, n_c, self.B * self.G), (n_i, KC, n_c), dict(self.consts, BM=BM, BN=BN, VEC=vec,
+                                                                  num_warps=warps)
 
     def mask_args(self, blk: _Block):
         """The block's view of the mask and its (batch, query, key) strides, or a dummy and zeros."""

@@ -10,9 +10,9 @@ from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC
 
 # -- kernels -----------------------------------------------------------------------------------------------------------
 # Every kernel: one program per (query tile, key chunk, batch x group); a tile is (MP, BM, BN), every head of the group
-# at BM queries and BN keys, loaded once. With no tensor-core product inside, the tile keeps the loads' layout (heads
-# in each thread's registers), so the sums over heads (the Compose's hidden terms) stay inside a thread. Sums over a
-# row's keys (softmax statistics, Delta, query-side weight gradients) are per key chunk, over a column's queries
+# at BM queries and BN keys, loaded once. With no tensor-core product inside, the tile keeps the loads' layout, which
+# VEC and the tile's shape set (blockwise.TILES: VEC keys per thread, a group's heads over 2-4 lanes or warps, so the sums
+# over heads, the Compose's hidden terms, are in-thread adds, then a shuffle or a shared-memory round trip). Sums over a row's keys (softmax statistics, Delta, query-side weight gradients) are per key chunk, over a column's queries
 # (key-side weight gradients) per query tile: partial sums, added up by the host in a fixed order.
 @triton.jit
 def _side(ptr, b, pos, ok, n_full, g, r, hm, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
@@ -85,29 +85,31 @@ def _frame(C, L, off, KC, G: tl.constexpr, MP: tl.constexpr, BM: tl.constexpr, B
 
 
 @triton.jit
-def _at(start_j, bg, offs_i, i_ok, hm, C, L, M: tl.constexpr, BN: tl.constexpr):
+def _at(start_j, bg, offs_i, i_ok, hm, C, L, M: tl.constexpr, BN: tl.constexpr, VEC: tl.constexpr):
     """Keys ``offs_j`` (in bounds ``j_ok``) of the tile at ``start_j``, its offsets into a ``(B, H, C, L)`` buffer and
-    their bounds."""
+    their bounds. ``VEC``, a power of two dividing ``L`` (the host's promise), is the alignment of a row's start: Triton
+    moves up to that many keys per thread at once and lays the tile out by it. The kernels do not specialise on ``L``
+    (``do_not_specialize``), so the layout is the tile table's choice (``blockwise.TILES``), not the shape's."""
     offs_j = start_j + tl.arange(0, BN)
     j_ok = offs_j < L
-    at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * L + offs_j[None, None, :]
+    at = ((bg * M + hm[:, None, None]) * C + offs_i[None, :, None]) * (L // VEC * VEC) + offs_j[None, None, :]
     ok = (hm < M)[:, None, None] & (i_ok[:, None] & j_ok[None, :])[None, :, :]
     return offs_j, j_ok, at, ok
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
                 C, L, T, S, off, scale, smb, smt, sms, KC, n_c,
                 G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
                 BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
-                HAS_MASK: tl.constexpr):
+                HAS_MASK: tl.constexpr, VEC: tl.constexpr):
     """``S' = Compose_pre(scale * S)`` (``S = Q K^T``; float32 ``(B, H, C, L)``) on the tiles the mask's structure
     allows, and each row's max and sum of ``exp`` of the masked ``S'`` over this key chunk, ``(B, H, n_c, C)`` each."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     m_i = tl.full((MP, BM), NEG, dtype=tl.float32)
     l_i = tl.zeros((MP, BM), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
-        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN, VEC)
         x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
         y = _compose3(x, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
                       False)
@@ -130,12 +132,12 @@ def _probs(sp_ptr, at, ok, lse, valid):
     return tl.where(valid, tl.exp(x - lse[:, :, None]), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk1, pk2, pqg, pkg,
                  w_ptr, q1, q2, k1, k2, qg, kg, C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC,
                  G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, PRE_FLAGS: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, FROM_S: tl.constexpr):
+                 WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, FROM_S: tl.constexpr, VEC: tl.constexpr):
     """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype. ``S'`` is read from
     ``sp_ptr``, or with ``FROM_S`` (the backward, where ``lse`` is known before the block) made here, ``S' =
     Compose_pre(scale * S)`` from ``s_ptr`` with the weights ``pw_ptr ..``, and stored in ``sp_ptr``."""
@@ -143,7 +145,7 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
     lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :],
                   mask=(hm < M)[:, None] & i_ok[None, :], other=float("inf"))
     for start_j in range(lo, hi, BN):
-        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN, VEC)
         valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         if FROM_S:
             x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
@@ -158,13 +160,14 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
         tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L"])
 def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
                     pdelta, pq1, pq2, pqg, pk1, pk2, pkg, pw,
                     C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC, n_c, n_i, kb, ki,
                     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
-                    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr, ATOMIC: tl.constexpr):
+                    WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr, ATOMIC: tl.constexpr,
+                    VEC: tl.constexpr):
     """The adjoint of one Compose on a tile, and its weight gradients.
 
     Post side (``PRE_SIDE`` False): the Compose's input is ``P`` (from ``S'``, ``lse``), its output's gradient ``dP'``
@@ -189,7 +192,7 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
     a_qg = tl.zeros((MP, BM), dtype=tl.float32)
     a_w = tl.zeros((MP, MP), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
-        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN)
+        offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN, VEC)
         valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
         p = _probs(sp_ptr, at, ok, lse, valid)
         if PRE_SIDE:
