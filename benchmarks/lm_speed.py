@@ -287,6 +287,13 @@ def main(argv=None) -> int:
           f"measured matmul rate {rate / 1e12:.1f} TFLOP/s")
     print(f"# command: python benchmarks/lm_speed.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     rows = []
+    if args.compile:
+        # torch 2.11 (H200 machine, 2026-12-01): with its AOTAutograd cache on, the second model compiled in one process
+        # segfaulted in the cache's save (autograd_cache._pickle_entry, during the first backward) -- twice, ending
+        # the table without a row. The cache only saves compiled graphs for later processes; the timings need none.
+        from torch._functorch import config as functorch_config
+
+        functorch_config.enable_autograd_cache = False
     if not args.skip_train:
         mode = f"compiled ({args.compile_scope})" if args.compile else "eager"
         print(f"\n| variant | params (non-emb.) | train tokens/s (seq {args.seq}, batch {args.train_batch}, {mode}) | "
