@@ -12,8 +12,8 @@ go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H
   (:mod:`.blockwise_kernels`) that read
   and write those buffers once per element, one program per (query tile, key chunk, batch x group) on
   ``(heads x rows x keys)`` tiles. No tensor-core product runs inside them, so a tile keeps its loads' layout, which
-  the tile table sets (:data:`TILES`: a few keys per thread, a group's heads over 2-4 lanes or warps): the Compose's sums
-  over heads (``h_r = sum_m w1[r, m] x_m``) and the sums along a tile's keys or queries (weight gradients, softmax
+  the tile table sets (:data:`TILES`: a few keys per thread, a group's heads over 2-4 lanes or warps): the Compose's
+  sums over heads (``h_r = sum_m w1[r, m] x_m``) and the sums along a tile's keys or queries (weight gradients, softmax
   statistics) are in-thread adds, then warp shuffles or shared-memory round trips, which with the Compose's
   arithmetic bound the kernels (docs/kernels.md, "Second pass" and "Third pass");
 * sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk and the static
@@ -66,8 +66,8 @@ KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512
 
 
 def tile(padded_heads: int, kernel: str) -> tuple[int, int, int, int]:
-    """``(BM, BN, num_warps, VEC)`` of ``kernel`` (``"pre"``, ``"post"`` or ``"adjoint"``) for a group of ``padded_heads``
-    (a power of two) heads."""
+    """``(BM, BN, num_warps, VEC)`` of ``kernel`` (``"pre"``, ``"post"`` or ``"adjoint"``) for a group of
+    ``padded_heads`` (a power of two) heads."""
     return TILES[16 if padded_heads <= 16 else 32][kernel]
 
 
@@ -79,6 +79,12 @@ def block_rows(B: int, H: int, T: int, S: int, BM: int) -> int:
     256 rows either way.)"""
     rows = max(BM, (BLOCK_ELEMENTS // max(1, B * H * S)) // BM * BM)
     return min(rows, triton.cdiv(T, BM) * BM)
+
+
+def _uninitialised(*shape: int, dtype: torch.dtype, device) -> Tensor:
+    """A buffer the kernels write in full before anything reads it (``tests/test_triton.py`` fills these with NaN, so
+    that an element read before it is written shows in the results)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
 
 
 def _products(a: Tensor, b: Tensor) -> Tensor:
@@ -149,8 +155,6 @@ class _Run:
         m, *self.mask_strides = _mask_args(mask, T, self.S, self.dummy)  # (B or 1, T, S) uint8, its strides
         self.mask = None if mask is None else m
         self.structure = MaskSpec(causal=self.causal, window=self.window or None, query_offset=offset)
-        # key tiles the structure never lets a query see are not written: buffers read by the products start at 0
-        self.skips = self.causal or bool(self.window)
         MP = max(2, triton.next_power_of_2(self.M))
         self.tiles = {kernel: tile(MP, kernel) for kernel in ("pre", "post", "adjoint")}
         R = _check(q, k, k, groups, pre, post)[1]  # (the rank; the caller checked the shapes)
@@ -188,9 +192,9 @@ class _Run:
         """``S'`` of the block, and the per-chunk row maxima and sums ``(B, H, n_c, C)``."""
         f32 = dict(dtype=torch.float32, device=s.device)
         grid, (_, KC, n_c), consts = self.launch(blk, "pre")
-        sp = torch.empty_like(s)
-        pm = torch.empty(self.B, self.H, n_c, blk.C, **f32)
-        pl = torch.empty(self.B, self.H, n_c, blk.C, **f32)
+        sp = _uninitialised(*s.shape, **f32)
+        pm = _uninitialised(self.B, self.H, n_c, blk.C, **f32)
+        pl = _uninitialised(self.B, self.H, n_c, blk.C, **f32)
         m, smb, smt, sms = self.mask_args(blk)
         _pre_kernel[grid](s, sp, pm, pl, m, *_weights(self.pre, blk, self.dummy), *self.geometry(blk), scale,
                           smb, smt, sms, KC, n_c, FLAGS=_flags(self.pre), **consts)
@@ -199,7 +203,7 @@ class _Run:
     def post_compose(self, sp, lse, blk, dtype, s=None, scale=1.0) -> Tensor:
         """``P'`` of the block in ``dtype`` from ``S'`` (``sp``); given ``S`` (``s``), ``S'`` is made from it on the
         way and written into ``sp`` (the backward's one pass)."""
-        pp = (torch.zeros if self.skips else torch.empty)(self.B, self.H, blk.C, blk.L, dtype=dtype, device=sp.device)
+        pp = _uninitialised(self.B, self.H, blk.C, blk.L, dtype=dtype, device=sp.device)  # (zeros where skipped)
         m, smb, smt, sms = self.mask_args(blk)
         pre = _weights(self.pre, blk, self.dummy) if s is not None else [self.dummy] * 7
         grid, (_, KC, _), consts = self.launch(blk, "post")
@@ -253,7 +257,7 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
     for blk in run.blocks():
         C, L = blk.C, blk.L
         s = run.scores(q, k, blk)
-        sp = torch.empty_like(s)
+        sp = _uninitialised(*s.shape, **f32)
         pp = run.post_compose(sp, lse, blk, q.dtype, s=s, scale=scale)
         dob = do[:, :, blk.i0:blk.i1].reshape(B, Hkv, rep * C, -1)
         dv[:, :, blk.lo:blk.hi] += _products(pp.view(B, Hkv, rep * C, L).transpose(-1, -2), dob)
@@ -265,18 +269,18 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
         delta = None
         for side, w in (("post", post), ("pre", pre)):
             g_ = grads[side]
-            parts = {f: torch.zeros(shape, **f32) if f in g_ else dummy for f, shape in (
+            parts = {f: _uninitialised(*shape, **f32) if f in g_ else dummy for f, shape in (  # every program writes
                 ("query_w1", (B, n_c, C, G, R, M)), ("query_w2", (B, n_c, C, G, R, M)),
                 ("query_gate", (B, n_c, C, G, M)), ("static", (B * G, n_i, n_c, M, M)))}
             for f, shape in (("key_w1", (B, n_i, L, G, R, M)), ("key_w2", (B, n_i, L, G, R, M)),
                              ("key_gate", (B, n_i, L, G, M))):
                 parts[f] = dummy if f not in g_ else g_[f][:, blk.lo:] if atomic else torch.zeros(shape, **f32)
             if side == "post":
-                out = torch.empty(B, H, C, L, **f32)  # dP
-                pdelta = torch.zeros(B, H, n_c, C, **f32)
+                out = _uninitialised(B, H, C, L, **f32)  # dP
+                pdelta = _uninitialised(B, H, n_c, C, **f32)
                 x, dy = dummy, dpp
             else:
-                out = (torch.zeros if run.skips else torch.empty)(B, H, C, L, dtype=q.dtype, device=q.device)  # dS
+                out = _uninitialised(B, H, C, L, dtype=q.dtype, device=q.device)  # dS (zeros where skipped)
                 pdelta = dummy
                 x, dy = s, dp
             _adjoint_kernel[grid](

@@ -11,9 +11,10 @@ from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC
 # -- kernels -----------------------------------------------------------------------------------------------------------
 # Every kernel: one program per (query tile, key chunk, batch x group); a tile is (MP, BM, BN), every head of the group
 # at BM queries and BN keys, loaded once. With no tensor-core product inside, the tile keeps the loads' layout, which
-# VEC and the tile's shape set (blockwise.TILES: VEC keys per thread, a group's heads over 2-4 lanes or warps, so the sums
-# over heads, the Compose's hidden terms, are in-thread adds, then a shuffle or a shared-memory round trip). Sums over a row's keys (softmax statistics, Delta, query-side weight gradients) are per key chunk, over a column's queries
-# (key-side weight gradients) per query tile: partial sums, added up by the host in a fixed order.
+# VEC and the tile's shape set (blockwise.TILES: VEC keys per thread, a group's heads over 2-4 lanes or warps), so the
+# sums over heads (the Compose's hidden terms) are in-thread adds, then a shuffle or a shared-memory round trip. Sums
+# over a row's keys (softmax statistics, Delta, query-side weight gradients) are per key chunk, added up by the host in
+# a fixed order; over a column's queries (key-side weight gradients), atomic adds, or per query tile when deterministic.
 @triton.jit
 def _side(ptr, b, pos, ok, n_full, g, r, hm, G: tl.constexpr, R: tl.constexpr, M: tl.constexpr):
     """A per-position factor ``(B, n_full, G, R, M)`` (a gate: ``R = 1``, ``r = 0``) at rank ``r`` and positions ``pos``
@@ -97,6 +98,24 @@ def _at(start_j, bg, offs_i, i_ok, hm, C, L, M: tl.constexpr, BN: tl.constexpr, 
     return offs_j, j_ok, at, ok
 
 
+@triton.jit
+def _zero_rest(out_ptr, lo, hi, pid_c, KC, bg, offs_i, i_ok, hm, C, L, M: tl.constexpr, MP: tl.constexpr,
+               BM: tl.constexpr, BN: tl.constexpr, VEC: tl.constexpr):
+    """Zeros in this program's key chunk wherever its loop over ``[lo, hi)`` wrote nothing (keys the mask's structure
+    hides from every query of the tile): ``out`` feeds products over the whole (query x key) rectangle."""
+    c0 = pid_c * KC
+    c1 = tl.minimum(c0 + KC, L)
+    a = tl.minimum(lo, c1)  # the loop wrote [a, e), whole tiles of BN keys from a
+    e = tl.minimum(a + tl.cdiv(tl.maximum(hi - lo, 0), BN) * BN, c1)
+    zero = tl.zeros((MP, BM, BN), dtype=out_ptr.dtype.element_ty)
+    for start_j in range(c0, a, BN):
+        _, _, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN, VEC)
+        tl.store(out_ptr + at, zero, mask=ok)
+    for start_j in range(e, c1, BN):
+        _, _, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN, VEC)
+        tl.store(out_ptr + at, zero, mask=ok)
+
+
 @triton.jit(do_not_specialize=["L"])
 def _pre_kernel(s_ptr, out_ptr, pm_ptr, pl_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
                 C, L, T, S, off, scale, smb, smt, sms, KC, n_c,
@@ -138,7 +157,8 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
                  G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, PRE_FLAGS: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, FROM_S: tl.constexpr, VEC: tl.constexpr):
-    """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype. ``S'`` is read from
+    """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype (zeros where the mask's
+    structure skips a tile). ``S'`` is read from
     ``sp_ptr``, or with ``FROM_S`` (the backward, where ``lse`` is known before the block) made here, ``S' =
     Compose_pre(scale * S)`` from ``s_ptr`` with the weights ``pw_ptr ..``, and stored in ``sp_ptr``."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
@@ -158,6 +178,7 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
         y = _compose3(p, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
                       False)
         tl.store(out_ptr + at, y.to(out_ptr.dtype.element_ty), mask=ok)
+    _zero_rest(out_ptr, lo, hi, pid_c, KC, bg, offs_i, i_ok, hm, C, L, M, MP, BM, BN, VEC)
 
 
 @triton.jit(do_not_specialize=["L"])
@@ -174,11 +195,11 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
     (``dy_ptr``); writes ``dP`` (float32, ``out_ptr``) and this key chunk's share of ``Delta = sum_j P dP`` per row
     (``pdelta``, ``(B, H, n_c, C)``). Pre side: the input is ``scale * S`` (``x_ptr``), the output's gradient ``dS' = P
     (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS * scale`` in
-    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``). Query-side weight gradients: partial sums ``(B, n_c, C, G, R,
-    M)`` per key chunk; the static mix's ``(B * G, n_i, n_c, M, M)`` per program; key side: rows ``(b * kb + pid_i *
-    ki + key) * G + g`` of a ``(.., G, R, M)`` buffer, stored (a partial sum per query tile: ``kb = n_i * L``, ``ki =
-    L``) or, with ``ATOMIC``, added in place (``ki = 0``: every query tile into one row; the order of the additions
-    varies from run to run)."""
+    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``; zeros where the mask's structure skips a tile). Query-side
+    weight gradients: partial sums ``(B, n_c, C, G, R, M)`` per key chunk; the static mix's ``(B * G, n_i, n_c, M,
+    M)`` per program; key side: rows ``(b * kb + pid_i * ki + key) * G + g`` of a ``(.., G, R, M)`` buffer, stored (a
+    partial sum per query tile: ``kb = n_i * L``, ``ki = L``) or, with ``ATOMIC``, added in place (``ki = 0``: every
+    query tile into one row; the order of the additions varies from run to run)."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     rr = tl.arange(0, RP)
     rows_ok = (hm < M)[:, None] & i_ok[None, :]
@@ -243,6 +264,8 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
         else:
             tl.store(out_ptr + at, dx, mask=ok)
             a_delta += tl.sum(p * dx, 2)
+    if PRE_SIDE:
+        _zero_rest(out_ptr, lo, hi, pid_c, KC, bg, offs_i, i_ok, hm, C, L, M, MP, BM, BN, VEC)
     qp = ((b * n_c + pid_c) * C + offs_i[None, :]) * G + g
     if not PRE_SIDE:
         tl.store(pdelta + ((bg * M + hm[:, None]) * n_c + pid_c) * C + offs_i[None, :], a_delta, mask=rows_ok)
