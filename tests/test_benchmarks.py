@@ -301,17 +301,22 @@ def test_training_paths_script_times_both_paths_and_they_agree():
     assert "torch " in done.stdout and "# command:" in done.stdout
 
 
-def test_training_paths_sweep_varies_one_kernel_tile_at_a_time(monkeypatch):
-    """``--sweep-tiles``: the blockwise row with the chosen tiles, then one row per other candidate of each kernel."""
-    done = run_in_process(str(BENCHMARKS / "training_paths.py"), "--device", "cpu", "--batch", "1", "--seq", "20",
-                          "--shapes", "4x16", "--paths", "blockwise", "--sweep-tiles", "--dtype", "float32")
-    assert done.returncode == 0, done.stderr[-3000:]
-    labels = [line.split("|")[3].strip() for line in done.stdout.splitlines() if line.startswith("| 4x16 |")]
+def test_training_paths_sweep_varies_one_kernel_tile_at_a_time(monkeypatch, capsys):
+    """``--sweep-tiles``: the blockwise row with the chosen tiles, then one row per other candidate of each kernel (the
+    script's candidates cut to one other per kernel here: every row interprets every kernel on the CPU)."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    from training_paths import SWEEP
+    import training_paths
 
     from headmix.ops.triton.blockwise import TILES
 
-    expected = ["blockwise"] + [f"blockwise, {kernel} {t}" for kernel, ts in SWEEP[16].items() for t in ts
-                                if t != TILES[16][kernel]]
-    assert labels == expected
+    chosen = dict(TILES[16])
+    small = {16: {kernel: [chosen[kernel], next(t for t in ts if t != chosen[kernel])]
+                  for kernel, ts in training_paths.SWEEP[16].items()}}
+    monkeypatch.setattr(training_paths, "SWEEP", small)
+    assert training_paths.main(["--device", "cpu", "--batch", "1", "--seq", "20", "--shapes", "4x16", "--paths",
+                                "blockwise", "--sweep-tiles", "--dtype", "float32"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4x16 |")]
+    labels = [line.split("|")[3].strip() for line in rows]
+    assert labels == ["blockwise"] + [f"blockwise, {kernel} {ts[1]}" for kernel, ts in small[16].items()]
+    assert all("error" not in row for row in rows), rows
+    assert TILES[16] == chosen  # the script puts the chosen tiles back
