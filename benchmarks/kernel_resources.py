@@ -31,7 +31,7 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, d
     """Compile ``fn`` for ``sm_{arch}``: registers, spill bytes, shared memory and a PTX hash. ``divisible``: the
     arguments (pointers, integers) to compile as multiples of 16, as Triton's launcher specialises them when they are
     at run time; the layouts Triton picks follow them (docs/kernels.md, "Third pass"), so name those of the launch being
-    studied (``"all"``: every pointer and integer argument)."""
+    studied (``"all"``: every pointer and integer argument the kernel does not mark ``do_not_specialize``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -39,8 +39,9 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, d
     constants = {k: v for k, v in constants.items() if k in fn.arg_names}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "scale" else "i32")
                  for name in fn.arg_names}
+    fixed = {fn.arg_names[i] if isinstance(i, int) else i for i in getattr(fn, "do_not_specialize", ())}
     div = {name for name, kind in signature.items() if kind != "constexpr" and kind != "fp32"
-           and (divisible == "all" or name in divisible)}
+           and (name not in fixed if divisible == "all" else name in divisible)}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                        attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in div})
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
@@ -185,7 +186,7 @@ def blockwise_table(args) -> int:
         for BM, BN, warps, vec in shapes:
             try:
                 r = compile_kernel(fn, dict(common, BM=BM, BN=BN, VEC=vec, **extra), pointers, warps, args.arch,
-                                   divisible=[n for n in fn.arg_names if n != "L"])  # (L: do_not_specialize)
+                                   divisible="all")
             except Exception as error:  # noqa: BLE001  (a row saying so; the table goes on)
                 print(f"| {name} | {BM} x {BN} | {warps} | {vec} | failed: {type(error).__name__} | | |", flush=True)
                 continue

@@ -137,8 +137,8 @@ def test_kernel_resources_compiles_a_kernel_for_sm90_without_a_gpu():
 def test_blockwise_kernels_compile_for_sm90_at_their_tiles(heads):
     """``kernel_resources.py --blockwise``: the blockwise kernels at ``blockwise.TILES`` (their ``VEC`` included)
     compile offline for sm_90 with every argument but ``L`` specialised as a multiple of 16, as the launcher does at the
-    benchmark shapes, within 255 registers and at most 512 bytes of spills (the interpreter runs code that Triton's compiler
-    refuses; the tiles were chosen at 0-136 bytes with triton 3.9)."""
+    benchmark shapes, within 255 registers and at most 512 bytes of spills (the interpreter runs code that Triton's
+    compiler refuses; the tiles compile at 0-120 bytes with triton 3.9)."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").is_file():
         pytest.skip("this triton build ships no NVIDIA tools")
