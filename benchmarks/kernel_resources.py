@@ -122,6 +122,7 @@ def main(argv=None) -> int:
                       MIX_PRE=mix["pre"], MIX_POST=mix["post"])
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
         one_bn, one_dc, one_warps = K.one_query_tile(D)
+        one_sc = K.SPLITS_READ
         one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", mask_ptr="*u8", **weights)
         query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
                      dq_ptr=ptr, d_q1="*fp32", d_q2="*fp32", d_qg="*fp32", dw_part="*fp32", **weights)
@@ -132,8 +133,8 @@ def main(argv=None) -> int:
         plans = dict(fwd=(forward._fwd_kernel, "fwd", dict(fwd_c, PHASE=0, DCV=DCO), fwd),
                      fwd_split1=(forward._fwd_kernel, "fwd", dict(fwd_c, PHASE=1, DCV=D), fwd),
                      fwd_split2=(forward._fwd_kernel, "fwd", dict(fwd_c, PHASE=2, DCV=D), fwd),
-                     one_query1=(forward._one_query_kernel, "one_query", dict(PHASE=1, DC=one_dc), one),
-                     one_query2=(forward._one_query_kernel, "one_query", dict(PHASE=2, DC=one_dc), one),
+                     one_query1=(forward._one_query_kernel, "one_query", dict(PHASE=1, DC=one_dc, SC=one_sc), one),
+                     one_query2=(forward._one_query_kernel, "one_query", dict(PHASE=2, DC=one_dc, SC=one_sc), one),
                      bwd1=(backward._bwd_query_kernel, "bwd", dict(STAGE=1), query),
                      bwd2=(backward._bwd_query_kernel, "bwd", dict(STAGE=2), query),
                      bwd_key=(backward._bwd_key_kernel, "bwd", dict(DK_STORE=D, DV_STORE=D), key))

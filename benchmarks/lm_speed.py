@@ -12,8 +12,11 @@ our cache), batch 1 and 16; prefill tokens/s from a 1-token generation, decode t
 difference (medians of ``--repeats`` calls each, default 3, after one warm-up call of each length; the last column
 gives their range). With ``--compile`` the generation rows decode as a user of transformers would with compilation:
 a static cache (``model.new_cache(max_cache_len=...)``, reset and reused across the timed calls, as transformers
-documents for its ``StaticCache``) and ``generate()``'s own compiled decoding step (``CompileConfig()``: inductor,
-``mode="reduce-overhead"``, i.e. CUDA graphs); one warm-up generation compiles, the timed ones do not.
+documents for its ``StaticCache``) and ``generate()``'s own compiled decoding step (``CompileConfig(dynamic=False)``:
+inductor, ``mode="reduce-overhead"``, i.e. CUDA graphs, static shapes: the headmix models' default, given to every
+variant, the anchor too, so that each batch size compiles its own static step -- transformers' ``dynamic=None``
+recompiles the second batch size of a process with symbolic sizes); one warm-up generation compiles, the timed ones
+do not.
 
 The anchor: a variant ``hf-llama:<preset>`` is transformers' own ``LlamaForCausalLM`` with that preset's shape
 (random weights, SDPA attention), decoded the same way (its ``StaticCache`` with ``--compile``)::
@@ -176,7 +179,8 @@ def generate_speed(model, batch, prompt, new_tokens, device,
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     cache = None
     if compile_backend:
-        config = CompileConfig() if compile_backend == "inductor" else CompileConfig(backend=compile_backend, mode=None)
+        config = (CompileConfig(dynamic=False) if compile_backend == "inductor"
+                  else CompileConfig(backend=compile_backend, mode=None, dynamic=False))
         config._compile_all_devices = True  # transformers compiles on accelerators only unless told (CPU runs)
         kwargs["compile_config"] = config
         cache = static_cache(model, prompt + new_tokens)
@@ -327,8 +331,8 @@ def main(argv=None) -> int:
 
             launch.DECODE_KERNEL = args.decode_kernel
 
-        mode = (f"static cache, compiled ({args.compile_backend}; DCMHA's step: {COMPILED_DECODE})" if args.compile
-                else "dynamic cache, eager")
+        mode = (f"static cache, compiled ({args.compile_backend}, static shapes; DCMHA's step: {COMPILED_DECODE})"
+                if args.compile else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
         print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
               f"prefill ÷ first | decode ÷ first | first call s | range over {args.repeats} calls (prefill; decode) |")

@@ -490,20 +490,52 @@ def test_compiled_decoding_step_runs_the_split_kernels_and_matches_the_reference
         assert not eager[2].any()  # a query with no allowed key outputs zeros, as on every path
 
 
-def test_split_sum_kernel_adds_the_splits_in_order():
-    """The last decoding launch: the float32 partial outputs summed over the splits, stored in the output dtype."""
+def test_split_sum_kernel_adds_the_splits():
+    """The last decoding launch: the float32 partial outputs summed over the splits (read 2 at a time here: three
+    rounds, the last half empty), stored in the output dtype, the same bits on every run."""
     from headmix.ops.triton.forward import _split_sum_kernel
 
     g = torch.Generator().manual_seed(2)
     parts = torch.randn(5, 3, 700, generator=g).to(DEVICE)
     for dtype in (torch.float32, torch.bfloat16):
-        out = torch.empty(3, 700, dtype=dtype, device=DEVICE)
-        _split_sum_kernel[(3,)](parts, out, out.numel(), 5, BLOCK=1024)
-        expected = parts[0] + parts[1] + parts[2] + parts[3] + parts[4]  # float32, in split order
+        outs = [torch.empty(3, 700, dtype=dtype, device=DEVICE) for _ in range(2)]
+        for out in outs:
+            _split_sum_kernel[(9,)](parts, out, out.numel(), 5, BLOCK=256, SC=2)
+        out = outs[0]
+        assert torch.equal(out, outs[1])
+        expected = parts.double().sum(0).float()  # the float32 sum, to within float32 rounding (another order)
         if dtype == torch.float32:
-            assert torch.equal(out, expected)
+            assert ((out - expected).abs() <= 4 * 2**-23 * parts.abs().sum(0)).all()
         else:  # within one bf16 step of the float32 sum (Triton's interpreter rounds the cast unlike the GPU)
             assert ((out.float() - expected).abs() <= 2**-7 * expected.abs()).all()
+
+
+
+def test_one_query_decoding_reads_the_splits_in_chunks(monkeypatch):
+    """The one-query decode kernel's combine of the splits' statistics and the sum of their partial outputs read
+    ``SPLITS_READ`` splits at a time: with more splits than that (4: several rounds, the last one partly past
+    ``n_split``), equal to the float64 reference and the same bits on a second run; GQA heads, key padding, a row
+    whose only keys are in the last split."""
+    g = torch.Generator().manual_seed(4)
+    B, H, Hkv, S, D, G, splits_read = 2, 8, 4, 150, 16, 2, 4
+    q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pre, post = (random_weights(B, 1, S, G, H // G, 2, FIELDS, g) for _ in range(2))
+    padding = torch.arange(S)[None] >= torch.tensor([[7], [S - 3]])  # the second row: 3 keys, in the last split
+    mask = attention_mask(torch.tensor([S - 1]), torch.arange(S), causal=True, key_padding=padding)
+    ref = composed_attention(q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), scale=D**-0.5,
+                             mask=mask, pre=pre, post=post, groups=G)
+    monkeypatch.setattr(launch, "DECODE_KERNEL", "one_query")
+    monkeypatch.setattr(launch, "SPLITS_READ", splits_read)
+    n_split = launch._decode_splits(B * G, S, launch.one_query_tile(D)[0])[1]
+    assert n_split > splits_read and n_split % splits_read  # several rounds, the last one partly empty
+    f32 = [t.float().to(DEVICE) for t in (q, k, v)]
+    with torch.no_grad():
+        runs = [triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, groups=G, pre=as_float32(pre),
+                                                       post=as_float32(post), mask=mask.to(DEVICE))
+                for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    assert (runs[0].double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_results_are_identical_across_runs():

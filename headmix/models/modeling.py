@@ -476,6 +476,21 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
         if getattr(generation_config, "is_assistant", False):
             cache.activate_past_recording()  # its rejected candidates are cropped away
 
+    def get_compiled_call(self, compile_config=None):
+        """The compiled forward ``generate()`` decodes with (transformers' hook). Without a compile config (none
+        given to ``generate()``, none in ``generation_config``), transformers' default with **static shapes**
+        (``dynamic=False``): every decoding step against the static cache has one shape, and a later generation with
+        another batch size
+        recompiles for it, where the default (``dynamic=None``) recompiles with symbolic sizes from then on (and
+        torch's profile-guided cache on disk can carry that into later compiles of the same code). On an H200
+        (torch 2.11, 2026-12-01), after batch 1 then 16 in one process, DCFormer++-405M's batch-16 compile failed in
+        inductor's code generation (``NameError: name 's99' is not defined``)."""
+        if compile_config is None:  # (generate() passes generation_config.compile_config, when set)
+            from transformers import CompileConfig
+
+            compile_config = CompileConfig(dynamic=False)
+        return super().get_compiled_call(compile_config)
+
     def create_masks_for_generate(self, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
         """What ``generate()`` passes as ``attention_mask`` with a compileable (static) cache (transformers' hook in
         ``prepare_inputs_for_generation``, called with the cache as ``cache`` or, before 5.24, ``past_key_values``):

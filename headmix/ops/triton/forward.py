@@ -29,6 +29,26 @@ def _combined_lse(stats_ptr, rows, ok, n_rows, n_split):
 
 
 @triton.jit
+def _combined_lse_chunks(stats_ptr, rows, ok, n_rows, n_split, SC: tl.constexpr):
+    """:func:`_combined_lse` for one row per head (``rows`` ``(MP,)``), reading ``SC`` splits' statistics at once
+    (one memory round trip per ``SC`` splits, not two per split: the one-query decode kernel's programs all wait on
+    this before their first key) and folding them in with an online maximum. The same order in every program of a
+    row, so all compute the same bits."""
+    mx = tl.full(rows.shape, NEG, dtype=tl.float32)
+    total = tl.zeros(rows.shape, dtype=tl.float32)
+    for c in range(0, n_split, SC):
+        sp = c + tl.arange(0, SC)
+        at = sp[:, None] * n_rows + rows[None, :]
+        okc = (sp < n_split)[:, None] & ok[None, :]
+        m = tl.load(stats_ptr + at, mask=okc, other=NEG)
+        lsum = tl.load(stats_ptr + n_split * n_rows + at, mask=okc, other=0.0)
+        new = tl.maximum(mx, tl.max(m, 0))
+        total = total * tl.exp(mx - new) + tl.sum(lsum * tl.exp(m - new[None, :]), 0)
+        mx = new
+    return tl.where(total > 0, mx + tl.log(total), float("inf"))
+
+
+@triton.jit
 def _pre_scores(q, q_ptr, k_ptr, sq, sk, pre, eq_pre, b, g, offs_i, offs_j, hm, krow, T, S, kv_rep, dk_n, scale,
                 G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, DK: tl.constexpr,
                 DCS: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr, PREC: tl.constexpr, MIX_PRE: tl.constexpr,
@@ -168,14 +188,18 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _split_sum_kernel(parts_ptr, o_ptr, n, n_split, BLOCK: tl.constexpr):
+def _split_sum_kernel(parts_ptr, o_ptr, n, n_split, BLOCK: tl.constexpr, SC: tl.constexpr):
     """``o = sum_s parts[s]`` over the ``n_split`` float32 partial outputs of the split-key forward (``n`` elements
-    each, dense), in split order (the same bits on every run), stored in ``o``'s dtype."""
+    each, dense), stored in ``o``'s dtype. ``SC`` splits are read at once (one memory round trip each, not one per
+    split) and summed as a tree, the chunks in split order: a fixed order, the same bits on every run."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, n_split):
-        acc += tl.load(parts_ptr + s * n + offs, mask=ok, other=0.0)
+    for c in range(0, n_split, SC):
+        sp = c + tl.arange(0, SC)
+        part = tl.load(parts_ptr + sp[:, None] * n + offs[None, :], mask=(sp < n_split)[:, None] & ok[None, :],
+                       other=0.0)
+        acc += tl.sum(part, 0)
     tl.store(o_ptr + offs, acc.to(o_ptr.dtype.element_ty), mask=ok)
 
 
@@ -239,13 +263,13 @@ def _one_query_kernel(
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr,
     PRE: tl.constexpr, POST: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-    PHASE: tl.constexpr,
+    PHASE: tl.constexpr, SC: tl.constexpr,
 ):
     """Decoding with one query (``T = 1``, the query at key ``off``), keys split over program axis 1 in ``chunk``s;
     program axis 0 is (batch, head group). The tiles are ``(heads x keys)``: no query rows to pad, no per-key
     mixing matrices. ``PHASE`` 1 stores each split's row max and sum, ``(2, n_split, B * H)``; ``PHASE`` 2 combines
-    every split's statistics into the row's normaliser and stores the split's float32 ``P' V``,
-    ``(n_split, B * H, dv_n)`` (summed by :func:`_split_sum_kernel`)."""
+    every split's statistics into the row's normaliser (:func:`_combined_lse_chunks`, ``SC`` splits at a time) and
+    stores the split's float32 ``P' V``, ``(n_split, B * H, dv_n)`` (summed by :func:`_split_sum_kernel`)."""
     bg = tl.program_id(0)
     b = bg // G
     g = bg % G
@@ -267,7 +291,7 @@ def _one_query_kernel(
         m_i = tl.full((MP,), NEG, dtype=tl.float32)
         l_i = tl.zeros((MP,), dtype=tl.float32)
     else:
-        lse = _combined_lse(stats_ptr, rows, h_ok, n_rows, n_split)
+        lse = _combined_lse_chunks(stats_ptr, rows, h_ok, n_rows, n_split, SC)
         acc = tl.zeros((MP, DV), dtype=tl.float32)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)

@@ -118,7 +118,8 @@ def mix_precision(dtype: torch.dtype) -> dict[str, str]:
 
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
 SPLIT_TARGET_PROGRAMS = 128
-SPLIT_SUM_BLOCK = 1024  # elements per program of the sum of the splits' partial outputs
+SPLIT_SUM_BLOCK = 256  # elements per program of the sum of the splits' partial outputs
+SPLITS_READ = 8  # splits whose statistics (one-query kernel) or partial outputs (the sum) are read at once
 # What decodes one query (T = 1, no gradients): "one_query", :func:`_one_query_kernel` ((heads x keys) tiles, each
 # Compose term applied as written), or "tiles", the forward kernel's split-key path (query rows padded to a tile,
 # per-key mixing matrices). Measured on an H200 at a 4096-key cache under a CUDA graph (docs/kernels.md, "Decoding
@@ -300,14 +301,17 @@ def _split_chunks(S: int, splits: int, BN: int) -> tuple[int, int]:
 
 
 def _decode_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
-    """``(chunk, n_split)`` of the one-query decode kernel: about ``sqrt(S)`` splits, at most
-    ``SPLIT_TARGET_PROGRAMS / programs``. Each of its programs combines every split's statistics in a serial loop,
-    so past some count more splits cost more than they save: on an H200 (2026-11-30, bf16, 16 heads, rank 2, one
-    step replayed from a CUDA graph, batch 1) the step took 25.6 / 25.5 / 24.0 us at 640 cached keys with 40 / 40 /
-    20 splits (head dim 64), 41.0 / 31.8 us with 80 / 40 (head dim 128), 55.1 / 38.3 us at 2048 keys with 128 / 64
-    splits, 60.6 / 48.5 / 56.4 us at 4096 keys with 128 / 64 / 32 splits; at batch 16 the cap (8 splits) was the
-    fastest of 4 / 8 / 16 at 640 keys."""
-    return _split_chunks(S, max(1, min(SPLIT_TARGET_PROGRAMS // programs, math.isqrt(S))), BN)
+    """``(chunk, n_split)`` of the one-query decode kernel: about ``2 sqrt(S)`` splits, at most
+    ``SPLIT_TARGET_PROGRAMS / programs`` (twice that from 2048 keys on: each program has more keys to read, so a
+    second wave of programs pays). Measured on an H200 (2026-12-01, bf16, 16 heads, rank 2, static mix off, one step
+    replayed from a CUDA graph, us, splits in brackets; each rule in one run): 640 keys, batch 1: head dim
+    64 17.8 (20) -> 15.9 (40), head dim 128 28.5 (20) -> 21.3 (40), 25.2 (80); batch 16: 52.5 (8), 61.5 (14) at head
+    dim 64, 109.3 (8), 99.4 (16), 120.1 (27) at 128 (the cap of 8 kept: one wave). 4096 keys, batch 1: 36.0 (64),
+    36.0 (128), 64.6 (256) at head dim 64, 56.4 (64), 48.6 (128), 79.0 (256) at 128; batch 16: 309.4 (8), 241.3 (16),
+    221.2 (32) at 64, 521.4 (8), 448.8 (16), 465.4 (32) at 128. (Before the statistics and the partial outputs were
+    read several splits at a time, each split cost a serial memory round trip, and about ``sqrt(S)`` was best.)"""
+    cap = SPLIT_TARGET_PROGRAMS * (2 if S >= 2048 else 1)
+    return _split_chunks(S, max(1, min(cap // programs, 2 * math.isqrt(S))), BN)
 
 
 def _shape_args(q: Tensor, k: Tensor, v: Tensor, offset: int) -> tuple[int, ...]:
@@ -363,7 +367,8 @@ def _sum_splits(parts: Tensor, dtype: torch.dtype) -> Tensor:
     new ``shape`` tensor of ``dtype`` (:func:`_split_sum_kernel`)."""
     o = torch.empty(parts.shape[1:], dtype=dtype, device=parts.device)
     n = o.numel()
-    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, parts.shape[0], BLOCK=SPLIT_SUM_BLOCK)
+    _split_sum_kernel[(triton.cdiv(n, SPLIT_SUM_BLOCK),)](parts, o, n, parts.shape[0], BLOCK=SPLIT_SUM_BLOCK,
+                                                           SC=SPLITS_READ)
     return o
 
 
@@ -384,7 +389,7 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -
     strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_strides)
     for phase in (1, 2):
         _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, m, *weights, *strides, S, off, kv_rep, dk_n, dv_n,
-                                            scale, chunk, n_split, PHASE=phase, **consts)
+                                            scale, chunk, n_split, PHASE=phase, SC=SPLITS_READ, **consts)
     return _sum_splits(parts, q.dtype)
 
 
