@@ -122,14 +122,18 @@ class DynamicWeightProjection(nn.Module):
             w = torch.bmm(hidden.view(B * T, G * C, K).transpose(0, 1), self.factors.reshape(G * C, K, R2 * M))
             # (G*C, B*T, [w_1 | w_2] * M) -> (C, 2, B, T, G, R, M)
             w = w.view(G, C, B, T, 2, self.rank, M).permute(1, 4, 2, 3, 0, 5, 6).contiguous()
-            w1 = F.rms_norm(w[:, 0], (M,), eps=FACTOR_NORM_EPS)
+            # unbind, not indexing: the gradient of each field then lands in one stack, where an index's
+            # gradient is a zero-filled copy of the whole tensor, added up field by field
+            w1, w2 = w.unbind(1)
+            w1 = F.rms_norm(w1, (M,), eps=FACTOR_NORM_EPS).unbind(0)
+            w2 = w2.unbind(0)
             for c, (composition, side) in enumerate(self.factor_kinds):
                 first, second, _ = side_fields(side)
-                found.setdefault((composition, side), {}).update({first: w1[c], second: w[c, 1]})
+                found.setdefault((composition, side), {}).update({first: w1[c], second: w2[c]})
         if self.gates is not None:
             G, Cg, M = self.gates.shape[1:]
             g = torch.matmul(x, self.gates.reshape(-1, G * Cg * M)).view(B, T, G, Cg, M)
-            g = torch.tanh(g.permute(3, 0, 1, 2, 4).contiguous())  # (C_g, B, T, G, M)
+            g = torch.tanh(g.permute(3, 0, 1, 2, 4).contiguous()).unbind(0)  # C_g of (B, T, G, M)
             for c, (composition, side) in enumerate(self.gate_kinds):
                 found.setdefault((composition, side), {})[side_fields(side)[-1]] = g[c]
         return {kind: ComposeWeights(**weights) for kind, weights in found.items()}
