@@ -477,14 +477,9 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
             cache.activate_past_recording()  # its rejected candidates are cropped away
 
     def get_compiled_call(self, compile_config=None):
-        """The compiled forward ``generate()`` decodes with (transformers' hook). Without a compile config (none
-        given to ``generate()``, none in ``generation_config``), transformers' default with **static shapes**
-        (``dynamic=False``): every decoding step against the static cache has one shape, and a later generation with
-        another batch size
-        recompiles for it, where the default (``dynamic=None``) recompiles with symbolic sizes from then on (and
-        torch's profile-guided cache on disk can carry that into later compiles of the same code). On an H200
-        (torch 2.11, 2026-12-01), after batch 1 then 16 in one process, DCFormer++-405M's batch-16 compile failed in
-        inductor's code generation (``NameError: name 's99' is not defined``)."""
+        """``generate()``'s compiled forward (transformers' hook); without a config, transformers' default with static
+        shapes (``dynamic=False``): another batch size recompiles for its own shapes instead of going symbolic, which
+        broke inductor's code generation for DCFormer++ on an H200 (torch 2.11, 2026-12-01: ``NameError: s99``)."""
         if compile_config is None:  # (generate() passes generation_config.compile_config, when set)
             from transformers import CompileConfig
 
