@@ -74,4 +74,6 @@ class RotaryEmbedding(nn.Module):
         rotated_half = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
         cos, sin = cos[..., None, :], sin[..., None, :]  # broadcast over blocks
         out = (rot.to(compute_dtype) * cos + rotated_half.to(compute_dtype) * sin).to(x.dtype)
+        if rest.shape[-1] == 0:  # every channel rotates: no concatenation (a copy of x, and its backward)
+            return out.reshape(shape)
         return torch.cat([out, rest], dim=-1).reshape(shape)
