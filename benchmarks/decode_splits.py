@@ -1,7 +1,7 @@
 """Decoding step of the DCMHA attention core: SDPA vs the materialised path vs the fused kernel's
 split-key path at several split targets (``headmix.ops.triton.launch.SPLIT_TARGET_PROGRAMS``). With the default
-one-query decode kernel the target is only a cap: it takes about sqrt(cache) splits below it
-(``launch._decode_splits``); the tile kernel (``DECODE_KERNEL = "tiles"``) splits up to the target.
+one-query decode kernel the target is only a cap: it takes about 2 sqrt(cache) splits below it (twice the
+cap from 2048 keys on; ``launch._decode_splits``); the tile kernel (``DECODE_KERNEL = "tiles"``) splits up to the target.
 
 One query against a ``--cache``-token cache, all Compose terms on (rank 2), no gradients; prints a
 table (ms per step, mean of ``--repeat`` after one warm-up) with device, date and versions.
