@@ -523,7 +523,6 @@ def test_split_sum_kernel_adds_the_splits():
             assert ((out.float() - expected).abs() <= 2**-7 * expected.abs()).all()
 
 
-
 def test_one_query_decoding_reads_the_splits_in_chunks(monkeypatch):
     """The one-query decode kernel's combine of the splits' statistics and the sum of their partial outputs read
     ``SPLITS_READ`` splits at a time: with more splits than that (4: several rounds, the last one partly past
