@@ -321,3 +321,12 @@ def test_training_paths_sweep_varies_one_kernel_tile_at_a_time(monkeypatch, caps
     assert labels == ["blockwise"] + [f"blockwise, {kernel} {ts[1]}" for kernel, ts in small[16].items()]
     assert all("error" not in row for row in rows), rows
     assert TILES[16] == chosen  # the script puts the chosen tiles back
+
+
+def test_norm_script_times_both_norms_at_every_shape():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "norm.py"), "--device", "cpu", "--small", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| QK-norm") or line.startswith("| factor")]
+    assert len(rows) == 2
+    assert all(float(cell) > 0 for row in rows for cell in row.split("|")[5:9])  # four timings, each measured

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .._validation import check_divisible, check_input, check_padding_mask, check_positive_int
 from ..masks import attention_mask
+from ..ops import rms_norm
 from ..reference import composed_probabilities, expand_kv_heads
 from .rotary import DEFAULT_BASE, RotaryEmbedding
 
@@ -35,6 +36,16 @@ QK_NORM_EPS = 1e-6
 #: fused Triton kernels. ``"eager"`` is the materialised reference path of every layer, ``"sdpa"`` (or ``None``)
 #: each layer's own fast path (its ``backend`` option for the composed layers).
 IMPLEMENTATION_BACKENDS = {"headmix_triton": "triton"}
+
+
+class HeadNorm(nn.RMSNorm):
+    """QK-norm: :class:`torch.nn.RMSNorm` over each head's channels of ``(batch, heads, seq, head_dim)``, computed by
+    :func:`headmix.ops.rms_norm` (a Triton kernel for eager CUDA tensors) with the rows taken in memory order:
+    queries and keys come from their projections as ``(batch, seq, heads, head_dim)``, seen transposed."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps  # (nn.RMSNorm's default)
+        return rms_norm(x.transpose(1, 2), self.weight, eps).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -101,8 +112,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.kv_dim, bias=bias)
         self.out_proj = nn.Linear(dim, dim, bias=bias if out_bias is None else out_bias)
         self.rotary = RotaryEmbedding(self.head_dim, rotary_base, rotary_fraction) if rotary else None
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
+        self.q_norm = HeadNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
+        self.k_norm = HeadNorm(self.head_dim, eps=QK_NORM_EPS) if qk_norm else None
 
     # -- what a layer says about itself ----------------------------------------------------------
     @classmethod

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..masks import MaskSpec
-from ..ops import resolve_backend
+from ..ops import resolve_backend, rms_norm
 from ..reference import COMPOSE_FIELDS, ComposeWeights, composed_probabilities
 from .composed import ComposedAttention
 
@@ -120,12 +120,13 @@ class DynamicWeightProjection(nn.Module):
             G, C, K, R2, M = self.factors.shape
             hidden = F.gelu(torch.matmul(x, self.hidden.reshape(-1, G * C * K)))  # (B, T, G*C*K)
             w = torch.bmm(hidden.view(B * T, G * C, K).transpose(0, 1), self.factors.reshape(G * C, K, R2 * M))
-            # (G*C, B*T, [w_1 | w_2] * M) -> (C, 2, B, T, G, R, M)
-            w = w.view(G, C, B, T, 2, self.rank, M).permute(1, 4, 2, 3, 0, 5, 6).contiguous()
+            # (G*C, B*T, [w_1 | w_2] * M) -> (2, C, B, T, G, R, M): the first factors of every kind lie together,
+            # so their norm reads rows one after another
+            w = w.view(G, C, B, T, 2, self.rank, M).permute(4, 1, 2, 3, 0, 5, 6).contiguous()
             # unbind, not indexing: the gradient of each field then lands in one stack, where an index's
             # gradient is a zero-filled copy of the whole tensor, added up field by field
-            w1, w2 = w.unbind(1)
-            w1 = F.rms_norm(w1, (M,), eps=FACTOR_NORM_EPS).unbind(0)
+            w1, w2 = w.unbind(0)
+            w1 = rms_norm(w1, None, FACTOR_NORM_EPS).unbind(0)
             w2 = w2.unbind(0)
             for c, (composition, side) in enumerate(self.factor_kinds):
                 first, second, _ = side_fields(side)

@@ -19,6 +19,9 @@ The fallback policy lives here: when ``auto`` cannot use the kernels for a CUDA 
 take, or a kernel that does not fit the GPU at run time), it runs the chunked path and warns once per reason,
 naming it: the chunked path is 10-40x slower than the kernels on a GPU, which a user should not discover by
 accident.
+
+Also here: :func:`rms_norm`, RMS normalisation of short rows (QK-norm, DCMHA's dynamic-weight factors) on a Triton
+kernel in eager CUDA code, PyTorch's ``rms_norm`` (its spec) everywhere else.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._validation import check_choice, check_positive_int
@@ -170,4 +174,29 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
     return _BACKENDS[name]
 
 
-__all__ = ["COMPILED_DECODE", "available_backends", "chunked_composed_attention", "register_backend", "resolve_backend", "triton_takes"]
+#: Rows up to this many numbers go to the Triton RMS norm (:func:`rms_norm`); PyTorch's kernel gives a row a thread
+#: block, which suits long rows (a model's hidden size) and wastes most of the block on a head's 64 channels.
+SHORT_ROW = 256
+#: ... and tensors of at least this many numbers: below it the GPU time is a few microseconds either way and PyTorch's
+#: C++ call costs less host time than a Python autograd function and a Triton launch (a host-bound prefill pays it)
+TRITON_NORM_MIN_NUMEL = 1 << 20
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+    """:func:`torch.nn.functional.rms_norm` over the last dim of ``x`` (``weight``: ``(x.shape[-1],)`` or ``None``).
+
+    Eager CUDA tensors of at least :data:`TRITON_NORM_MIN_NUMEL` numbers in rows of up to :data:`SHORT_ROW` run
+    :mod:`headmix.ops.triton.norm`'s kernels, forward and backward (at QK-norm's 64 channels of 8 x 2048 tokens x 16
+    heads on an H200: 17 + 32 us of kernels against PyTorch's 215 us forward, 523 us forward+backward: docs/kernels.md,
+    "RMS norm of short rows"); inside ``torch.compile`` (inductor fuses the norm itself), under autocast, on the CPU,
+    without triton, for smaller tensors or longer rows, PyTorch's ``rms_norm``. The results agree to rounding (float32 arithmetic, one
+    rounding of the output: ``tests/test_norm.py``)."""
+    if (x.is_cuda and _HAS_TRITON and x.shape[-1] <= SHORT_ROW and x.numel() >= TRITON_NORM_MIN_NUMEL
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")):
+        from .triton.norm import triton_rms_norm
+
+        return triton_rms_norm(x, weight, eps)
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+__all__ = ["COMPILED_DECODE", "SHORT_ROW", "TRITON_NORM_MIN_NUMEL", "rms_norm", "available_backends", "chunked_composed_attention", "register_backend", "resolve_backend", "triton_takes"]
