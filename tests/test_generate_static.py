@@ -319,3 +319,24 @@ def test_gpu_compiled_decoding_step_is_one_graph_on_the_kernels(static):
     tokens = greedy(model, ids, mask, cache_implementation="static", compile_config=config)
     assert torch.equal(tokens, expected)
     assert 1 <= len(ops) <= 2 and all(any("dcmha_inference" in op for op in graph) for graph in ops), ops
+
+
+def test_dcmha_key_side_is_one_packed_buffer_per_layer():
+    """The static cache keeps DCMHA's key-side factors and gates (both Compose steps) in one ``(batch, slots,
+    width)`` buffer per layer, beside the keys and values: one write per step and one compiled-step input, not six.
+    The layer reads the fields as views of it, and the tokens are the dynamic cache's (the tests above)."""
+    model = small_model(attention="dcmha")
+    ids, mask = prompts()
+    cache = model.new_cache(max_cache_len=PROMPT + 2)
+    model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0, eos_token_id=None,
+                   **{CACHE_NAME: cache})
+    layer = model.model.layers[1].attention
+    G, M, R = layer.groups, layer.num_heads // layer.groups, layer.rank
+    for static_layer in cache.layers:
+        state = static_layer.state
+        assert set(state) == {"k", "v", "key_weights"} and all(isinstance(t, torch.Tensor) for t in state.values())
+        assert state["key_weights"].shape == (2, static_layer.slots, 2 * (2 * G * R * M + G * M))
+        _, key_side = layer.composition_state(torch.randn(2, 1, layer.dim))
+        views = static_layer.views({"k": state["k"], "v": state["v"], **key_side})["key_weights"]
+        assert views["post"].key_gate.shape == (2, static_layer.slots, G, M)
+        assert views["post"].key_gate.untyped_storage().data_ptr() == state["key_weights"].untyped_storage().data_ptr()

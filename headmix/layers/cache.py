@@ -24,11 +24,48 @@ goes to slot ``n % window``), so its memory is bounded by the window whatever th
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 from dataclasses import is_dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+def packable(entry: Any) -> bool:
+    """Whether a static cache packs a state entry into one buffer: a structure (not a lone tensor) of at least two
+    tensors of one dtype, such as DCMHA's key-wise factors and gates of both Compose steps. One buffer ``(batch,
+    slots, width)``, a row per slot with every tensor's numbers side by side, means one write per decoding step and
+    one graph input for a compiled step (each input is guarded and checked at every step), not one per field."""
+    if isinstance(entry, Tensor):
+        return False
+    leaves = list(_leaves(entry))
+    return len(leaves) > 1 and len({t.dtype for t in leaves}) == 1
+
+
+def pack(entry: Any, dtype: torch.dtype) -> Tensor:
+    """A packable ``entry`` of ``(batch, T, ...)`` tensors as packed rows ``(batch, T, width)`` of ``dtype``."""
+    return torch.cat([t.reshape(*t.shape[:2], -1) for t in _leaves(entry)], dim=-1).to(dtype)
+
+
+def _width(entry: Any) -> int:
+    """Numbers per position of a packable entry (its packed row)."""
+    return sum(math.prod(t.shape[2:]) for t in _leaves(entry))
+
+
+def unpack(buffer: Tensor, like: Any) -> Any:
+    """A packed buffer ``(batch, slots, width)`` as views with the structure of ``like`` (an entry as the layer makes
+    it: the same tensors in the same order, any positions), each ``(batch, slots, *tail)`` with the buffer's batch
+    and slot strides. The layout comes from ``like``'s shapes, not from the cache: a compiled step reads no Python
+    number of the cache's (each would be guarded at every step)."""
+    views, start = [], 0
+    for t in _leaves(like):
+        tail = t.shape[2:]
+        width = math.prod(tail)
+        views.append(buffer[:, :, start:start + width].unflatten(2, tail) if tail else buffer[:, :, start])
+        start += width
+    found = iter(views)
+    return map_state(lambda _: next(found), like)
 
 
 def map_state(fn: Callable[..., Tensor], *states: Any) -> Any:
@@ -201,7 +238,9 @@ class StaticLayerCache:
     The entries are those of :class:`LayerCache` (``"k"``, ``"v"``, the key side of
     :meth:`~headmix.layers.Attention.composition_state`), allocated at the first :meth:`update` from the shapes of
     what the layer hands in, each ``(batch, slots, ...)``, beside ``positions`` ``(batch, slots)`` and ``valid``
-    ``(batch, slots)`` (``False`` for padding and for slots never written). The attention layer attends over all
+    ``(batch, slots)`` (``False`` for padding and for slots never written). A structured entry (DCMHA's key side:
+    factors and gates of both Compose steps) is one packed buffer ``(batch, slots, width)`` (:func:`packable`), which
+    the layer reads as views in its own structure. The attention layer attends over all
     slots; ``valid`` and the positions mask what must not be seen (eagerly, a prefill into an empty cache attends
     over its own positions only, as with the dynamic cache, so the layers keep their causal fast paths). The count of positions written so far is the
     0-d tensor :attr:`length`, updated in place, so a compiled step reads no Python number that changes.
@@ -292,7 +331,9 @@ class StaticLayerCache:
 
     def _allocate(self, new: dict[str, Any], positions: Tensor) -> None:
         batch, device = positions.shape[0], positions.device
-        self.state = map_state(lambda t: t.new_zeros((batch, self.slots, *t.shape[2:])), new)
+        self.state = {name: next(_leaves(entry)).new_zeros(batch, self.slots, _width(entry)) if packable(entry)
+                      else map_state(lambda t: t.new_zeros((batch, self.slots, *t.shape[2:])), entry)
+                      for name, entry in new.items()}
         self.positions = torch.zeros(batch, self.slots, dtype=torch.long, device=device)
         self.valid = torch.zeros(batch, self.slots, dtype=torch.bool, device=device)
         self.length = self.length.to(device)
@@ -304,8 +345,18 @@ class StaticLayerCache:
             for t in (*_leaves(self.state), self.positions, self.valid, self.length):
                 torch._dynamo.mark_static_address(t)
 
+    def views(self, new: dict[str, Any]) -> dict[str, Any]:
+        """The state as the layer reads it, every entry in the structure of ``new`` (what the layer hands in: a packed
+        entry, a tensor here, comes back as views of its buffer, :func:`unpack`)."""
+        return {name: unpack(entry, new[name]) if isinstance(entry, Tensor) and not isinstance(new[name], Tensor)
+                else entry for name, entry in self.state.items()}
+
     def _write(self, slots: Tensor, new: dict[str, Any], positions: Tensor, valid: Tensor) -> None:
-        map_state(lambda buffer, t: buffer.index_copy_(1, slots, t.to(buffer.dtype)), self.state, new)
+        for name, entry in self.state.items():
+            if isinstance(entry, Tensor) and not isinstance(new[name], Tensor):  # packed
+                entry.index_copy_(1, slots, pack(new[name], entry.dtype))
+            else:
+                map_state(lambda buffer, t: buffer.index_copy_(1, slots, t.to(buffer.dtype)), entry, new[name])
         self.positions.index_copy_(1, slots, positions.to(self.positions.dtype))
         self.valid.index_copy_(1, slots, valid.bool())
 
@@ -326,7 +377,7 @@ class StaticLayerCache:
         index = self.length + torch.arange(T, device=self.length.device)  # sequence index of each new position
         if self.ring and T > 1:
             attended = (new, positions, valid) if fresh else (  # the ring as it was, then the new positions
-                map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.state, new),
+                map_state(lambda buffer, t: torch.cat([buffer, t.to(buffer.dtype)], dim=1), self.views(new), new),
                 torch.cat([self.positions, positions], dim=1), torch.cat([self.valid, valid.bool()], dim=1))
             keep = min(T, self.slots)  # the last ``window`` new positions are all a later query may need
             self._write(index[T - keep:] % self.slots, map_state(lambda t: t[:, T - keep:], new),
@@ -335,7 +386,7 @@ class StaticLayerCache:
             return attended
         self._write(index % self.slots if self.ring else index, new, positions, valid)
         self.length.add_(T)
-        return (new, positions, valid) if fresh else (self.state, self.positions, self.valid)
+        return (new, positions, valid) if fresh else (self.views(new), self.positions, self.valid)
 
     def activate_past_recording(self) -> None:
         """Nothing to switch on: a ring keeps ``window`` slots; :meth:`crop` says when it cannot undo."""

@@ -57,7 +57,9 @@ Layout of this package, by role:
 * :mod:`.launch`: what the kernels take (:func:`check_supported`), tile shapes, launches;
 * :mod:`.op`: the ``torch.library`` custom ops with autograd, and the entry point
   :func:`triton_composed_attention`. What runs when a kernel does not fit the GPU is the ops registry's
-  policy (:mod:`headmix.ops`), not the op's.
+  policy (:mod:`headmix.ops`), not the op's;
+* :mod:`.norm`: RMS normalisation of short rows (QK-norm, the dynamic-weight factors), which
+  :func:`headmix.ops.rms_norm` runs in eager CUDA code.
 
 Names inside the kernels (one scheme throughout):
 

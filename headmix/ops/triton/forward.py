@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .tiles import (KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, STATIC, _compose, _compose_rank, _heads,
-                    _key_range, _matrices, _pair_dot, _rows, _valid)
+                    _key_range, _matrices, _pair_dot, _valid)
 
 
 @triton.jit
@@ -204,13 +204,24 @@ def _split_sum_kernel(parts_ptr, o_ptr, n, n_split, BLOCK: tl.constexpr, SC: tl.
 
 
 @triton.jit
-def _one_query_compose(x, cw, b, g, offs_j, hm, kok, S, G: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
+def _key_rows(ptr, sb, st, b, g, r, offs, hm, ok, R: tl.constexpr, M: tl.constexpr):
+    """A key-side factor at rank ``r`` (a gate: ``R = 1``, ``r = 0``) as a ``(BLOCK, MP)`` tile: positions ``offs`` of
+    a ``(B, S, G, R, M)`` tensor whose batch and position strides are ``sb``, ``st`` (a static cache packs a layer's
+    key-side factors and gates into one buffer, so the position stride is that buffer's row), the rest contiguous."""
+    p = ptr + b * sb + offs[:, None] * st + (g * R + r) * M + hm[None, :]
+    return tl.load(p, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _one_query_compose(x, cw, ks, b, g, offs_j, hm, kok, G: tl.constexpr, M: tl.constexpr, R: tl.constexpr,
                        FLAGS: tl.constexpr):
     """Compose of one query's ``(MP, BN)`` tile (heads x keys), every term applied as it is written in the
     reference (no per-key ``heads x heads`` matrices): the static mix as one ``(MP, MP)`` contraction, each rank of
     a low-rank term as a reduction over the heads and a scaled add, the gates as products. ``kok``: ``(BN, MP)``
-    bounds of the key-side factors. float32 throughout."""
+    bounds of the key-side factors; ``ks``: their (batch, position) strides, ``(k1, k2, kg)`` in turn. float32
+    throughout."""
     w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
+    k1b, k1t, k2b, k2t, kgb, kgt = ks
     h_ok = hm < M
     out = x
     if STATIC & FLAGS:  # out[n, j] += sum_m W[g, m, n] x[m, j]
@@ -227,17 +238,17 @@ def _one_query_compose(x, cw, b, g, offs_j, hm, kok, S, G: tl.constexpr, M: tl.c
         out += gate[:, None] * x
     if KEY_LOWRANK & FLAGS:  # factors per key: (BN, MP) tiles
         for r in tl.static_range(R):
-            a = tl.trans(_rows(kw1, b, g, r, offs_j, hm, kok, S, G, R, M))
-            c = tl.trans(_rows(kw2, b, g, r, offs_j, hm, kok, S, G, R, M))
+            a = tl.trans(_key_rows(kw1, k1b, k1t, b, g, r, offs_j, hm, kok, R, M))
+            c = tl.trans(_key_rows(kw2, k2b, k2t, b, g, r, offs_j, hm, kok, R, M))
             out += c * tl.sum(a * x, 0)[None, :]
     if KEY_GATE & FLAGS:
-        out += tl.trans(_rows(kg, b, g, 0, offs_j, hm, kok, S, G, 1, M)) * x
+        out += tl.trans(_key_rows(kg, kgb, kgt, b, g, 0, offs_j, hm, kok, 1, M)) * x
     return out
 
 
 @triton.jit
 def _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh, skt, skd, S, kv_rep, dk_n, scale,
-                      pre, kok, G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
+                      pre, pre_ks, kok, G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
                       DK: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr, PRE: tl.constexpr):
     """Pre-composed scores ``(MP, BN)`` of the one query against keys ``offs_j``; the head dim in chunks of ``DC``."""
     s = tl.zeros((MP, BN), dtype=tl.float32)
@@ -249,7 +260,7 @@ def _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh
         s += tl.sum(q[:, None, :] * k, 2)
     s = s * scale
     if PRE != 0:
-        s = _one_query_compose(s, pre, b, g, offs_j, hm, kok, S, G, M, R, PRE)
+        s = _one_query_compose(s, pre, pre_ks, b, g, offs_j, hm, kok, G, M, R, PRE)
     return s
 
 
@@ -259,6 +270,7 @@ def _one_query_kernel(
     pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg,
     post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg,
     sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, sms,
+    pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt, post_k1b, post_k1t, post_k2b, post_k2t, post_kgb, post_kgt,
     S, off, kv_rep, dk_n, dv_n, scale, chunk, n_split,
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr,
@@ -281,6 +293,8 @@ def _one_query_kernel(
     n_rows = tl.num_programs(0) * M  # B * H
     pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
     post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
+    pre_ks = (pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt)
+    post_ks = (post_k1b, post_k1t, post_k2b, post_k2t, post_kgb, post_kgt)
     lo = split * chunk
     hi = tl.minimum(S, lo + chunk)
     if CAUSAL:
@@ -297,7 +311,7 @@ def _one_query_kernel(
         offs_j = start_j + tl.arange(0, BN)
         kok = (offs_j < S)[:, None] & h_ok[None, :]
         s = _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh, skt, skd, S, kv_rep, dk_n,
-                              scale, pre, kok, G, M, MP, R, DK, DC, BN, PRE)
+                              scale, pre, pre_ks, kok, G, M, MP, R, DK, DC, BN, PRE)
         ok = offs_j < S
         if CAUSAL:
             ok = ok & (offs_j <= off)
@@ -316,7 +330,7 @@ def _one_query_kernel(
         else:
             p = tl.where(ok[None, :], tl.exp(s - lse[:, None]), 0.0)
             if POST != 0:
-                p = _one_query_compose(p, post, b, g, offs_j, hm, kok, S, G, M, R, POST)
+                p = _one_query_compose(p, post, post_ks, b, g, offs_j, hm, kok, G, M, R, POST)
             dv = tl.arange(0, DV)
             v = _heads(v_ptr, b, g, offs_j, dv, svb, svh, svt, svd, S, M, hm, kv_rep, dv_n).to(tl.float32)
             acc += tl.sum(p[:, :, None] * v, 1)

@@ -243,6 +243,25 @@ def _pointers(w: ComposeWeights | None, dummy: Tensor) -> list[Tensor]:
     return [dummy if getattr(w, f) is None else getattr(w, f).contiguous() for f in FIELDS]
 
 
+KEY_FIELDS = ("key_w1", "key_w2", "key_gate")
+
+
+def _key_pointers(w: ComposeWeights | None, dummy: Tensor) -> tuple[list[Tensor], list[int]]:
+    """The seven fields of ``w`` as :func:`_pointers`, except that the key-side fields ``(B, S, ...)`` keep their
+    batch and position strides when each position's numbers lie together (a view of a static cache's packed buffer:
+    no copy per decoding step), and those strides, ``(k1, k2, kg)``'s (batch, position) pairs."""
+    ptrs = _pointers(None if w is None else ComposeWeights(**{f: None if f in KEY_FIELDS else getattr(w, f)
+                                                                for f in FIELDS}), dummy)
+    strides: list[int] = []
+    for f in KEY_FIELDS:
+        t = None if w is None else getattr(w, f)
+        if t is not None and t.numel() and not t[0, 0].is_contiguous():
+            t = t.contiguous()
+        ptrs[FIELDS.index(f)] = dummy if t is None else t
+        strides += [0, 0] if t is None else [t.stride(0), t.stride(1)]
+    return ptrs, strides
+
+
 def _check(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post) -> tuple[int, int]:
     B, H, T, dk = q.shape
     if k.shape[1] != v.shape[1] or H % k.shape[1]:
@@ -330,7 +349,6 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     n_blocks = triton.cdiv(T, meta["BM"])
     chunk, n_split = _key_splits(n_blocks * B * groups, S, meta["BN"]) if split is not False else (S, 1)
     warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
-    weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
     strides = (*q.stride(), *k.stride(), *v.stride())
     DCS, DCV = head_dim_chunks("fwd", meta["MP"], meta["DK"], meta["DV"])
     out_chunks = meta["DV"] // DCV if n_split == 1 else 1  # (the split-key launches write whole head dims)
@@ -341,7 +359,10 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     if DECODE_KERNEL not in ("tiles", "one_query"):
         raise ValueError(f"DECODE_KERNEL={DECODE_KERNEL!r} is not allowed: expected 'tiles' or 'one_query'")
     if T == 1 and split is not False and DECODE_KERNEL == "one_query":
-        return _one_query_forward(q, k, v, scale, m, (smb, sms), weights, flags, shape), None
+        (pre_ptrs, pre_ks), (post_ptrs, post_ks) = _key_pointers(pre, dummy), _key_pointers(post, dummy)
+        return _one_query_forward(q, k, v, scale, m, (smb, sms), (*pre_ptrs, *post_ptrs), (*pre_ks, *post_ks),
+                                  flags, shape), None
+    weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
     if n_split == 1:
         o = torch.empty(B, H, T, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
@@ -372,7 +393,7 @@ def _sum_splits(parts: Tensor, dtype: torch.dtype) -> Tensor:
     return o
 
 
-def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -> Tensor:
+def _one_query_forward(q, k, v, scale, m, mask_strides, weights, key_strides, flags, shape) -> Tensor:
     """One query per (batch, head): :func:`_one_query_kernel`'s two phases over split keys, then the sum of the
     splits (three launches, nothing read back on the host)."""
     B, H, _, _ = q.shape
@@ -388,8 +409,8 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, flags, shape) -
     parts = torch.empty(n_split, B, H, 1, dv_n, dtype=torch.float32, device=q.device)  # (the kernel: B * H rows)
     strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_strides)
     for phase in (1, 2):
-        _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, m, *weights, *strides, S, off, kv_rep, dk_n, dv_n,
-                                            scale, chunk, n_split, PHASE=phase, SC=SPLITS_READ, **consts)
+        _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, m, *weights, *strides, *key_strides, S, off, kv_rep,
+                                            dk_n, dv_n, scale, chunk, n_split, PHASE=phase, SC=SPLITS_READ, **consts)
     return _sum_splits(parts, q.dtype)
 
 
