@@ -18,6 +18,10 @@ variant, the anchor too, so that each batch size compiles its own static step --
 recompiles the second batch size of a process with symbolic sizes); one warm-up generation compiles, the timed ones
 do not.
 
+``--isolate`` measures each generation row (variant, batch) in a process of its own: in one process a model measured
+after another decoded slower on the H200 (2026-12-01: DCFormer++-405M at batch 1, 267.5-275.2 tokens/s after
+Transformer++, 315.7-340.9 alone; the cause is not known), so without it the rows after the first may be understated.
+
 The anchor: a variant ``hf-llama:<preset>`` is transformers' own ``LlamaForCausalLM`` with that preset's shape
 (random weights, SDPA attention), decoded the same way (its ``StaticCache`` with ``--compile``)::
 
@@ -44,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -213,6 +219,27 @@ def generate_speed(model, batch, prompt, new_tokens, device,
     return batch * prompt / prefill, batch * (new_tokens - 1) / (total - prefill), first, spread
 
 
+def isolated_row(variant: str, batch: int, argv: list[str] | None) -> tuple[float, float, float, dict]:
+    """:func:`generate_speed`'s result for one (variant, batch), measured by this script in a process of its own
+    (``--isolate``); a failure there comes back as a ``RuntimeError`` naming its last line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keep, skip = [], False
+    for arg in argv:  # the parent's options, less its variants, batches, --isolate and its training rows
+        if skip and not arg.startswith("--"):
+            continue
+        skip = arg in ("--variants", "--batches")
+        if not skip and arg != "--isolate":
+            keep.append(arg)
+    done = subprocess.run([sys.executable, __file__, *keep, "--skip-train", "--variants", variant, "--batches",
+                           str(batch), "--emit-row"], capture_output=True, text=True)
+    found = [line[4:] for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    if done.returncode or not found:
+        last = (done.stderr.strip() or done.stdout.strip() or "no output").splitlines()[-1]
+        raise RuntimeError(f"isolated run failed: {last}")
+    pre, dec, first, spread = json.loads(found[0])
+    return pre, dec, first, {key: tuple(value) for key, value in spread.items()}
+
+
 def non_embedding_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
@@ -278,6 +305,11 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-scope", default="model", choices=["model", "layers"],
                         help="with --compile: the whole model, or each decoder block")
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
+    parser.add_argument("--isolate", action="store_true",
+                        help="measure each generation row (variant, batch) in a process of its own: in one process a "
+                             "model measured after another decoded slower (H200, 2026-12-01: DCFormer++-405M 267.5-275.2 "
+                             "tokens/s after Transformer++, 315.7-340.9 alone; cause not found)")
+    parser.add_argument("--emit-row", action="store_true", help=argparse.SUPPRESS)  # (--isolate's child processes)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise ValueError(f"--repeats is {args.repeats}: expected a positive number of timed calls")
@@ -340,12 +372,15 @@ def main(argv=None) -> int:
         first_rows: dict[int, tuple[float, float]] = {}  # per batch: the first variant's (prefill, decode)
         for variant in args.variants:
             torch.manual_seed(0)
-            model = build(variant, args.backend, device, dtype, args.num_layers)
+            model = None if args.isolate else build(variant, args.backend, device, dtype, args.num_layers)
             for batch in args.batches:
                 try:
-                    pre, dec, first, spread = generate_speed(model, batch, args.prompt, args.new_tokens, device,
-                                                             args.compile_backend if args.compile else None,
-                                                             args.repeats)
+                    if args.isolate:
+                        pre, dec, first, spread = isolated_row(variant, batch, argv)
+                    else:
+                        pre, dec, first, spread = generate_speed(model, batch, args.prompt, args.new_tokens, device,
+                                                                 args.compile_backend if args.compile else None,
+                                                                 args.repeats)
                 except torch.OutOfMemoryError:
                     print(f"| {variant} | {batch} | OOM | | | | | |", flush=True)
                     continue
@@ -353,13 +388,15 @@ def main(argv=None) -> int:
                     print(f"| {variant} | {batch} | {type(error).__name__}: {str(error).splitlines()[0][:120]} | | | "
                           "| | |", flush=True)
                     continue
+                if args.emit_row:
+                    print("ROW " + json.dumps([pre, dec, first, spread]), flush=True)
                 base_pre, base_dec = first_rows.setdefault(batch, (pre, dec))
                 (pre_lo, pre_hi), (dec_lo, dec_hi) = spread["prefill"], spread["decode"]
                 print(f"| {variant} | {batch} | {pre:,.0f} | {dec:,.1f} | {pre / base_pre:.2f} | {dec / base_dec:.2f} | "
                       f"{first:.1f} | {pre_lo:,.0f}–{pre_hi:,.0f}; {dec_lo:,.1f}–{dec_hi:,.1f} |", flush=True)
                 rows.append(("generate", variant, batch, pre, dec))
             del model
-            if args.compile:
+            if args.compile and not args.isolate:
                 torch._dynamo.reset()  # the next variant compiles afresh, within the default recompile limits
             if device.type == "cuda":
                 torch.cuda.empty_cache()
