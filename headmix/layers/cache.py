@@ -23,8 +23,8 @@ goes to slot ``n % window``), so its memory is bounded by the window whatever th
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import math
+from collections.abc import Callable
 from dataclasses import is_dataclass
 from typing import Any
 
