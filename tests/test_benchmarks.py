@@ -37,22 +37,18 @@ def test_lm_speed_script_prints_both_tables():
 
 
 def test_lm_speed_isolate_measures_each_generation_row_in_its_own_process():
+    """Each row from a child process; a child's failure is a row naming it, and the table goes on."""
     done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-transformer++", "tiny-dcformer++",
-         "--device", "cpu", "--skip-train", "--prompt", "8", "--new-tokens", "4", "--batches", "1", "--num-layers", "2",
-         "--isolate"], capture_output=True, text=True, timeout=600)
+        [sys.executable, str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-transformer++:bogus", "tiny-transformer++",
+         "tiny-dcformer++", "--device", "cpu", "--skip-train", "--prompt", "8", "--new-tokens", "4", "--batches", "1",
+         "--num-layers", "2", "--isolate"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     rows = [line.split("|") for line in done.stdout.splitlines() if line.startswith("| tiny-")]
-    assert [row[1].strip() for row in rows] == ["tiny-transformer++", "tiny-dcformer++"]
-    assert all(float(row[4].replace(",", "")) > 0 for row in rows)  # decode tokens/s, measured by the children
+    assert [row[1].strip() for row in rows] == ["tiny-transformer++:bogus", "tiny-transformer++", "tiny-dcformer++"]
+    assert "isolated run failed" in rows[0][3] and "'bogus'" in rows[0][3]
+    assert all(float(row[4].replace(",", "")) > 0 for row in rows[1:])  # decode tokens/s, measured by the children
+    assert float(rows[1][6]) == 1.0  # ratios against the first row that was measured
     assert not any(line.startswith("ROW ") for line in done.stdout.splitlines())  # the children's lines stay theirs
-    bad = subprocess.run(  # a child's failure is a row naming it, and the table goes on
-        [sys.executable, str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-transformer++:bogus", "tiny-transformer++",
-         "--device", "cpu", "--skip-train", "--prompt", "8", "--new-tokens", "4", "--batches", "1", "--num-layers", "2",
-         "--isolate"], capture_output=True, text=True, timeout=600)
-    assert bad.returncode == 0, bad.stderr
-    rows = [line for line in bad.stdout.splitlines() if line.startswith("| tiny-")]
-    assert "isolated run failed" in rows[0] and "'bogus'" in rows[0] and float(rows[1].split("|")[4]) > 0
 
 
 def test_speed_report_runs_every_section_and_ends_with_the_summary():
