@@ -270,7 +270,8 @@ class DCMHA(ComposedAttention):
         """``{"pre": ComposeWeights, "post": ComposeWeights}`` from the static weights and a state of
         :meth:`composition_state` (query side for the queries, key side for all keys)."""
         return {
-            c: combine(ComposeWeights(static=self.static[c] if c in self.static else None),
+            # (the plain bool first: a compiled step then reads nothing of an empty ParameterDict, each read a guard)
+            c: combine(ComposeWeights(static=self.static[c] if self._static_on and c in self.static else None),
                        state["query_weights"][c], state["key_weights"][c])
             for c in self.compositions
         }
