@@ -307,8 +307,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
     parser.add_argument("--isolate", action="store_true",
                         help="measure each generation row (variant, batch) in a process of its own: in one process a "
-                             "model measured after another decoded slower (H200, 2026-12-01: DCFormer++-405M 267.5-275.2 "
-                             "tokens/s after Transformer++, 315.7-340.9 alone; cause not found)")
+                             "model measured after another decoded slower (H200, 2026-12-01: DCFormer++-405M "
+                             "267.5-275.2 tokens/s after Transformer++, 315.7-340.9 alone; cause not found)")
     parser.add_argument("--emit-row", action="store_true", help=argparse.SUPPRESS)  # (--isolate's child processes)
     args = parser.parse_args(argv)
     if args.repeats < 1:

@@ -560,27 +560,26 @@ def test_one_query_decoding_reads_key_factors_in_place_from_a_packed_buffer(monk
     q = torch.randn(B, H, 1, D, generator=g, dtype=torch.float64)
     k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
     pre, post = (as_float32(random_weights(B, 1, S, G, H // G, R, FIELDS, g)) for _ in range(2))
-    keys = {c: ComposeWeights(**{f: getattr(w, f) for f in ("key_w1", "key_w2", "key_gate")})
-            for c, w in (("pre", pre), ("post", post))}
+    key_fields = ("key_w1", "key_w2", "key_gate")
+    keys = {c: ComposeWeights(**{f: getattr(w, f) for f in key_fields}) for c, w in (("pre", pre), ("post", post))}
     buffer = pack(keys, torch.float32)  # (B, S, 2 * (2 G R M + G M)), as the static cache holds it
     views = unpack(buffer, keys)
     assert views["pre"].key_w1.stride()[:2] == buffer.stride()[:2] and not views["post"].key_gate.is_contiguous()
     monkeypatch.setattr(launch, "DECODE_KERNEL", "one_query")
     copies = []
     contiguous = torch.Tensor.contiguous
-    monkeypatch.setattr(torch.Tensor, "contiguous", lambda t, *a, **kw: (copies.append(t.shape), contiguous(t, *a, **kw))[1])
+    monkeypatch.setattr(torch.Tensor, "contiguous",
+                        lambda t, *a, **kw: (copies.append(t.shape), contiguous(t, *a, **kw))[1])
 
     def run(keyed):
-        weights = [ComposeWeights(**{**{f: getattr(w, f) for f in FIELDS}, **{f: getattr(keyed[c], f)
-                                                                             for f in ("key_w1", "key_w2", "key_gate")}})
+        weights = [ComposeWeights(**{f: getattr(keyed[c] if f in key_fields else w, f) for f in FIELDS})
                    for c, w in (("pre", pre), ("post", post))]
         with torch.no_grad():
             return triton_dcmha.triton_composed_attention(*(t.float().to(DEVICE) for t in (q, k, v)), scale=D**-0.5,
                                                           groups=G, pre=weights[0], post=weights[1],
                                                           mask=MaskSpec(causal=True, query_offset=S - 1))
 
-    in_place = run({c: ComposeWeights(**{f: getattr(w, f).to(DEVICE) for f in ("key_w1", "key_w2", "key_gate")})
-                    for c, w in views.items()})
+    in_place = run({c: ComposeWeights(**{f: getattr(w, f).to(DEVICE) for f in key_fields}) for c, w in views.items()})
     assert not any(shape[1] == S for shape in copies)  # no key-side field was copied
     assert torch.equal(in_place, run(keys))
 

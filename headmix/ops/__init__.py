@@ -189,8 +189,8 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     :mod:`headmix.ops.triton.norm`'s kernels, forward and backward (at QK-norm's 64 channels of 8 x 2048 tokens x 16
     heads on an H200: 17 + 32 us of kernels against PyTorch's 215 us forward, 523 us forward+backward: docs/kernels.md,
     "RMS norm of short rows"); inside ``torch.compile`` (inductor fuses the norm itself), under autocast, on the CPU,
-    without triton, for smaller tensors or longer rows, PyTorch's ``rms_norm``. The results agree to rounding (float32 arithmetic, one
-    rounding of the output: ``tests/test_norm.py``)."""
+    without triton, for smaller tensors or longer rows, PyTorch's ``rms_norm``. The results agree to rounding
+    (float32 arithmetic, one rounding of the output: ``tests/test_norm.py``)."""
     if (x.is_cuda and _HAS_TRITON and x.shape[-1] <= SHORT_ROW and x.numel() >= TRITON_NORM_MIN_NUMEL
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")):
         from .triton.norm import triton_rms_norm
@@ -199,4 +199,5 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
-__all__ = ["COMPILED_DECODE", "SHORT_ROW", "TRITON_NORM_MIN_NUMEL", "rms_norm", "available_backends", "chunked_composed_attention", "register_backend", "resolve_backend", "triton_takes"]
+__all__ = ["COMPILED_DECODE", "SHORT_ROW", "TRITON_NORM_MIN_NUMEL", "available_backends", "chunked_composed_attention",
+           "register_backend", "resolve_backend", "rms_norm", "triton_takes"]
