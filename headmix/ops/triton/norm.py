@@ -67,7 +67,9 @@ def _tile(N: int) -> tuple[int, int]:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (a copy only if the rows are not laid out one after another)
+        # the kernels read rows one after another: a copy where they are not (reshape alone may give a view whose
+        # rows are strided, e.g. of a column slice)
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
         n_rows, N = x2.shape
         BR, BN = _tile(N)
         y = torch.empty_like(x2)
