@@ -345,15 +345,20 @@ class StaticLayerCache:
             for t in (*_leaves(self.state), self.positions, self.valid, self.length):
                 torch._dynamo.mark_static_address(t)
 
+    @staticmethod
+    def _packed(entry: Any, like: Any) -> bool:
+        """Whether a state entry is a packed buffer: a tensor here where the layer hands in a structure."""
+        return isinstance(entry, Tensor) and not isinstance(like, Tensor)
+
     def views(self, new: dict[str, Any]) -> dict[str, Any]:
         """The state as the layer reads it, every entry in the structure of ``new`` (what the layer hands in: a packed
-        entry, a tensor here, comes back as views of its buffer, :func:`unpack`)."""
-        return {name: unpack(entry, new[name]) if isinstance(entry, Tensor) and not isinstance(new[name], Tensor)
-                else entry for name, entry in self.state.items()}
+        entry comes back as views of its buffer, :func:`unpack`)."""
+        return {name: unpack(entry, new[name]) if self._packed(entry, new[name]) else entry
+                for name, entry in self.state.items()}
 
     def _write(self, slots: Tensor, new: dict[str, Any], positions: Tensor, valid: Tensor) -> None:
         for name, entry in self.state.items():
-            if isinstance(entry, Tensor) and not isinstance(new[name], Tensor):  # packed
+            if self._packed(entry, new[name]):
                 entry.index_copy_(1, slots, pack(new[name], entry.dtype))
             else:
                 map_state(lambda buffer, t: buffer.index_copy_(1, slots, t.to(buffer.dtype)), entry, new[name])
