@@ -305,6 +305,9 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-scope", default="model", choices=["model", "layers"],
                         help="with --compile: the whole model, or each decoder block")
     parser.add_argument("--num-layers", type=int, default=None, help="keep only the first N blocks of each variant")
+    parser.add_argument("--all-guards", action="store_true",
+                        help="with --compile: check dynamo's guards at every decoding step (headmix.models.steady."
+                             "SKIP_GUARDS = False; by default headmix models skip them once the steps are steady)")
     parser.add_argument("--isolate", action="store_true",
                         help="measure each generation row (variant, batch) in a process of its own: in one process a "
                              "model measured after another decoded slower (H200, 2026-12-01: DCFormer++-405M "
@@ -358,13 +361,20 @@ def main(argv=None) -> int:
             headmix.ops.COMPILED_DECODE = args.compiled_decode
         from headmix.ops import COMPILED_DECODE
 
+        if args.all_guards:
+            from headmix.models import steady
+
+            steady.SKIP_GUARDS = False
         if args.decode_kernel:
             from headmix.ops.triton import launch
 
             launch.DECODE_KERNEL = args.decode_kernel
 
-        mode = (f"static cache, compiled ({args.compile_backend}, static shapes; DCMHA's step: {COMPILED_DECODE})"
-                if args.compile else "dynamic cache, eager")
+        from headmix.models import steady
+
+        guards = "every step's guards" if not steady.SKIP_GUARDS else "guards skipped once steady"
+        mode = (f"static cache, compiled ({args.compile_backend}, static shapes; DCMHA's step: {COMPILED_DECODE}; "
+                f"headmix models: {guards})" if args.compile else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
         print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
               f"prefill ÷ first | decode ÷ first | first call s | range over {args.repeats} calls (prefill; decode) |")

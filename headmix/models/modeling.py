@@ -23,6 +23,7 @@ from ..layers.base import Attention
 from .cache import HeadmixCache, HeadmixStaticCache, LayerCache
 from .checkpoint import verify_checkpoint
 from .configuration import DCFormerConfig
+from .steady import SteadyStep
 
 # The name under which transformers passes the decoding cache to a model and returns it in outputs:
 # ``cache`` from transformers 5.24 on, ``past_key_values`` before. 5.24 still accepts the old name but logs a
@@ -477,14 +478,14 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
             cache.activate_past_recording()  # its rejected candidates are cropped away
 
     def get_compiled_call(self, compile_config=None):
-        """``generate()``'s compiled forward (transformers' hook); without a config, transformers' default with static
-        shapes (``dynamic=False``): another batch size recompiles for its own shapes instead of going symbolic, which
-        broke inductor's code generation for DCFormer++ on an H200 (torch 2.11, 2026-12-01: ``NameError: s99``)."""
+        """``generate()``'s compiled forward (transformers' hook, called once per ``generate()``), skipping dynamo's
+        guards once the steps are steady (:class:`~headmix.models.steady.SteadyStep`). Without a config, transformers'
+        default with static shapes (``dynamic=False``): another batch size recompiles for its own shapes instead of
+        going symbolic, which broke inductor's code for DCFormer++ on an H200 (torch 2.11: ``NameError: s99``)."""
         if compile_config is None:  # (generate() passes generation_config.compile_config, when set)
             from transformers import CompileConfig
-
             compile_config = CompileConfig(dynamic=False)
-        return super().get_compiled_call(compile_config)
+        return SteadyStep(super().get_compiled_call(compile_config))
 
     def create_masks_for_generate(self, attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
         """What ``generate()`` passes as ``attention_mask`` with a compileable (static) cache (transformers' hook in
