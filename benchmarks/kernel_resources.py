@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 WEIGHTS = tuple(f"{c}_{t}" for c in ("pre", "post") for t in ("w", "q1", "q2", "k1", "k2", "qg", "kg"))
 
 
-def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, divisible=()) -> dict:
+def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, divisible=(),
+                   maxnreg: int | None = None) -> dict:
     """Compile ``fn`` for ``sm_{arch}``: registers, spill bytes, shared memory and a PTX hash. ``divisible``: the
     arguments (pointers, integers) to compile as multiples of 16, as Triton's launcher specialises them when they are
     at run time; the layouts Triton picks follow them (docs/kernels.md, "Third pass"), so name those of the launch being
@@ -44,7 +45,8 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, d
            and (name not in fixed if divisible == "all" else name in divisible)}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                        attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in div})
-    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=1))
+    options = dict(num_warps=warps, num_stages=1, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+    kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "kernel.cubin"
@@ -162,7 +164,7 @@ def blockwise_table(args) -> int:
     import triton
 
     from headmix.ops.triton import blockwise_kernels as bk
-    from headmix.ops.triton.blockwise import tile
+    from headmix.ops.triton.blockwise import registers, tile
     from headmix.ops.triton.launch import padded_heads
 
     fields = {"q1", "q2", "k1", "k2", "qg", "kg", "pdelta", "pq1", "pq2", "pqg", "pk1", "pk2", "pkg", "pw"}
@@ -178,7 +180,8 @@ def blockwise_table(args) -> int:
     print(f"# blockwise kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per "
           f"group, rank {args.rank}, {args.dtype} P'/dS, {'no static mix' if args.no_static else 'all Compose terms'}, "
           "causal, arguments but L specialised as multiples of 16 (the launcher's choice at the benchmark shapes)")
-    print("| kernel | BLOCK_M x BLOCK_N | warps | VEC | registers/thread | spill bytes/thread | shared KB |")
+    print("| kernel | BLOCK_M x BLOCK_N | warps | VEC | registers/thread (cap: blockwise.REGISTERS) | spill bytes/thread "
+          "| shared KB |")
     print("|---|---|---|---|---|---|---|")
     for name, (fn, kind, extra, low_ptrs) in plans.items():
         shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [tile(MP, kind)])
@@ -187,7 +190,7 @@ def blockwise_table(args) -> int:
         for BM, BN, warps, vec in shapes:
             try:
                 r = compile_kernel(fn, dict(common, BM=BM, BN=BN, VEC=vec, **extra), pointers, warps, args.arch,
-                                   divisible="all")
+                                   divisible="all", maxnreg=registers(MP, kind))
             except Exception as error:  # noqa: BLE001  (a row saying so; the table goes on)
                 print(f"| {name} | {BM} x {BN} | {warps} | {vec} | failed: {type(error).__name__} | | |", flush=True)
                 continue

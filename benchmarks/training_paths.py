@@ -13,6 +13,8 @@ log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"bl
 ``blockwise.TILES``), as chosen for ``blockwise.TILES``::
 
     python benchmarks/training_paths.py --shapes 16x64 32x128:1 --paths blockwise --sweep-tiles
+
+``--sweep-registers`` does the same for the kernels' register caps (``blockwise.REGISTERS``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ SWEEP = {16: dict(pre=[(4, 32, 2, 4), (8, 16, 4, 16), (2, 32, 2, 4), (8, 32, 4, 
                   adjoint=[(2, 32, 2, 4), (4, 32, 4, 16), (1, 32, 1, 4), (2, 16, 1, 4), (2, 16, 2, 4)])}
 
 
+# Candidate register caps per kernel (None: no cap), for --sweep-registers (the sweep behind blockwise.REGISTERS).
+SWEEP_REGISTERS = dict(pre=[168], post=[None, 128, 144, 192, 208], adjoint=[168])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu (kernels interpreted)")
@@ -52,6 +58,8 @@ def main(argv=None) -> int:
                              "gradients as partial sums added in a fixed order, not atomic adds")
     parser.add_argument("--sweep-tiles", action="store_true",
                         help="blockwise path: also each candidate tile of each kernel (SWEEP), one kernel at a time")
+    parser.add_argument("--sweep-registers", action="store_true",
+                        help="blockwise path: also each candidate register cap of each kernel (SWEEP_REGISTERS)")
     args = parser.parse_args(argv)
 
     import torch
@@ -105,14 +113,21 @@ def main(argv=None) -> int:
             call = (D ** -0.5, None, pre, post, G, True, window, 0)
             results = {}
             key = 16 if H // G <= 16 else 32
-            default = dict(blockwise.TILES[key])
+            default, caps = dict(blockwise.TILES[key]), dict(blockwise.REGISTERS[key])
             runs = [(path, None) for path in args.paths]
             if args.sweep_tiles and "blockwise" in args.paths:
                 runs += [("blockwise", (kernel, t)) for kernel, ts in SWEEP[key].items() for t in ts if t != default[kernel]]
+            if args.sweep_registers and "blockwise" in args.paths:
+                runs += [("blockwise", (kernel, ("registers", r))) for kernel, rs in SWEEP_REGISTERS.items() for r in rs
+                         if r != caps.get(kernel)]
             for path, variant in runs:
                 launch.TRAINING_KERNELS = path
-                blockwise.TILES[key] = dict(default, **dict([variant])) if variant else default
-                label = path if variant is None else f"{path}, {variant[0]} {variant[1]}"
+                cap = variant is not None and isinstance(variant[1][0], str)
+                blockwise.TILES[key] = dict(default, **dict([variant])) if variant and not cap else default
+                blockwise.REGISTERS[key] = ({k: r for k, r in dict(caps, **{variant[0]: variant[1][1]}).items()
+                                             if r is not None} if cap else caps)
+                label = (path if variant is None else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}"
+                         if cap else f"{path}, {variant[0]} {variant[1]}")
                 try:
                     out, lse = op.train_forward(q, k, v, *call)
                     if device == "cuda":
@@ -133,7 +148,7 @@ def main(argv=None) -> int:
                     rows.append([spec, str(window or "global"), label, "error", type(error).__name__, str(error)[:60],
                                  ""])
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-            blockwise.TILES[key] = default
+            blockwise.TILES[key], blockwise.REGISTERS[key] = default, caps
             if len(results) == 2:
                 a, b = results.values()
                 apart = max((rel(x, y) for x, y in zip(a[1:], b[1:])), key=lambda e: e if e == e else float("inf"))

@@ -61,6 +61,13 @@ BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buf
 # (16, 16, 4, 1): +5.6 ms) and larger programs ((4, 128, 8, 16): +13 ms).
 TILES = {16: dict(pre=(4, 32, 2, 4), post=(2, 64, 2, 4), adjoint=(2, 32, 1, 4)),
          32: dict(pre=(2, 32, 4, 2), post=(4, 32, 4, 2), adjoint=(2, 32, 2, 4))}
+# Registers per thread a kernel may use (ptxas' cap, Triton's ``maxnreg``), by padded heads per group; absent: no cap
+# (every kernel then compiles to 240-255, one 1-2 warp program per 8 warps of an SM). Capping the post-Compose kernel
+# at 168 lets 12 warps share an SM at the price of a few hundred bytes of spills: on an H200 (2026-12-01, bf16, B = 8 x
+# 2048, causal, rank 2, no static mix, forward+backward ms, default / post 168 / pre 168 / adjoint 168 / all three at
+# 168 / post 128, `.devm/s16/maxnreg.py` around `op.train_forward`/`train_backward`) 16 x 64: 14.34 and 13.93 / 13.38 /
+# 14.09 / 14.82 / 14.20 / 14.31; 32 x 128 in one group: 33.03 and 33.10 / 31.03 / 33.59 / 35.68 / 34.08 / 32.23.
+REGISTERS = {16: dict(post=168), 32: dict(post=168)}
 KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
 # with (8, 32, 4) tiles and 46.3 (256) / 47.7 (512) at 32 x 80 with (4, 32, 4), same runs
 
@@ -69,6 +76,11 @@ def tile(padded_heads: int, kernel: str) -> tuple[int, int, int, int]:
     """``(BM, BN, num_warps, VEC)`` of ``kernel`` (``"pre"``, ``"post"`` or ``"adjoint"``) for a group of
     ``padded_heads`` (a power of two) heads."""
     return TILES[16 if padded_heads <= 16 else 32][kernel]
+
+
+def registers(padded_heads: int, kernel: str) -> int | None:
+    """The register cap of ``kernel`` for a group of ``padded_heads`` heads (:data:`REGISTERS`), ``None`` for none."""
+    return REGISTERS[16 if padded_heads <= 16 else 32].get(kernel)
 
 
 def block_rows(B: int, H: int, T: int, S: int, BM: int) -> int:
@@ -157,6 +169,7 @@ class _Run:
         self.structure = MaskSpec(causal=self.causal, window=self.window or None, query_offset=offset)
         MP = max(2, triton.next_power_of_2(self.M))
         self.tiles = {kernel: tile(MP, kernel) for kernel in ("pre", "post", "adjoint")}
+        self.registers = {kernel: registers(MP, kernel) for kernel in self.tiles}
         R = _check(q, k, k, groups, pre, post)[1]  # (the rank; the caller checked the shapes)
         self.consts = dict(G=groups, M=self.M, MP=MP, R=R, CAUSAL=self.causal, WINDOW=self.window,
                            HAS_MASK=mask is not None)
@@ -173,8 +186,9 @@ class _Run:
         BM, BN, warps, vec = self.tiles[kernel]
         n_i, KC, n_c = blk.split(BM, BN)
         vec = min(vec, blk.L & -blk.L)  # the kernels' rows start at multiples of it: L must be one
+        cap = {} if self.registers[kernel] is None else dict(maxnreg=self.registers[kernel])
         return (n_i, n_c, self.B * self.G), (n_i, KC, n_c), dict(self.consts, BM=BM, BN=BN, VEC=vec,
-                                                                  num_warps=warps)
+                                                                  num_warps=warps, **cap)
 
     def mask_args(self, blk: _Block):
         """The block's view of the mask and its (batch, query, key) strides, or a dummy and zeros."""
