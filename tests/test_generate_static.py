@@ -340,3 +340,31 @@ def test_dcmha_key_side_is_one_packed_buffer_per_layer():
         views = static_layer.views({"k": state["k"], "v": state["v"], **key_side})["key_weights"]
         assert views["post"].key_gate.shape == (2, static_layer.slots, G, M)
         assert views["post"].key_gate.untyped_storage().data_ptr() == state["key_weights"].untyped_storage().data_ptr()
+
+
+def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
+    """Calls of ``generate(cache_implementation="static")`` of one length and batch decode with one cache, emptied in
+    between (the same buffer addresses: on CUDA the compiled step's graph replays instead of being recorded again
+    for every call), and give the tokens of a fresh cache; another batch size, beams or length gets a cache of its
+    own; a cache handed back to the caller is neither emptied nor reused by a later call."""
+    model = small_model(attention="dcmha")
+    ids, mask = prompts()
+    made = []
+    new_cache = type(model).new_cache
+    monkeypatch.setattr(type(model), "new_cache", lambda self, max_cache_len=None: made.append(
+        new_cache(self, max_cache_len)) or made[-1] if max_cache_len else new_cache(self))
+    expected = greedy(model, ids, mask)
+    for _ in range(3):
+        assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), expected)
+    assert len(made) == 1
+    one = greedy(model, ids[:1], mask[:1], cache_implementation="static")  # batch 1: a new cache
+    assert torch.equal(one, greedy(model, ids[:1], mask[:1])) and len(made) == 2
+    beams = dict(num_beams=2, cache_implementation="static")
+    assert torch.equal(greedy(model, ids[:1], mask[:1], **beams), greedy(model, ids[:1], mask[:1], num_beams=2))
+    assert len(made) == 3  # (two beams: batch 2, which the kept batch-1 cache does not fit)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         pad_token_id=0, eos_token_id=None, cache_implementation="static", return_dict_in_generate=True)
+    handed = getattr(out, CACHE_NAME, None) or out.past_key_values
+    seen = handed.get_seq_length()
+    assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), expected)
+    assert handed.get_seq_length() == seen and model._static_cache is not handed

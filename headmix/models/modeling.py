@@ -20,7 +20,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..layers.base import Attention
-from .cache import HeadmixCache, HeadmixStaticCache, LayerCache
+from .cache import HeadmixCache, HeadmixStaticCache, LayerCache, reusable_static_cache
 from .checkpoint import verify_checkpoint
 from .configuration import DCFormerConfig
 from .steady import SteadyStep
@@ -463,11 +463,11 @@ class DCFormerForCausalLM(DCFormerPreTrainedModel, GenerationMixin):
         if generation_config.use_cache is False:
             return
         if implementation in STATIC_IMPLEMENTATIONS:
-            # transformers passes (generation_mode, batch_size, max_cache_length) after the kwargs; the buffers take
-            # their batch size from the first step, so only the length is needed
+            # transformers passes (generation_mode, batch_size, max_cache_length) after the kwargs
             length = kwargs.get("max_cache_length", args[-1] if args and isinstance(args[-1], int) else None)
             length = max(length or 0, generation_config.max_length or 0, getattr(generation_config, "max_cache_len", None) or 0)
-            cache = self.new_cache(max_cache_len=length)
+            batch = kwargs.get("batch_size", args[-2] if len(args) > 1 and isinstance(args[-2], int) else None)
+            cache = reusable_static_cache(self, generation_config, length, batch)
         elif implementation in (None, "dynamic"):
             cache = self.new_cache()
         else:

@@ -63,10 +63,12 @@ TILES = {16: dict(pre=(4, 32, 2, 4), post=(2, 64, 2, 4), adjoint=(2, 32, 1, 4)),
          32: dict(pre=(2, 32, 4, 2), post=(4, 32, 4, 2), adjoint=(2, 32, 2, 4))}
 # Registers per thread a kernel may use (ptxas' cap, Triton's ``maxnreg``), by padded heads per group; absent: no cap
 # (every kernel then compiles to 240-255, one 1-2 warp program per 8 warps of an SM). Capping the post-Compose kernel
-# at 168 lets 12 warps share an SM at the price of a few hundred bytes of spills: on an H200 (2026-12-01, bf16, B = 8 x
-# 2048, causal, rank 2, no static mix, forward+backward ms, default / post 168 / pre 168 / adjoint 168 / all three at
-# 168 / post 128, `.devm/s16/maxnreg.py` around `op.train_forward`/`train_backward`) 16 x 64: 14.34 and 13.93 / 13.38 /
-# 14.09 / 14.82 / 14.20 / 14.31; 32 x 128 in one group: 33.03 and 33.10 / 31.03 / 33.59 / 35.68 / 34.08 / 32.23.
+# at 168 lets 12 warps share an SM at the price of a few hundred bytes of spills. On an H200 (2026-12-01, bf16, B = 8 x
+# 2048, causal, rank 2, no static mix, forward+backward ms; `python benchmarks/training_paths.py --shapes 16x64
+# 32x128:1 --paths blockwise --sweep-registers`), post capped at 168 / uncapped / 128 / 144 / 192 / 208, pre at 168,
+# adjoint at 168: 16 x 64 13.59 / 14.62 / 14.12 / 13.86 / 14.34 / 13.76, 13.95, 15.13; 32 x 128 in one group 31.21 /
+# 33.30 / 32.50 / 32.24 / 33.15 / 33.10, 31.87, 33.73 (an earlier run of the same day: 168 against uncapped 13.38 /
+# 14.14 and 31.03 / 33.07).
 REGISTERS = {16: dict(post=168), 32: dict(post=168)}
 KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
 # with (8, 32, 4) tiles and 46.3 (256) / 47.7 (512) at 32 x 80 with (4, 32, 4), same runs
