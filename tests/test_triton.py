@@ -237,6 +237,29 @@ def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monke
     assert seen and set(seen) == {not deterministic}
 
 
+def test_blockwise_launches_carry_the_register_caps(monkeypatch):
+    """Each blockwise kernel is launched with its cap from ``blockwise.REGISTERS`` (Triton's ``maxnreg``; the
+    interpreter ignores it) and without one where the table has none; the results equal the reference."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    monkeypatch.setitem(blockwise.REGISTERS, 16, dict(post=168, adjoint=200))
+    seen = {}
+
+    class Spy:
+        def __init__(self, name, real):
+            self.name, self.real = name, real
+
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                seen.setdefault(self.name, set()).add(kwargs.get("maxnreg"))
+                return self.real[grid](*args, **kwargs)
+            return launch_
+
+    for name in ("_pre_kernel", "_post_kernel", "_adjoint_kernel"):
+        monkeypatch.setattr(blockwise, name, Spy(name, getattr(blockwise, name)))
+    compare(1, 4, 24, 24, 16, 1, 2, causal=True)
+    assert seen == {"_pre_kernel": {None}, "_post_kernel": {168}, "_adjoint_kernel": {200}}
+
+
 @pytest.mark.parametrize("T, blockwise_runs", [(130, True), (20, False)])
 def test_forward_without_gradients_takes_the_blockwise_path_for_many_queries(T, blockwise_runs, monkeypatch):
     """Without gradients, 128 queries or more (a prefill, an evaluation forward) run the blockwise forward where it
