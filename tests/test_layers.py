@@ -258,3 +258,29 @@ def test_low_precision_runs_and_stays_close(cls, dtype):
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, verbose=False)
     assert tried > 0 and failures == 0
+
+
+@pytest.mark.parametrize("cls, window, padded, builds", [
+    (MultiHeadAttention, None, False, False),  # SDPA's is_causal
+    (MultiHeadAttention, 3, False, True),  # the CPU's masked SDPA reads it
+    (DCMHA, 3, False, False),  # the structure (causal, window) describes it
+    (TalkingHeadsAttention, None, False, False),
+    (DCMHA, 3, True, True),  # padding: a tensor part
+    (CollaborativeAttention, None, False, True),
+])
+def test_the_dense_mask_is_built_only_for_layers_that_read_it(cls, window, padded, builds, monkeypatch):
+    """A layer whose core takes the causal/window structure instead of the ``(T x S)`` mask is not handed one (its
+    kernels are skipped); the output equals the materialised path's, which builds it."""
+    import headmix.layers.base as base
+
+    calls = []
+    real = base.attention_mask
+    monkeypatch.setattr(base, "attention_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    layer = cls(32, 4, window=window)
+    randomise_composition(layer)
+    x = torch.randn(2, 7, 32)
+    padding = torch.tensor([[0] * 2 + [1] * 5, [1] * 7]).bool() if padded else None
+    out = layer(x, padding)
+    assert bool(calls) == builds
+    torch.testing.assert_close(out, layer(x, padding, implementation="eager"), atol=1e-5, rtol=1e-5)

@@ -185,6 +185,12 @@ class Attention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, heads, -1).transpose(1, 2)
 
+    def reads_mask(self, structure: tuple[bool, int | None] | None, is_causal: bool) -> bool:
+        """Whether :meth:`attend` reads its ``mask`` given this ``structure`` and ``is_causal`` (default: always).
+        A layer that says no is handed ``mask=None`` there: the ``(T x S)`` mask and the kernels that build it are
+        skipped (an eager prefill or training step pays them in every layer)."""
+        return True
+
     def attention_weights(self, q: Tensor, k: Tensor, mask: Tensor | None, state: dict[str, Any]) -> Tensor:
         """The attention weights ``(B, H, T, S)`` that multiply the values, materialised (the reference path,
         ``attn_implementation="eager"`` and ``output_attentions=True``); arguments as for :meth:`attend`.
@@ -252,13 +258,15 @@ class Attention(nn.Module):
             keys, key_positions, key_valid = cache.update(keys, positions.expand(B, T), valid)
             if fresh:
                 key_positions, key_valid = positions, None
-        mask = attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
         is_causal = self.causal and self.window is None and key_valid is None and allowed is None
         structure = (self.causal, self.window) if key_valid is None and fresh and allowed is None else None
+        materialised = return_weights or implementation == "eager"
+        mask = (attention_mask(positions, key_positions, causal=self.causal, window=self.window, key_padding=key_valid)
+                if materialised or self.reads_mask(structure, is_causal) else None)
         if allowed is not None:
             mask = allowed.bool() if mask is None else mask & allowed.bool()
         k, v, state = keys["k"].transpose(1, 2), keys["v"].transpose(1, 2), {**query_state, **keys}
-        if return_weights or implementation == "eager":
+        if materialised:
             weights = self.attention_weights(q, k, mask, state)
             out = torch.matmul(weights, expand_kv_heads(v, q.shape[1]))
         else:

@@ -25,3 +25,6 @@ class ComposedAttention(MultiHeadAttention):
         resolve_backend(backend, 1, chunk_size)  # validates the name now, not at the first call
         self.backend = backend
         self.chunk_size = chunk_size
+
+    def reads_mask(self, structure: tuple[bool, int | None] | None, is_causal: bool) -> bool:
+        return structure is None  # (given a structure, MaskSpec.of(mask, structure) drops the mask)

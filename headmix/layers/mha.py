@@ -39,6 +39,9 @@ class MultiHeadAttention(Attention):
         return (self.split_heads(self.q_proj(x), self.num_heads),
                 self.split_heads(self.k_proj(x), self.num_key_value_heads))
 
+    def reads_mask(self, structure: tuple[bool, int | None] | None, is_causal: bool) -> bool:
+        return not is_causal  # (the causal case is SDPA's is_causal: no mask)
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict,
                structure: tuple[bool, int | None] | None = None) -> Tensor:
         if is_causal and q.shape[-2] == k.shape[-2]:
