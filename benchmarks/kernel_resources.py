@@ -180,8 +180,8 @@ def blockwise_table(args) -> int:
     print(f"# blockwise kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} heads per "
           f"group, rank {args.rank}, {args.dtype} P'/dS, {'no static mix' if args.no_static else 'all Compose terms'}, "
           "causal, arguments but L specialised as multiples of 16 (the launcher's choice at the benchmark shapes)")
-    print("| kernel | BLOCK_M x BLOCK_N | warps | VEC | registers/thread (cap: blockwise.REGISTERS) | spill bytes/thread "
-          "| shared KB |")
+    print("| kernel | BLOCK_M x BLOCK_N | warps | VEC | registers/thread (cap: blockwise.REGISTERS) "
+          "| spill bytes/thread | shared KB |")
     print("|---|---|---|---|---|---|---|")
     for name, (fn, kind, extra, low_ptrs) in plans.items():
         shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [tile(MP, kind)])
