@@ -343,10 +343,11 @@ def test_dcmha_key_side_is_one_packed_buffer_per_layer():
 
 
 def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
-    """Calls of ``generate(cache_implementation="static")`` of one length and batch decode with one cache, emptied in
-    between (the same buffer addresses: on CUDA the compiled step's graph replays instead of being recorded again
-    for every call), and give the tokens of a fresh cache; another batch size, beams or length gets a cache of its
-    own; a cache handed back to the caller is neither emptied nor reused by a later call."""
+    """Calls of ``generate(cache_implementation="static")`` of one batch decode with one cache, emptied in between
+    (the same shapes and buffer addresses: on CUDA the compiled step's graph replays instead of being compiled or
+    recorded again), also for a shorter generation, and give the tokens of a fresh cache; another batch size, beams
+    or a longer generation gets a cache of its own; a cache handed back to the caller is neither emptied nor reused
+    by a later call."""
     model = small_model(attention="dcmha")
     ids, mask = prompts()
     made = []
@@ -357,11 +358,17 @@ def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
     for _ in range(3):
         assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), expected)
     assert len(made) == 1
+    shorter = model.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                             pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    assert torch.equal(shorter[:, ids.shape[1]:], expected[:, :4]) and len(made) == 1  # the longer cache, reused
+    longer = model.generate(ids, attention_mask=mask, max_new_tokens=NEW + 2, min_new_tokens=NEW + 2, do_sample=False,
+                            pad_token_id=0, eos_token_id=None, cache_implementation="static")
+    assert torch.equal(longer[:, ids.shape[1]:NEW + ids.shape[1]], expected) and len(made) == 2
     one = greedy(model, ids[:1], mask[:1], cache_implementation="static")  # batch 1: a new cache
-    assert torch.equal(one, greedy(model, ids[:1], mask[:1])) and len(made) == 2
+    assert torch.equal(one, greedy(model, ids[:1], mask[:1])) and len(made) == 3
     beams = dict(num_beams=2, cache_implementation="static")
     assert torch.equal(greedy(model, ids[:1], mask[:1], **beams), greedy(model, ids[:1], mask[:1], num_beams=2))
-    assert len(made) == 3  # (two beams: batch 2, which the kept batch-1 cache does not fit)
+    assert len(made) == 4  # (two beams: batch 2, which the kept batch-1 cache does not fit)
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          pad_token_id=0, eos_token_id=None, cache_implementation="static", return_dict_in_generate=True)
     handed = getattr(out, CACHE_NAME, None) or out.past_key_values

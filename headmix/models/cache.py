@@ -100,18 +100,20 @@ class HeadmixStaticCache(HeadmixCache):
 
 def reusable_static_cache(model, generation_config, max_cache_len: int, batch: int | None) -> HeadmixStaticCache:
     """The static cache ``generate(cache_implementation="static")`` decodes with: the one the model's previous such
-    call used, emptied, when it fits (``max_cache_len`` positions, and buffers made for this batch or not made yet),
-    else a new one. Its buffers keep their addresses, so the compiled step's CUDA graph replays; a new cache at every
+    call used, emptied, when it fits (at least ``max_cache_len`` positions, as transformers reuses its own static
+    cache, and buffers made for this batch or not made yet), else a new one. The compiled step then keeps its shapes
+    (a new cache length recompiles it) and its buffers their addresses, so its CUDA graph replays: a new cache at every
     call made it record a new graph at every call, and decoding slowed as they piled up (DCFormer++-405M, batch 1,
-    one H200: 305 -> 243-269 tokens/s over six calls with new caches, 304-317 with one; 2026-12-01). A cache that
-    ``generate()`` hands back (``return_dict_in_generate=True``) is the caller's: it is never emptied by a later call.
-    The model holds the kept cache's memory until ``model._static_cache = None``."""
+    one H200: 305 -> 243-269 tokens/s over six calls with new caches, 304-317 with one; 2026-12-01). A kept cache
+    longer than needed costs its extra slots in every step of global layers. A cache that ``generate()`` hands back
+    (``return_dict_in_generate=True``) is the caller's: it is neither kept nor emptied by a later call. The model
+    holds the kept cache's memory until ``model._static_cache = None``."""
     if generation_config.return_dict_in_generate:  # handed back: the caller's, so neither reused nor kept
         return model.new_cache(max_cache_len=max_cache_len)
     kept = getattr(model, "_static_cache", None)
     expected = None if batch is None else batch * max(generation_config.num_beams or 1,
                                                        generation_config.num_return_sequences or 1)
-    if kept is not None and kept.max_cache_len == max_cache_len and kept.layers[0].batch_size in (-1, expected):
+    if kept is not None and kept.max_cache_len >= max_cache_len and kept.layers[0].batch_size in (-1, expected):
         kept.reset()
         return kept
     model._static_cache = model.new_cache(max_cache_len=max_cache_len)
