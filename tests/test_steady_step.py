@@ -72,3 +72,20 @@ def test_generation_skips_guards_and_keeps_the_tokens(monkeypatch):
     assert torch.equal(tokens, greedy(model, ids, mask))
     assert graphs == 1 and len(steps) == 1
     assert steps[0].steady_calls == (NEW - 1) - (steady.STEADY_CALLS + 1)  # decoding steps less the checked ones
+
+
+@needs_stance
+def test_a_callers_stance_is_kept():
+    """Under the caller's ``set_stance("force_eager")`` the step runs eagerly as asked: the shortcut, which sets a
+    stance of its own, is not taken."""
+    torch._dynamo.reset()
+    fn, graphs = counting_compile()
+    step = steady.SteadyStep(fn, steady_after=1)
+    x = torch.randn(3)
+    for _ in range(3):
+        step(x, 2)
+    assert step.steady_calls == 1
+    with torch.compiler.set_stance("force_eager"):
+        for _ in range(3):
+            assert torch.equal(step(x, 2), x * 2)
+    assert step.steady_calls == 1 and len(graphs) == 1

@@ -11,8 +11,9 @@ call would need a new compilation.
 .get_compiled_call` makes a new one for every ``generate()`` call) and takes that shortcut only while it can tell the
 assumption holds: after :data:`STEADY_CALLS` calls in a row whose arguments had the same *signature* (each tensor's
 shape, strides, dtype, device and ``requires_grad``, every other argument's value or identity, and the grad,
-inference and autocast modes) and during which dynamo compiled nothing. A call whose signature differs runs with
-every guard (and may compile) and starts the count again. What the signature cannot see — a model changed *during*
+inference and autocast modes) and during which dynamo compiled nothing, and only under the default compiler stance
+(a caller's ``set_stance`` is left in force). A call whose signature differs runs with every guard (and may compile)
+and starts the count again. What the signature cannot see — a model changed *during*
 one ``generate()`` call, e.g. by a logits processor — is outside what ``generate()`` does; set :data:`SKIP_GUARDS` to
 ``False`` (or ``benchmarks/lm_speed.py --all-guards``) to check every guard at every step.
 """
@@ -32,6 +33,14 @@ def _stance_can_skip_guards() -> bool:
     """Whether this torch's ``torch.compiler.set_stance`` takes ``skip_guard_eval_unsafe`` (torch >= 2.6)."""
     stance = getattr(torch.compiler, "set_stance", None)
     return stance is not None and "skip_guard_eval_unsafe" in inspect.signature(stance).parameters
+
+
+def _default_stance() -> bool:
+    """Whether the compiler's stance is the default one (no ``set_stance("force_eager")`` or other of the caller's:
+    the shortcut would replace it for the call, so it is taken only under the default)."""
+    stance = getattr(torch._dynamo.eval_frame, "_stance", None)
+    return (stance is not None and stance.stance == "default" and stance.backend is None
+            and not stance.skip_guard_eval_unsafe)
 
 
 def _compilations() -> int | None:
@@ -80,7 +89,7 @@ class SteadyStep:
         if not self._enabled:
             return self.compiled(*args, **kwargs)
         sig = signature(args, kwargs)
-        if sig == self._last and self._repeats >= self.steady_after:
+        if sig == self._last and self._repeats >= self.steady_after and _default_stance():
             self.steady_calls += 1
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 return self.compiled(*args, **kwargs)
