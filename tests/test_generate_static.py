@@ -346,8 +346,8 @@ def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
     """Calls of ``generate(cache_implementation="static")`` of one batch decode with one cache, emptied in between
     (the same shapes and buffer addresses: on CUDA the compiled step's graph replays instead of being compiled or
     recorded again), also for a shorter generation, and give the tokens of a fresh cache; another batch size, beams
-    or a longer generation gets a cache of its own; a cache handed back to the caller is neither emptied nor reused
-    by a later call."""
+    or a longer generation gets a cache of its own, as does a model cast since; a cache handed back to the caller is
+    neither emptied nor reused by a later call."""
     model = small_model(attention="dcmha")
     ids, mask = prompts()
     made = []
@@ -369,6 +369,11 @@ def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
     beams = dict(num_beams=2, cache_implementation="static")
     assert torch.equal(greedy(model, ids[:1], mask[:1], **beams), greedy(model, ids[:1], mask[:1], num_beams=2))
     assert len(made) == 4  # (two beams: batch 2, which the kept batch-1 cache does not fit)
+    kept = model._static_cache
+    model.double()  # cast since: the kept cache's buffers are float32, a new one is made
+    assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), greedy(model, ids, mask))
+    assert model._static_cache is not kept and model._static_cache.layers[0].state["k"].dtype == torch.float64
+    model.float()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          pad_token_id=0, eos_token_id=None, cache_implementation="static", return_dict_in_generate=True)
     handed = getattr(out, CACHE_NAME, None) or out.past_key_values

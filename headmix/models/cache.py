@@ -113,10 +113,13 @@ def reusable_static_cache(model, generation_config, max_cache_len: int, batch: i
     kept = getattr(model, "_static_cache", None)
     expected = None if batch is None else batch * max(generation_config.num_beams or 1,
                                                        generation_config.num_return_sequences or 1)
-    if kept is not None and kept.max_cache_len >= max_cache_len and kept.layers[0].batch_size in (-1, expected):
+    made_for = (model.device, model.dtype)  # (a model moved or cast since: its cache's buffers are not for it)
+    if (kept is not None and kept.max_cache_len >= max_cache_len and kept.layers[0].batch_size in (-1, expected)
+            and getattr(kept, "made_for", None) == made_for):
         kept.reset()
         return kept
     model._static_cache = model.new_cache(max_cache_len=max_cache_len)
+    model._static_cache.made_for = made_for
     return model._static_cache
 
 
