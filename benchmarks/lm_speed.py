@@ -18,7 +18,10 @@ variant, the anchor too, so that each batch size compiles its own static step --
 recompiles the second batch size of a process with symbolic sizes); one warm-up generation compiles, the timed ones
 do not.
 
-``--isolate`` measures each generation row (variant, batch) in a process of its own: in one process a model measured
+``--rounds N`` builds and warms every generation row first, then times N rounds in which the rows take turns (the
+medians over all rounds): a host whose speed drifts over minutes (the H200 machine's batch-1 decode moved by 20% within
+an hour on 2026-12-01) then moves every row alike. ``--isolate`` measures each generation row (variant, batch) in a
+process of its own: in one process a model measured
 after another decoded slower on the H200 (2026-12-01: DCFormer++-405M at batch 1, 267.5-275.2 tokens/s after
 Transformer++, 315.7-340.9 alone; the cause is not known), so without it the rows after the first may be understated.
 
@@ -169,54 +172,117 @@ def static_cache(model, max_cache_len: int):
     return StaticCache(config=model.config, max_cache_len=max_cache_len)
 
 
-@torch.no_grad()
-def generate_speed(model, batch, prompt, new_tokens, device,
-                   compile_backend: str | None = None, repeats: int = 3) -> tuple[float, float, float, dict]:
-    """(prefill tokens/s, decode tokens/s, seconds of the first, warm-up call: with compilation, spread) through
-    ``generate()``; ``compile_backend``: decode with a static cache
-    and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on CUDA). After one
-    warm-up of each length, the median of ``repeats`` timed calls of each. ``spread``: ``{"prefill": (lowest,
-    highest), "decode": (lowest, highest)}`` tokens/s over the timed calls (decode: each full generation against the
-    median prefill), for the table to show how much a figure moves between calls."""
-    from transformers import CompileConfig
+class GenerationTimer:
+    """One generation row (a model at one batch size) through ``generate()``: :meth:`warm` (the first calls: compilation
+    with ``compile_backend``), then :meth:`sample` as often as wanted (``--rounds`` interleaves the rows' samples, so
+    that a host whose speed drifts over minutes moves every row alike), then :meth:`result`. ``compile_backend``:
+    decode with a static cache and generate()'s compiled step (``"inductor"``: transformers' default, CUDA graphs on
+    CUDA)."""
 
-    model.eval()
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
-    cache = None
-    if compile_backend:
-        config = (CompileConfig(dynamic=False) if compile_backend == "inductor"
-                  else CompileConfig(backend=compile_backend, mode=None, dynamic=False))
-        config._compile_all_devices = True  # transformers compiles on accelerators only unless told (CPU runs)
-        kwargs["compile_config"] = config
-        cache = static_cache(model, prompt + new_tokens)
+    def __init__(self, model, batch: int, prompt: int, new_tokens: int, device, compile_backend: str | None = None):
+        from transformers import CompileConfig
 
-    def run(n):
-        if cache is not None:
-            cache.reset()  # same buffers, same addresses: the CUDA graph replays, nothing recompiles
-            kwargs[CACHE_NAME] = cache
-        sync(device)
+        model.eval()
+        self.model, self.batch, self.prompt, self.new_tokens, self.device = model, batch, prompt, new_tokens, device
+        self.compile_backend = compile_backend
+        self.ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
+        self.kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        self.cache = None
+        if compile_backend:
+            config = (CompileConfig(dynamic=False) if compile_backend == "inductor"
+                      else CompileConfig(backend=compile_backend, mode=None, dynamic=False))
+            config._compile_all_devices = True  # transformers compiles on accelerators only unless told (CPU runs)
+            self.kwargs["compile_config"] = config
+            self.cache = static_cache(model, prompt + new_tokens)
+        self.first = float("nan")
+        self.prefills: list[float] = []
+        self.totals: list[float] = []
+
+    @torch.no_grad()
+    def run(self, n: int) -> float:
+        if self.cache is not None:
+            self.cache.reset()  # same buffers, same addresses: the CUDA graph replays, nothing recompiles
+            self.kwargs[CACHE_NAME] = self.cache
+        sync(self.device)
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        sync(device)
+        self.model.generate(self.ids, max_new_tokens=n, min_new_tokens=n, **self.kwargs)
+        sync(self.device)
         return time.perf_counter() - t0
 
-    first = run(new_tokens)  # warm-up at full length (compilation, allocator growth, kernel selection, caches)
-    if compile_backend and not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
-        raise RuntimeError("--compile: generate() compiled nothing (this transformers version did not take the "
-                           "static cache as compileable)")
-    run(1)  # the prefill-only call has its own first-call costs (a 2026-11-30 run timed one at 1 s: 524 tokens/s)
-    prefills = [run(1) for _ in range(repeats)]
-    totals = [run(new_tokens) for _ in range(repeats)]
-    prefill, total = statistics.median(prefills), statistics.median(totals)
-    if total <= prefill:
-        raise RuntimeError(f"generation of {new_tokens} tokens took {total:.4f} s, no longer than the prefill alone "
-                           f"({prefill:.4f} s): the timings are not usable")
-    # (a full call no longer than the median prefill, possible on a busy CPU at tiny sizes, has no decode rate)
-    decode = [batch * (new_tokens - 1) / (t - prefill) for t in totals if t > prefill]
-    spread = {"prefill": (batch * prompt / max(prefills), batch * prompt / min(prefills)),
-              "decode": (min(decode), max(decode))}
-    return batch * prompt / prefill, batch * (new_tokens - 1) / (total - prefill), first, spread
+    def warm(self) -> None:
+        self.first = self.run(self.new_tokens)  # full length: compilation, allocator growth, kernel selection, caches
+        if self.compile_backend and not torch._dynamo.utils.counters["stats"]["unique_graphs"]:
+            raise RuntimeError("--compile: generate() compiled nothing (this transformers version did not take the "
+                               "static cache as compileable)")
+        self.run(1)  # the prefill-only call has its own first-call costs (a 2026-11-30 run timed one at 1 s)
+
+    def sample(self, repeats: int) -> None:
+        self.prefills += [self.run(1) for _ in range(repeats)]
+        self.totals += [self.run(self.new_tokens) for _ in range(repeats)]
+
+    def result(self) -> tuple[float, float, float, dict]:
+        """(prefill tokens/s, decode tokens/s, seconds of the first call, spread): medians over the timed calls;
+        ``spread``: ``{"prefill": (lowest, highest), "decode": (lowest, highest)}`` tokens/s over them (decode: each
+        full generation against the median prefill), for the table to show how much a figure moves between calls."""
+        batch, prompt, new_tokens = self.batch, self.prompt, self.new_tokens
+        prefill, total = statistics.median(self.prefills), statistics.median(self.totals)
+        if total <= prefill:
+            raise RuntimeError(f"generation of {new_tokens} tokens took {total:.4f} s, no longer than the prefill "
+                               f"alone ({prefill:.4f} s): the timings are not usable")
+        # (a full call no longer than the median prefill, possible on a busy CPU at tiny sizes, has no decode rate)
+        decode = [batch * (new_tokens - 1) / (t - prefill) for t in self.totals if t > prefill]
+        spread = {"prefill": (batch * prompt / max(self.prefills), batch * prompt / min(self.prefills)),
+                  "decode": (min(decode), max(decode))}
+        return batch * prompt / prefill, batch * (new_tokens - 1) / (total - prefill), self.first, spread
+
+
+def generate_speed(model, batch, prompt, new_tokens, device,
+                   compile_backend: str | None = None, repeats: int = 3) -> tuple[float, float, float, dict]:
+    """:class:`GenerationTimer`'s result for one row on its own: one warm-up of each length, then ``repeats`` timed
+    calls of each."""
+    timer = GenerationTimer(model, batch, prompt, new_tokens, device, compile_backend)
+    timer.warm()
+    timer.sample(repeats)
+    return timer.result()
+
+
+def interleaved_rows(args, device, dtype, compile_backend: str | None) -> dict:
+    """``--rounds``: every (variant, batch) row's :class:`GenerationTimer`, built and warmed first (every model stays
+    in memory), then ``args.rounds`` rounds of ``args.repeats`` timed calls per row, the rows taking turns. Returns
+    ``{(variant, batch): f}``, ``f()`` giving the row's result or raising what measuring it raised."""
+    rows, timers = {}, {}
+    # every row's compiled step stays: room for each (the default limit of 8 compilations per frame would be hit)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               2 * len(args.variants) * len(args.batches))
+    for variant in args.variants:
+        torch.manual_seed(0)
+        try:
+            model = build(variant, args.backend, device, dtype, args.num_layers)
+        except (RuntimeError, torch.OutOfMemoryError) as error:
+            for batch in args.batches:
+                rows[variant, batch] = error
+            continue
+        for batch in args.batches:
+            try:
+                timer = GenerationTimer(model, batch, args.prompt, args.new_tokens, device, compile_backend)
+                timer.warm()
+                timers[variant, batch] = timer
+            except (RuntimeError, torch.OutOfMemoryError) as error:
+                rows[variant, batch] = error
+    for _ in range(args.rounds):
+        for timer in timers.values():
+            timer.sample(args.repeats)
+
+    def outcome(key):
+        if key in timers:
+            return timers[key].result
+        error = rows[key]
+
+        def fail():
+            raise error
+        return fail
+
+    return {(variant, batch): outcome((variant, batch)) for variant in args.variants for batch in args.batches}
 
 
 def isolated_row(variant: str, batch: int, argv: list[str] | None) -> tuple[float, float, float, dict]:
@@ -312,10 +378,17 @@ def main(argv=None) -> int:
                         help="measure each generation row (variant, batch) in a process of its own: in one process a "
                              "model measured after another decoded slower (H200, 2026-12-01: DCFormer++-405M "
                              "267.5-275.2 tokens/s after Transformer++, 315.7-340.9 alone; cause not found)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="generation rows in one process, every model built and warmed first, then this many "
+                             "rounds of --repeats timed calls per row, the rows taking turns (a host whose speed "
+                             "drifts moves every row alike; the table gives the medians over all rounds)")
     parser.add_argument("--emit-row", action="store_true", help=argparse.SUPPRESS)  # (--isolate's child processes)
     args = parser.parse_args(argv)
     if args.repeats < 1:
         raise ValueError(f"--repeats is {args.repeats}: expected a positive number of timed calls")
+    if args.rounds < 1 or (args.rounds > 1 and args.isolate):
+        raise ValueError(f"--rounds is {args.rounds}: expected a positive number, and 1 with --isolate (rounds take "
+                         "turns in one process)")
     if args.num_layers is not None and args.num_layers < 1:
         raise ValueError(f"--num-layers is {args.num_layers}: expected a positive number of blocks")
     device = torch.device(args.device)
@@ -376,21 +449,25 @@ def main(argv=None) -> int:
         mode = (f"static cache, compiled ({args.compile_backend}, static shapes; DCMHA's step: {COMPILED_DECODE}; "
                 f"headmix models: {guards})" if args.compile else "dynamic cache, eager")
         print(f"\n# generation: {mode}, transformers {transformers.__version__}")
+        calls = args.repeats * args.rounds
         print(f"| variant | batch | prefill tokens/s (prompt {args.prompt}) | decode tokens/s ({args.new_tokens} new) | "
-              f"prefill ÷ first | decode ÷ first | first call s | range over {args.repeats} calls (prefill; decode) |")
+              f"prefill ÷ first | decode ÷ first | first call s | range over {calls} calls (prefill; decode) |")
         print("|---|---|---|---|---|---|---|---|")
+        backend = args.compile_backend if args.compile else None
+        taken = interleaved_rows(args, device, dtype, backend) if args.rounds > 1 else {}
         first_rows: dict[int, tuple[float, float]] = {}  # per batch: the first variant's (prefill, decode)
         for variant in args.variants:
             torch.manual_seed(0)
-            model = None if args.isolate else build(variant, args.backend, device, dtype, args.num_layers)
+            model = None if args.isolate or taken else build(variant, args.backend, device, dtype, args.num_layers)
             for batch in args.batches:
                 try:
                     if args.isolate:
                         pre, dec, first, spread = isolated_row(variant, batch, argv)
+                    elif taken:
+                        pre, dec, first, spread = taken[variant, batch]()
                     else:
                         pre, dec, first, spread = generate_speed(model, batch, args.prompt, args.new_tokens, device,
-                                                                 args.compile_backend if args.compile else None,
-                                                                 args.repeats)
+                                                                 backend, args.repeats)
                 except torch.OutOfMemoryError:
                     print(f"| {variant} | {batch} | OOM | | | | | |", flush=True)
                     continue

@@ -51,6 +51,39 @@ def test_lm_speed_isolate_measures_each_generation_row_in_its_own_process():
     assert not any(line.startswith("ROW ") for line in done.stdout.splitlines())  # the children's lines stay theirs
 
 
+def test_lm_speed_rounds_take_turns_and_pool_their_calls(monkeypatch):
+    """``--rounds``: every row is warmed first, then the rows take turns round after round; each row's figures are
+    medians over rounds x repeats calls, inside their printed range; ``--rounds`` with ``--isolate`` is refused."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lm_speed_rounds", BENCHMARKS / "lm_speed.py")
+    lm_speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lm_speed)
+    order = []
+    warm, sample = lm_speed.GenerationTimer.warm, lm_speed.GenerationTimer.sample
+    monkeypatch.setattr(lm_speed.GenerationTimer, "warm", lambda self: order.append(("warm", self.batch)) or warm(self))
+    monkeypatch.setattr(lm_speed.GenerationTimer, "sample",
+                        lambda self, n: order.append(("sample", self.batch)) or sample(self, n))
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lm_speed.main(["--variants", "tiny-transformer++", "tiny-dcformer++", "--device", "cpu", "--skip-train",
+                       "--prompt", "8", "--new-tokens", "4", "--batches", "1", "2", "--num-layers", "1",
+                       "--rounds", "3", "--repeats", "2"])
+    assert order[:4] == [("warm", 1), ("warm", 2)] * 2 and order[4:] == [("sample", 1), ("sample", 2)] * 6
+    table = [line for line in out.getvalue().splitlines() if line.startswith("| tiny-")]
+    assert len(table) == 4 and "range over 6 calls" in out.getvalue()
+    for row in table:
+        cells = row.split("|")
+        decode = float(cells[4].replace(",", ""))
+        low, high = (float(x.replace(",", "")) for x in cells[8].split(";")[1].split("–"))
+        assert low <= decode * 1.001 and decode <= high * 1.001
+    with pytest.raises(ValueError, match="--rounds is 2"):
+        lm_speed.main(["--rounds", "2", "--isolate", "--skip-train", "--device", "cpu"])
+
+
 def test_speed_report_runs_every_section_and_ends_with_the_summary():
     """benchmarks/speed_report.py at its CPU smoke size: every section prints, the summary table comes last with
     one measured row per item (compiled runs are left to the GPU: compiling on a 2-core CPU takes minutes)."""
