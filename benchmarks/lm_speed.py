@@ -249,8 +249,8 @@ def generate_speed(model, batch, prompt, new_tokens, device,
 def interleaved_rows(args, device, dtype, compile_backend: str | None) -> dict:
     """``--rounds``: every (variant, batch) row's :class:`GenerationTimer`, built and warmed first (every model stays
     in memory), then ``args.rounds`` rounds of ``args.repeats`` timed calls per row, the rows taking turns. Returns
-    ``{(variant, batch): f}``, ``f()`` giving the row's result or raising what measuring it raised."""
-    rows, timers = {}, {}
+    ``{(variant, batch): timer}``, or for a row that failed, what building or warming it raised."""
+    rows = {}
     # every row's compiled step stays: room for each (the default limit of 8 compilations per frame would be hit)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                2 * len(args.variants) * len(args.batches))
@@ -259,30 +259,20 @@ def interleaved_rows(args, device, dtype, compile_backend: str | None) -> dict:
         try:
             model = build(variant, args.backend, device, dtype, args.num_layers)
         except (RuntimeError, torch.OutOfMemoryError) as error:
-            for batch in args.batches:
-                rows[variant, batch] = error
+            rows.update({(variant, batch): error for batch in args.batches})
             continue
         for batch in args.batches:
             try:
-                timer = GenerationTimer(model, batch, args.prompt, args.new_tokens, device, compile_backend)
-                timer.warm()
-                timers[variant, batch] = timer
+                rows[variant, batch] = GenerationTimer(model, batch, args.prompt, args.new_tokens, device,
+                                                       compile_backend)
+                rows[variant, batch].warm()
             except (RuntimeError, torch.OutOfMemoryError) as error:
                 rows[variant, batch] = error
+    timers = [row for row in rows.values() if isinstance(row, GenerationTimer)]
     for _ in range(args.rounds):
-        for timer in timers.values():
+        for timer in timers:
             timer.sample(args.repeats)
-
-    def outcome(key):
-        if key in timers:
-            return timers[key].result
-        error = rows[key]
-
-        def fail():
-            raise error
-        return fail
-
-    return {(variant, batch): outcome((variant, batch)) for variant in args.variants for batch in args.batches}
+    return rows
 
 
 def isolated_row(variant: str, batch: int, argv: list[str] | None) -> tuple[float, float, float, dict]:
@@ -464,7 +454,9 @@ def main(argv=None) -> int:
                     if args.isolate:
                         pre, dec, first, spread = isolated_row(variant, batch, argv)
                     elif taken:
-                        pre, dec, first, spread = taken[variant, batch]()
+                        if isinstance(taken[variant, batch], BaseException):
+                            raise taken[variant, batch]
+                        pre, dec, first, spread = taken[variant, batch].result()
                     else:
                         pre, dec, first, spread = generate_speed(model, batch, args.prompt, args.new_tokens, device,
                                                                  backend, args.repeats)
