@@ -208,6 +208,20 @@ def test_blockwise_products_know_whether_bmm_takes_out_dtype(monkeypatch):
     torch.testing.assert_close(blockwise._products(a, b), a.float() @ b.float())
 
 
+def spy_launches(monkeypatch, name: str, record) -> None:
+    """Replace the blockwise kernel ``name`` by one that calls ``record(kwargs)`` at each launch, then launches it."""
+    real = getattr(blockwise, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                record(kwargs)
+                return real[grid](*args, **kwargs)
+            return launch_
+
+    monkeypatch.setattr(blockwise, name, Spy())
+
+
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monkeypatch):
     """The key-side weight gradients' sums over query tiles: atomic adds by default, per-tile partial sums added by the
@@ -217,16 +231,7 @@ def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monke
     monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 2 * 4 * 16 * 40)  # blocks of 16 rows: 3 blocks
     monkeypatch.setattr(blockwise, "KEY_CHUNK", 32)
     seen = []
-    real = blockwise._adjoint_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch_(*args, **kwargs):
-                seen.append(kwargs["ATOMIC"])
-                return real[grid](*args, **kwargs)
-            return launch_
-
-    monkeypatch.setattr(blockwise, "_adjoint_kernel", Spy())
+    spy_launches(monkeypatch, "_adjoint_kernel", lambda kwargs: seen.append(kwargs["ATOMIC"]))
     monkeypatch.setattr(blockwise, "_uninitialised", nan_buffer)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
@@ -243,19 +248,9 @@ def test_blockwise_launches_carry_the_register_caps(monkeypatch):
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
     monkeypatch.setitem(blockwise.REGISTERS, 16, dict(post=168, adjoint=200))
     seen = {}
-
-    class Spy:
-        def __init__(self, name, real):
-            self.name, self.real = name, real
-
-        def __getitem__(self, grid):
-            def launch_(*args, **kwargs):
-                seen.setdefault(self.name, set()).add(kwargs.get("maxnreg"))
-                return self.real[grid](*args, **kwargs)
-            return launch_
-
     for name in ("_pre_kernel", "_post_kernel", "_adjoint_kernel"):
-        monkeypatch.setattr(blockwise, name, Spy(name, getattr(blockwise, name)))
+        spy_launches(monkeypatch, name,
+                     lambda kwargs, name=name: seen.setdefault(name, set()).add(kwargs.get("maxnreg")))
     compare(1, 4, 24, 24, 16, 1, 2, causal=True)
     assert seen == {"_pre_kernel": {None}, "_post_kernel": {168}, "_adjoint_kernel": {200}}
 
