@@ -125,7 +125,8 @@ def main(argv=None) -> int:
         fwd = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, o_ptr=ptr, lse_ptr="*fp32", mask_ptr="*u8", **weights)
         one_bn, one_dc, one_warps = K.one_query_tile(D)
         one_sc = K.SPLITS_READ
-        one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", mask_ptr="*u8", **weights)
+        one = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, parts_ptr="*fp32", stats_ptr="*fp32", scores_ptr="*fp32",
+                   mask_ptr="*u8", **weights)
         query = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",
                      dq_ptr=ptr, d_q1="*fp32", d_q2="*fp32", d_qg="*fp32", dw_part="*fp32", **weights)
         key = dict(q_ptr=ptr, k_ptr=ptr, v_ptr=ptr, do_ptr=ptr, lse_ptr="*fp32", delta_ptr="*fp32", mask_ptr="*u8",

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import CompileConfig
 
-from headmix.layers.cache import StaticLayerCache
+from headmix import DCMHA
+from headmix.layers.cache import StaticLayerCache, pack
 from headmix.models import DCFormerConfig, DCFormerForCausalLM, HeadmixStaticCache
 from headmix.models.modeling import CACHE_NAME
 
@@ -380,3 +381,67 @@ def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
     seen = handed.get_seq_length()
     assert torch.equal(greedy(model, ids, mask, cache_implementation="static"), expected)
     assert handed.get_seq_length() == seen and model._static_cache is not handed
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (3, 1, 64, 8, 2)), (torch.float32, (2, 4, 48, 4, 3)),
+                                         (torch.float64, (1, 2, 32, 16, 1))])
+def test_dcmha_hands_a_decoding_step_its_weights_packed(kernel, dtype, shape):
+    """DCMHA's decoding state (a static cache, one new position): the query side's fields are those of
+    ``composition_state`` (views of one packed tensor), the key side is the static cache's packed row of its fields
+    (what ``pack`` makes of them), by the PyTorch code and by the rows kernel (interpreted on the CPU), also with one
+    Compose; a layer whose projection does not pack (two head groups, no key-wise terms, no gates) keeps
+    ``composition_state``."""
+    if kernel:
+        pytest.importorskip("headmix.ops.triton")
+    B, T, dim, heads, rank = shape
+    torch.manual_seed(sum(shape))
+    layer = DCMHA(dim, heads, rank=rank, init="paper", backend="triton" if kernel else "reference").to(dtype)
+    x = 3 * torch.randn(B, T, dim, dtype=dtype)
+    query, keys = layer.composition_state(x)
+    packed_query, packed_keys = layer.decoding_state(x)
+    assert isinstance(packed_keys["key_weights"], torch.Tensor)
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed_keys["key_weights"], pack(keys["key_weights"], dtype), **tol)
+    for c in ("pre", "post"):
+        fields = [getattr(packed_query["query_weights"][c], f) for f in ("query_w1", "query_w2", "query_gate")]
+        assert len({t.untyped_storage().data_ptr() for t in fields}) == 1  # views of one tensor, no copies
+        for f, t in zip(("query_w1", "query_w2", "query_gate"), fields):
+            torch.testing.assert_close(t, getattr(query["query_weights"][c], f), **tol)
+    for options, packs in ((dict(groups=2), False), (dict(key_wise=False), False), (dict(gates=False), False),
+                           (dict(post=False), True)):
+        other = DCMHA(dim, heads, rank=rank, init="paper", backend=layer.backend, **options).to(dtype)
+        assert other.dynamic.packs_rows == packs
+        expected, got = other.composition_state(x), other.decoding_state(x)
+        assert isinstance(got[1]["key_weights"], torch.Tensor) == packs
+        got_keys = got[1]["key_weights"] if packs else pack(got[1]["key_weights"], dtype)
+        torch.testing.assert_close(got_keys, pack(expected[1]["key_weights"], dtype), **tol)
+
+
+def test_a_decoding_step_passes_the_packed_weights_to_the_kernels_without_copies(monkeypatch):
+    """In a static-cache decoding step on the kernels (interpreted), the one-query kernel reads the query side's
+    fields as views of the step's packed rows and the key side's as views of the cache's packed buffer (one storage
+    each, nothing copied), and the tokens are the reference path's."""
+    pytest.importorskip("headmix.ops.triton")
+    from headmix.ops.triton import launch
+
+    model = small_model(attention="dcmha", hidden_size=64)
+    ids, mask = prompts()
+    expected = greedy(model, ids, mask)
+    for layer in model.model.layers:
+        layer.attention.backend = "triton"
+    storages = []
+    one_query = launch._one_query_forward
+
+    def spy(q, k, v, scale, m, mask_strides, weights, row_strides, flags, shape):
+        rows = [weights[i] for i in (1, 2, 5, 8, 9, 12)]  # query_w1, query_w2, query_gate of pre, then post
+        keys = [weights[i] for i in (3, 4, 6, 10, 11, 13)]
+        storages.append(({t.untyped_storage().data_ptr() for t in rows},
+                         {t.untyped_storage().data_ptr() for t in keys}))
+        return one_query(q, k, v, scale, m, mask_strides, weights, row_strides, flags, shape)
+
+    monkeypatch.setattr(launch, "_one_query_forward", spy)
+    tokens = greedy(model, ids, mask, **{CACHE_NAME: model.new_cache(max_cache_len=40)})
+    assert torch.equal(tokens, expected)
+    assert len(storages) == 2 * (NEW - 1)  # two layers, every step after the prefill
+    assert all(len(rows) == 1 and len(keys) == 1 for rows, keys in storages)

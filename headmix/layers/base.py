@@ -164,6 +164,14 @@ class Attention(nn.Module):
         is what a decoding cache keeps per position (:mod:`headmix.layers.cache`)."""
         return {}, {}
 
+    def decoding_state(self, x: Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
+        """:meth:`composition_state` of one new position per sequence, for a cache that keeps each structured key-side
+        entry as one packed row per slot (:attr:`headmix.layers.cache.StaticLayerCache.packs_rows`). A layer may hand
+        such an entry in as that row already packed, a ``(B, T, width)`` tensor in the cache's layout
+        (:func:`headmix.layers.cache.pack`), so that a compiled decoding step writes it with one kernel instead of
+        one per field; its :meth:`attend` then reads a tensor there. Default: :meth:`composition_state`."""
+        return self.composition_state(x)
+
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, is_causal: bool, state: dict[str, Tensor],
         structure: tuple[bool, int | None] | None = None,
@@ -247,7 +255,8 @@ class Attention(nn.Module):
         q, k = self.queries_keys(x)
         v = self.split_heads(self.v_proj(x), self.num_key_value_heads)
         q, k = self.position_queries_keys(q, k, positions, positions, position_embeddings)
-        query_state, key_state = self.composition_state(x)
+        decoding = cache is not None and T == 1 and getattr(cache, "packs_rows", False)
+        query_state, key_state = self.decoding_state(x) if decoding else self.composition_state(x)
         keys = {"k": k.transpose(1, 2), "v": v.transpose(1, 2), **key_state}  # every entry (B, T, ...)
         key_positions, key_valid = positions, padding_mask
         # An empty cache without padding (training with use_cache, a prefill): the keys are exactly the new

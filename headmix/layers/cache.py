@@ -115,6 +115,7 @@ class LayerCache:
 
     is_compileable = False  # the tensors grow: a compiled step would recompile (StaticLayerCache is the compileable one)
     supports_early_init = False
+    packs_rows = False  # entries are kept in the layer's own structure (see StaticLayerCache.packs_rows)
 
     def __init__(self, window: int | None = None) -> None:
         self.window = window
@@ -259,6 +260,9 @@ class StaticLayerCache:
 
     is_compileable = True
     supports_early_init = False  # the buffers take their shapes from the layer's first update
+    #: A structured entry is one packed buffer, so a layer may hand in one new position's entry already packed
+    #: (:meth:`headmix.layers.Attention.decoding_state`), a tensor written as it is
+    packs_rows = True
 
     def __init__(self, max_cache_len: int, window: int | None = None) -> None:
         if not isinstance(max_cache_len, int) or max_cache_len < 1:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..masks import MaskSpec
-from ..ops import resolve_backend, rms_norm
+from ..ops import _HAS_TRITON, resolve_backend, rms_norm
 from ..reference import COMPOSE_FIELDS, ComposeWeights, composed_probabilities
 from .composed import ComposedAttention
 
@@ -138,6 +138,54 @@ class DynamicWeightProjection(nn.Module):
             for c, (composition, side) in enumerate(self.gate_kinds):
                 found.setdefault((composition, side), {})[side_fields(side)[-1]] = g[c]
         return {kind: ComposeWeights(**weights) for kind, weights in found.items()}
+
+    @property
+    def packs_rows(self) -> bool:
+        """Whether :meth:`rows` applies: one head group, and the factors and gates of both sides of every
+        composition (the full Compose of the paper's models)."""
+        kinds = tuple((c, s) for c in dict.fromkeys(c for c, _ in self.factor_kinds) for s in SIDES)
+        return (self.factors is not None and self.factors.shape[0] == 1 and self.factor_kinds == kinds
+                and self.gate_kinds == kinds)
+
+    def rows(self, x: Tensor, kernel: bool = False) -> tuple[Tensor, Tensor]:
+        """What :meth:`forward` computes, packed: ``(query_rows, key_rows)``, each ``(B, T, P, 2R + 1, M)`` (``P``
+        compositions; rows ``w_1`` (RMS-normalised), ``w_2``, gate), for :attr:`packs_rows` projections only. The
+        key rows of a position, flattened, are the static cache's packed row of the key side (the fields in
+        :data:`~headmix.reference.COMPOSE_FIELDS` order, composition by composition: :func:`headmix.layers.cache.pack`).
+        ``kernel``: the normalisation and the gates in one Triton kernel (:mod:`headmix.ops.triton.rows`, whose spec
+        is the PyTorch code here), which a compiled decoding step keeps one node."""
+        B, T, _ = x.shape
+        _, C, K, R2, M = self.factors.shape
+        R, P = self.rank, C // 2
+        hidden = F.gelu(torch.matmul(x, self.hidden.reshape(-1, C * K)))  # (B, T, C*K)
+        w = torch.bmm(hidden.view(B * T, C, K).transpose(0, 1), self.factors.reshape(C, K, R2 * M))  # (C, BT, 2RM)
+        g = torch.matmul(x, self.gates.reshape(-1, C * M)).view(B * T, C * M)
+        if kernel:
+            out = _triton().rows.dynamic_rows(w, g, P, R, FACTOR_NORM_EPS)
+        else:
+            y = torch.cat([w.transpose(0, 1).unflatten(-1, (R2, M)), g.view(B * T, C, 1, M)], dim=2)  # kinds (c, side)
+            y = y.view(B * T, P, 2, R2 + 1, M).transpose(1, 2)  # (BT, side, P, 2R+1, M)
+            y = y.to(torch.promote_types(y.dtype, torch.float32))
+            row = torch.arange(R2 + 1, device=x.device)[:, None]
+            norm = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + FACTOR_NORM_EPS)
+            out = torch.where(row < R, y * norm, torch.where(row < R2, y, torch.tanh(y))).to(x.dtype).contiguous()
+        out = out.view(B, T, 2, P, R2 + 1, M)
+        return out[:, :, 0], out[:, :, 1]
+
+
+def _triton():
+    """:mod:`headmix.ops.triton` (imported on first use)."""
+    from ..ops import _triton_module
+    return _triton_module()
+
+
+def row_weights(rows: Tensor, rank: int, side: str) -> list[ComposeWeights]:
+    """One side's :class:`~headmix.reference.ComposeWeights` per composition, as views of packed ``rows`` ``(B, T, P,
+    2R + 1, M)`` (:meth:`DynamicWeightProjection.rows`; one head group): fields ``(B, T, 1, R, M)`` and ``(B, T, 1,
+    M)``."""
+    first, second, gate = side_fields(side)
+    return [ComposeWeights(**{first: rows[:, :, c, None, :rank], second: rows[:, :, c, None, rank:2 * rank],
+                              gate: rows[:, :, c, None, 2 * rank]}) for c in range(rows.shape[2])]
 
 
 class DCMHA(ComposedAttention):
@@ -266,9 +314,28 @@ class DCMHA(ComposedAttention):
         key = {c: found.get((c, "key"), ComposeWeights()) for c in self.compositions}
         return {"query_weights": query}, {"key_weights": key}
 
-    def compose_weights(self, state: dict[str, SideWeights]) -> dict[str, ComposeWeights]:
+    def decoding_state(self, x: Tensor) -> tuple[dict[str, SideWeights], dict[str, Tensor]]:
+        """:meth:`composition_state` for a cache that packs rows (:meth:`Attention.decoding_state`): the query side as
+        views of :meth:`DynamicWeightProjection.rows`' query rows, the key side as its key rows flattened, the cache's
+        packed row (one write per step); layers whose projection does not pack give :meth:`composition_state`."""
+        if not self.dynamic.packs_rows:
+            return self.composition_state(x)
+        # the kernel where the attention runs on the kernels: CUDA ("auto" or "triton"), or the interpreter ("triton")
+        kernel = _HAS_TRITON and (self.backend == "triton" or (self.backend == "auto" and x.is_cuda))
+        query_rows, key_rows = self.dynamic.rows(x, kernel)
+        query = dict(zip(self.compositions, row_weights(query_rows, self.rank, "query")))
+        return {"query_weights": query}, {"key_weights": key_rows.flatten(2)}
+
+    def compose_weights(self, state: dict[str, SideWeights | Tensor]) -> dict[str, ComposeWeights]:
         """``{"pre": ComposeWeights, "post": ComposeWeights}`` from the static weights and a state of
-        :meth:`composition_state` (query side for the queries, key side for all keys)."""
+        :meth:`composition_state` (query side for the queries, key side for all keys), or of :meth:`decoding_state`
+        (the key side packed rows ``(B, S, width)``)."""
+        keys = state["key_weights"]
+        if isinstance(keys, Tensor):
+            B, S, _ = keys.shape
+            M = self.num_heads // self.groups
+            rows = keys.view(B, S, len(self.compositions), 2 * self.rank + 1, M)
+            state = {**state, "key_weights": dict(zip(self.compositions, row_weights(rows, self.rank, "key")))}
         return {
             # (the plain bool first: a compiled step then reads nothing of an empty ParameterDict, each read a guard)
             c: combine(ComposeWeights(static=self.static[c] if self._static_on and c in self.static else None),

@@ -59,7 +59,8 @@ Layout of this package, by role:
   :func:`triton_composed_attention`. What runs when a kernel does not fit the GPU is the ops registry's
   policy (:mod:`headmix.ops`), not the op's;
 * :mod:`.norm`: RMS normalisation of short rows (QK-norm, the dynamic-weight factors), which
-  :func:`headmix.ops.rms_norm` runs in eager CUDA code.
+  :func:`headmix.ops.rms_norm` runs in eager CUDA code;
+* :mod:`.rows`: a decoding step's DCMHA dynamic weights, packed (``DynamicWeightProjection.rows``).
 
 Names inside the kernels (one scheme throughout):
 
@@ -82,6 +83,7 @@ from __future__ import annotations
 from .launch import (FIELDS, MAX_HEADS_PER_GROUP, MIX_PRECISION, SMALL_TILE_HEADS, SPLIT_TARGET_PROGRAMS,
                      TILES, check_supported, launch_meta, next_pow2, padded_heads, tensor_core_flops, tile_key,
                      tile_shape, triton_backward, triton_forward)
+from . import rows  # noqa: F401  (the headmix::dynamic_rows op)
 from .op import flatten, triton_composed_attention
 
 __all__ = ["FIELDS", "MAX_HEADS_PER_GROUP", "MIX_PRECISION", "SMALL_TILE_HEADS", "SPLIT_TARGET_PROGRAMS",

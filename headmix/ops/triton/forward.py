@@ -218,10 +218,10 @@ def _one_query_compose(x, cw, ks, b, g, offs_j, hm, kok, G: tl.constexpr, M: tl.
     """Compose of one query's ``(MP, BN)`` tile (heads x keys), every term applied as it is written in the
     reference (no per-key ``heads x heads`` matrices): the static mix as one ``(MP, MP)`` contraction, each rank of
     a low-rank term as a reduction over the heads and a scaled add, the gates as products. ``kok``: ``(BN, MP)``
-    bounds of the key-side factors; ``ks``: their (batch, position) strides, ``(k1, k2, kg)`` in turn. float32
-    throughout."""
+    bounds of the key-side factors; ``ks``: the per-position fields' (batch, position) strides, ``(q1, q2, qg, k1,
+    k2, kg)`` in turn (the query's own position stride unused). float32 throughout."""
     w_ptr, qw1, qw2, kw1, kw2, qg, kg = cw
-    k1b, k1t, k2b, k2t, kgb, kgt = ks
+    q1b, _, q2b, _, qgb, _, k1b, k1t, k2b, k2t, kgb, kgt = ks
     h_ok = hm < M
     out = x
     if STATIC & FLAGS:  # out[n, j] += sum_m W[g, m, n] x[m, j]
@@ -230,11 +230,11 @@ def _one_query_compose(x, cw, ks, b, g, offs_j, hm, kok, G: tl.constexpr, M: tl.
         out += tl.sum(w[:, :, None] * x[:, None, :], 0)
     if QUERY_LOWRANK & FLAGS:  # the factors at the one query position
         for r in tl.static_range(R):
-            a = tl.load(qw1 + ((b * G + g) * R + r) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
-            c = tl.load(qw2 + ((b * G + g) * R + r) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+            a = tl.load(qw1 + b * q1b + (g * R + r) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+            c = tl.load(qw2 + b * q2b + (g * R + r) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
             out += c[:, None] * tl.sum(a[:, None] * x, 0)[None, :]
     if QUERY_GATE & FLAGS:
-        gate = tl.load(qg + (b * G + g) * M + hm, mask=h_ok, other=0.0).to(tl.float32)
+        gate = tl.load(qg + b * qgb + g * M + hm, mask=h_ok, other=0.0).to(tl.float32)
         out += gate[:, None] * x
     if KEY_LOWRANK & FLAGS:  # factors per key: (BN, MP) tiles
         for r in tl.static_range(R):
@@ -266,11 +266,13 @@ def _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh
 
 @triton.jit
 def _one_query_kernel(
-    q_ptr, k_ptr, v_ptr, parts_ptr, stats_ptr, mask_ptr,
+    q_ptr, k_ptr, v_ptr, parts_ptr, stats_ptr, scores_ptr, mask_ptr,
     pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg,
     post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg,
     sqb, sqh, sqd, skb, skh, skt, skd, svb, svh, svt, svd, smb, sms,
-    pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt, post_k1b, post_k1t, post_k2b, post_k2t, post_kgb, post_kgt,
+    pre_q1b, pre_q1t, pre_q2b, pre_q2t, pre_qgb, pre_qgt, pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt,
+    post_q1b, post_q1t, post_q2b, post_q2t, post_qgb, post_qgt, post_k1b, post_k1t, post_k2b, post_k2t, post_kgb,
+    post_kgt,
     S, off, kv_rep, dk_n, dv_n, scale, chunk, n_split,
     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr,
     DK: tl.constexpr, DV: tl.constexpr, DC: tl.constexpr, BN: tl.constexpr,
@@ -279,9 +281,11 @@ def _one_query_kernel(
 ):
     """Decoding with one query (``T = 1``, the query at key ``off``), keys split over program axis 1 in ``chunk``s;
     program axis 0 is (batch, head group). The tiles are ``(heads x keys)``: no query rows to pad, no per-key
-    mixing matrices. ``PHASE`` 1 stores each split's row max and sum, ``(2, n_split, B * H)``; ``PHASE`` 2 combines
-    every split's statistics into the row's normaliser (:func:`_combined_lse_chunks`, ``SC`` splits at a time) and
-    stores the split's float32 ``P' V``, ``(n_split, B * H, dv_n)`` (summed by :func:`_split_sum_kernel`)."""
+    mixing matrices. ``PHASE`` 1 stores each split's row max and sum, ``(2, n_split, B * H)``, and the pre-composed
+    scores ``S'``, float32 ``(B * H, S)`` (``scores_ptr``); ``PHASE`` 2 combines every split's statistics into the
+    row's normaliser (:func:`_combined_lse_chunks`, ``SC`` splits at a time), reads ``S'`` back (the keys are not
+    read again, nor the scores and the pre-Compose recomputed: a head's 4 bytes per key against ``2 x head dim``),
+    and stores the split's float32 ``P' V``, ``(n_split, B * H, dv_n)`` (summed by :func:`_split_sum_kernel`)."""
     bg = tl.program_id(0)
     b = bg // G
     g = bg % G
@@ -293,8 +297,9 @@ def _one_query_kernel(
     n_rows = tl.num_programs(0) * M  # B * H
     pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
     post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
-    pre_ks = (pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt)
-    post_ks = (post_k1b, post_k1t, post_k2b, post_k2t, post_kgb, post_kgt)
+    pre_ks = (pre_q1b, pre_q1t, pre_q2b, pre_q2t, pre_qgb, pre_qgt, pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt)
+    post_ks = (post_q1b, post_q1t, post_q2b, post_q2t, post_qgb, post_qgt, post_k1b, post_k1t, post_k2b, post_k2t,
+               post_kgb, post_kgt)
     lo = split * chunk
     hi = tl.minimum(S, lo + chunk)
     if CAUSAL:
@@ -310,8 +315,13 @@ def _one_query_kernel(
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         kok = (offs_j < S)[:, None] & h_ok[None, :]
-        s = _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh, skt, skd, S, kv_rep, dk_n,
-                              scale, pre, pre_ks, kok, G, M, MP, R, DK, DC, BN, PRE)
+        at = rows[:, None] * S + offs_j[None, :]  # (MP, BN) into the (B * H, S) scores
+        if PHASE == 1:
+            s = _one_query_scores(q_ptr, k_ptr, b, g, h, hm, offs_j, sqb, sqh, sqd, skb, skh, skt, skd, S, kv_rep,
+                                  dk_n, scale, pre, pre_ks, kok, G, M, MP, R, DK, DC, BN, PRE)
+            tl.store(scores_ptr + at, s, mask=tl.trans(kok))
+        else:
+            s = tl.load(scores_ptr + at, mask=tl.trans(kok), other=0.0)
         ok = offs_j < S
         if CAUSAL:
             ok = ok & (offs_j <= off)

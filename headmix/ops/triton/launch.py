@@ -243,17 +243,18 @@ def _pointers(w: ComposeWeights | None, dummy: Tensor) -> list[Tensor]:
     return [dummy if getattr(w, f) is None else getattr(w, f).contiguous() for f in FIELDS]
 
 
-KEY_FIELDS = ("key_w1", "key_w2", "key_gate")
+ROW_FIELDS = ("query_w1", "query_w2", "query_gate", "key_w1", "key_w2", "key_gate")
 
 
-def _key_pointers(w: ComposeWeights | None, dummy: Tensor) -> tuple[list[Tensor], list[int]]:
-    """The seven fields of ``w`` as :func:`_pointers`, except that the key-side fields ``(B, S, ...)`` keep their
-    batch and position strides when each position's numbers lie together (a view of a static cache's packed buffer:
-    no copy per decoding step), and those strides, ``(k1, k2, kg)``'s (batch, position) pairs."""
-    ptrs = _pointers(None if w is None else ComposeWeights(**{f: None if f in KEY_FIELDS else getattr(w, f)
+def _row_pointers(w: ComposeWeights | None, dummy: Tensor) -> tuple[list[Tensor], list[int]]:
+    """The seven fields of ``w`` as :func:`_pointers`, except that the per-position fields ``(B, T or S, ...)`` keep
+    their batch and position strides when each position's numbers lie together (views of a static cache's packed
+    buffer, or of a decoding step's packed rows: no copy per step), and those strides, (batch, position) pairs in
+    :data:`ROW_FIELDS` order."""
+    ptrs = _pointers(None if w is None else ComposeWeights(**{f: None if f in ROW_FIELDS else getattr(w, f)
                                                                 for f in FIELDS}), dummy)
     strides: list[int] = []
-    for f in KEY_FIELDS:
+    for f in ROW_FIELDS:
         t = None if w is None else getattr(w, f)
         if t is not None and t.numel() and not t[0, 0].is_contiguous():
             t = t.contiguous()
@@ -359,7 +360,7 @@ def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offs
     if DECODE_KERNEL not in ("tiles", "one_query"):
         raise ValueError(f"DECODE_KERNEL={DECODE_KERNEL!r} is not allowed: expected 'tiles' or 'one_query'")
     if T == 1 and split is not False and DECODE_KERNEL == "one_query":
-        (pre_ptrs, pre_ks), (post_ptrs, post_ks) = _key_pointers(pre, dummy), _key_pointers(post, dummy)
+        (pre_ptrs, pre_ks), (post_ptrs, post_ks) = _row_pointers(pre, dummy), _row_pointers(post, dummy)
         return _one_query_forward(q, k, v, scale, m, (smb, sms), (*pre_ptrs, *post_ptrs), (*pre_ks, *post_ks),
                                   flags, shape), None
     weights = (*_pointers(pre, dummy), *_pointers(post, dummy))
@@ -393,7 +394,7 @@ def _sum_splits(parts: Tensor, dtype: torch.dtype) -> Tensor:
     return o
 
 
-def _one_query_forward(q, k, v, scale, m, mask_strides, weights, key_strides, flags, shape) -> Tensor:
+def _one_query_forward(q, k, v, scale, m, mask_strides, weights, row_strides, flags, shape) -> Tensor:
     """One query per (batch, head): :func:`_one_query_kernel`'s two phases over split keys, then the sum of the
     splits (three launches, nothing read back on the host)."""
     B, H, _, _ = q.shape
@@ -407,10 +408,12 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, key_strides, fl
     _, _, off, kv_rep, dk_n, _ = shape
     stats = torch.empty(2, n_split, B, H, dtype=torch.float32, device=q.device)
     parts = torch.empty(n_split, B, H, 1, dv_n, dtype=torch.float32, device=q.device)  # (the kernel: B * H rows)
+    scores = torch.empty(B * H, S, dtype=torch.float32, device=q.device)
     strides = (q.stride(0), q.stride(1), q.stride(3), *k.stride(), *v.stride(), *mask_strides)
     for phase in (1, 2):
-        _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, m, *weights, *strides, *key_strides, S, off, kv_rep,
-                                            dk_n, dv_n, scale, chunk, n_split, PHASE=phase, SC=SPLITS_READ, **consts)
+        _one_query_kernel[(B * G, n_split)](q, k, v, parts, stats, scores, m, *weights, *strides, *row_strides, S, off,
+                                            kv_rep, dk_n, dv_n, scale, chunk, n_split, PHASE=phase, SC=SPLITS_READ,
+                                            **consts)
     return _sum_splits(parts, q.dtype)
 
 
