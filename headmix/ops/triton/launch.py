@@ -121,14 +121,14 @@ SPLIT_TARGET_PROGRAMS = 128
 SPLIT_SUM_BLOCK = 256  # elements per program of the sum of the splits' partial outputs
 SPLITS_READ = 8  # splits whose statistics (one-query kernel) or partial outputs (the sum) are read at once
 # What decodes one query (T = 1, no gradients): "one_query", :func:`_one_query_kernel` ((heads x keys) tiles, each
-# Compose term applied as written), or "tiles", the forward kernel's split-key path (query rows padded to a tile,
-# per-key mixing matrices). Measured on an H200 at a 4096-key cache under a CUDA graph (docs/kernels.md, "Decoding
-# on the device"): one_query 0.059 / 0.295 / 0.073 ms against tiles 0.080 / 0.563 / 0.121 ms (head dim 64 batch 1,
-# 64 batch 16, 128 batch 1; 128 batch 16 not captured).
+# Compose term as written), or "tiles", the forward's split-key path (docs/kernels.md, "Decoding on the device": H200,
+# 4096 keys, graph: 0.059 / 0.295 / 0.073 against 0.080 / 0.563 / 0.121 ms, head dim 64 batch 1, 16, 128 batch 1).
 DECODE_KERNEL = "one_query"
-# (keys per tile, head-dim chunk of the score products, warps) of the one-query kernel by (padded) head dim; from an
-# offline sm_90 compile (benchmarks/kernel_resources.py, triton 3.9): no spills at 64, the fewest at 128
-ONE_QUERY_TILES = {64: (16, 32, 8), 128: (8, 32, 8)}
+# (keys per tile, head-dim chunk of the score products, warps) of the one-query kernel by (padded) head dim. 64: H200,
+# 2026-12-01, bf16, 16 heads, rank 2, no static mix, graph replay, us at (batch, keys) (1, 256) (1, 640) (16, 256)
+# (16, 640) (.devm/s17/sweep_oq.py): (32, 32, 4) 10.5 12.7 12.9 23.5; (16, 32, 8) 11.9 14.3 16.0 44.4; (32, 32, 8)
+# 10.3 12.7 13.0 26.8; (64, 32, 8) 13.4 14.4 13.9 26.4. 128: the fewest spills offline (kernel_resources.py)
+ONE_QUERY_TILES = {64: (32, 32, 4), 128: (8, 32, 8)}
 
 
 def one_query_tile(head_dim: int) -> tuple[int, int, int]:
@@ -251,8 +251,7 @@ def _row_pointers(w: ComposeWeights | None, dummy: Tensor) -> tuple[list[Tensor]
     their batch and position strides when each position's numbers lie together (views of a static cache's packed
     buffer, or of a decoding step's packed rows: no copy per step), and those strides, (batch, position) pairs in
     :data:`ROW_FIELDS` order."""
-    ptrs = _pointers(None if w is None else ComposeWeights(**{f: None if f in ROW_FIELDS else getattr(w, f)
-                                                                for f in FIELDS}), dummy)
+    ptrs = _pointers(None if w is None else ComposeWeights(static=w.static), dummy)  # (the others set below)
     strides: list[int] = []
     for f in ROW_FIELDS:
         t = None if w is None else getattr(w, f)
@@ -320,17 +319,18 @@ def _split_chunks(S: int, splits: int, BN: int) -> tuple[int, int]:
     return chunk, triton.cdiv(S, chunk)
 
 
-def _decode_splits(programs: int, S: int, BN: int) -> tuple[int, int]:
+def _decode_splits(programs: int, S: int, BN: int, warps: int = 8) -> tuple[int, int]:
     """``(chunk, n_split)`` of the one-query decode kernel: about ``2 sqrt(S)`` splits, at most
-    ``SPLIT_TARGET_PROGRAMS / programs`` (twice that from 2048 keys on: each program has more keys to read, so a
-    second wave of programs pays). Measured on an H200 (2026-12-01, bf16, 16 heads, rank 2, static mix off, one step
+    ``SPLIT_TARGET_PROGRAMS / programs`` for programs of 8 warps, ``8 / warps`` times that for smaller ones (the same
+    warps in all; the tiles' comment above), twice that from 2048 keys on (each program has more keys to read, so a
+    second wave of programs pays). Measured with 8-warp programs of 16 keys on an H200 (2026-12-01, bf16, 16 heads, rank 2, static mix off, one step
     replayed from a CUDA graph, us, splits in brackets; each rule in one run): 640 keys, batch 1: head dim
     64 17.8 (20) -> 15.9 (40), head dim 128 28.5 (20) -> 21.3 (40), 25.2 (80); batch 16: 52.5 (8), 61.5 (14) at head
     dim 64, 109.3 (8), 99.4 (16), 120.1 (27) at 128 (the cap of 8 kept: one wave). 4096 keys, batch 1: 36.0 (64),
     36.0 (128), 64.6 (256) at head dim 64, 56.4 (64), 48.6 (128), 79.0 (256) at 128; batch 16: 309.4 (8), 241.3 (16),
     221.2 (32) at 64, 521.4 (8), 448.8 (16), 465.4 (32) at 128. (Before the statistics and the partial outputs were
     read several splits at a time, each split cost a serial memory round trip, and about ``sqrt(S)`` was best.)"""
-    cap = SPLIT_TARGET_PROGRAMS * (2 if S >= 2048 else 1)
+    cap = SPLIT_TARGET_PROGRAMS * max(1, 8 // warps) * (2 if S >= 2048 else 1)
     return _split_chunks(S, max(1, min(cap // programs, 2 * math.isqrt(S))), BN)
 
 
@@ -401,7 +401,7 @@ def _one_query_forward(q, k, v, scale, m, mask_strides, weights, row_strides, fl
     S, dv_n = k.shape[2], v.shape[-1]
     BN, DC, warps = one_query_tile(max(flags["DK"], flags["DV"]))
     G = flags["G"]
-    chunk, n_split = _decode_splits(B * G, S, BN)
+    chunk, n_split = _decode_splits(B * G, S, BN, warps)
     consts = dict(G=G, M=flags["M"], MP=next_pow2(flags["M"]), R=flags["R"], DK=flags["DK"], DV=flags["DV"],
                   DC=min(DC, flags["DK"]), BN=BN, PRE=flags["PRE"], POST=flags["POST"], CAUSAL=flags["CAUSAL"],
                   WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], num_warps=warps, num_stages=1)
