@@ -157,12 +157,12 @@ class DynamicWeightProjection(nn.Module):
         B, T, _ = x.shape
         _, C, K, R2, M = self.factors.shape
         R, P = self.rank, C // 2
-        hidden = F.gelu(torch.matmul(x, self.hidden.reshape(-1, C * K)))  # (B, T, C*K)
-        w = torch.bmm(hidden.view(B * T, C, K).transpose(0, 1), self.factors.reshape(C, K, R2 * M))  # (C, BT, 2RM)
+        hidden = torch.matmul(x, self.hidden.reshape(-1, C * K)).view(B * T, C * K)
         g = torch.matmul(x, self.gates.reshape(-1, C * M)).view(B * T, C * M)
         if kernel:
-            out = _triton().rows.dynamic_rows(w, g, P, R, FACTOR_NORM_EPS)
+            out = _triton().rows.dynamic_rows(hidden, self.factors.reshape(C, K, R2 * M), g, P, R, FACTOR_NORM_EPS)
         else:
+            w = torch.bmm(F.gelu(hidden).view(B * T, C, K).transpose(0, 1), self.factors.reshape(C, K, R2 * M))
             y = torch.cat([w.transpose(0, 1).unflatten(-1, (R2, M)), g.view(B * T, C, 1, M)], dim=2)  # kinds (c, side)
             y = y.view(B * T, P, 2, R2 + 1, M).transpose(1, 2)  # (BT, side, P, 2R+1, M)
             y = y.to(torch.promote_types(y.dtype, torch.float32))
