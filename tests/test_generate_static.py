@@ -15,7 +15,7 @@ import torch
 from transformers import CompileConfig
 
 from headmix import DCMHA
-from headmix.layers.cache import StaticLayerCache, pack
+from headmix.layers.cache import LayerCache, StaticLayerCache, pack
 from headmix.models import DCFormerConfig, DCFormerForCausalLM, HeadmixStaticCache
 from headmix.models.modeling import CACHE_NAME
 
@@ -398,8 +398,9 @@ def test_dcmha_hands_a_decoding_step_its_weights_packed(kernel, dtype, shape):
     torch.manual_seed(sum(shape))
     layer = DCMHA(dim, heads, rank=rank, init="paper", backend="triton" if kernel else "reference").to(dtype)
     x = 3 * torch.randn(B, T, dim, dtype=dtype)
-    query, keys = layer.composition_state(x)
-    packed_query, packed_keys = layer.decoding_state(x)
+    with torch.no_grad():  # (the kernel serves generation: no autograd)
+        query, keys = layer.composition_state(x)
+        packed_query, packed_keys = layer.decoding_state(x)
     assert isinstance(packed_keys["key_weights"], torch.Tensor)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(packed_keys["key_weights"], pack(keys["key_weights"], dtype), **tol)
@@ -412,7 +413,8 @@ def test_dcmha_hands_a_decoding_step_its_weights_packed(kernel, dtype, shape):
                            (dict(post=False), True)):
         other = DCMHA(dim, heads, rank=rank, init="paper", backend=layer.backend, **options).to(dtype)
         assert other.dynamic.packs_rows == packs
-        expected, got = other.composition_state(x), other.decoding_state(x)
+        with torch.no_grad():
+            expected, got = other.composition_state(x), other.decoding_state(x)
         assert isinstance(got[1]["key_weights"], torch.Tensor) == packs
         got_keys = got[1]["key_weights"] if packs else pack(got[1]["key_weights"], dtype)
         torch.testing.assert_close(got_keys, pack(expected[1]["key_weights"], dtype), **tol)
@@ -445,3 +447,24 @@ def test_a_decoding_step_passes_the_packed_weights_to_the_kernels_without_copies
     assert torch.equal(tokens, expected)
     assert len(storages) == 2 * (NEW - 1)  # two layers, every step after the prefill
     assert all(len(rows) == 1 and len(keys) == 1 for rows, keys in storages)
+
+
+def test_a_static_cache_decoding_step_keeps_its_gradients():
+    """With gradients on, a decoding step against the static cache (the packed decoding state, PyTorch's code) gives
+    the dynamic cache's output and the same gradients for the layer's parameters and its input."""
+    torch.manual_seed(3)
+    layer = DCMHA(32, 4, rank=2, init="paper", rotary=True).double()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    results = []
+    for cache in (StaticLayerCache(8), LayerCache()):
+        with torch.no_grad():
+            layer(x[:, :4], cache=cache)
+        new = x[:, 4:].clone().requires_grad_()
+        out = layer(new, positions=torch.tensor([4]), cache=cache)
+        results.append((out, torch.autograd.grad(out.square().sum(), [new, *layer.parameters()], allow_unused=True)))
+    (static, static_grads), (dynamic, dynamic_grads) = results
+    torch.testing.assert_close(static, dynamic)
+    for a, b in zip(static_grads, dynamic_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)

@@ -320,8 +320,10 @@ class DCMHA(ComposedAttention):
         packed row (one write per step); layers whose projection does not pack give :meth:`composition_state`."""
         if not self.dynamic.packs_rows:
             return self.composition_state(x)
-        # the kernel where the attention runs on the kernels: CUDA ("auto" or "triton"), or the interpreter ("triton")
-        kernel = _HAS_TRITON and (self.backend == "triton" or (self.backend == "auto" and x.is_cuda))
+        # the kernel (no autograd: generation) where the attention runs on the kernels: CUDA ("auto" or "triton"), or
+        # the interpreter ("triton")
+        kernel = _HAS_TRITON and not torch.is_grad_enabled() and (
+            self.backend == "triton" or (self.backend == "auto" and x.is_cuda))
         query_rows, key_rows = self.dynamic.rows(x, kernel)
         query = dict(zip(self.compositions, row_weights(query_rows, self.rank, "query")))
         return {"query_weights": query}, {"key_weights": key_rows.flatten(2)}
