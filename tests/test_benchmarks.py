@@ -382,3 +382,28 @@ def test_norm_script_times_both_norms_at_every_shape():
     rows = [line for line in done.stdout.splitlines() if line.startswith("| QK-norm") or line.startswith("| factor")]
     assert len(rows) == 2
     assert all(float(cell) > 0 for row in rows for cell in row.split("|")[5:9])  # four timings, each measured
+
+
+def test_decode_profile_script_lists_a_decoding_steps_operators():
+    """On the CPU the decode profile counts a decoding step's aten operators (the smoke run of the GPU's kernel
+    profile): a row per variant and batch, the DCMHA model's step busier than the Transformer's."""
+    done = run_in_process(str(BENCHMARKS / "decode_profile.py"), "--variants", "tiny-transformer++", "tiny-dcformer++",
+                          "--batches", "2", "--prompt", "8", "--new-tokens", "3", "--device", "cpu", "--dtype",
+                          "float32", "--top", "3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    heads = [line for line in done.stdout.splitlines() if line.startswith("## ")]
+    assert [h.split(",")[0] for h in heads] == ["## tiny-transformer++", "## tiny-dcformer++"], done.stdout
+    counts = [float(h.split(": ")[1].split(" ")[0]) for h in heads]
+    assert 0 < counts[0] < counts[1]
+    assert done.stdout.count("| us per step | per step | aten op |") == 2
+    bad = run_in_process(str(BENCHMARKS / "decode_profile.py"), "--new-tokens", "1", "--device", "cpu")
+    assert bad.returncode == 2 and "--new-tokens 1" in bad.stderr
+
+
+def test_decode_splits_script_names_a_bad_tile():
+    """The split/tile sweep of the decode step (GPU only) refuses a malformed ``--tiles`` with a message, before it
+    looks for a GPU."""
+    bad = run_in_process(str(BENCHMARKS / "decode_splits.py"), "--tiles", "32x32")
+    assert bad.returncode == 2 and "--tiles 32x32: expected three numbers each" in bad.stderr
+    bad = run_in_process(str(BENCHMARKS / "decode_splits.py"), "--tiles", "32xbx4")
+    assert bad.returncode == 2 and "expected KEYSxCHUNKxWARPS" in bad.stderr

@@ -126,9 +126,9 @@ SPLITS_READ = 8  # splits whose statistics (one-query kernel) or partial outputs
 DECODE_KERNEL = "one_query"
 # (keys per tile, head-dim chunk of the score products, warps) of the one-query kernel by (padded) head dim. 64: H200,
 # 2026-12-01, bf16, 16 heads, rank 2, no static mix, graph replay, us at (batch, keys) (1, 256) (1, 640) (16, 256)
-# (16, 640) (.devm/s17/sweep_oq.py): (32, 32, 4) 10.5 12.7 12.9 23.5; (16, 32, 8) 11.9 14.3 16.0 44.4; (32, 32, 8)
-# 10.3 12.7 13.0 26.8; (64, 32, 8) 13.4 14.4 13.9 26.4. 128, at (1, 4096) (16, 4096) (1, 640) (16, 640) (sweep_b1.py):
-# (16, 32, 4) 36.0 218.0 14.4 42.5; (8, 32, 8) 45.2 296.2 19.7 86.2; (16, 32, 8) 35.9 204.3 14.3 50.7
+# (16, 640) (a scratch sweep; decode_splits.py --tiles repeats it): (32, 32, 4) 10.5 12.7 12.9 23.5; (16, 32, 8) 11.9
+# 14.3 16.0 44.4; (32, 32, 8) 10.3 12.7 13.0 26.8; (64, 32, 8) 13.4 14.4 13.9 26.4. 128, at (1, 4096) (16, 4096) (1,
+# 640) (16, 640): (16, 32, 4) 36.0 218.0 14.4 42.5; (8, 32, 8) 45.2 296.2 19.7 86.2; (16, 32, 8) 35.9 204.3 14.3 50.7
 ONE_QUERY_TILES = {64: (32, 32, 4), 128: (16, 32, 4)}
 
 
@@ -324,7 +324,7 @@ def _decode_splits(programs: int, S: int, BN: int, warps: int = 8) -> tuple[int,
     """``(chunk, n_split)`` of the one-query decode kernel: about ``sqrt(S)`` splits, at most ``SPLIT_TARGET_PROGRAMS
     / programs`` for 8-warp programs, ``8 / warps`` times that for smaller ones (the same warps in all), twice that
     from 2048 keys on (each program reads more keys: a second wave pays). H200, 2026-12-01, bf16, 16 heads, rank 2, no
-    static mix, graph replay (.devm/s17/sweep_b1.py), 4096 keys, batch 1: 32-key tiles (head dim 64) 64 splits 24.1
+    static mix, graph replay (a scratch sweep), 4096 keys, batch 1: 32-key tiles (head dim 64) 64 splits 24.1
     us, 128 30.2, 32 26.5; 16-key tiles (128) 34.2, 36.0, 47.3. Earlier, 8-warp programs of 16 keys: 640 keys, batch 16:
     the cap's 8 splits 52.5 us, 14 61.5 (head dim 64); 4096 keys, batch 16: 309.4 (8), 241.3 (16), 221.2 (32)."""
     cap = SPLIT_TARGET_PROGRAMS * max(1, 8 // warps) * (2 if S >= 2048 else 1)
