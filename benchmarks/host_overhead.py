@@ -57,17 +57,18 @@ def main(argv=None) -> int:
     stub = args.stub_kernels or device.type == "cpu"
     if stub:
         os.environ["TRITON_INTERPRET"] = "1"  # the triton backend accepts CPU tensors; its launches are stubbed
-        from headmix.ops.triton import launch
+        from headmix.ops.triton import launch, rows
 
-        kernels = ("_fwd_kernel", "_one_query_kernel", "_split_sum_kernel")
-        real = {name: getattr(launch, name) for name in kernels}
-        for name in kernels:
-            setattr(launch, name, _NoLaunch())
+        kernels = [(launch, "_fwd_kernel"), (launch, "_one_query_kernel"), (launch, "_split_sum_kernel"),
+                   (rows, "_rows_kernel")]
+        real = {(module, name): getattr(module, name) for module, name in kernels}
+        for module, name in kernels:
+            setattr(module, name, _NoLaunch())
         try:
             return _table(args, device, stub)
         finally:  # (a caller in the same process, a test, gets the kernels back)
-            for name, kernel in real.items():
-                setattr(launch, name, kernel)
+            for (module, name), kernel in real.items():
+                setattr(module, name, kernel)
     return _table(args, device, stub)
 
 
