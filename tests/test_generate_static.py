@@ -385,7 +385,7 @@ def test_generate_reuses_its_static_cache_across_calls(monkeypatch):
 
 @pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("dtype,shape", [(torch.float64, (3, 1, 64, 8, 2)), (torch.float32, (2, 4, 48, 4, 3)),
-                                         (torch.float64, (1, 2, 32, 16, 1))])
+                                         (torch.float64, (1, 2, 32, 16, 1)), (torch.float32, (2, 1, 64, 32, 2))])
 def test_dcmha_hands_a_decoding_step_its_weights_packed(kernel, dtype, shape):
     """DCMHA's decoding state (a static cache, one new position): the query side's fields are those of
     ``composition_state`` (views of one packed tensor), the key side is the static cache's packed row of its fields
