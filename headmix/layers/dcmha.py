@@ -152,8 +152,9 @@ class DynamicWeightProjection(nn.Module):
         compositions; rows ``w_1`` (RMS-normalised), ``w_2``, gate), for :attr:`packs_rows` projections only. The
         key rows of a position, flattened, are the static cache's packed row of the key side (the fields in
         :data:`~headmix.reference.COMPOSE_FIELDS` order, composition by composition: :func:`headmix.layers.cache.pack`).
-        ``kernel``: the normalisation and the gates in one Triton kernel (:mod:`headmix.ops.triton.rows`, whose spec
-        is the PyTorch code here), which a compiled decoding step keeps one node."""
+        ``kernel``: all after the two products with ``x`` (the GELU, the factor product, the normalisation, the gates'
+        tanh) in one Triton kernel (:mod:`headmix.ops.triton.rows`, whose spec is the PyTorch code here; no autograd),
+        which a compiled decoding step keeps one node."""
         B, T, _ = x.shape
         _, C, K, R2, M = self.factors.shape
         R, P = self.rank, C // 2

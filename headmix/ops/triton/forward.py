@@ -297,7 +297,8 @@ def _one_query_kernel(
     n_rows = tl.num_programs(0) * M  # B * H
     pre = (pre_w, pre_q1, pre_q2, pre_k1, pre_k2, pre_qg, pre_kg)
     post = (post_w, post_q1, post_q2, post_k1, post_k2, post_qg, post_kg)
-    pre_ks = (pre_q1b, pre_q1t, pre_q2b, pre_q2t, pre_qgb, pre_qgt, pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb, pre_kgt)
+    pre_ks = (pre_q1b, pre_q1t, pre_q2b, pre_q2t, pre_qgb, pre_qgt, pre_k1b, pre_k1t, pre_k2b, pre_k2t, pre_kgb,
+              pre_kgt)
     post_ks = (post_q1b, post_q1t, post_q2b, post_q2t, post_qgb, post_qgt, post_k1b, post_k1t, post_k2b, post_k2t,
                post_kgb, post_kgt)
     lo = split * chunk
