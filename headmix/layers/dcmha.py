@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_divisible, check_positive_int
 from ..masks import MaskSpec
-from ..ops import _HAS_TRITON, resolve_backend, rms_norm
+from ..ops import _HAS_TRITON, _triton_module, resolve_backend, rms_norm
 from ..reference import COMPOSE_FIELDS, ComposeWeights, composed_probabilities
 from .composed import ComposedAttention
 
@@ -116,10 +116,10 @@ class DynamicWeightProjection(nn.Module):
         # take contiguous fields and would otherwise copy each strided slice, one launch per field and call. Plain
         # matmul/bmm rather than einsum: the same products, a tenth of einsum's host time per call (~6 against
         # ~40 us on the CPU machine), which an eager prefill pays three times per layer
-        if self.hidden is not None:
+        hidden, gates = self._products(x)
+        if hidden is not None:
             G, C, K, R2, M = self.factors.shape
-            hidden = F.gelu(torch.matmul(x, self.hidden.reshape(-1, G * C * K)))  # (B, T, G*C*K)
-            w = torch.bmm(hidden.view(B * T, G * C, K).transpose(0, 1), self.factors.reshape(G * C, K, R2 * M))
+            w = torch.bmm(F.gelu(hidden).view(B * T, G * C, K).transpose(0, 1), self.factors.reshape(G * C, K, R2 * M))
             # (G*C, B*T, [w_1 | w_2] * M) -> (2, C, B, T, G, R, M): the first factors of every kind lie together,
             # so their norm reads rows one after another
             w = w.view(G, C, B, T, 2, self.rank, M).permute(4, 1, 2, 3, 0, 5, 6).contiguous()
@@ -131,13 +131,20 @@ class DynamicWeightProjection(nn.Module):
             for c, (composition, side) in enumerate(self.factor_kinds):
                 first, second, _ = side_fields(side)
                 found.setdefault((composition, side), {}).update({first: w1[c], second: w2[c]})
-        if self.gates is not None:
+        if gates is not None:
             G, Cg, M = self.gates.shape[1:]
-            g = torch.matmul(x, self.gates.reshape(-1, G * Cg * M)).view(B, T, G, Cg, M)
-            g = torch.tanh(g.permute(3, 0, 1, 2, 4).contiguous()).unbind(0)  # C_g of (B, T, G, M)
+            g = torch.tanh(gates.view(B, T, G, Cg, M).permute(3, 0, 1, 2, 4).contiguous()).unbind(0)  # C_g (B, T, G, M)
             for c, (composition, side) in enumerate(self.gate_kinds):
                 found.setdefault((composition, side), {})[side_fields(side)[-1]] = g[c]
         return {kind: ComposeWeights(**weights) for kind, weights in found.items()}
+
+    def _products(self, x: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The two products with ``x`` ``(B, T, D)``: the hidden layer before its GELU ``(B*T, G*C*K)`` and the gates
+        before their tanh ``(B*T, G*C_g*M)`` (``None`` for a part the projection does not have)."""
+        B, T, _ = x.shape
+        hidden = None if self.hidden is None else torch.matmul(x, self.hidden.flatten(1)).view(B * T, -1)
+        gates = None if self.gates is None else torch.matmul(x, self.gates.flatten(1)).view(B * T, -1)
+        return hidden, gates
 
     @property
     def packs_rows(self) -> bool:
@@ -152,32 +159,27 @@ class DynamicWeightProjection(nn.Module):
         compositions; rows ``w_1`` (RMS-normalised), ``w_2``, gate), for :attr:`packs_rows` projections only. The
         key rows of a position, flattened, are the static cache's packed row of the key side (the fields in
         :data:`~headmix.reference.COMPOSE_FIELDS` order, composition by composition: :func:`headmix.layers.cache.pack`).
-        ``kernel``: all after the two products with ``x`` (the GELU, the factor product, the normalisation, the gates'
-        tanh) in one Triton kernel (:mod:`headmix.ops.triton.rows`, whose spec is the PyTorch code here; no autograd),
-        which a compiled decoding step keeps one node."""
+        Without ``kernel``, :meth:`forward`'s fields stacked into that layout; with it, all after the two products
+        with ``x`` (the GELU, the factor product, the normalisation, the gates' tanh) in one Triton kernel
+        (:mod:`headmix.ops.triton.rows`, checked against :meth:`forward`; no autograd), which a compiled decoding step
+        keeps one node."""
         B, T, _ = x.shape
         _, C, K, R2, M = self.factors.shape
-        R, P = self.rank, C // 2
-        hidden = torch.matmul(x, self.hidden.reshape(-1, C * K)).view(B * T, C * K)
-        g = torch.matmul(x, self.gates.reshape(-1, C * M)).view(B * T, C * M)
         if kernel:
-            out = _triton().rows.dynamic_rows(hidden, self.factors.reshape(C, K, R2 * M), g, P, R, FACTOR_NORM_EPS)
-        else:
-            w = torch.bmm(F.gelu(hidden).view(B * T, C, K).transpose(0, 1), self.factors.reshape(C, K, R2 * M))
-            y = torch.cat([w.transpose(0, 1).unflatten(-1, (R2, M)), g.view(B * T, C, 1, M)], dim=2)  # kinds (c, side)
-            y = y.view(B * T, P, 2, R2 + 1, M).transpose(1, 2)  # (BT, side, P, 2R+1, M)
-            y = y.to(torch.promote_types(y.dtype, torch.float32))
-            row = torch.arange(R2 + 1, device=x.device)[:, None]
-            norm = torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + FACTOR_NORM_EPS)
-            out = torch.where(row < R, y * norm, torch.where(row < R2, y, torch.tanh(y))).to(x.dtype).contiguous()
-        out = out.view(B, T, 2, P, R2 + 1, M)
+            hidden, gates = self._products(x)
+            out = _triton_module().rows.dynamic_rows(hidden, self.factors.reshape(C, K, R2 * M), gates, C // 2,
+                                                     self.rank, FACTOR_NORM_EPS).view(B, T, 2, C // 2, R2 + 1, M)
+        else:  # forward's fields, packed
+            found = self.forward(x)
+
+            def packed(w: ComposeWeights, side: str) -> Tensor:  # (B, T, 2R + 1, M): the head group's axis dropped
+                first, second, gate = (getattr(w, f)[:, :, 0] for f in side_fields(side))
+                return torch.cat([first, second, gate[:, :, None]], dim=2)
+
+            compositions = dict.fromkeys(c for c, _ in self.factor_kinds)
+            out = torch.stack([torch.stack([packed(found[c, side], side) for c in compositions], dim=2)
+                               for side in SIDES], dim=2)
         return out[:, :, 0], out[:, :, 1]
-
-
-def _triton():
-    """:mod:`headmix.ops.triton` (imported on first use)."""
-    from ..ops import _triton_module
-    return _triton_module()
 
 
 def row_weights(rows: Tensor, rank: int, side: str) -> list[ComposeWeights]:

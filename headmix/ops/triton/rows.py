@@ -1,5 +1,5 @@
 """DCMHA's dynamic weights of a decoding step, packed, in one kernel: the spec is
-:meth:`headmix.layers.dcmha.DynamicWeightProjection.rows` (its PyTorch path).
+:meth:`headmix.layers.dcmha.DynamicWeightProjection.forward`'s fields, packed by ``DynamicWeightProjection.rows``.
 
 Why it exists: a compiled decoding step hands the attention kernels the query-side factors and gates as views of one
 packed tensor, and the static cache its key-side row. Computed by PyTorch ops, inductor inlines the packed tensor into
@@ -49,7 +49,7 @@ def _rows_kernel(h_ptr, f_ptr, g_ptr, out_ptr, sht, sgt, eps, P: tl.constexpr, R
 def _rows(h: Tensor, f: Tensor, g: Tensor, parts: int, rank: int, eps: float) -> Tensor:
     C, K, width = f.shape
     M = width // (2 * rank)
-    h, f, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (h, f, g))
+    h, g = (t if t.stride(-1) == 1 else t.contiguous() for t in (h, g))  # (rows at any stride)
     f = f.contiguous()
     out = torch.empty(h.shape[0], 2, parts, 2 * rank + 1, M, dtype=h.dtype, device=h.device)
     _rows_kernel[(h.shape[0] * 2 * parts,)](h, f, g, out, h.stride(0), g.stride(0), eps, P=parts, R=rank, M=M, K=K,
