@@ -4,7 +4,7 @@ For each variant and batch: ``generate()`` with a static cache and its compiled 
 times it), warmed up, then profiled (``torch.profiler``) over a generation of one new token (the prefill) and one of
 ``--new-tokens``; the step's kernels are the difference, divided by the steps. Prints the kernels per step and their
 time per step, then the ``--top`` kernels by time, after a header with device, date and versions. On the CPU (no CUDA
-kernels) it counts the step's aten operators instead, eagerly, a smoke run.
+kernels) it counts the step's aten operators instead (the step compiled by dynamo's eager backend), a smoke run.
 
     python benchmarks/decode_profile.py --variants transformer++-405m dcformer++-405m --batches 16
     python benchmarks/decode_profile.py --variants dcformer++-405m --batches 1 16 --top 40
@@ -23,9 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lm_speed import build, static_cache  # noqa: E402
-
-from headmix.models.modeling import CACHE_NAME  # noqa: E402
+from lm_speed import GenerationTimer, build  # noqa: E402
 
 
 def events(prof, cuda: bool) -> dict[str, list[float]]:
@@ -40,33 +38,20 @@ def events(prof, cuda: bool) -> dict[str, list[float]]:
 
 
 def step_profile(model, batch: int, prompt: int, new_tokens: int, device) -> dict[str, tuple[float, float]]:
-    """``{name: (per step, us per step)}`` of one decoding step of ``model`` at ``batch``."""
+    """``{name: (per step, us per step)}`` of one decoding step of ``model`` at ``batch``: ``lm_speed``'s generation
+    row (static cache, generate()'s compiled step: inductor on CUDA, dynamo's eager backend on the CPU), warmed, then
+    profiled over a one-token and a full generation."""
     from torch.profiler import ProfilerActivity, profile
-    from transformers import CompileConfig
 
     cuda = device.type == "cuda"
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt), device=device)
-    cache = static_cache(model, prompt + new_tokens)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None, **{CACHE_NAME: cache})
-    if cuda:
-        kwargs["compile_config"] = CompileConfig(dynamic=False)
-    else:
-        kwargs["disable_compile"] = True
-
-    def run(n: int) -> None:
-        cache.reset()
-        with torch.no_grad():
-            model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        if cuda:
-            torch.cuda.synchronize()
-
-    for n in (new_tokens, 1, new_tokens, 1):  # compile, record the CUDA graph, settle
-        run(n)
+    timer = GenerationTimer(model, batch, prompt, new_tokens, device, "inductor" if cuda else "eager")
+    timer.warm()
+    timer.sample(1)  # (the CUDA graph recorded and replayed, the guards settled)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     found = []
     for n in (1, new_tokens):
         with profile(activities=activities) as prof:
-            run(n)
+            timer.run(n)
         found.append(events(prof, cuda))
     prefill, full = found
     steps = new_tokens - 1
@@ -91,7 +76,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"# headmix decode profile: {name}, {datetime.date.today()}, torch {torch.__version__}, {args.dtype}, "
           f"prompt {args.prompt}, {args.new_tokens} new tokens; "
-          + ("compiled step (inductor, CUDA graphs): CUDA kernels" if cuda else "eager step: aten operators"))
+          + ("compiled step (inductor, CUDA graphs): CUDA kernels" if cuda else
+             "step compiled by dynamo's eager backend: aten operators"))
     unit = "kernels" if cuda else "aten ops"
     for variant in args.variants:
         torch.manual_seed(0)
