@@ -257,8 +257,8 @@ def test_blockwise_launches_carry_the_register_caps(monkeypatch):
 
 @pytest.mark.parametrize("T, blockwise_runs", [(130, True), (20, False)])
 def test_forward_without_gradients_takes_the_blockwise_path_for_many_queries(T, blockwise_runs, monkeypatch):
-    """Without gradients, 128 queries or more (a prefill, an evaluation forward) run the blockwise forward where it
-    trains; fewer (decoding, short chunks) keep the tile kernels' split-key forward; both equal the reference."""
+    """Without gradients, 128 queries or more (a prefill, an evaluation forward) run the blockwise forward where
+    op.inference_kernels names it (forced here); fewer (decoding, short chunks) keep the tile kernels' split-key forward; both equal the reference."""
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
     calls = []
     real = blockwise.blockwise_forward
@@ -295,6 +295,24 @@ def test_training_kernels_policy(monkeypatch):
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "fastest")
     with pytest.raises(ValueError, match="TRAINING_KERNELS.*'fastest'.*auto.*tiles.*blockwise"):
         launch.training_kernels(16, 64, static=False)
+
+
+def test_inference_kernels_policy(monkeypatch):
+    """Without gradients the blockwise forward runs only where the tile forward is slow (more than 16 heads per group,
+    padded head dims above 64) and no Compose has a static mix: global 16 x 64 layers, which train blockwise, run the
+    tile forward at inference (faster there: op.inference_kernels' docstring); a forced setting holds."""
+    assert op.inference_kernels(16, 64, static=False) == "tiles"
+    assert launch.training_kernels(16, 64, static=False) == "blockwise"
+    assert op.inference_kernels(4, 32, static=False) == "tiles"
+    assert op.inference_kernels(16, 80, static=False) == "blockwise"
+    assert op.inference_kernels(16, 128, static=False) == "blockwise"
+    assert op.inference_kernels(32, 64, static=False) == "blockwise"
+    assert op.inference_kernels(32, 128, static=True) == "tiles"
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    assert op.inference_kernels(16, 64, static=False) == "blockwise"
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "fastest")
+    with pytest.raises(ValueError, match="TRAINING_KERNELS.*'fastest'"):
+        op.inference_kernels(16, 64, static=False)
 
 
 def test_training_head_dims_limits():

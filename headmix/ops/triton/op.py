@@ -16,6 +16,7 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
+from . import launch
 from .blockwise import blockwise_backward, blockwise_forward
 from .launch import FIELDS, check_supported, padded_heads, training_kernels, triton_backward, triton_forward
 
@@ -50,10 +51,31 @@ def _recompute_backward(backend, do, q, k, v, scale, mask, pre, post, groups, ca
     return dq, dk, dv, *({f: next(grads) for f in (w or {})} for w in weights)
 
 
-def kernels_for(q: Tensor, v: Tensor, groups: int, pre, post, window) -> str:
-    """"tiles" or "blockwise": :func:`headmix.ops.triton.launch.training_kernels` for these inputs."""
+def kernels_for(q: Tensor, v: Tensor, groups: int, pre, post, window, training: bool = True) -> str:
+    """"tiles" or "blockwise" for these inputs: :func:`headmix.ops.triton.launch.training_kernels`, or without
+    gradients (``training=False``) :func:`inference_kernels`."""
     static = any(w is not None and w.static is not None for w in (pre, post))
-    return training_kernels(padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1]), static, window or 0)
+    heads, head_dim = padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1])
+    if training:
+        return training_kernels(heads, head_dim, static, window or 0)
+    return inference_kernels(heads, head_dim, static)
+
+
+def inference_kernels(padded_heads: int, head_dim: int, static: bool) -> str:
+    """Which forward computes a layer's output without gradients (many queries: a prefill, an evaluation): the
+    blockwise one only where the tile forward is slow, more than :data:`~headmix.ops.triton.launch.MATRIX_FORM_HEADS`
+    heads per group or padded head dims above :data:`~headmix.ops.triton.launch.WHOLE_HEAD_DIM` (at 32 x 80 it took
+    9.9 against 41.5 ms for the tile forward, H200, B = 8 x 2048), and without a static mix (which the blockwise
+    kernels apply on CUDA cores). Training takes the blockwise path also for global layers at 16 x 64
+    (:func:`~headmix.ops.triton.launch.training_kernels`: its backward is the faster), but its forward is not: on an
+    H200 (2026-12-01, bf16, 16 x 64, rank 2, every dynamic term, 512 tokens, causal) the tile forward took 0.82 / 0.34
+    ms at batch 16 / 1 against the blockwise forward's 1.08 / 0.95 globally, and 0.60 / 0.32 against 1.06 / 1.06 with
+    a 256-token window. A forced :data:`~headmix.ops.triton.launch.TRAINING_KERNELS` holds here too."""
+    forced = training_kernels(padded_heads, head_dim, static)  # (checks the setting)
+    if launch.TRAINING_KERNELS != "auto":
+        return forced
+    wide = padded_heads > launch.MATRIX_FORM_HEADS or launch.next_pow2(head_dim) > launch.WHOLE_HEAD_DIM
+    return "blockwise" if wide and not static else "tiles"
 
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
@@ -73,16 +95,15 @@ def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, win
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
 
 
-# Without gradients, this many queries or more (a prefill, an evaluation forward) take the blockwise forward where it
-# trains: its training forward measured 9.9 against 41.5 ms for the tile kernels' at 32 x 80 (H200, B = 8 x 2048).
-# Fewer keep the split-key tile forward (decoding). A round figure, not tuned.
+# Without gradients, this many queries or more (a prefill, an evaluation forward) take the blockwise forward where
+# inference_kernels names it; fewer keep the split-key tile forward (decoding). A round figure, not tuned.
 BLOCKWISE_MIN_QUERIES = 128
 
 
 def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
     """The output without gradients: the blockwise forward for :data:`BLOCKWISE_MIN_QUERIES` queries or more where
-    :func:`training_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
-    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and kernels_for(q, v, groups, pre, post, window) == "blockwise":
+    :func:`inference_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
+    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and kernels_for(q, v, groups, pre, post, window, False) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=False, kv_heads=k.shape[1])
         return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
