@@ -15,6 +15,11 @@ log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"bl
     python benchmarks/training_paths.py --shapes 16x64 32x128:1 --paths blockwise --sweep-tiles
 
 ``--sweep-registers`` does the same for the kernels' register caps (``blockwise.REGISTERS``).
+
+``--inference`` times the forward without gradients instead (``op.inference_forward``: a prefill, an evaluation) on
+each path, and names the path ``backend="auto"`` takes there (``op.inference_kernels``)::
+
+    python benchmarks/training_paths.py --inference --batch 16 --seq 512 --shapes 16x64 16x128 --windows 0 256
 """
 
 from __future__ import annotations
@@ -60,7 +65,12 @@ def main(argv=None) -> int:
                         help="blockwise path: also each candidate tile of each kernel (SWEEP), one kernel at a time")
     parser.add_argument("--sweep-registers", action="store_true",
                         help="blockwise path: also each candidate register cap of each kernel (SWEEP_REGISTERS)")
+    parser.add_argument("--inference", action="store_true",
+                        help="time the forward without gradients (a prefill) on each path instead of training")
     args = parser.parse_args(argv)
+    if args.inference and (args.sweep_tiles or args.sweep_registers or args.deterministic):
+        parser.error("--inference times the paths' forwards only: no --sweep-tiles, --sweep-registers or "
+                     "--deterministic with it")
 
     import torch
 
@@ -128,6 +138,16 @@ def main(argv=None) -> int:
                                              if r is not None} if cap else caps)
                 label = (path if variant is None else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}"
                          if cap else f"{path}, {variant[0]} {variant[1]}")
+                if args.inference:
+                    auto = op.inference_kernels(launch.padded_heads(H // G), D, args.static) if path == "tiles" else ""
+                    with torch.no_grad():
+                        out = op.inference_forward(q, k, v, *call)
+                        fwd = timed(lambda: op.inference_forward(q, k, v, *call))
+                    results[path] = [out]
+                    rows.append([spec, str(window or "global"), path, f"{fwd:.3f}", "", "", "",
+                                 f"auto: {auto}" if auto else ""])
+                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                    continue
                 try:
                     out, lse = op.train_forward(q, k, v, *call)
                     if device == "cuda":
@@ -149,7 +169,10 @@ def main(argv=None) -> int:
                                  ""])
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
             blockwise.TILES[key], blockwise.REGISTERS[key] = default, caps
-            if len(results) == 2:
+            if len(results) == 2 and args.inference:
+                a, b = results.values()
+                rows[-1][-1] = f"out {rel(a[0], b[0]):.1e}"
+            elif len(results) == 2:
                 a, b = results.values()
                 apart = max((rel(x, y) for x, y in zip(a[1:], b[1:])), key=lambda e: e if e == e else float("inf"))
                 # (the key: a NaN shows as the largest, where plain max() passes over one)
@@ -164,6 +187,12 @@ def main(argv=None) -> int:
     print(f"# command: python benchmarks/training_paths.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(f"# batch {args.batch} x {args.seq}, causal, rank 2, static mix {'on' if args.static else 'off'}"
           f"{', deterministic algorithms' if args.deterministic else ''}")
+    if args.inference:
+        print("# without gradients (op.inference_forward); auto: the path backend='auto' takes there")
+        print("| shape | window | path | fwd ms | paths apart (relative), auto's path |\n|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[7]} |")
+        return 0
     print("| shape | window | path | fwd ms | bwd ms | fwd+bwd ms | bwd peak extra GiB | paths apart (relative) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -354,6 +354,27 @@ def test_training_paths_script_times_both_paths_and_they_agree():
     assert "torch " in done.stdout and "# command:" in done.stdout
 
 
+def test_training_paths_inference_times_both_forwards_and_names_autos_path(capsys):
+    """``--inference``: a row per path with the forward's time without gradients; the paths agree in float32, and the
+    tile row names the path backend="auto" takes there (the tile forward at 16 x 16: ``op.inference_kernels``); a
+    training-only switch with it is refused in one line."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import training_paths
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert training_paths.main(["--device", "cpu", "--batch", "1", "--seq", "130", "--shapes", "16x16", "--windows",
+                                "9", "--dtype", "float32", "--inference"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 16x16 |")]
+    assert [row[3].strip() for row in rows] == ["tiles", "blockwise"]
+    assert all(float(row[4]) > 0 for row in rows)
+    assert rows[0][5].strip() == "auto: tiles"
+    assert float(rows[1][5].split()[-1]) < 1e-5  # "out 1.6e-07" (a NaN fails the comparison)
+    with pytest.raises(SystemExit):
+        training_paths.main(["--inference", "--sweep-tiles"])
+    assert "--inference times the paths' forwards only" in capsys.readouterr().err
+
+
 def test_training_paths_sweep_varies_one_kernel_tile_at_a_time(monkeypatch, capsys):
     """``--sweep-tiles``: the blockwise row with the chosen tiles, then one row per other candidate of each kernel (the
     script's candidates cut to one other per kernel here: every row interprets every kernel on the CPU)."""
