@@ -139,7 +139,9 @@ def main(argv=None) -> int:
                 label = (path if variant is None else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}"
                          if cap else f"{path}, {variant[0]} {variant[1]}")
                 if args.inference:
-                    auto = op.inference_kernels(launch.padded_heads(H // G), D, args.static) if path == "tiles" else ""
+                    launch.TRAINING_KERNELS = "auto"  # (the path auto would take)
+                    auto = op.kernels_for(q, k, v, G, pre, post, window, training=False) if path == "tiles" else ""
+                    launch.TRAINING_KERNELS = path
                     with torch.no_grad():
                         out = op.inference_forward(q, k, v, *call)
                         fwd = timed(lambda: op.inference_forward(q, k, v, *call))

@@ -258,7 +258,8 @@ def test_blockwise_launches_carry_the_register_caps(monkeypatch):
 @pytest.mark.parametrize("T, blockwise_runs", [(130, True), (20, False)])
 def test_forward_without_gradients_takes_the_blockwise_path_for_many_queries(T, blockwise_runs, monkeypatch):
     """Without gradients, 128 queries or more (a prefill, an evaluation forward) run the blockwise forward where
-    op.inference_kernels names it (forced here); fewer (decoding, short chunks) keep the tile kernels' split-key forward; both equal the reference."""
+    op.inference_kernels names it (forced here); fewer (decoding, short chunks) keep the tile kernels' split-key
+    forward; both equal the reference."""
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
     calls = []
     real = blockwise.blockwise_forward
@@ -298,21 +299,35 @@ def test_training_kernels_policy(monkeypatch):
 
 
 def test_inference_kernels_policy(monkeypatch):
-    """Without gradients the blockwise forward runs only where the tile forward is slow (more than 16 heads per group,
-    padded head dims above 64) and no Compose has a static mix: global 16 x 64 layers, which train blockwise, run the
-    tile forward at inference (faster there: op.inference_kernels' docstring); a forced setting holds."""
-    assert op.inference_kernels(16, 64, static=False) == "tiles"
+    """Without gradients the blockwise forward runs only where the tile forward is slow: more than 16 heads per group,
+    or padded head dims above 64 from op.BLOCKWISE_MIN_SCORES (query, key, head) pairs on (below, its host time
+    loses), never with a static mix. Global 16 x 64 layers, which train blockwise, run the tile forward at inference
+    (op.inference_kernels' docstring has the figures); a forced setting holds."""
+    big, small = op.BLOCKWISE_MIN_SCORES, op.BLOCKWISE_MIN_SCORES - 1
+    assert op.inference_kernels(16, 64, False, big) == "tiles"
     assert launch.training_kernels(16, 64, static=False) == "blockwise"
-    assert op.inference_kernels(4, 32, static=False) == "tiles"
-    assert op.inference_kernels(16, 80, static=False) == "blockwise"
-    assert op.inference_kernels(16, 128, static=False) == "blockwise"
-    assert op.inference_kernels(32, 64, static=False) == "blockwise"
-    assert op.inference_kernels(32, 128, static=True) == "tiles"
+    assert op.inference_kernels(4, 32, False, big) == "tiles"
+    assert op.inference_kernels(16, 80, False, big) == "blockwise"
+    assert op.inference_kernels(16, 128, False, big) == "blockwise"
+    assert op.inference_kernels(16, 128, False, small) == "tiles"
+    assert op.inference_kernels(32, 64, False, small) == "blockwise"
+    assert op.inference_kernels(32, 128, True, big) == "tiles"
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
-    assert op.inference_kernels(16, 64, static=False) == "blockwise"
+    assert op.inference_kernels(16, 64, False, small) == "blockwise"
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "fastest")
     with pytest.raises(ValueError, match="TRAINING_KERNELS.*'fastest'"):
-        op.inference_kernels(16, 64, static=False)
+        op.inference_kernels(16, 64, False, big)
+
+
+def test_inference_counts_the_scores_a_window_lets_through(monkeypatch):
+    """op.kernels_for without gradients hands inference_kernels batch x heads x queries x keys per query, the window
+    bounding the keys: a 16 x 128 prefill that is big enough globally stays on the tile forward with a short window."""
+    seen = []
+    monkeypatch.setattr(op, "inference_kernels", lambda *args: seen.append(args[-1]) or "tiles")
+    q, k = torch.zeros(2, 4, 100, 128), torch.zeros(2, 4, 300, 128)
+    for window in (None, 0, 64, 1000):
+        op.kernels_for(q, k, k, 1, None, None, window, training=False)
+    assert seen == [2 * 4 * 100 * 300, 2 * 4 * 100 * 300, 2 * 4 * 100 * 64, 2 * 4 * 100 * 300]
 
 
 def test_training_head_dims_limits():

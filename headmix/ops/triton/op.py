@@ -51,37 +51,52 @@ def _recompute_backward(backend, do, q, k, v, scale, mask, pre, post, groups, ca
     return dq, dk, dv, *({f: next(grads) for f in (w or {})} for w in weights)
 
 
-def kernels_for(q: Tensor, v: Tensor, groups: int, pre, post, window, training: bool = True) -> str:
+def kernels_for(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, window, training: bool = True) -> str:
     """"tiles" or "blockwise" for these inputs: :func:`headmix.ops.triton.launch.training_kernels`, or without
     gradients (``training=False``) :func:`inference_kernels`."""
     static = any(w is not None and w.static is not None for w in (pre, post))
     heads, head_dim = padded_heads(q.shape[1] // groups), max(q.shape[-1], v.shape[-1])
     if training:
         return training_kernels(heads, head_dim, static, window or 0)
-    return inference_kernels(heads, head_dim, static)
+    B, H, T, _ = q.shape
+    S = k.shape[2]
+    return inference_kernels(heads, head_dim, static, B * H * T * (min(S, window) if window else S))
 
 
-def inference_kernels(padded_heads: int, head_dim: int, static: bool) -> str:
-    """Which forward computes a layer's output without gradients (many queries: a prefill, an evaluation): the
-    blockwise one only where the tile forward is slow, more than :data:`~headmix.ops.triton.launch.MATRIX_FORM_HEADS`
-    heads per group or padded head dims above :data:`~headmix.ops.triton.launch.WHOLE_HEAD_DIM` (at 32 x 80 it took
-    9.9 against 41.5 ms for the tile forward, H200, B = 8 x 2048), and without a static mix (which the blockwise
-    kernels apply on CUDA cores). Training takes the blockwise path also for global layers at 16 x 64
-    (:func:`~headmix.ops.triton.launch.training_kernels`: its backward is the faster), but its forward is not: on an
-    H200 (2026-12-01, bf16, 16 x 64, rank 2, every dynamic term, 512 tokens, causal) the tile forward took 0.82 / 0.34
-    ms at batch 16 / 1 against the blockwise forward's 1.08 / 0.95 globally, and 0.60 / 0.32 against 1.06 / 1.06 with
-    a 256-token window. A forced :data:`~headmix.ops.triton.launch.TRAINING_KERNELS` holds here too."""
+# Without gradients the blockwise forward needs about this many scores (batch x heads x queries x keys per query) to
+# beat the tile forward where the tile forward is slow (inference_kernels); a round figure between the measured points.
+BLOCKWISE_MIN_SCORES = 1 << 26
+
+
+def inference_kernels(padded_heads: int, head_dim: int, static: bool, scores: int) -> str:
+    """Which forward computes a layer's output without gradients (many queries: a prefill, an evaluation), for
+    ``scores`` (query, key, head) pairs (keys per query: the window, if any): the blockwise one only where the tile
+    forward is slow (more than :data:`~headmix.ops.triton.launch.MATRIX_FORM_HEADS` heads per group; at 32 x 80 it
+    took 9.9 against 41.5 ms for the tile forward, H200, B = 8 x 2048) or, from :data:`BLOCKWISE_MIN_SCORES` scores
+    on, at padded head dims above :data:`~headmix.ops.triton.launch.WHOLE_HEAD_DIM`; never with a static mix (which
+    the blockwise kernels apply on CUDA cores). At a short prompt the tile forward wins even where training takes
+    the blockwise path: the blockwise forward's launches (bounded query blocks, several each) cost host time, about
+    1.1 ms a call at batch 1 whatever the shape. Measured on an H200 (2026-12-01, bf16, rank 2, every dynamic term,
+    causal, 512 tokens, ms tile / blockwise; `python benchmarks/training_paths.py --inference --batch 16 --seq 512
+    --shapes 16x64 16x128 --windows 0 256`, and ``--batch 1``): batch 16: 16 x 64 0.82 / 0.98, window 256 0.60 /
+    1.17; 16 x 128 1.21 / **1.00** (6.7e7 scores), window 256 0.89 / 1.11; batch 1: 16 x 64 0.38 / 1.04, window 0.32
+    / 1.09; 16 x 128 0.34 / 1.11, window 0.33 / 1.13. A forced :data:`~headmix.ops.triton.launch.TRAINING_KERNELS`
+    holds here too."""
     forced = training_kernels(padded_heads, head_dim, static)  # (checks the setting)
     if launch.TRAINING_KERNELS != "auto":
         return forced
-    wide = padded_heads > launch.MATRIX_FORM_HEADS or launch.next_pow2(head_dim) > launch.WHOLE_HEAD_DIM
-    return "blockwise" if wide and not static else "tiles"
+    if static:
+        return "tiles"
+    if padded_heads > launch.MATRIX_FORM_HEADS:
+        return "blockwise"
+    wide = launch.next_pow2(head_dim) > launch.WHOLE_HEAD_DIM
+    return "blockwise" if wide and scores >= BLOCKWISE_MIN_SCORES else "tiles"
 
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
     """``(O, lse)`` for training, on the kernels :func:`training_kernels` names (either backward takes either
     forward's ``lse``)."""
-    if kernels_for(q, v, groups, pre, post, window) == "blockwise":
+    if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
@@ -89,7 +104,7 @@ def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offse
 
 def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
     """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
-    if kernels_for(q, v, groups, pre, post, window) == "blockwise":
+    if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
@@ -103,7 +118,7 @@ BLOCKWISE_MIN_QUERIES = 128
 def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
     """The output without gradients: the blockwise forward for :data:`BLOCKWISE_MIN_QUERIES` queries or more where
     :func:`inference_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
-    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and kernels_for(q, v, groups, pre, post, window, False) == "blockwise":
+    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and kernels_for(q, k, v, groups, pre, post, window, False) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=False, kv_heads=k.shape[1])
         return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
