@@ -356,16 +356,16 @@ def test_training_paths_script_times_both_paths_and_they_agree():
 
 def test_training_paths_inference_times_both_forwards_and_names_autos_path(capsys):
     """``--inference``: a row per path with the forward's time without gradients; the paths agree in float32, and the
-    tile row names the path backend="auto" takes there (the tile forward at 16 x 16: ``op.inference_kernels``); a
+    tile row names the path backend="auto" takes there (the tile forward at 4 x 16: ``op.inference_kernels``); a
     training-only switch with it is refused in one line."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import training_paths
     finally:
         sys.path.remove(str(BENCHMARKS))
-    assert training_paths.main(["--device", "cpu", "--batch", "1", "--seq", "130", "--shapes", "16x16", "--windows",
+    assert training_paths.main(["--device", "cpu", "--batch", "1", "--seq", "130", "--shapes", "4x16", "--windows",
                                 "9", "--dtype", "float32", "--inference"]) == 0
-    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 16x16 |")]
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 4x16 |")]
     assert [row[3].strip() for row in rows] == ["tiles", "blockwise"]
     assert all(float(row[4]) > 0 for row in rows)
     assert rows[0][5].strip() == "auto: tiles"
