@@ -299,24 +299,27 @@ def test_training_kernels_policy(monkeypatch):
 
 
 def test_inference_kernels_policy(monkeypatch):
-    """Without gradients the blockwise forward runs only where the tile forward is slow: more than 16 heads per group,
-    or padded head dims above 64 from op.BLOCKWISE_MIN_SCORES (query, key, head) pairs on (below, its host time
-    loses), never with a static mix. Global 16 x 64 layers, which train blockwise, run the tile forward at inference
-    (op.inference_kernels' docstring has the figures); a forced setting holds."""
-    big, small = op.BLOCKWISE_MIN_SCORES, op.BLOCKWISE_MIN_SCORES - 1
-    assert op.inference_kernels(16, 64, False, big) == "tiles"
+    """Without gradients the blockwise forward runs only where the layer trains on it and, below 17 heads per group,
+    from op.BLOCKWISE_MIN_SCORES (query, key, head) pairs on (by head dim: up to 64, above); below that its host time
+    loses (op.inference_kernels' docstring has the figures). A static mix or a windowed 16 x 64 layer keeps the tile
+    forward as in training; a forced setting holds."""
+    low, high = op.BLOCKWISE_MIN_SCORES[64], op.BLOCKWISE_MIN_SCORES[128]
+    assert high < low
+    assert op.inference_kernels(16, 64, False, 0, low - 1) == "tiles"  # a 16 x 512 prefill: 6.7e7
     assert launch.training_kernels(16, 64, static=False) == "blockwise"
-    assert op.inference_kernels(4, 32, False, big) == "tiles"
-    assert op.inference_kernels(16, 80, False, big) == "blockwise"
-    assert op.inference_kernels(16, 128, False, big) == "blockwise"
-    assert op.inference_kernels(16, 128, False, small) == "tiles"
-    assert op.inference_kernels(32, 64, False, small) == "blockwise"
-    assert op.inference_kernels(32, 128, True, big) == "tiles"
+    assert op.inference_kernels(16, 64, False, 0, low) == "blockwise"  # an 8 x 2048 evaluation: 5.4e8
+    assert op.inference_kernels(16, 64, False, 256, low) == "tiles"  # windowed 16 x 64: tiles, as in training
+    assert op.inference_kernels(4, 32, False, 0, low) == "blockwise"
+    assert op.inference_kernels(16, 80, False, 0, high) == "blockwise"
+    assert op.inference_kernels(16, 128, False, 256, high) == "blockwise"
+    assert op.inference_kernels(16, 128, False, 0, high - 1) == "tiles"
+    assert op.inference_kernels(32, 64, False, 0, 1) == "blockwise"
+    assert op.inference_kernels(32, 128, True, 0, low) == "tiles"
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
-    assert op.inference_kernels(16, 64, False, small) == "blockwise"
+    assert op.inference_kernels(16, 64, False, 256, 1) == "blockwise"
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "fastest")
     with pytest.raises(ValueError, match="TRAINING_KERNELS.*'fastest'"):
-        op.inference_kernels(16, 64, False, big)
+        op.inference_kernels(16, 64, False, 0, low)
 
 
 def test_inference_counts_the_scores_a_window_lets_through(monkeypatch):

@@ -60,37 +60,37 @@ def kernels_for(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, window,
         return training_kernels(heads, head_dim, static, window or 0)
     B, H, T, _ = q.shape
     S = k.shape[2]
-    return inference_kernels(heads, head_dim, static, B * H * T * (min(S, window) if window else S))
+    return inference_kernels(heads, head_dim, static, window or 0, B * H * T * (min(S, window) if window else S))
 
 
 # Without gradients the blockwise forward needs about this many scores (batch x heads x queries x keys per query) to
-# beat the tile forward where the tile forward is slow (inference_kernels); a round figure between the measured points.
-BLOCKWISE_MIN_SCORES = 1 << 26
+# beat the tile forward (inference_kernels), by padded head dim: up to 64, and above. Round figures between the
+# measured points (64: the tile forward faster at 6.7e7, the blockwise at 5.4e8; 128: the blockwise faster at 6.7e7,
+# the tile forward at 3.4e7).
+BLOCKWISE_MIN_SCORES = {64: 1 << 28, 128: 1 << 26}
 
 
-def inference_kernels(padded_heads: int, head_dim: int, static: bool, scores: int) -> str:
+def inference_kernels(padded_heads: int, head_dim: int, static: bool, window: int, scores: int) -> str:
     """Which forward computes a layer's output without gradients (many queries: a prefill, an evaluation), for
-    ``scores`` (query, key, head) pairs (keys per query: the window, if any): the blockwise one only where the tile
-    forward is slow (more than :data:`~headmix.ops.triton.launch.MATRIX_FORM_HEADS` heads per group; at 32 x 80 it
-    took 9.9 against 41.5 ms for the tile forward, H200, B = 8 x 2048) or, from :data:`BLOCKWISE_MIN_SCORES` scores
-    on, at padded head dims above :data:`~headmix.ops.triton.launch.WHOLE_HEAD_DIM`; never with a static mix (which
-    the blockwise kernels apply on CUDA cores). At a short prompt the tile forward wins even where training takes
-    the blockwise path: the blockwise forward's launches (bounded query blocks, several each) cost host time, about
-    1.1 ms a call at batch 1 whatever the shape. Measured on an H200 (2026-12-01, bf16, rank 2, every dynamic term,
-    causal, 512 tokens, ms tile / blockwise; `python benchmarks/training_paths.py --inference --batch 16 --seq 512
-    --shapes 16x64 16x128 --windows 0 256`, and ``--batch 1``): batch 16: 16 x 64 0.82 / 0.98, window 256 0.60 /
-    1.17; 16 x 128 1.21 / **1.00** (6.7e7 scores), window 256 0.89 / 1.11; batch 1: 16 x 64 0.38 / 1.04, window 0.32
-    / 1.09; 16 x 128 0.34 / 1.11, window 0.33 / 1.13. A forced :data:`~headmix.ops.triton.launch.TRAINING_KERNELS`
-    holds here too."""
-    forced = training_kernels(padded_heads, head_dim, static)  # (checks the setting)
-    if launch.TRAINING_KERNELS != "auto":
-        return forced
-    if static:
-        return "tiles"
+    ``scores`` (query, key, head) pairs (keys per query: the window, if any): the blockwise one only where it trains
+    (:func:`~headmix.ops.triton.launch.training_kernels` with this ``window``) and, unless the group has more than
+    :data:`~headmix.ops.triton.launch.MATRIX_FORM_HEADS` heads (whose tile forward is slow: 41.5 against 9.9 ms at
+    32 x 80, H200, B = 8 x 2048), from :data:`BLOCKWISE_MIN_SCORES` scores on. Below, the tile forward wins: the
+    blockwise forward's launches (bounded query blocks, several each) cost host time, about 1.1 ms a call at batch 1
+    whatever the shape. Measured on an H200 (2026-12-01, bf16, rank 2, every dynamic term, causal, 512 tokens, ms
+    tile / blockwise; `python benchmarks/training_paths.py --inference --batch 16 --seq 512 --shapes 16x64 16x128
+    --windows 0 256`, and ``--batch 1``): batch 16: 16 x 64 0.82 / 0.98, window 256 0.60 / 1.17; 16 x 128 1.21 /
+    **1.00** (6.7e7 scores), window 256 0.89 / 1.11; batch 1: 16 x 64 0.38 / 1.04, window 0.32 / 1.09; 16 x 128 0.34
+    / 1.11, window 0.33 / 1.13. At B = 8 x 2048 (5.4e8 scores) the blockwise training forward of a global 16 x 64
+    layer took 3.8-4.3 ms against the tile forward's 4.9 (docs/kernels.md, 2026-11-30 and 12-01). A forced
+    :data:`~headmix.ops.triton.launch.TRAINING_KERNELS` holds here too."""
+    trains = training_kernels(padded_heads, head_dim, static, window)  # (also checks the setting)
+    if launch.TRAINING_KERNELS != "auto" or trains == "tiles":
+        return trains
     if padded_heads > launch.MATRIX_FORM_HEADS:
         return "blockwise"
     wide = launch.next_pow2(head_dim) > launch.WHOLE_HEAD_DIM
-    return "blockwise" if wide and scores >= BLOCKWISE_MIN_SCORES else "tiles"
+    return "blockwise" if scores >= BLOCKWISE_MIN_SCORES[128 if wide else 64] else "tiles"
 
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
