@@ -134,6 +134,9 @@ def main(argv=None) -> int:
             if args.sweep_registers and "blockwise" in args.paths:
                 runs += [("blockwise", (kernel, ("registers", r))) for kernel, rs in SWEEP_REGISTERS.items() for r in rs
                          if r != caps.get(kernel)]
+            if args.inference:  # the path backend="auto" takes without gradients
+                launch.TRAINING_KERNELS = "auto"
+                auto = op.kernels_for(q, k, v, G, pre, post, window, training=False)
             for path, variant in runs:
                 launch.TRAINING_KERNELS = path
                 cap = variant is not None and isinstance(variant[1][0], str)
@@ -142,34 +145,32 @@ def main(argv=None) -> int:
                                              if r is not None} if cap else caps)
                 label = (path if variant is None else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}"
                          if cap else f"{path}, {variant[0]} {variant[1]}")
-                if args.inference:
-                    launch.TRAINING_KERNELS = "auto"  # (the path auto would take)
-                    auto = op.kernels_for(q, k, v, G, pre, post, window, training=False) if path == "tiles" else ""
-                    launch.TRAINING_KERNELS = path
-                    with torch.no_grad():
-                        out = op.inference_forward(q, k, v, *call)
-                        fwd = timed(lambda: op.inference_forward(q, k, v, *call))
-                    results[path] = [out]
-                    rows.append([spec, str(window or "global"), path, f"{fwd:.3f}", "", "", "",
-                                 f"auto: {auto}" if auto else ""])
-                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
-                    continue
                 try:
-                    out, lse = op.train_forward(q, k, v, *call)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        base = torch.cuda.memory_allocated()
-                    grads = op.train_backward(do, q, k, v, lse, *call)
-                    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
-                    fwd = timed(lambda: op.train_forward(q, k, v, *call))
-                    bwd = timed(lambda: op.train_backward(do, q, k, v, lse, *call))
-                    flat = [out, *grads[:3], *grads[3].values(), *grads[4].values()]
-                    if variant is None:
-                        results[path] = flat
-                        row_of_default = len(rows)
-                    rows.append([spec, str(window or "global"), label, f"{fwd:.2f}", f"{bwd:.2f}", f"{fwd + bwd:.2f}",
-                                 f"{peak:.2f}"])
+                    if args.inference:
+                        with torch.no_grad():
+                            out = op.inference_forward(q, k, v, *call)
+                            fwd = timed(lambda: op.inference_forward(q, k, v, *call))
+                        if variant is None:
+                            results[path] = [out]
+                            row_of_default = len(rows)
+                        rows.append([spec, str(window or "global"), label, f"{fwd:.3f}", "", "", "",
+                                     f"auto: {auto}" if path == "tiles" else ""])
+                    else:
+                        out, lse = op.train_forward(q, k, v, *call)
+                        if device == "cuda":
+                            torch.cuda.synchronize()
+                            torch.cuda.reset_peak_memory_stats()
+                            base = torch.cuda.memory_allocated()
+                        grads = op.train_backward(do, q, k, v, lse, *call)
+                        peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device == "cuda" else float("nan")
+                        fwd = timed(lambda: op.train_forward(q, k, v, *call))
+                        bwd = timed(lambda: op.train_backward(do, q, k, v, lse, *call))
+                        flat = [out, *grads[:3], *grads[3].values(), *grads[4].values()]
+                        if variant is None:
+                            results[path] = flat
+                            row_of_default = len(rows)
+                        rows.append([spec, str(window or "global"), label, f"{fwd:.2f}", f"{bwd:.2f}",
+                                     f"{fwd + bwd:.2f}", f"{peak:.2f}"])
                 except Exception as error:  # noqa: BLE001  (one failing path must not hide the others' rows)
                     rows.append([spec, str(window or "global"), label, "error", type(error).__name__, str(error)[:60],
                                  ""])
@@ -177,7 +178,8 @@ def main(argv=None) -> int:
             blockwise.TILES[key], blockwise.REGISTERS[key] = default, caps
             if len(results) == 2 and args.inference:
                 a, b = results.values()
-                rows[-1][-1] = f"out {rel(a[0], b[0]):.1e}"
+                note = rows[row_of_default][-1]
+                rows[row_of_default][-1] = (f"{note}; " if note else "") + f"out {rel(a[0], b[0]):.1e}"
             elif len(results) == 2:
                 a, b = results.values()
                 apart = max((rel(x, y) for x, y in zip(a[1:], b[1:])), key=lambda e: e if e == e else float("inf"))
@@ -196,8 +198,9 @@ def main(argv=None) -> int:
     if args.inference:
         print("# without gradients (op.inference_forward); auto: the path backend='auto' takes there")
         print("| shape | window | path | fwd ms | paths apart (relative), auto's path |\n|---|---|---|---|---|")
-        for row in rows:
-            print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[7]} |")
+        for row in rows:  # (an error row: the error's name and message in the middle columns)
+            row = row + [""] * (8 - len(row))
+            print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {' '.join(c for c in (*row[4:6], row[7]) if c)} |")
         return 0
     print("| shape | window | path | fwd ms | bwd ms | fwd+bwd ms | bwd peak extra GiB | paths apart (relative) |")
     print("|---|---|---|---|---|---|---|---|")
