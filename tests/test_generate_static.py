@@ -10,11 +10,14 @@ counts compilations and runs the captured graph eagerly (inductor would take min
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import CompileConfig
 
 from headmix import DCMHA
+from headmix.layers import dcmha as dcmha_module
 from headmix.layers.cache import LayerCache, StaticLayerCache, pack
 from headmix.models import DCFormerConfig, DCFormerForCausalLM, HeadmixStaticCache
 from headmix.models.modeling import CACHE_NAME
@@ -398,8 +401,10 @@ def test_dcmha_hands_a_decoding_step_its_weights_packed(kernel, dtype, shape):
     torch.manual_seed(sum(shape))
     layer = DCMHA(dim, heads, rank=rank, init="paper", backend="triton" if kernel else "reference").to(dtype)
     x = 3 * torch.randn(B, T, dim, dtype=dtype)
+    pytorch = copy.deepcopy(layer)
+    pytorch.backend = "reference"  # its composition_state: the PyTorch code (the triton layer's takes the kernel)
     with torch.no_grad():  # (the kernel serves generation: no autograd)
-        query, keys = layer.composition_state(x)
+        query, keys = pytorch.composition_state(x)
         packed_query, packed_keys = layer.decoding_state(x)
     assert isinstance(packed_keys["key_weights"], torch.Tensor)
     tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
@@ -418,6 +423,58 @@ def test_dcmha_hands_a_decoding_step_its_weights_packed(kernel, dtype, shape):
         assert isinstance(got[1]["key_weights"], torch.Tensor) == packs
         got_keys = got[1]["key_weights"] if packs else pack(got[1]["key_weights"], dtype)
         torch.testing.assert_close(got_keys, pack(expected[1]["key_weights"], dtype), **tol)
+
+
+@pytest.mark.parametrize("dtype,shape", [(torch.float64, (3, 5, 64, 8, 2)), (torch.float32, (2, 7, 48, 4, 3)),
+                                         (torch.bfloat16, (2, 9, 64, 16, 2))])
+def test_an_eager_prefill_takes_its_dynamic_weights_from_the_rows_kernel(dtype, shape, monkeypatch):
+    """Without autograd on the kernels (interpreted here), ``composition_state`` (a short prefill, an evaluation) takes
+    every Compose field from one rows-kernel launch, each field contiguous (what the attention kernels read without a
+    copy) and equal to the PyTorch code's to rounding; with autograd, more positions than
+    ``KERNEL_FIELDS_MAX_POSITIONS``, or a projection that does not pack, the PyTorch code's fields as they are."""
+    pytest.importorskip("headmix.ops.triton")
+    B, T, dim, heads, rank = shape
+    torch.manual_seed(sum(shape))
+    layer = DCMHA(dim, heads, rank=rank, init="paper", backend="triton").to(dtype)
+    pytorch = copy.deepcopy(layer)
+    pytorch.backend = "reference"
+    x = 3 * torch.randn(B, T, dim, dtype=dtype)
+    launches = []
+    real = layer.dynamic.kernel_fields
+    layer.dynamic.kernel_fields = lambda x: launches.append(x.shape) or real(x)
+    with torch.no_grad():
+        got, expected = layer.composition_state(x), pytorch.composition_state(x)
+    assert launches == [x.shape]
+    if dtype == torch.bfloat16:  # both round differently (most fields an ulp apart): each against float64 instead
+        with torch.no_grad():
+            exact = copy.deepcopy(pytorch).double().composition_state(x.double())
+    for side in (0, 1):
+        for c in ("pre", "post"):
+            g, e = (next(iter(state[side].values()))[c] for state in (got, expected))
+            for f in ("query_w1", "query_w2", "query_gate", "key_w1", "key_w2", "key_gate"):
+                if getattr(e, f) is None:
+                    assert getattr(g, f) is None
+                    continue
+                assert getattr(g, f).is_contiguous() and getattr(g, f).dtype == dtype
+                if dtype != torch.bfloat16:
+                    tol = 1e-12 if dtype == torch.float64 else 1e-6
+                    torch.testing.assert_close(getattr(g, f), getattr(e, f), rtol=tol, atol=tol)
+                    continue
+                ref = getattr(next(iter(exact[side].values()))[c], f)
+                kernel_error, pytorch_error = ((getattr(t, f).double() - ref).norm() / ref.norm() for t in (g, e))
+                # both within bf16's rounding (an ulp is 2^-7 relative; measured: 0.0049 against PyTorch's 0.0032)
+                assert kernel_error <= 2**-7 and pytorch_error <= 2**-7, (f, kernel_error, pytorch_error)
+    with torch.enable_grad():  # training: the PyTorch code, with autograd
+        layer.composition_state(x)
+    monkeypatch.setattr(dcmha_module, "KERNEL_FIELDS_MAX_POSITIONS", B * T - 1)
+    with torch.no_grad():
+        layer.composition_state(x)
+    monkeypatch.setattr(dcmha_module, "KERNEL_FIELDS_MAX_POSITIONS", B * T)
+    other = DCMHA(dim, heads, rank=rank, init="paper", backend="triton", gates=False).to(dtype)  # does not pack
+    other.dynamic.kernel_fields = lambda x: launches.append(x.shape)
+    with torch.no_grad():
+        other.composition_state(x)
+    assert launches == [x.shape]
 
 
 def test_a_decoding_step_passes_the_packed_weights_to_the_kernels_without_copies(monkeypatch):

@@ -482,7 +482,7 @@ def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
     ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
     f32 = [t.float().to(DEVICE) for t in (q, k, v)]
     meta = triton_dcmha.launch_meta(*f32, G, pre, post, "fwd")
-    assert launch._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"])[1] > 1
+    assert launch._key_splits(B * G * -(-T // meta["BM"]), S, meta["BN"], T)[1] > 1
     structure = None if padding is not None else (kwargs["causal"], kwargs.get("window"))
     with torch.no_grad():
         out = triton_dcmha.triton_composed_attention(*f32, scale=D**-0.5, groups=G,
@@ -492,6 +492,19 @@ def test_decoding_splits_the_keys_and_matches_the_reference(T, S, kwargs):
                                                G, False, 0, S - T, split=False)
     assert (out.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert (whole.double().cpu() - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_a_prefill_keeps_one_launch_where_decoding_splits_the_keys():
+    """The key split (two more launches) is for queries few against their keys: a short prefill on a small batch,
+    as many keys as queries, runs unsplit (its host time is what an eager prefill pays); the same query block against
+    a long cache splits."""
+    BM, BN = 16, 16
+    assert launch._key_splits(1, 64, BN, 64) == (64, 1)  # one query block, a fresh prefill
+    assert launch._key_splits(32, 512, BN, 512) == (512, 1)  # batch 1, 512 tokens
+    assert launch._key_splits(1, 64, BN, 16)[1] > 1  # 16 queries against 64 keys: 4 per query
+    assert launch._key_splits(1, 63, BN, 16) == (63, 1)  # just under
+    assert launch._key_splits(1, 4096, BN, 1)[1] > 1
+    assert launch._key_splits(launch.SPLIT_TARGET_PROGRAMS, 4096, BN, 1) == (4096, 1)  # the device is full
 
 
 # A compiled decoding step against the static cache: one query over every slot, a (B, 1, 1, S) mask from the

@@ -23,6 +23,12 @@ INITS = ("identity", "paper")
 PAPER_INIT_STD = 0.02
 FACTOR_NORM_EPS = 1e-6
 HIDDEN_PER_HEAD = 4  # K = 4 M: the official code's width of the dynamic-weight projection's hidden layer
+# Without autograd, calls of up to this many positions (batch x tokens) take their dynamic weights from the rows
+# kernel (DynamicWeightProjection.kernel_fields), more from the PyTorch code. H200, 2026-12-01, DCFormer++-405M's eager
+# 512-token forward, bf16: at batch 1 the host time per forward fell from 55.5-65.9 to 41.9-50.6 ms with this and the
+# unsplit prefill forward (launch.SPLIT_MIN_KEYS_PER_QUERY) together, two interleaved rounds; at batch 16 (8,192
+# positions) the kernel added ~6 ms of GPU time (38.6 -> 44.6 ms), more than it saved.
+KERNEL_FIELDS_MAX_POSITIONS = 2048
 SideWeights = dict[str, ComposeWeights]  # one side's weights per composition: {"pre": ..., "post": ...}
 
 
@@ -145,6 +151,24 @@ class DynamicWeightProjection(nn.Module):
         hidden = None if self.hidden is None else torch.matmul(x, self.hidden.flatten(1)).view(B * T, -1)
         gates = None if self.gates is None else torch.matmul(x, self.gates.flatten(1)).view(B * T, -1)
         return hidden, gates
+
+    def kernel_fields(self, x: Tensor) -> dict[tuple[str, str], ComposeWeights]:
+        """:meth:`forward`'s result with everything after the two products with ``x`` in one Triton kernel
+        (:func:`headmix.ops.triton.rows.dynamic_fields`: equal to :meth:`forward` to rounding, every field contiguous),
+        for :attr:`packs_rows` projections, without autograd: what an eager prefill on the kernels takes (one launch
+        where :meth:`forward` makes about ten)."""
+        B, T, _ = x.shape
+        _, C, K, R2, M = self.factors.shape
+        hidden, gates = self._products(x)
+        factors, g = _triton_module().rows.dynamic_fields(hidden, self.factors.reshape(C, K, R2 * M), gates, C // 2,
+                                                          self.rank, FACTOR_NORM_EPS)
+        factors = factors.view(C, 2, B, T, 1, self.rank, M)
+        g = g.view(C, B, T, 1, M)
+        found = {}
+        for c, (composition, side) in enumerate(self.factor_kinds):
+            first, second, gate = side_fields(side)
+            found[composition, side] = ComposeWeights(**{first: factors[c, 0], second: factors[c, 1], gate: g[c]})
+        return found
 
     @property
     def packs_rows(self) -> bool:
@@ -312,7 +336,12 @@ class DCMHA(ComposedAttention):
         ``{"query_weights": {"pre": ComposeWeights, "post": ...}}`` with only the ``query_*`` fields set, and
         the key side ``{"key_weights": {...}}`` with only the ``key_*`` fields. A decoding cache keeps the key
         side, so a new token never recomputes old positions' weights."""
-        found = self.dynamic(x)
+        # the rows kernel for a short eager call on plain tensors (traced, the PyTorch code: the kernel launch is no
+        # custom op; many positions, the PyTorch code too: the kernel, one program per position and kind, costs more
+        # GPU time than it saves host time there)
+        kernel = (type(x) is Tensor and not torch.compiler.is_compiling()
+                  and x.shape[0] * x.shape[1] <= KERNEL_FIELDS_MAX_POSITIONS and self._kernel_rows(x))
+        found = self.dynamic.kernel_fields(x) if kernel else self.dynamic(x)
         query = {c: found.get((c, "query"), ComposeWeights()) for c in self.compositions}
         key = {c: found.get((c, "key"), ComposeWeights()) for c in self.compositions}
         return {"query_weights": query}, {"key_weights": key}
@@ -323,13 +352,16 @@ class DCMHA(ComposedAttention):
         packed row (one write per step); layers whose projection does not pack give :meth:`composition_state`."""
         if not self.dynamic.packs_rows:
             return self.composition_state(x)
-        # the kernel (no autograd: generation) where the attention runs on the kernels: CUDA ("auto" or "triton"), or
-        # the interpreter ("triton")
-        kernel = _HAS_TRITON and not torch.is_grad_enabled() and (
-            self.backend == "triton" or (self.backend == "auto" and x.is_cuda))
-        query_rows, key_rows = self.dynamic.rows(x, kernel)
+        query_rows, key_rows = self.dynamic.rows(x, self._kernel_rows(x))
         query = dict(zip(self.compositions, row_weights(query_rows, self.rank, "query")))
         return {"query_weights": query}, {"key_weights": key_rows.flatten(2)}
+
+    def _kernel_rows(self, x: Tensor) -> bool:
+        """Whether the dynamic weights of ``x`` come from the rows kernel (:mod:`headmix.ops.triton.rows`): without
+        autograd (generation, evaluation), for a projection that packs rows, where the attention runs on the kernels:
+        CUDA ("auto" or "triton"), or the interpreter ("triton")."""
+        return (_HAS_TRITON and not torch.is_grad_enabled() and self.dynamic.packs_rows
+                and (self.backend == "triton" or (self.backend == "auto" and x.is_cuda)))
 
     def compose_weights(self, state: dict[str, SideWeights | Tensor]) -> dict[str, ComposeWeights]:
         """``{"pre": ComposeWeights, "post": ComposeWeights}`` from the static weights and a state of

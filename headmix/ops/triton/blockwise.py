@@ -58,8 +58,12 @@ BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buf
 # 34.13, (2, 32, 4, 16) 34.22; post (2, 32, 2, 2) 33.59, (2, 32, 2, 4) 34.30, (2, 32, 4, 2) 35.05, (2, 32, 4, 16)
 # 41.68; adjoint (2, 16, 1, 4) 33.52, (1, 32, 1, 4) 35.76, (2, 16, 2, 4) 39.56, (4, 32, 4, 16) 39.67 (differences
 # under 1% were not taken). An earlier sweep (same day, from VEC 16 everywhere) had ruled out VEC 1 (16 x 64 adjoint
-# (16, 16, 4, 1): +5.6 ms) and larger programs ((4, 128, 8, 16): +13 ms).
-TILES = {16: dict(pre=(4, 32, 2, 4), post=(2, 64, 2, 4), adjoint=(2, 32, 1, 4)),
+# (16, 16, 4, 1): +5.6 ms) and larger programs ((4, 128, 8, 16): +13 ms). A third sweep (2026-12-01 late, 16 x 64, from
+# these tiles, 13.58): small VEC-1 tiles, each thread one (query, key) position with all 16 heads (no lanes or warps
+# over heads): post (2, 16, 1, 1) 12.47 (forward 3.63 -> 3.37, backward 9.95 -> 9.09), (2, 32, 2, 1) 13.46, (4, 32,
+# 4, 1) 15.79; pre (2, 16, 1, 1) 13.93, (4, 32, 4, 1) 14.57; adjoint (2, 16, 1, 1) 13.76, (2, 32, 2, 1) 14.89, (1, 32,
+# 1, 1) 16.03, (4, 32, 4, 1) 18.41.
+TILES = {16: dict(pre=(4, 32, 2, 4), post=(2, 16, 1, 1), adjoint=(2, 32, 1, 4)),
          32: dict(pre=(2, 32, 4, 2), post=(4, 32, 4, 2), adjoint=(2, 32, 2, 4))}
 # Registers per thread a kernel may use (ptxas' cap, Triton's ``maxnreg``), by padded heads per group; absent: no cap
 # (every kernel then compiles to 240-255, one 1-2 warp program per 8 warps of an SM). Capping the post-Compose kernel
