@@ -45,10 +45,13 @@ _SIDE_FIELDS = {side: tuple(name for name in COMPOSE_FIELDS if name.startswith(s
 def combine(*parts: ComposeWeights) -> ComposeWeights:
     """One :class:`~headmix.reference.ComposeWeights` from parts that each set some fields (the static
     weights, the query side, the key side); a field takes the first part's that is not ``None``."""
-    return ComposeWeights(**{
-        name: next((getattr(p, name) for p in parts if getattr(p, name) is not None), None)
-        for name in COMPOSE_FIELDS
-    })
+    found: dict[str, Tensor] = {}
+    for part in reversed(parts):  # (plain loops: an eager prefill asks for this twice per layer)
+        for name in COMPOSE_FIELDS:
+            value = getattr(part, name)
+            if value is not None:
+                found[name] = value
+    return ComposeWeights(**found)
 
 
 class DynamicWeightProjection(nn.Module):
@@ -88,6 +91,9 @@ class DynamicWeightProjection(nn.Module):
         self.hidden = nn.Parameter(torch.empty(dim, G, len(factor_kinds), K)) if factor_kinds else None
         self.factors = nn.Parameter(torch.empty(G, len(factor_kinds), K, 2 * rank, M)) if factor_kinds else None
         self.gates = nn.Parameter(torch.empty(dim, G, len(gate_kinds), M)) if gate_kinds else None
+        kinds = tuple((c, s) for c in dict.fromkeys(c for c, _ in factor_kinds) for s in SIDES)
+        # (worked out once: the shapes and kinds do not change, and every eager call without autograd asks)
+        self._packs_rows = bool(factor_kinds) and G == 1 and factor_kinds == kinds and gate_kinds == kinds
 
     def reset_parameters(self, init: str | None = None) -> None:
         """``"identity"``: second factors and gates zero, so Compose starts as the identity but every
@@ -158,25 +164,24 @@ class DynamicWeightProjection(nn.Module):
         for :attr:`packs_rows` projections, without autograd: what an eager prefill on the kernels takes (one launch
         where :meth:`forward` makes about ten)."""
         B, T, _ = x.shape
-        _, C, K, R2, M = self.factors.shape
+        f = self.factors
+        _, C, K, R2, M = f.shape
         hidden, gates = self._products(x)
-        factors, g = _triton_module().rows.dynamic_fields(hidden, self.factors.reshape(C, K, R2 * M), gates, C // 2,
-                                                          self.rank, FACTOR_NORM_EPS)
-        factors = factors.view(C, 2, B, T, 1, self.rank, M)
-        g = g.view(C, B, T, 1, M)
+        factors, g = _triton_module().rows.dynamic_fields(hidden, f.view(C, K, R2 * M), gates, C // 2, self.rank,
+                                                          FACTOR_NORM_EPS)
+        w1, w2 = factors.view(C, 2, B, T, 1, self.rank, M).unbind(1)
+        w1, w2, g = w1.unbind(0), w2.unbind(0), g.view(C, B, T, 1, M).unbind(0)
         found = {}
         for c, (composition, side) in enumerate(self.factor_kinds):
-            first, second, gate = side_fields(side)
-            found[composition, side] = ComposeWeights(**{first: factors[c, 0], second: factors[c, 1], gate: g[c]})
+            first, second, gate = _SIDE_FIELDS[side]
+            found[composition, side] = ComposeWeights(**{first: w1[c], second: w2[c], gate: g[c]})
         return found
 
     @property
     def packs_rows(self) -> bool:
         """Whether :meth:`rows` applies: one head group, and the factors and gates of both sides of every
         composition (the full Compose of the paper's models)."""
-        kinds = tuple((c, s) for c in dict.fromkeys(c for c, _ in self.factor_kinds) for s in SIDES)
-        return (self.factors is not None and self.factors.shape[0] == 1 and self.factor_kinds == kinds
-                and self.gate_kinds == kinds)
+        return self._packs_rows
 
     def rows(self, x: Tensor, kernel: bool = False) -> tuple[Tensor, Tensor]:
         """What :meth:`forward` computes, packed: ``(query_rows, key_rows)``, each ``(B, T, P, 2R + 1, M)`` (``P``
