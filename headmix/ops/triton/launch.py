@@ -118,12 +118,8 @@ def mix_precision(dtype: torch.dtype) -> dict[str, str]:
 
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
 SPLIT_TARGET_PROGRAMS = 128
-# ... and only where the queries are few against their keys: at least this many keys per query (decoding, a short
-# chunk against a long cache). A fresh prefill (as many keys as queries) keeps one launch: a split costs two more
-# launches (Triton's launcher: ~80-100 us of host time each on the H200 machine), which an eager prefill, host-bound,
-# pays in every layer. H200, 2026-12-01, bf16, 16 x 64, 512 tokens, batch 1 (.devm-style scratch timing): the
-# forward's host time 298 us split (3 launches) against 89 unsplit; GPU time 0.22 against 0.49 ms; DCFormer++-405M's
-# eager forward 69.2 against 63.4 ms (GPU time 6.2 against 10.9 ms: the host, not the GPU, sets the pace).
+# ... with at least this many keys per query (decoding): a split's two more launches cost a host-bound prefill more host
+# time than they save GPU time (H200, 16 x 64, 1 x 512: 298 against 89 us; docs/kernels.md, "The prefill's host time").
 SPLIT_MIN_KEYS_PER_QUERY = 4
 SPLIT_SUM_BLOCK = 256  # elements per program of the sum of the splits' partial outputs
 SPLITS_READ = 8  # splits whose statistics (one-query kernel) or partial outputs (the sum) are read at once
@@ -315,8 +311,7 @@ def _mask_args(mask: Tensor | None, T: int, S: int, dummy: Tensor):
 
 def _key_splits(programs: int, S: int, BN: int, T: int = 1) -> tuple[int, int]:
     """``(chunk, n_split)``: keys per split (a multiple of ``BN``) and the number of splits for ``T`` queries against
-    ``S`` keys; ``(S, 1)`` when the query blocks already fill the device or the keys are fewer than
-    :data:`SPLIT_MIN_KEYS_PER_QUERY` per query (a prefill)."""
+    ``S`` keys; ``(S, 1)`` when the query blocks fill the device or :data:`SPLIT_MIN_KEYS_PER_QUERY` is not met."""
     if programs * 2 > SPLIT_TARGET_PROGRAMS or S < SPLIT_MIN_KEYS_PER_QUERY * T:
         return S, 1
     return _split_chunks(S, SPLIT_TARGET_PROGRAMS // programs, BN)
@@ -346,8 +341,7 @@ def _shape_args(q: Tensor, k: Tensor, v: Tensor, offset: int) -> tuple[int, ...]
 
 def triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split: bool | None = None):
     """``(O, lse)``; ``lse`` is ``None`` on the split-key path (``split=None``: split when there are few
-    query blocks against many keys, as in decoding (:func:`_key_splits`); splits are for inference: the backward
-    pass needs ``lse``)."""
+    query blocks against many keys, as in decoding; splits are for inference: the backward pass needs ``lse``)."""
     B, H, T, _ = q.shape
     S = k.shape[2]
     meta = launch_meta(q, k, v, groups, pre, post, "fwd")
