@@ -6,6 +6,9 @@ packed tensor, and the static cache its key-side row. Computed by PyTorch ops, i
 each of its views and makes every view a kernel of its own before the attention op reads it (7-8 small kernels per
 layer, ~1-2 us each in a CUDA graph): a custom op's output is one buffer, and views of it reach the next op as they
 are. The kernel also takes the projection's GELU and its small second product (two more launches per layer).
+
+An eager call without autograd on few positions (a short prefill) takes the same numbers in the fields' own layout
+(:func:`dynamic_fields`): one launch where the PyTorch code makes about ten, each a few microseconds of host time.
 """
 
 from __future__ import annotations
