@@ -498,7 +498,7 @@ def test_a_prefill_keeps_one_launch_where_decoding_splits_the_keys():
     """The key split (two more launches) is for queries few against their keys: a short prefill on a small batch,
     as many keys as queries, runs unsplit (its host time is what an eager prefill pays); the same query block against
     a long cache splits."""
-    BM, BN = 16, 16
+    BN = 16
     assert launch._key_splits(1, 64, BN, 64) == (64, 1)  # one query block, a fresh prefill
     assert launch._key_splits(32, 512, BN, 512) == (512, 1)  # batch 1, 512 tokens
     assert launch._key_splits(1, 64, BN, 16)[1] > 1  # 16 queries against 64 keys: 4 per query
