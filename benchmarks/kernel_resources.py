@@ -188,6 +188,8 @@ def blockwise_table(args) -> int:
         shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [tile(MP, kind)])
         pointers = {n: "*u8" if n == "mask_ptr" else low if n in low_ptrs else "*fp32" for n in fn.arg_names
                     if n.endswith("_ptr") or n in fields}
+        if name != "pre" and name != "post":  # P as the backward keeps it for half inputs (blockwise.PROBS_DTYPE)
+            pointers["sp_ptr" if name == "post_from_s" else "p_ptr"] = "*fp16"
         for BM, BN, warps, vec in shapes:
             try:
                 r = compile_kernel(fn, dict(common, BM=BM, BN=BN, VEC=vec, **extra), pointers, warps, args.arch,

@@ -62,6 +62,22 @@ def test_rows_out_of_memory_order_and_repeatable(layout):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
 
 
+def test_without_autograd_the_kernel_runs_without_the_autograd_function(monkeypatch):
+    """Where nothing needs a gradient (``no_grad``, or inputs that do not require one: a prefill, an evaluation) the
+    forward kernel runs without the autograd function (whose Python machinery costs host time a host-bound prefill
+    pays), with the same bits; with a gradient to take it goes through it."""
+    calls = []
+    real = norm._RMSNorm.apply
+    monkeypatch.setattr(norm._RMSNorm, "apply", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(6, 5, 64, device=DEVICE), torch.randn(64, device=DEVICE)
+    with torch.no_grad():
+        plain = norm.triton_rms_norm(x, w, 1e-6)
+    assert norm.triton_rms_norm(x, w, 1e-6).grad_fn is None and not calls
+    tracked = norm.triton_rms_norm(x, w.requires_grad_(), 1e-6)
+    assert calls == [1] and tracked.grad_fn is not None
+    assert torch.equal(plain, tracked.detach())
+
+
 def test_refuses_long_rows_and_mismatched_weights():
     with pytest.raises(ValueError, match="rows of 2048 numbers, expected at most 1024"):
         norm.triton_rms_norm(torch.ones(2, 2048), None, 1e-6)

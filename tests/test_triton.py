@@ -242,6 +242,40 @@ def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monke
     assert seen and set(seen) == {not deterministic}
 
 
+def test_blockwise_backward_keeps_the_probabilities_in_float16_for_half_inputs(monkeypatch):
+    """Between its post kernel and its adjoint kernels the backward keeps ``P`` in ``blockwise.PROBS_DTYPE`` (float16
+    for bf16/fp16 inputs, half the bytes of float32 ``S'``; float32 otherwise, where the path is exact): an fp16 run
+    gets the output and every gradient within 1e-2 of the same path in float32 (fp16 rounds at 4.9e-4)."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    seen = []
+    real = blockwise._adjoint_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                seen.append(args[1].dtype)  # p_ptr
+                return real[grid](*args, **kwargs)
+            return launch_
+
+    monkeypatch.setattr(blockwise, "_adjoint_kernel", Spy())
+    g = torch.Generator().manual_seed(3)
+    B, H, T, D = 1, 4, 24, 16
+    q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
+    pre, post = (random_weights(B, T, T, 1, H, 2, DYNAMIC, g, torch.float32) for _ in range(2))
+    results = {}
+    for dtype in (torch.float32, torch.float16):
+        cast = [ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).to(DEVICE, dtype)
+                                  for f in FIELDS}) for w in (pre, post)]
+        call = (D ** -0.5, None, *cast, 1, True, 0, 0)
+        qd, kd, vd, dod = (t.to(DEVICE, dtype) for t in (q, k, v, do))
+        out, lse = op.train_forward(qd, kd, vd, *call)
+        dq, dk, dv, dpre, dpost = op.train_backward(dod, qd, kd, vd, lse, *call)
+        results[dtype] = [out, dq, dk, dv, *dpre.values(), *dpost.values()]
+    assert seen == [torch.float32] * 2 + [torch.float16] * 2  # (post side, pre side) per run
+    for low, full in zip(results[torch.float16], results[torch.float32]):
+        assert ((low.float() - full).norm() / full.norm()).item() <= 1e-2
+
+
 def test_blockwise_launches_carry_the_register_caps(monkeypatch):
     """Each blockwise kernel is launched with its cap from ``blockwise.REGISTERS`` (Triton's ``maxnreg``; the
     interpreter ignores it) and without one where the table has none; the results equal the reference."""

@@ -21,16 +21,16 @@ go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H
   gradients) are atomic adds into the gradient, whose order varies from run to run; under
   ``torch.use_deterministic_algorithms(True)`` they are partial sums per query tile, added by the host like the others
   (the same bits on every run, at the cost of a ``(B, n_i, L, G, R, M)`` buffer per field and block).
-* the backward makes ``S'`` and ``P'`` in one pass (``lse`` is known), the forward in two (the softmax statistics of a
-  row are complete only after its last key chunk).
+* the backward makes ``P`` (kept for the adjoint kernels: :data:`PROBS_DTYPE`) and ``P'`` in one pass (``lse`` is
+  known), the forward in two (the softmax statistics of a row are complete only after its last key chunk).
 
 The forward stores only ``O`` and the row log-sum-exp ``lse`` (the tile kernels' own quantity, so either backward
-takes either forward's); the backward recomputes ``S``, ``S'`` (pre-composed scores) and ``P'`` (post-composed
-probabilities) block by block. Arithmetic is float32 except the products' operands (the inputs' dtype: ``P'`` and
-``dS`` are rounded to it before their products, as in the tile kernels). It takes every shape the tile kernels take
-(any rank, heads per group, head dim); which path trains is :func:`headmix.ops.triton.launch.training_kernels`' choice.
-The spec is :func:`headmix.reference.composed_attention` (``tests/test_triton.py`` checks the output and every
-gradient against it).
+takes either forward's); the backward recomputes ``S``, ``P`` (the softmax of the pre-composed scores ``S'``) and
+``P'`` (post-composed probabilities) block by block. Arithmetic is float32 except the products' operands (the inputs'
+dtype: ``P'`` and ``dS`` are rounded to it before their products, as in the tile kernels) and the kept ``P``. It takes
+every shape the tile kernels take (any rank, heads per group, head dim); which path trains is
+:func:`headmix.ops.triton.launch.training_kernels`' choice. The spec is :func:`headmix.reference.composed_attention`
+(``tests/test_triton.py`` checks the output and every gradient against it).
 """
 
 from __future__ import annotations
@@ -74,6 +74,12 @@ TILES = {16: dict(pre=(4, 32, 2, 4), post=(2, 16, 1, 1), adjoint=(2, 32, 1, 4)),
 # 33.30 / 32.50 / 32.24 / 33.15 / 33.10, 31.87, 33.73 (an earlier run of the same day: 168 against uncapped 13.38 /
 # 14.14 and 31.03 / 33.07).
 REGISTERS = {16: dict(post=168), 32: dict(post=168)}
+# The dtype in which the backward keeps P = exp(S' - lse) between its post kernel and its adjoint kernels, by input
+# dtype (else float32): float16 holds [0, 1] at 11 bits, half the bytes of the float32 S' kept before. On an H200
+# (2026-12-02, bf16, B = 8 x 2048, causal, rank 2, no static mix; one process, .devm-style A/B), backward ms S' -> P:
+# 16 x 64 9.38 -> 9.03, 16 x 128 10.00 -> 9.66, 32 x 128 in one group 23.87 -> 23.34, 16 x 128 window 256 6.52 -> 6.34;
+# worst relative error of the output and every gradient against a float32 run at 16 x 64: 2.37e-3 -> 2.38e-3.
+PROBS_DTYPE = {torch.bfloat16: torch.float16, torch.float16: torch.float16}
 KEY_CHUNK = 256  # keys per program (its share of a row's sums): 128 / 256 / 512 gave 23.2 / 23.6 / 24.8 ms at 16 x 64
 # with (8, 32, 4) tiles and 46.3 (256) / 47.7 (512) at 32 x 80 with (4, 32, 4), same runs
 
@@ -222,7 +228,7 @@ class _Run:
 
     def post_compose(self, sp, lse, blk, dtype, s=None, scale=1.0) -> Tensor:
         """``P'`` of the block in ``dtype`` from ``S'`` (``sp``); given ``S`` (``s``), ``S'`` is made from it on the
-        way and written into ``sp`` (the backward's one pass)."""
+        way and ``P`` written into ``sp`` in its dtype (the backward's one pass)."""
         pp = _uninitialised(self.B, self.H, blk.C, blk.L, dtype=dtype, device=sp.device)  # (zeros where skipped)
         m, smb, smt, sms = self.mask_args(blk)
         pre = _weights(self.pre, blk, self.dummy) if s is not None else [self.dummy] * 7
@@ -274,11 +280,12 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
                                        if getattr(w, f) is not None}) for c, w in (("pre", pre), ("post", post))}
     dummy = run.dummy
     atomic = not torch.are_deterministic_algorithms_enabled()  # key-side sums added in place (see module doc)
+    probs = PROBS_DTYPE.get(q.dtype, torch.float32)  # P, kept for the adjoint kernels
     for blk in run.blocks():
         C, L = blk.C, blk.L
         s = run.scores(q, k, blk)
-        sp = _uninitialised(*s.shape, **f32)
-        pp = run.post_compose(sp, lse, blk, q.dtype, s=s, scale=scale)
+        p = _uninitialised(*s.shape, dtype=probs, device=q.device)
+        pp = run.post_compose(p, lse, blk, q.dtype, s=s, scale=scale)
         dob = do[:, :, blk.i0:blk.i1].reshape(B, Hkv, rep * C, -1)
         dv[:, :, blk.lo:blk.hi] += _products(pp.view(B, Hkv, rep * C, L).transpose(-1, -2), dob)
         del pp
@@ -304,10 +311,10 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
                 pdelta = dummy
                 x, dy = s, dp
             _adjoint_kernel[grid](
-                x, sp, lse_blk, dy, dummy if delta is None else delta, out, m, *_weights(w, blk, dummy), pdelta,
+                x, p, dy, dummy if delta is None else delta, out, m, *_weights(w, blk, dummy), pdelta,
                 *(parts[f] for f in ("query_w1", "query_w2", "query_gate", "key_w1", "key_w2", "key_gate", "static")),
-                *run.geometry(blk), scale if side == "pre" else 1.0, smb, smt, sms, lse.stride(0), lse.stride(1),
-                KC, n_c, n_i, run.S if atomic else n_i * L, 0 if atomic else L, FLAGS=_flags(w),
+                *run.geometry(blk), scale if side == "pre" else 1.0, smb, smt, sms, KC, n_c, n_i,
+                run.S if atomic else n_i * L, 0 if atomic else L, FLAGS=_flags(w),
                 PRE_SIDE=side == "pre", RP=max(2, triton.next_power_of_2(R)), ATOMIC=atomic, **consts)
             for f, t in parts.items():
                 if f not in g_ or (atomic and f.startswith("key")):
@@ -323,7 +330,7 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
                 del dpp
             else:
                 ds = out
-        del s, sp, dp
+        del s, p, dp
         dsr = ds.view(B, Hkv, rep * C, L)
         qb = q[:, :, blk.i0:blk.i1].reshape(B, Hkv, rep * C, D)
         dq[:, :, blk.i0:blk.i1] = _products(dsr, k[:, :, blk.lo:blk.hi]).view(B, H, C, D)

@@ -151,6 +151,13 @@ def _probs(sp_ptr, at, ok, lse, valid):
     return tl.where(valid, tl.exp(x - lse[:, :, None]), 0.0)
 
 
+@triton.jit
+def _stored_probs(p_ptr, at, ok, valid):
+    """``P`` as the backward's post kernel stored it (float16 or float32), float32, 0 off the allowed entries (which
+    that kernel may have skipped)."""
+    return tl.where(valid, tl.load(p_ptr + at, mask=ok, other=0.0).to(tl.float32), 0.0)
+
+
 @triton.jit(do_not_specialize=["L"])
 def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk1, pk2, pqg, pkg,
                  w_ptr, q1, q2, k1, k2, qg, kg, C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC,
@@ -158,9 +165,9 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
                  BN: tl.constexpr, PRE_FLAGS: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
                  WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, FROM_S: tl.constexpr, VEC: tl.constexpr):
     """``P' = Compose_post(P)``, ``P = exp(S' - lse)`` masked, into ``out_ptr`` in its dtype (zeros where the mask's
-    structure skips a tile). ``S'`` is read from
-    ``sp_ptr``, or with ``FROM_S`` (the backward, where ``lse`` is known before the block) made here, ``S' =
-    Compose_pre(scale * S)`` from ``s_ptr`` with the weights ``pw_ptr ..``, and stored in ``sp_ptr``."""
+    structure skips a tile). ``S'`` is read from ``sp_ptr``, or with ``FROM_S`` (the backward, where ``lse`` is known
+    before the block) made here, ``S' = Compose_pre(scale * S)`` from ``s_ptr`` with the weights ``pw_ptr ..``, and
+    then ``P`` is stored in ``sp_ptr`` in its dtype (for the adjoint kernels)."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :],
                   mask=(hm < M)[:, None] & i_ok[None, :], other=float("inf"))
@@ -171,8 +178,8 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
             x = tl.load(s_ptr + at, mask=ok, other=0.0) * scale
             sp = _compose3(x, pw_ptr, pq1, pq2, pk1, pk2, pqg, pkg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M,
                            R, PRE_FLAGS, False)
-            tl.store(sp_ptr + at, sp, mask=ok)
             p = tl.where(valid, tl.exp(sp - lse[:, :, None]), 0.0)
+            tl.store(sp_ptr + at, p.to(sp_ptr.dtype.element_ty), mask=ok)
         else:
             p = _probs(sp_ptr, at, ok, lse, valid)
         y = _compose3(p, w_ptr, q1, q2, k1, k2, qg, kg, b, g, offs_i, offs_j, i_ok, j_ok, hm, T, S, G, M, R, FLAGS,
@@ -182,29 +189,27 @@ def _post_kernel(s_ptr, sp_ptr, lse_ptr, out_ptr, mask_ptr, pw_ptr, pq1, pq2, pk
 
 
 @triton.jit(do_not_specialize=["L"])
-def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
+def _adjoint_kernel(x_ptr, p_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr, w_ptr, q1, q2, k1, k2, qg, kg,
                     pdelta, pq1, pq2, pqg, pk1, pk2, pkg, pw,
-                    C, L, T, S, off, scale, smb, smt, sms, slb, slh, KC, n_c, n_i, kb, ki,
+                    C, L, T, S, off, scale, smb, smt, sms, KC, n_c, n_i, kb, ki,
                     G: tl.constexpr, M: tl.constexpr, MP: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr,
                     WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, PRE_SIDE: tl.constexpr, ATOMIC: tl.constexpr,
                     VEC: tl.constexpr):
     """The adjoint of one Compose on a tile, and its weight gradients.
 
-    Post side (``PRE_SIDE`` False): the Compose's input is ``P`` (from ``S'``, ``lse``), its output's gradient ``dP'``
-    (``dy_ptr``); writes ``dP`` (float32, ``out_ptr``) and this key chunk's share of ``Delta = sum_j P dP`` per row
-    (``pdelta``, ``(B, H, n_c, C)``). Pre side: the input is ``scale * S`` (``x_ptr``), the output's gradient ``dS' = P
-    (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS * scale`` in
-    ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``; zeros where the mask's structure skips a tile). Query-side
-    weight gradients: partial sums ``(B, n_c, C, G, R, M)`` per key chunk; the static mix's ``(B * G, n_i, n_c, M,
-    M)`` per program; key side: rows ``(b * kb + pid_i * ki + key) * G + g`` of a ``(.., G, R, M)`` buffer, stored (a
-    partial sum per query tile: ``kb = n_i * L``, ``ki = L``) or, with ``ATOMIC``, added in place (``ki = 0``: every
-    query tile into one row; the order of the additions varies from run to run)."""
+    Post side (``PRE_SIDE`` False): the Compose's input is ``P`` (``p_ptr``, as the post kernel stored it), its output's
+    gradient ``dP'`` (``dy_ptr``); writes ``dP`` (float32, ``out_ptr``) and this key chunk's share of ``Delta = sum_j P
+    dP`` per row (``pdelta``, ``(B, H, n_c, C)``). Pre side: the input is ``scale * S`` (``x_ptr``), the output's
+    gradient ``dS' = P (dP - Delta)`` (``dy_ptr`` holds ``dP``, ``delta_ptr`` ``Delta`` ``(B, H, C)``); writes ``dS *
+    scale`` in ``out_ptr``'s dtype (the operand of ``dQ``, ``dK``; zeros where the mask's structure skips a tile).
+    Query-side weight gradients: partial sums ``(B, n_c, C, G, R, M)`` per key chunk; the static mix's ``(B * G, n_i,
+    n_c, M, M)`` per program; key side: rows ``(b * kb + pid_i * ki + key) * G + g`` of a ``(.., G, R, M)`` buffer,
+    stored (a partial sum per query tile: ``kb = n_i * L``, ``ki = L``) or, with ``ATOMIC``, added in place (``ki = 0``:
+    every query tile into one row; the order of the additions varies from run to run)."""
     pid_i, pid_c, bg, b, g, offs_i, i_ok, hm, lo, hi = _frame(C, L, off, KC, G, MP, BM, BN, CAUSAL, WINDOW)
     rr = tl.arange(0, RP)
     rows_ok = (hm < M)[:, None] & i_ok[None, :]
-    lse = tl.load(lse_ptr + b * slb + (g * M + hm[:, None]) * slh + offs_i[None, :], mask=rows_ok,
-                  other=float("inf"))
     if PRE_SIDE:
         delta = tl.load(delta_ptr + (bg * M + hm[:, None]) * C + offs_i[None, :], mask=rows_ok, other=0.0)
     a_delta = tl.zeros((MP, BM), dtype=tl.float32)
@@ -215,7 +220,7 @@ def _adjoint_kernel(x_ptr, sp_ptr, lse_ptr, dy_ptr, delta_ptr, out_ptr, mask_ptr
     for start_j in range(lo, hi, BN):
         offs_j, j_ok, at, ok = _at(start_j, bg, offs_i, i_ok, hm, C, L, M, BN, VEC)
         valid = _valid(b, offs_i, offs_j, C, L, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)[None, :, :]
-        p = _probs(sp_ptr, at, ok, lse, valid)
+        p = _stored_probs(p_ptr, at, ok, valid)
         if PRE_SIDE:
             x = tl.load(x_ptr + at, mask=ok, other=0.0) * scale
             dy = p * (tl.load(dy_ptr + at, mask=ok, other=0.0) - delta[:, :, None])

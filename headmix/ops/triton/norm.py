@@ -64,22 +64,28 @@ def _tile(N: int) -> tuple[int, int]:
     return max(1, TILE_ELEMENTS // BN), BN
 
 
+def _forward(x: Tensor, weight: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, x2, rstd)``: the normalised ``x``, its rows as the kernel read them, their ``rstd``."""
+    # the kernels read rows one after another: a copy where they are not (reshape alone may give a view whose rows are
+    # strided, e.g. of a column slice)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    n_rows, N = x2.shape
+    BR, BN = _tile(N)
+    y = torch.empty_like(x2)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    w = x2 if weight is None else weight  # (a pointer the kernel does not read without a weight)
+    _rms_norm_forward[(triton.cdiv(n_rows, BR),)](x2, w, y, rstd, n_rows, N, eps, HAS_WEIGHT=weight is not None,
+                                                  BR=BR, BN=BN)
+    return y.view(x.shape), x2, rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
-        # the kernels read rows one after another: a copy where they are not (reshape alone may give a view whose
-        # rows are strided, e.g. of a column slice)
-        x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        n_rows, N = x2.shape
-        BR, BN = _tile(N)
-        y = torch.empty_like(x2)
-        rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        w = x2 if weight is None else weight  # (a pointer the kernel does not read without a weight)
-        _rms_norm_forward[(triton.cdiv(n_rows, BR),)](x2, w, y, rstd, n_rows, N, eps, HAS_WEIGHT=weight is not None,
-                                                      BR=BR, BN=BN)
+        y, x2, rstd = _forward(x, weight, eps)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = x.shape
-        return y.view(x.shape)
+        return y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -104,4 +110,6 @@ def triton_rms_norm(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
     if weight is not None and weight.shape != (x.shape[-1],):
         raise ValueError(f"triton_rms_norm: weight of shape {tuple(weight.shape)} for rows of {x.shape[-1]}: "
                          f"expected ({x.shape[-1]},)")
-    return _RMSNorm.apply(x, weight, float(eps))
+    if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
+        return _RMSNorm.apply(x, weight, float(eps))
+    return _forward(x, weight, float(eps))[0]  # (no autograd function: less host time, e.g. in a prefill)
