@@ -16,6 +16,11 @@ log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"bl
 
 ``--sweep-registers`` does the same for the kernels' register caps (``blockwise.REGISTERS``).
 
+``--banded`` adds, for windowed shapes, the blockwise path with one window of queries per block, the blocks stacked on
+the batch (``headmix.ops.triton.banded``, off by default)::
+
+    python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 --windows 256 --banded
+
 ``--inference`` times the forward without gradients instead (``op.inference_forward``: a prefill, an evaluation) on
 each path, and names the path ``backend="auto"`` takes there (``op.inference_kernels``)::
 
@@ -69,6 +74,9 @@ def main(argv=None) -> int:
                         help="blockwise path: also each candidate tile of each kernel (SWEEP), one kernel at a time")
     parser.add_argument("--sweep-registers", action="store_true",
                         help="blockwise path: also each candidate register cap of each kernel (SWEEP_REGISTERS)")
+    parser.add_argument("--banded", action="store_true",
+                        help="windowed shapes: also the blockwise path with window-sized query blocks stacked on the "
+                             "batch (headmix.ops.triton.banded)")
     parser.add_argument("--inference", action="store_true",
                         help="time the forward without gradients (a prefill) on each path instead of training")
     args = parser.parse_args(argv)
@@ -81,7 +89,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    from headmix.ops.triton import blockwise, launch, op
+    from headmix.ops.triton import banded, blockwise, launch, op
     from headmix.reference import ComposeWeights
 
     dtype = getattr(torch, args.dtype)
@@ -131,6 +139,8 @@ def main(argv=None) -> int:
             runs = [(path, None) for path in args.paths]
             if args.sweep_tiles and "blockwise" in args.paths:
                 runs += [("blockwise", (kernel, t)) for kernel, ts in SWEEP[key].items() for t in ts if t != default[kernel]]
+            if args.banded and window and not args.inference:
+                runs.append(("blockwise", ("banded", True)))
             if args.sweep_registers and "blockwise" in args.paths:
                 runs += [("blockwise", (kernel, ("registers", r))) for kernel, rs in SWEEP_REGISTERS.items() for r in rs
                          if r != caps.get(kernel)]
@@ -139,12 +149,15 @@ def main(argv=None) -> int:
                 auto = op.kernels_for(q, k, v, G, pre, post, window, training=False)
             for path, variant in runs:
                 launch.TRAINING_KERNELS = path
-                cap = variant is not None and isinstance(variant[1][0], str)
-                blockwise.TILES[key] = dict(default, **dict([variant])) if variant and not cap else default
-                blockwise.REGISTERS[key] = ({k: r for k, r in dict(caps, **{variant[0]: variant[1][1]}).items()
+                banded.ENABLED = variant == ("banded", True)
+                tiles = None if banded.ENABLED else variant  # (a tile or register-cap variant)
+                cap = tiles is not None and isinstance(tiles[1][0], str)
+                blockwise.TILES[key] = dict(default, **dict([tiles])) if tiles and not cap else default
+                blockwise.REGISTERS[key] = ({k: r for k, r in dict(caps, **{tiles[0]: tiles[1][1]}).items()
                                              if r is not None} if cap else caps)
-                label = (path if variant is None else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}"
-                         if cap else f"{path}, {variant[0]} {variant[1]}")
+                label = ("blockwise, banded windows" if banded.ENABLED else path if variant is None
+                         else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}" if cap
+                         else f"{path}, {variant[0]} {variant[1]}")
                 try:
                     if args.inference:
                         with torch.no_grad():
@@ -171,6 +184,10 @@ def main(argv=None) -> int:
                             row_of_default = len(rows)
                         rows.append([spec, str(window or "global"), label, f"{fwd:.2f}", f"{bwd:.2f}",
                                      f"{fwd + bwd:.2f}", f"{peak:.2f}"])
+                        if banded.ENABLED and "blockwise" in results:  # (the same math: how far apart in this dtype)
+                            ref = results["blockwise"]
+                            worst = max(rel(x, y) for x, y in zip(flat[1:], ref[1:]))
+                            rows[-1].append(f"from blockwise: out {rel(flat[0], ref[0]):.1e}, grads ≤ {worst:.1e}")
                 except Exception as error:  # noqa: BLE001  (one failing path must not hide the others' rows)
                     rows.append([spec, str(window or "global"), label, "error", type(error).__name__, str(error)[:60],
                                  ""])
@@ -185,7 +202,7 @@ def main(argv=None) -> int:
                 apart = max((rel(x, y) for x, y in zip(a[1:], b[1:])), key=lambda e: e if e == e else float("inf"))
                 # (the key: a NaN shows as the largest, where plain max() passes over one)
                 rows[row_of_default].append(f"out {rel(a[0], b[0]):.1e}, grads ≤ {apart:.1e}")
-    launch.TRAINING_KERNELS = "auto"
+    launch.TRAINING_KERNELS, banded.ENABLED = "auto", False
 
     import triton
 

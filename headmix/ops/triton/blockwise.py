@@ -265,8 +265,9 @@ def blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, o
     return o, lse
 
 
-def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
-    """Gradients ``(dq, dk, dv, dpre, dpost)`` as :func:`headmix.ops.triton.launch.triton_backward`."""
+def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset, *, cast: bool = True):
+    """Gradients ``(dq, dk, dv, dpre, dpost)`` as :func:`headmix.ops.triton.launch.triton_backward` (``cast=False``:
+    ``dk``, ``dv`` and the weights' gradients as their float32 sums, for a caller that adds more to them)."""
     q, k, v, do = q.contiguous(), k.contiguous(), v.contiguous(), do.contiguous()
     lse = lse.contiguous()
     run = _Run(q, k, mask, pre, post, groups, causal, window, offset)
@@ -336,5 +337,7 @@ def blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal,
         dq[:, :, blk.i0:blk.i1] = _products(dsr, k[:, :, blk.lo:blk.hi]).view(B, H, C, D)
         dk[:, :, blk.lo:blk.hi] += _products(dsr.transpose(-1, -2), qb)
         del ds, dsr
+    if not cast:
+        return dq, dk, dv, grads["pre"], grads["post"]
     out = {c: {f: t.to(getattr(w, f).dtype) for f, t in grads[c].items()} for c, w in (("pre", pre), ("post", post))}
     return dq, dk.to(k.dtype), dv.to(v.dtype), out["pre"], out["post"]

@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
-from . import launch
+from . import banded, launch
 from .blockwise import blockwise_backward, blockwise_forward
 from .launch import FIELDS, check_supported, padded_heads, training_kernels, triton_backward, triton_forward
 
@@ -98,6 +98,8 @@ def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offse
     forward's ``lse``)."""
     if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        if banded.applies(q, k, mask, causal, window, offset):
+            return banded.forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
         return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
 
@@ -106,6 +108,8 @@ def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, win
     """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
     if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        if banded.applies(q, k, mask, causal, window, offset):
+            return banded.backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
         return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
 
