@@ -832,6 +832,21 @@ def test_gpu_blockwise_trains_within_low_precision_bounds(dtype, H, head_dim, kv
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H, head_dim, kv_heads", [(16, 64, 16), (32, 80, 8)], ids=["16x64", "32x80"])
+def test_gpu_banded_windows_train_within_low_precision_bounds(dtype, H, head_dim, kv_heads, monkeypatch):
+    """Windowed layers on the blockwise path with window-sized query blocks (``banded.py``, forced) in bf16 and fp16:
+    the rule of the other GPU tests (output within 1e-2 of float32, no error above the reference's own in that
+    dtype), 256 tokens in windows of 64."""
+    from headmix.ops.triton import banded
+
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
+    monkeypatch.setattr(banded, "ENABLED", True)
+    assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads, DYNAMIC, B=1, T=256, window=64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 def test_gpu_blockwise_deterministic_mode_repeats_bit_for_bit(monkeypatch):
     """Under ``torch.use_deterministic_algorithms(True)`` two backward passes of the blockwise path give the same bits
     (the key-side sums in a fixed order); by default (atomic adds) the key-side gradients agree with them to float32
@@ -875,11 +890,11 @@ def assert_no_further_off_than_the_reference(dtype: torch.dtype, H: int, head_di
 
 
 def low_precision_errors(dtype: torch.dtype, H: int, head_dim: int, kv_heads: int, fields=FIELDS, B: int = 2,
-                         T: int = 300, path: str = "triton") -> dict[str, float]:
-    """Relative errors (norms) of causal training on the kernels in ``dtype`` on the GPU, one head group, rank 2,
-    Compose weights 0.5 randn: the output and every gradient against the float32 reference, by name.
-    ``path="reference"``: the same for the reference implementation run in ``dtype`` on the GPU (the error that
-    ``dtype`` alone costs, for comparison)."""
+                         T: int = 300, path: str = "triton", window: int | None = None) -> dict[str, float]:
+    """Relative errors (norms) of causal training (``window``: sliding-window) on the kernels in ``dtype`` on the
+    GPU, one head group, rank 2, Compose weights 0.5 randn: the output and every gradient against the float32
+    reference, by name. ``path="reference"``: the same for the reference implementation run in ``dtype`` on the GPU
+    (the error that ``dtype`` alone costs, for comparison)."""
     g = torch.Generator().manual_seed(1)
     G, R = 1, 2
     M = H // G
@@ -888,7 +903,7 @@ def low_precision_errors(dtype: torch.dtype, H: int, head_dim: int, kv_heads: in
     pre = random_weights(B, T, T, G, M, R, fields, g, torch.float32)
     post = random_weights(B, T, T, G, M, R, fields, g, torch.float32)
     leaves32 = [t.requires_grad_() for t in leaves(q, k, v, pre, post)]
-    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=None, key_padding=None)
+    mask = attention_mask(torch.arange(T), torch.arange(T), causal=True, window=window, key_padding=None)
     k_rep, v_rep = (t.repeat_interleave(H // kv_heads, dim=1) for t in leaves32[1:3])
     ref = composed_attention(leaves32[0], k_rep, v_rep, scale=head_dim**-0.5, mask=mask, pre=pre, post=post,
                              groups=G)
@@ -900,7 +915,7 @@ def low_precision_errors(dtype: torch.dtype, H: int, head_dim: int, kv_heads: in
     post_l = ComposeWeights(**{f: next(it) if getattr(post, f) is not None else None for f in FIELDS})
     if path == "triton":
         out = triton_dcmha.triton_composed_attention(*low[:3], scale=head_dim**-0.5, pre=pre_l, post=post_l,
-                                                     groups=G, mask=CAUSAL)
+                                                     groups=G, mask=MaskSpec(causal=True, window=window))
     else:
         k_low, v_low = (t.repeat_interleave(H // kv_heads, dim=1) for t in low[1:3])
         out = composed_attention(low[0], k_low, v_low, scale=head_dim**-0.5, mask=mask.to("cuda"), pre=pre_l,
