@@ -240,13 +240,14 @@ def test_blockwise_products_know_whether_bmm_takes_out_dtype(monkeypatch):
 
 
 def spy_launches(monkeypatch, name: str, record) -> None:
-    """Replace the blockwise kernel ``name`` by one that calls ``record(kwargs)`` at each launch, then launches it."""
+    """Replace the blockwise kernel ``name`` by one that calls ``record(kwargs, args)`` at each launch, then launches
+    it."""
     real = getattr(blockwise, name)
 
     class Spy:
         def __getitem__(self, grid):
             def launch_(*args, **kwargs):
-                record(kwargs)
+                record(kwargs, args)
                 return real[grid](*args, **kwargs)
             return launch_
 
@@ -262,7 +263,7 @@ def test_blockwise_key_sums_follow_torch_deterministic_mode(deterministic, monke
     monkeypatch.setattr(blockwise, "BLOCK_ELEMENTS", 2 * 4 * 16 * 40)  # blocks of 16 rows: 3 blocks
     monkeypatch.setattr(blockwise, "KEY_CHUNK", 32)
     seen = []
-    spy_launches(monkeypatch, "_adjoint_kernel", lambda kwargs: seen.append(kwargs["ATOMIC"]))
+    spy_launches(monkeypatch, "_adjoint_kernel", lambda kwargs, args: seen.append(kwargs["ATOMIC"]))
     monkeypatch.setattr(blockwise, "_uninitialised", nan_buffer)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
@@ -279,16 +280,7 @@ def test_blockwise_backward_keeps_the_probabilities_in_float16_for_half_inputs(m
     gets the output and every gradient within 1e-2 of the same path in float32 (fp16 rounds at 4.9e-4)."""
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
     seen = []
-    real = blockwise._adjoint_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch_(*args, **kwargs):
-                seen.append(args[1].dtype)  # p_ptr
-                return real[grid](*args, **kwargs)
-            return launch_
-
-    monkeypatch.setattr(blockwise, "_adjoint_kernel", Spy())
+    spy_launches(monkeypatch, "_adjoint_kernel", lambda kwargs, args: seen.append(args[1].dtype))  # (p_ptr)
     g = torch.Generator().manual_seed(3)
     B, H, T, D = 1, 4, 24, 16
     q, k, v, do = (torch.randn(B, H, T, D, generator=g) for _ in range(4))
@@ -315,7 +307,7 @@ def test_blockwise_launches_carry_the_register_caps(monkeypatch):
     seen = {}
     for name in ("_pre_kernel", "_post_kernel", "_adjoint_kernel"):
         spy_launches(monkeypatch, name,
-                     lambda kwargs, name=name: seen.setdefault(name, set()).add(kwargs.get("maxnreg")))
+                     lambda kwargs, args, name=name: seen.setdefault(name, set()).add(kwargs.get("maxnreg")))
     compare(1, 4, 24, 24, 16, 1, 2, causal=True)
     assert seen == {"_pre_kernel": {None}, "_post_kernel": {168}, "_adjoint_kernel": {200}}
 
