@@ -1,7 +1,8 @@
-"""The two training paths of the fused DCMHA kernels side by side: the tile kernels and the blockwise path.
+"""The training paths of the fused DCMHA kernels side by side: the tile kernels, the blockwise path, and ``auto``.
 
 For each shape (``HEADSxHEAD_DIM``, optionally ``:GROUPS``) and window, times the forward (which stores the row
-log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"blockwise"`` (medians of
+log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"blockwise"`` (each with its own forward)
+and, with ``--paths ... auto``, of ``"auto"`` (the projected forward where it applies, then auto's backward) (medians of
 ``triton.testing.do_bench``), the backward's peak extra memory, and how far the two paths' bf16 results are apart
 (relative norms: output, largest gradient). Causal, rank 2, every dynamic Compose term, Compose weights 0.1 randn;
 ``--static`` adds the static mix. Prints a markdown table with the device, date and versions::
@@ -16,10 +17,10 @@ log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"bl
 
 ``--sweep-registers`` does the same for the kernels' register caps (``blockwise.REGISTERS``).
 
-``--banded`` adds, for windowed shapes, the blockwise path with one window of queries per block, the blocks stacked on
-the batch (``headmix.ops.triton.banded``, off by default)::
+``--paths tiles blockwise auto`` adds the row of what ``backend="auto"`` trains on::
 
-    python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 --windows 256 --banded
+    python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256 \
+        --paths tiles blockwise auto
 
 ``--inference`` times the forward without gradients instead (``op.inference_forward``: a prefill, an evaluation) on
 each path, and names the path ``backend="auto"`` takes there (``op.inference_kernels``)::
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, nargs="+", default=[0], help="0: global (causal) attention")
     parser.add_argument("--static", action="store_true", help="with the static head mix")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"], choices=["tiles", "blockwise"])
+    parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"], choices=["tiles", "blockwise", "auto"],
+                        help="auto: what backend='auto' trains on (the projected forward where it applies)")
     parser.add_argument("--deterministic", action="store_true",
                         help="under torch.use_deterministic_algorithms(True): the blockwise path's key-side weight "
                              "gradients as partial sums added in a fixed order, not atomic adds")
@@ -74,9 +76,6 @@ def main(argv=None) -> int:
                         help="blockwise path: also each candidate tile of each kernel (SWEEP), one kernel at a time")
     parser.add_argument("--sweep-registers", action="store_true",
                         help="blockwise path: also each candidate register cap of each kernel (SWEEP_REGISTERS)")
-    parser.add_argument("--banded", action="store_true",
-                        help="windowed shapes: also the blockwise path with window-sized query blocks stacked on the "
-                             "batch (headmix.ops.triton.banded)")
     parser.add_argument("--inference", action="store_true",
                         help="time the forward without gradients (a prefill) on each path instead of training")
     args = parser.parse_args(argv)
@@ -89,7 +88,7 @@ def main(argv=None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cpu":
         os.environ["TRITON_INTERPRET"] = "1"
-    from headmix.ops.triton import banded, blockwise, launch, op
+    from headmix.ops.triton import blockwise, launch, op
     from headmix.reference import ComposeWeights
 
     dtype = getattr(torch, args.dtype)
@@ -139,23 +138,22 @@ def main(argv=None) -> int:
             runs = [(path, None) for path in args.paths]
             if args.sweep_tiles and "blockwise" in args.paths:
                 runs += [("blockwise", (kernel, t)) for kernel, ts in SWEEP[key].items() for t in ts if t != default[kernel]]
-            if args.banded and window and not args.inference:
-                runs.append(("blockwise", ("banded", True)))
             if args.sweep_registers and "blockwise" in args.paths:
                 runs += [("blockwise", (kernel, ("registers", r))) for kernel, rs in SWEEP_REGISTERS.items() for r in rs
                          if r != caps.get(kernel)]
             if args.inference:  # the path backend="auto" takes without gradients
                 launch.TRAINING_KERNELS = "auto"
-                auto = op.kernels_for(q, k, v, G, pre, post, window, training=False)
+                auto = op.inference_choice(q, k, v, G, pre, post, window)
             for path, variant in runs:
                 launch.TRAINING_KERNELS = path
-                banded.ENABLED = variant == ("banded", True)
-                tiles = None if banded.ENABLED else variant  # (a tile or register-cap variant)
+                tiles = variant  # (a tile or register-cap variant)
                 cap = tiles is not None and isinstance(tiles[1][0], str)
                 blockwise.TILES[key] = dict(default, **dict([tiles])) if tiles and not cap else default
                 blockwise.REGISTERS[key] = ({k: r for k, r in dict(caps, **{tiles[0]: tiles[1][1]}).items()
                                              if r is not None} if cap else caps)
-                label = ("blockwise, banded windows" if banded.ENABLED else path if variant is None
+                choice = (op.inference_choice(q, k, v, G, pre, post, window) if args.inference
+                          else " forward, ".join(op.training_choice(q, k, v, G, pre, post, window)) + " backward")
+                label = ((f"auto ({choice})" if path == "auto" else path) if variant is None
                          else f"{path}, {variant[0]} registers {variant[1][1] or 'uncapped'}" if cap
                          else f"{path}, {variant[0]} {variant[1]}")
                 try:
@@ -163,7 +161,7 @@ def main(argv=None) -> int:
                         with torch.no_grad():
                             out = op.inference_forward(q, k, v, *call)
                             fwd = timed(lambda: op.inference_forward(q, k, v, *call))
-                        if variant is None:
+                        if variant is None and path != "auto":
                             results[path] = [out]
                             row_of_default = len(rows)
                         rows.append([spec, str(window or "global"), label, f"{fwd:.3f}", "", "", "",
@@ -179,15 +177,15 @@ def main(argv=None) -> int:
                         fwd = timed(lambda: op.train_forward(q, k, v, *call))
                         bwd = timed(lambda: op.train_backward(do, q, k, v, lse, *call))
                         flat = [out, *grads[:3], *grads[3].values(), *grads[4].values()]
-                        if variant is None:
+                        if variant is None and path != "auto":
                             results[path] = flat
                             row_of_default = len(rows)
                         rows.append([spec, str(window or "global"), label, f"{fwd:.2f}", f"{bwd:.2f}",
                                      f"{fwd + bwd:.2f}", f"{peak:.2f}"])
-                        if banded.ENABLED and "blockwise" in results:  # (the same math: how far apart in this dtype)
-                            ref = results["blockwise"]
+                        if path == "auto" and results:  # (the same math: how far from the first path in this dtype)
+                            name, ref = next(iter(results.items()))
                             worst = max(rel(x, y) for x, y in zip(flat[1:], ref[1:]))
-                            rows[-1].append(f"from blockwise: out {rel(flat[0], ref[0]):.1e}, grads ≤ {worst:.1e}")
+                            rows[-1].append(f"from {name}: out {rel(flat[0], ref[0]):.1e}, grads ≤ {worst:.1e}")
                 except Exception as error:  # noqa: BLE001  (one failing path must not hide the others' rows)
                     rows.append([spec, str(window or "global"), label, "error", type(error).__name__, str(error)[:60],
                                  ""])
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
                 apart = max((rel(x, y) for x, y in zip(a[1:], b[1:])), key=lambda e: e if e == e else float("inf"))
                 # (the key: a NaN shows as the largest, where plain max() passes over one)
                 rows[row_of_default].append(f"out {rel(a[0], b[0]):.1e}, grads ≤ {apart:.1e}")
-    launch.TRAINING_KERNELS, banded.ENABLED = "auto", False
+    launch.TRAINING_KERNELS = "auto"
 
     import triton
 

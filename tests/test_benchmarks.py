@@ -337,20 +337,22 @@ def test_host_overhead_script_times_both_layers_and_restores_the_kernels():
     assert bad.returncode == 2 and "--dim 100 over --heads 16" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_training_paths_script_times_both_paths_and_they_agree():
+def test_training_paths_script_times_the_paths_and_they_agree():
     """benchmarks/training_paths.py at a tiny size on the CPU (kernels interpreted): a row per shape, window and path,
     and in float32 the blockwise path's output and gradients equal the tile kernels' to float32 rounding. (One window,
     so that the interpreter runs each path once per shape: the kernels' own tests cover global attention.) With
-    ``--banded`` a third row per shape: the blockwise path with window-sized query blocks, as far from the plain one."""
+    ``--paths ... auto`` a third row per shape, named by what auto runs, as close."""
     done = run_in_process(str(BENCHMARKS / "training_paths.py"), "--device", "cpu", "--batch", "1", "--seq", "24",
-                          "--shapes", "4x16", "32x16:1", "--windows", "8", "--dtype", "float32", "--banded")
+                          "--shapes", "4x16", "32x16:1", "--windows", "8", "--dtype", "float32", "--paths", "tiles",
+                          "blockwise", "auto")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| 4x16 |", "| 32x16:1 |"))]
     assert len(rows) == 6 and all("error" not in row for row in rows), rows
-    assert sum("banded windows" in row for row in rows) == 2
-    apart = [row.split("|")[8] for row in rows if "blockwise" in row]
+    assert sum("auto (projected forward, blockwise backward)" in row for row in rows) == 1  # (32 heads)
+    assert sum("auto (tiles forward, tiles backward)" in row for row in rows) == 1  # (4 heads with a window)
+    apart = [row.split("|")[8] for row in rows if "blockwise" in row or "auto" in row]
     assert len(apart) == 4
-    for cell in apart:  # "out 1.4e-07, grads ≤ 2.9e-07"
+    for cell in apart:  # "out 1.4e-07, grads ≤ 2.9e-07" (auto's: "from tiles: out ..., grads ≤ ...")
         values = [float(part.split()[-1]) for part in cell.split(",")]
         assert all(v < 1e-5 for v in values), cell  # (a NaN fails; max() would pass over one)
     assert "torch " in done.stdout and "# command:" in done.stdout

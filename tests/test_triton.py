@@ -182,37 +182,6 @@ def test_blockwise_kernels_match_reference_forward_and_backward(case, monkeypatc
     compare(*shape, **options)
 
 
-BANDED_CASES = [
-    (2, 4, 24, 24, 16, 1, 2, dict(causal=True, window=8)),  # 3 windows: block 0 and 2 stacked blocks
-    (1, 16, 32, 32, 16, 1, 2, dict(causal=True, window=8)),
-    (2, 4, 24, 24, 16, 2, 2, dict(causal=True, window=6, kv_heads=2)),  # 2 groups, grouped key/value heads
-    (1, 4, 20, 20, 16, 1, 3, dict(causal=True, window=10, fields=("query_w1", "query_w2", "key_gate", "static"))),
-    (1, 4, 18, 18, 16, 1, 2, dict(causal=True, window=4)),  # 18 rows: not a multiple of the window, not banded
-]
-
-
-@pytest.mark.parametrize("case", BANDED_CASES, ids=case_id)
-def test_banded_windows_match_reference_forward_and_backward(case, monkeypatch):
-    """Windowed self-attention on the blockwise path one window of queries per block, the blocks stacked on the batch
-    (``banded.py``): output and every gradient against the float64 reference, the key windows' gradients folded
-    back; a length that is no multiple of the window keeps the plain blockwise path."""
-    from headmix.ops.triton import banded
-
-    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
-    monkeypatch.setattr(banded, "ENABLED", True)
-    monkeypatch.setattr(blockwise, "_uninitialised", nan_buffer)
-    if not ON_GPU:
-        monkeypatch.setattr(blockwise, "TILES", INTERPRETER_TILES)
-    calls = []
-    for name in ("forward", "backward"):
-        real = getattr(banded, name)
-        monkeypatch.setattr(banded, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
-    *shape, options = case
-    compare(*shape, **options)
-    T, window = shape[2], options["window"]
-    assert calls == (["forward", "backward"] if T % window == 0 else [])
-
-
 def test_blockwise_real_tile_cases_exist():
     assert REAL_TILE_CASES <= {case_id(c) for c in BLOCKWISE_CASES}
 
@@ -820,21 +789,6 @@ def test_gpu_blockwise_trains_within_low_precision_bounds(dtype, H, head_dim, kv
     the reference implementation's own in that dtype (the rule of the tile kernels' tests)."""
     monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
     assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads, fields, B=1, T=256)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("H, head_dim, kv_heads", [(16, 64, 16), (32, 80, 8)], ids=["16x64", "32x80"])
-def test_gpu_banded_windows_train_within_low_precision_bounds(dtype, H, head_dim, kv_heads, monkeypatch):
-    """Windowed layers on the blockwise path with window-sized query blocks (``banded.py``, forced) in bf16 and fp16:
-    the rule of the other GPU tests (output within 1e-2 of float32, no error above the reference's own in that
-    dtype), 256 tokens in windows of 64."""
-    from headmix.ops.triton import banded
-
-    monkeypatch.setattr(launch, "TRAINING_KERNELS", "blockwise")
-    monkeypatch.setattr(banded, "ENABLED", True)
-    assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads, DYNAMIC, B=1, T=256, window=64)
 
 
 @pytest.mark.gpu

@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
-from . import banded, launch
+from . import launch, projected
 from .blockwise import blockwise_backward, blockwise_forward
 from .launch import FIELDS, check_supported, padded_heads, training_kernels, triton_backward, triton_forward
 
@@ -94,13 +94,14 @@ def inference_kernels(padded_heads: int, head_dim: int, static: bool, window: in
 
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
-    """``(O, lse)`` for training, on the kernels :func:`training_kernels` names (either backward takes either
-    forward's ``lse``)."""
-    if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
+    """``(O, lse)`` for training, on the forward :func:`training_choice` names: the projected forward (the fastest at
+    every training shape measured, docs/kernels.md) before the blockwise backward, else the forward of the kernels
+    :func:`training_kernels` names (a forced ``TRAINING_KERNELS`` keeps its own forward)."""
+    forward = training_choice(q, k, v, groups, pre, post, window)[0]
+    if forward != "tiles":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
-        if banded.applies(q, k, mask, causal, window, offset):
-            return banded.forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
-        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
+        run = projected.projected_forward if forward == "projected" else blockwise_forward
+        return run(q, k, v, scale, mask, pre, post, groups, causal, window, offset)
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset, split=False)
 
 
@@ -108,24 +109,60 @@ def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, win
     """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
     if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
-        if banded.applies(q, k, mask, causal, window, offset):
-            return banded.backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
         return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
 
 
-# Without gradients, this many queries or more (a prefill, an evaluation forward) take the blockwise forward where
-# inference_kernels names it; fewer keep the split-key tile forward (decoding). A round figure, not tuned.
+# Without gradients, this many queries or more (a prefill, an evaluation forward) take the projected or blockwise
+# forward where they apply; fewer keep the split-key tile forward (decoding). A round figure, not tuned.
 BLOCKWISE_MIN_QUERIES = 128
+
+# Without gradients the projected forward needs about this many scores (batch x heads x queries x keys per query) to
+# beat the tile forward: its four launches cost host time the tile forward's one does not. Measured on an H200
+# (2026-12-02, bf16, 16 x 64, causal, rank 2, every dynamic term; .devm-style script of that day, in docs/kernels.md),
+# ms GPU / host per call: batch 1 x 512 (4.2e6 scores) tile forward 0.56 / 0.18, projected 0.40 / 0.39 (window 256:
+# 0.41 / 0.16 against 0.46 / 0.36); batch 16 x 512 (6.7e7) GPU 1.04 against 0.69 (window 256: 0.80 against 0.65).
+PROJECTED_MIN_SCORES = 1 << 24
+
+
+def inference_choice(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, window) -> str:
+    """The forward :func:`inference_forward` runs for these inputs: ``"projected"``, ``"blockwise"`` or ``"tiles"``.
+    From :data:`BLOCKWISE_MIN_QUERIES` queries on: the projected forward where it applies (``TRAINING_KERNELS``
+    ``"auto"``) from :data:`PROJECTED_MIN_SCORES` scores on, else the blockwise forward where :func:`inference_kernels`
+    names it. Otherwise the tile forward (keys split over programs when queries are few: decoding)."""
+    B, H, T, _ = q.shape
+    if T < BLOCKWISE_MIN_QUERIES:
+        return "tiles"
+    scores = B * H * T * (min(k.shape[2], window) if window else k.shape[2])
+    if launch.TRAINING_KERNELS == "auto" and scores >= PROJECTED_MIN_SCORES and projected.applies(q, k, pre, post,
+                                                                                                   groups):
+        return "projected"
+    return kernels_for(q, k, v, groups, pre, post, window, False)
 
 
 def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> Tensor:
-    """The output without gradients: the blockwise forward for :data:`BLOCKWISE_MIN_QUERIES` queries or more where
-    :func:`inference_kernels` names it, else :func:`triton_forward` (keys split over programs when queries are few)."""
-    if q.shape[2] >= BLOCKWISE_MIN_QUERIES and kernels_for(q, k, v, groups, pre, post, window, False) == "blockwise":
+    """The output without gradients, on the forward :func:`inference_choice` names."""
+    choice = inference_choice(q, k, v, groups, pre, post, window)
+    if choice != "tiles":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=False, kv_heads=k.shape[1])
-        return blockwise_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+        run = projected.projected_forward if choice == "projected" else blockwise_forward
+        return run(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
+
+
+def training_choice(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, window) -> tuple[str, str]:
+    """``(forward, backward)`` :func:`train_forward` and :func:`train_backward` run for these inputs: with
+    ``TRAINING_KERNELS`` ``"auto"`` the projected forward where it applies, the backward is the blockwise one and the
+    inputs are not float16; otherwise the backward's own forward. A backward recomputes ``P = exp(S' - lse)`` with its
+    own rounding of ``S'``, so an ``lse`` from another forward adds that forward's rounding to the gradients: on the H200
+    (2026-12-02, T = 256, ``tests/test_projected.py``'s GPU rule) that stayed within the reference's own bf16 error
+    with the blockwise backward, and went past it with the tile backward (bf16, window 64: a weight gradient) and in
+    float16 (whose backward mixes in tf32: the reference's float16 error, ~2e-3, is below the float16 sums'
+    rounding)."""
+    backward = kernels_for(q, k, v, groups, pre, post, window)
+    auto = (launch.TRAINING_KERNELS == "auto" and backward == "blockwise" and q.dtype != torch.float16
+            and projected.applies(q, k, pre, post, groups))
+    return ("projected" if auto else backward), backward
 
 
 @torch.library.custom_op("headmix::dcmha_forward", mutates_args=())

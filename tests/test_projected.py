@@ -1,0 +1,178 @@
+"""The projected forward (``headmix.ops.triton.projected``) against the float64 reference, and where ``auto`` uses it.
+
+Without a GPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, conftest.py) at tiny sizes in float32;
+GPU-marked tests train in bf16 and fp16 at real sizes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headmix.masks import MaskSpec, attention_mask
+from headmix.reference import ComposeWeights, compose, composed_attention
+
+pytest.importorskip("headmix.ops.triton")
+from headmix.ops.triton import launch, op, projected  # noqa: E402
+from test_triton import (DEVICE, DYNAMIC, FIELDS, ON_GPU, as_float32,  # noqa: E402
+                         assert_no_further_off_than_the_reference, compare, random_weights)
+
+CASES = [
+    # B, H, H_kv, T, S, D, G, R, options
+    (2, 4, 4, 40, 40, 16, 1, 2, dict(causal=True)),
+    (1, 16, 4, 37, 37, 32, 1, 2, dict(causal=True, window=9)),  # grouped-query keys, a window, ragged tiles
+    (2, 8, 8, 24, 24, 16, 2, 2, dict(causal=False)),  # two head groups, no mask
+    (2, 4, 2, 9, 45, 20, 1, 1, dict(causal=True, padding=True)),  # decoding-like: 9 queries at the end of 45 keys
+    (1, 6, 6, 30, 30, 16, 2, 2, dict(causal=True, fields=("query_w1", "key_gate"), post_on=False)),
+    (1, 4, 4, 21, 21, 16, 1, 2, dict(causal=True, fields=("key_w1", "query_gate"), pre_on=False)),
+    (1, 4, 4, 21, 21, 16, 1, 2, dict(causal=True, fields=("query_gate", "key_gate"))),  # gates only: no sums
+]
+
+
+def case_id(case) -> str:
+    B, H, Hkv, T, S, D, G, R, options = case
+    return f"{B}x{H}/{Hkv}x{T}x{S}x{D}-G{G}-R{R}-" + "-".join(f"{k}={v}" for k, v in options.items())
+
+
+def reference_lse(q, k, scale, mask, pre, groups):
+    """Each row's log-sum-exp of the pre-Composed scores over its allowed keys (``+inf`` where none is allowed)."""
+    s = scale * q @ k.transpose(-1, -2)
+    if pre is not None:
+        s = compose(s, pre, groups)
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.where(mask.any(-1), lse, torch.full_like(lse, float("inf")))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_projected_forward_matches_reference(case):
+    """Output and row ``lse`` of :func:`projected_forward` (float32) against the float64 reference: grouped-query
+    keys, head groups, windows, key padding, queries at the end of a longer key range, rank 1, one Compose absent,
+    gates without low-rank terms."""
+    B, H, Hkv, T, S, D, G, R, options = case
+    g = torch.Generator().manual_seed(3)
+    fields = options.get("fields", DYNAMIC)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pre = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("pre_on", True) else None
+    post = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("post_on", True) else None
+    padding = None
+    if options.get("padding"):
+        padding = torch.ones(B, S, dtype=torch.bool)
+        padding[0, : S // 3] = False
+        padding[-1, :] = False  # a batch row that sees nothing: output 0, lse +inf
+    causal, window = options["causal"], options.get("window")
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window, key_padding=padding)
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    expected = composed_attention(q, k_rep, v_rep, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    full = torch.ones(B, H, T, S, dtype=torch.bool) if mask is None else mask.expand(B, H, T, S)
+    expected_lse = reference_lse(q, k_rep, D**-0.5, full, pre, G)
+
+    q32, k32, v32 = (t.float().to(DEVICE) for t in (q, k, v))
+    tensor_mask = None if padding is None else padding[:, None, None, :].to(DEVICE)
+    out, lse = projected.projected_forward(q32, k32, v32, D**-0.5, tensor_mask, as_float32(pre), as_float32(post), G,
+                                           causal, window or 0, S - T)
+    error = ((out.double().cpu() - expected).norm() / expected.norm()).item()
+    assert error <= 1e-5, error
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)  # rows with no allowed key: +inf
+    assert torch.allclose(lse.double().cpu()[finite], expected_lse[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_projected_forward_clamps_float16_sums_instead_of_making_nan():
+    """Half inputs keep the cross-head sums in float16; scores beyond its range are clamped to it, so the softmax
+    saturates (finite output) where ``inf - inf`` would have made NaN."""
+    g = torch.Generator().manual_seed(0)
+    B, H, T, D = 1, 4, 20, 16
+    q = (300 * torch.randn(B, H, T, D, generator=g)).half().to(DEVICE)
+    k = (300 * torch.randn(B, H, T, D, generator=g)).half().to(DEVICE)
+    v = torch.randn(B, H, T, D, generator=g).half().to(DEVICE)
+    w = as_float32(random_weights(B, T, T, 1, H, 2, DYNAMIC, g))
+    half = ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).detach().half() for f in FIELDS})
+    assert projected.SUMS_DTYPE[torch.float16] == torch.float16
+    out, _ = projected.projected_forward(q, k, v, 1.0, None, half, half, 1, True, 0, 0)
+    assert torch.isfinite(out).all()
+
+
+def test_projected_forward_takes_no_static_mix_and_ranks_up_to_two():
+    """:func:`projected.applies` says no to a static mix and to rank 3 (the blockwise or tile forward takes those),
+    and yes to the released models' Compose; asked anyway, the forward raises naming what it does not take."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 8, 16)
+    dynamic = as_float32(random_weights(1, 8, 8, 1, 4, 2, DYNAMIC, g))
+    static = as_float32(random_weights(1, 8, 8, 1, 4, 2, FIELDS, g))
+    rank3 = as_float32(random_weights(1, 8, 8, 1, 4, 3, DYNAMIC, g))
+    assert projected.applies(q, q, dynamic, dynamic, 1)
+    assert not projected.applies(q, q, static, None, 1)
+    assert not projected.applies(q, q, None, rank3, 1)
+    with pytest.raises(ValueError, match="rank 3"):
+        projected.projected_forward(q, q, q, 1.0, None, rank3, None, 1, True, 0, 0)
+
+
+def spy(monkeypatch, calls: list) -> None:
+    real = projected.projected_forward
+    monkeypatch.setattr(projected, "projected_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+
+
+@pytest.mark.parametrize("training_kernels, window, taken", [("auto", None, 1), ("blockwise", None, 0),
+                                                              ("auto", 7, 0), ("tiles", 7, 0)])
+def test_auto_trains_on_the_projected_forward_before_the_blockwise_backward(training_kernels, window, taken,
+                                                                             monkeypatch):
+    """With ``TRAINING_KERNELS = "auto"`` a training call whose backward is the blockwise one (16 heads, global) runs
+    the projected forward; a windowed 16-head layer (tile backward) and a forced path keep their own forward. Output
+    and every gradient match the float64 reference either way."""
+    calls = []
+    spy(monkeypatch, calls)
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", training_kernels)
+    compare(1, 16, 18, 18, 16, 1, 2, causal=True, window=window, fields=DYNAMIC, kv_heads=4)
+    assert len(calls) == taken
+
+
+def test_float16_training_keeps_the_backwards_own_forward():
+    """In float16 ``auto`` trains on the backward's own forward (docs of ``op.training_choice``)."""
+    q = torch.randn(1, 16, 8, 16)
+    w = as_float32(random_weights(1, 8, 8, 1, 16, 2, DYNAMIC, torch.Generator().manual_seed(0)))
+    assert op.training_choice(q, q, q, 1, w, w, 0) == ("projected", "blockwise")
+    assert op.training_choice(q.half(), q.half(), q.half(), 1, w, w, 0) == ("blockwise", "blockwise")
+
+
+def test_prefills_take_the_projected_forward_from_enough_scores(monkeypatch):
+    """Without gradients, ``auto`` takes the projected forward from ``op.PROJECTED_MIN_SCORES`` scores and
+    ``op.BLOCKWISE_MIN_QUERIES`` queries on, the tile forward below; both equal the reference."""
+    calls = []
+    spy(monkeypatch, calls)
+    monkeypatch.setattr(op, "BLOCKWISE_MIN_QUERIES", 8)
+    g = torch.Generator().manual_seed(2)
+    B, H, T, D = 2, 4, 24, 16
+    q, k, v = (torch.randn(B, H, T, D, generator=g).to(DEVICE) for _ in range(3))
+    w = as_float32(random_weights(B, T, T, 1, H, 2, DYNAMIC, g))
+    w = ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).detach() for f in FIELDS})
+    expected = composed_attention(q.cpu(), k.cpu(), v.cpu(), scale=D**-0.5, mask=MaskSpec(causal=True),
+                                  pre=as_cpu(w), post=as_cpu(w))
+    for threshold, taken in ((B * H * T * T, 1), (B * H * T * T + 1, 0)):
+        calls.clear()
+        monkeypatch.setattr(op, "PROJECTED_MIN_SCORES", threshold)
+        with torch.no_grad():
+            out = op.inference_forward(q, k, v, D**-0.5, None, w, w, 1, True, 0, 0)
+        assert len(calls) == taken
+        assert torch.allclose(out.cpu(), expected, atol=1e-5)
+
+
+def as_cpu(w: ComposeWeights) -> ComposeWeights:
+    return ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).cpu() for f in FIELDS})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("H, head_dim, kv_heads, window", [(16, 64, 16, None), (16, 128, 4, None), (32, 80, 32, 64)],
+                         ids=["16x64", "16x128", "32x80-w64"])
+def test_gpu_projected_forward_trains_within_low_precision_bounds(H, head_dim, kv_heads, window, monkeypatch):
+    """Training on ``auto`` in bf16 where it takes the projected forward (then the blockwise backward): the output
+    within 1e-2 of float32 and no error above the reference implementation's own in bf16 (the rule of the other GPU
+    tests)."""
+    calls = []
+    spy(monkeypatch, calls)
+    assert launch.TRAINING_KERNELS == "auto"
+    assert_no_further_off_than_the_reference(torch.bfloat16, H, head_dim, kv_heads, DYNAMIC, B=1, T=256,
+                                             window=window)
+    assert calls
