@@ -53,8 +53,10 @@ Layout of this package, by role:
 * :mod:`.forward`, :mod:`.backward`: the tile kernels;
 * :mod:`.blockwise` (launches) and :mod:`.blockwise_kernels`: the blockwise training path (materialised query
   blocks, products on cuBLAS, the Compose in Triton at memory speed), which trains wide groups and head dims above 64
-  (``launch.TRAINING_KERNELS``; :mod:`.op` routes each call); :mod:`.banded` runs sliding-window layers on it one
-  window of queries per block, the blocks stacked on the batch (off by default, untimed);
+  (``launch.TRAINING_KERNELS``; :mod:`.op` routes each call);
+* :mod:`.projected`: the projected forward (each Compose's cross-head sums computed once per (query, key) pair, the
+  heads in a loop, one head's tile at a time), auto's training forward before the blockwise backward and its prefill
+  forward at larger sizes;
 * :mod:`.launch`: what the kernels take (:func:`check_supported`), tile shapes, launches;
 * :mod:`.op`: the ``torch.library`` custom ops with autograd, and the entry point
   :func:`triton_composed_attention`. What runs when a kernel does not fit the GPU is the ops registry's
