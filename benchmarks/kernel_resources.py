@@ -28,7 +28,7 @@ WEIGHTS = tuple(f"{c}_{t}" for c in ("pre", "post") for t in ("w", "q1", "q2", "
 
 
 def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, divisible=(),
-                   maxnreg: int | None = None) -> dict:
+                   maxnreg: int | None = None, stages: int = 1) -> dict:
     """Compile ``fn`` for ``sm_{arch}``: registers, spill bytes, shared memory and a PTX hash. ``divisible``: the
     arguments (pointers, integers) to compile as multiples of 16, as Triton's launcher specialises them when they are
     at run time; the layouts Triton picks follow them (docs/kernels.md, "Third pass"), so name those of the launch being
@@ -45,7 +45,7 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, d
            and (name not in fixed if divisible == "all" else name in divisible)}
     source = ASTSource(fn, signature, constexprs={(fn.arg_names.index(k),): v for k, v in constants.items()},
                        attrs={(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in div})
-    options = dict(num_warps=warps, num_stages=1, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
+    options = dict(num_warps=warps, num_stages=stages, **({} if maxnreg is None else dict(maxnreg=maxnreg)))
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,6 +87,9 @@ def main(argv=None) -> int:
                         help="the blockwise training path's kernels instead (blockwise.TILES or --tiles "
                              "BMxBNxWARPSxVEC), every pointer and integer argument but L a multiple of 16 as at the "
                              "benchmark shapes; head dims do not enter them")
+    parser.add_argument("--projected", action="store_true",
+                        help="the projected forward's four kernels instead (projected.TILES, or --tiles "
+                             "BMxBNxWARPSxSTAGES for every kernel)")
     parser.add_argument("--ptx-hash", action="store_true",
                         help="one more column: a hash of the PTX without line numbers, to check that a change leaves a "
                              "kernel's code as it was (compare the column before and after)")
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
     os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not for the interpreter
     if args.blockwise:
         return blockwise_table(args)
+    if args.projected:
+        return projected_table(args)
     import torch
     import triton
 
@@ -199,6 +204,45 @@ def blockwise_table(args) -> int:
                 continue
             print(f"| {name} | {BM} x {BN} | {warps} | {vec} | {r['registers']} | {r['spill']} | "
                   f"{r['shared'] / 1024:.0f} |", flush=True)
+    return 0
+
+
+def projected_table(args) -> int:
+    """``--projected``: registers, spills and shared memory of the projected forward's kernels, one row per (kernel,
+    tile, head dim), the sums in float16 (``projected.SUMS_DTYPE`` for half inputs)."""
+    import triton
+
+    from headmix.ops.triton import projected as pj
+
+    low = "*" + args.dtype
+    flags = 126  # every dynamic term (the projected forward takes no static mix)
+    kernels = dict(pre_sums=pj._pre_sums_kernel, stats=pj._stats_kernel, post_sums=pj._post_sums_kernel,
+                   out=pj._out_kernel)
+    print(f"# projected forward kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} "
+          f"heads per group, rank {args.rank}, {args.dtype} inputs, float16 sums, causal, every argument specialised "
+          "as a multiple of 16")
+    print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | stages | registers/thread | spill bytes/thread "
+          "| shared KB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, fn in kernels.items():
+        shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [pj.TILES[name]])
+        pointers = {n: ("*u8" if n == "mask_ptr" else "*fp16" if n in ("uv_ptr", "pv_ptr")
+                        else "*fp32" if n == "lse_ptr" else low) for n in fn.arg_names
+                    if n.endswith("_ptr") or n in ("q1", "q2", "k1", "k2", "qg", "kg", "p1", "p2", "pk1", "pk2",
+                                                   "pqg", "pkg")}
+        for head_dim in args.head_dim:
+            for BM, BN, warps, stages in shapes:
+                consts = dict(G=1, M=args.heads, R=args.rank, DP=max(16, triton.next_power_of_2(head_dim)),
+                              DVP=max(16, triton.next_power_of_2(head_dim)), BM=BM, BN=BN, FLAGS=flags,
+                              POST_FLAGS=flags, CAUSAL=True, WINDOW=0, HAS_MASK=False, IEEE=args.dtype == "fp32")
+                try:
+                    r = compile_kernel(fn, consts, pointers, warps, args.arch, divisible="all", stages=stages)
+                except Exception as error:  # noqa: BLE001  (a row saying so; the table goes on)
+                    print(f"| {name} | {head_dim} | {BM} x {BN} | {warps} | {stages} | failed: "
+                          f"{type(error).__name__} | | |", flush=True)
+                    continue
+                print(f"| {name} | {head_dim} | {BM} x {BN} | {warps} | {stages} | {r['registers']} | {r['spill']} | "
+                      f"{r['shared'] / 1024:.0f} |", flush=True)
     return 0
 
 
