@@ -79,6 +79,43 @@ def test_projected_forward_matches_reference(case):
     assert torch.allclose(lse.double().cpu()[finite], expected_lse[finite], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("causal, window, padding", [(True, None, False), (True, 10, True), (False, 12, False)],
+                         ids=["causal", "causal-window-padding", "two-sided-window"])
+def test_projected_forward_in_query_blocks_matches_reference(causal, window, padding, monkeypatch):
+    """Where the whole call's sums buffers would pass ``MAX_SUMS_BYTES``, the queries go in blocks, each against the
+    keys it may see (its weights' query and key fields sliced, the mask too): output and ``lse`` as the reference,
+    including rows that see no key. Spied: several blocks, each with fewer keys than the call where the mask allows."""
+    monkeypatch.setattr(projected, "MAX_SUMS_BYTES", 1)
+    monkeypatch.setattr(projected, "MIN_BLOCK_ROWS", 16)
+    calls = []
+    real = projected._forward
+    monkeypatch.setattr(projected, "_forward", lambda *a: calls.append((a[0].shape[2], a[1].shape[2])) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    B, H, T, S, D, G = 2, 4, 40, 50, 16, 1
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, H, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pre, post = (random_weights(B, T, S, G, H, 2, DYNAMIC, g) for _ in range(2))
+    key_padding = None
+    if padding:
+        key_padding = torch.ones(B, S, dtype=torch.bool)
+        key_padding[0, :25] = False  # batch 0's first block of queries sees no key
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window,
+                          key_padding=key_padding)
+    expected = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    full = torch.ones(B, H, T, S, dtype=torch.bool) if mask is None else mask.expand(B, H, T, S)
+    expected_lse = reference_lse(q, k, D**-0.5, full, pre, G)
+    tensor_mask = None if key_padding is None else key_padding[:, None, None, :].to(DEVICE)
+    out, lse = projected.projected_forward(*(t.float().to(DEVICE) for t in (q, k, v)), D**-0.5, tensor_mask,
+                                           as_float32(pre), as_float32(post), G, causal, window or 0, S - T)
+    assert len(calls) == 3 and all(rows <= 16 for rows, _ in calls), calls
+    if window:
+        assert all(keys < S for _, keys in calls), calls
+    assert ((out.double().cpu() - expected).norm() / expected.norm()).item() <= 1e-5
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert torch.allclose(lse.double().cpu()[finite], expected_lse[finite], rtol=1e-5, atol=1e-5)
+
+
 def test_projected_forward_clamps_float16_sums_instead_of_making_nan():
     """Half inputs keep the cross-head sums in float16; scores beyond its range are clamped to it, so the softmax
     saturates (finite output) where ``inf - inf`` would have made NaN."""

@@ -24,7 +24,8 @@ kernels read ``4R`` stored sums per element (16-bit: L2-resident while a query t
 tile and blockwise forwards in docs/kernels.md ("The projected forward").
 
 Forward only: the training forward (either backward takes its ``lse``), an evaluation, a prefill. Rank 1 or 2, no
-static head mix (the released models train without it). The sums buffers take ``4 R B G T S`` numbers.
+static head mix (the released models train without it). The sums buffers take ``4 R B G T S`` numbers, in
+query blocks where that would pass :data:`MAX_SUMS_BYTES`.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ TILES = {"pre_sums": (64, 32, 4, 3), "stats": (64, 32, 4, 3), "post_sums": (32, 
 # or float32 sums, the blockwise path's own, and 5.30e-3 with bfloat16 ones; sums past float16's range are clamped
 # to it).
 SUMS_DTYPE = {torch.bfloat16: torch.float16, torch.float16: torch.float16}
-# Largest sums buffers (bytes) a call may allocate; above it :func:`applies` says no.
+# Largest sums buffers (bytes) one call of the kernels may allocate; above it the queries go in blocks.
 MAX_SUMS_BYTES = 4 << 30
+MIN_BLOCK_ROWS = 64  # the fewest query rows of a block (a multiple of every BM in TILES)
 
 
 @triton.jit
@@ -314,18 +316,32 @@ def _out_kernel(q_ptr, k_ptr, v_ptr, o_ptr, uv_ptr, pv_ptr, lse_ptr, mask_ptr, q
              mask=i_ok[:, None] & e_ok[None, :])
 
 
-def _sums_bytes(q: Tensor, k: Tensor, R: int, groups: int, dtype: torch.dtype) -> int:
-    """Bytes of the two sums buffers (pre and post) of a call."""
-    return 2 * q.shape[0] * groups * 2 * R * q.shape[2] * k.shape[2] * torch.empty(0, dtype=dtype).element_size()
+def _rows_per_block(B: int, groups: int, R: int, T: int, S: int, dtype: torch.dtype) -> int:
+    """Query rows per call of the four kernels: all ``T`` when both sums buffers fit :data:`MAX_SUMS_BYTES`, else the
+    most (a multiple of :data:`MIN_BLOCK_ROWS`, at least that) that do."""
+    per_row = 2 * B * groups * 2 * R * S * torch.empty(0, dtype=dtype).element_size()
+    if per_row * T <= MAX_SUMS_BYTES:
+        return T
+    return max(MIN_BLOCK_ROWS, MAX_SUMS_BYTES // per_row // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS)
+
+
+def _key_span(i0: int, i1: int, S: int, offset: int, causal: bool, window: int) -> tuple[int, int]:
+    """Keys ``[lo, hi)`` that queries ``i0 .. i1 - 1`` (query ``i`` at key ``i + offset``) may see."""
+    lo, hi = 0, S
+    if causal:
+        hi = min(S, max(0, i1 + offset))
+    if window:
+        lo = min(S, max(0, i0 + offset - window + 1))
+        if not causal:
+            hi = min(S, max(0, i1 - 1 + offset + window))
+    return lo, max(lo, hi)
 
 
 def applies(q: Tensor, k: Tensor, pre, post, groups: int) -> bool:
-    """Whether :func:`projected_forward` takes this call: no static head mix, rank 1 or 2, head dims of at least 16,
-    and sums buffers of at most :data:`MAX_SUMS_BYTES`."""
+    """Whether :func:`projected_forward` takes this call: no static head mix, rank 1 or 2, head dims of at least 16."""
     if any(w is not None and w.static is not None for w in (pre, post)) or q.shape[-1] < 16:
         return False
-    R = _check(q, k, k, groups, pre, post)[1]
-    return R <= 2 and _sums_bytes(q, k, R, groups, SUMS_DTYPE.get(q.dtype, torch.float32)) <= MAX_SUMS_BYTES
+    return _check(q, k, k, groups, pre, post)[1] <= 2
 
 
 def _fields(w, dummy: Tensor) -> list[Tensor]:
@@ -339,12 +355,40 @@ def projected_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tenso
                       causal: bool, window: int, offset: int) -> tuple[Tensor, Tensor]:
     """``(O, lse)`` as :func:`headmix.ops.triton.launch.triton_forward` (``lse``: each row's log-sum-exp of ``S'``,
     ``+inf`` where no key is allowed), on the four kernels above. ``q`` ``(B, H, T, D)``, ``k``, ``v`` ``(B, H_kv, S,
-    D)`` (grouped-query keys: ``H_kv`` divides ``H``); ``mask`` a bool mask broadcastable to ``(B, 1, T, S)``."""
+    D)`` (grouped-query keys: ``H_kv`` divides ``H``); ``mask`` a bool mask broadcastable to ``(B, 1, T, S)``. Where
+    the sums buffers of the whole call would pass :data:`MAX_SUMS_BYTES`, the queries go in blocks, each against the
+    keys it may see."""
     B, H, T, D = q.shape
-    S, Hkv, DV = k.shape[2], k.shape[1], v.shape[-1]
+    S, DV = k.shape[2], v.shape[-1]
     M, R = _check(q, k, v, groups, pre, post)
     if R > 2 or any(w is not None and w.static is not None for w in (pre, post)):
         raise ValueError(f"projected forward: rank {R} and a static mix are not supported (rank 1 or 2, no static)")
+    window = int(window or 0)
+    rows = _rows_per_block(B, groups, R, T, S, SUMS_DTYPE.get(q.dtype, torch.float32))
+    if rows >= T:
+        return _forward(q, k, v, scale, mask, pre, post, groups, M, R, causal, window, offset)
+    o = torch.zeros(B, H, T, DV, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, T), float("inf"), dtype=torch.float32, device=q.device)
+    if mask is not None:
+        while mask.dim() < 4:
+            mask = mask[None]
+        mask = mask.expand(mask.shape[0], 1, T, S)
+    for i0 in range(0, T, rows):
+        i1 = min(T, i0 + rows)
+        lo, hi = _key_span(i0, i1, S, offset, causal, window)
+        if hi == lo:  # (no key for these rows: zeros, +inf)
+            continue
+        block = [None if w is None else w.query_slice(i0, i1).key_slice(lo, hi) for w in (pre, post)]
+        o[:, :, i0:i1], lse[:, :, i0:i1] = _forward(
+            q[:, :, i0:i1], k[:, :, lo:hi], v[:, :, lo:hi], scale, None if mask is None else mask[..., i0:i1, lo:hi],
+            *block, groups, M, R, causal, window, offset + i0 - lo)
+    return o, lse
+
+
+def _forward(q, k, v, scale, mask, pre, post, groups, M, R, causal, window, offset) -> tuple[Tensor, Tensor]:
+    """:func:`projected_forward` in one call of the four kernels."""
+    B, H, T, D = q.shape
+    S, Hkv, DV = k.shape[2], k.shape[1], v.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     DP, DVP = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(DV))
     dummy = q.new_empty(1)
