@@ -88,7 +88,7 @@ def main(argv=None) -> int:
                              "BMxBNxWARPSxVEC), every pointer and integer argument but L a multiple of 16 as at the "
                              "benchmark shapes; head dims do not enter them")
     parser.add_argument("--projected", action="store_true",
-                        help="the projected forward's four kernels instead (projected.TILES, or --tiles "
+                        help="the projected forward's and backward's kernels instead (their TILES, or --tiles "
                              "BMxBNxWARPSxSTAGES for every kernel)")
     parser.add_argument("--ptx-hash", action="store_true",
                         help="one more column: a hash of the PTX without line numbers, to check that a change leaves a "
@@ -208,28 +208,32 @@ def blockwise_table(args) -> int:
 
 
 def projected_table(args) -> int:
-    """``--projected``: registers, spills and shared memory of the projected forward's kernels, one row per (kernel,
-    tile, head dim), the sums in float16 (``projected.SUMS_DTYPE`` for half inputs)."""
+    """``--projected``: registers, spills and shared memory of the projected forward's and backward's kernels, one row
+    per (kernel, tile, head dim), the sums in float16 (``projected.SUMS_DTYPE`` for half inputs)."""
     import triton
 
     from headmix.ops.triton import projected as pj
+    from headmix.ops.triton import projected_backward as pb
 
     low = "*" + args.dtype
-    flags = 126  # every dynamic term (the projected forward takes no static mix)
+    flags = 126  # every dynamic term (the projected kernels take no static mix)
     kernels = dict(pre_sums=pj._pre_sums_kernel, stats=pj._stats_kernel, post_sums=pj._post_sums_kernel,
-                   out=pj._out_kernel)
-    print(f"# projected forward kernels compiled for sm_{args.arch} with triton {triton.__version__}: {args.heads} "
-          f"heads per group, rank {args.rank}, {args.dtype} inputs, float16 sums, causal, every argument specialised "
+                   out=pj._out_kernel, dz_sums=pb._dz_sums_kernel, post_rows=pb._post_rows_kernel,
+                   dy_sums=pb._dy_sums_kernel, dq=pb._dq_kernel, dkv=pb._dkv_kernel)
+    tiles = dict(pj.TILES, **pb.TILES)
+    fp32 = {"lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "gw1", "gw2", "gg", "gpw1", "gpw2", "gpg"}
+    print(f"# projected forward and backward kernels compiled for sm_{args.arch} with triton {triton.__version__}: "
+          f"{args.heads} heads per group, rank {args.rank}, {args.dtype} inputs, float16 sums, causal, every argument specialised "
           "as a multiple of 16")
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | stages | registers/thread | spill bytes/thread "
           "| shared KB |")
     print("|---|---|---|---|---|---|---|---|")
     for name, fn in kernels.items():
-        shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [pj.TILES[name]])
-        pointers = {n: ("*u8" if n == "mask_ptr" else "*fp16" if n in ("uv_ptr", "pv_ptr")
-                        else "*fp32" if n == "lse_ptr" else low) for n in fn.arg_names
-                    if n.endswith("_ptr") or n in ("q1", "q2", "k1", "k2", "qg", "kg", "p1", "p2", "pk1", "pk2",
-                                                   "pqg", "pkg")}
+        shapes = ([tuple(int(x) for x in t.split("x")) for t in args.tiles] if args.tiles else [tiles[name]])
+        pointers = {n: ("*u8" if n == "mask_ptr" else "*fp16" if n in ("uv_ptr", "pv_ptr", "dc_ptr", "dh_ptr")
+                        else "*fp32" if n in fp32 else low) for n in fn.arg_names
+                    if n.endswith("_ptr") or n in fp32 or n in ("q1", "q2", "k1", "k2", "qg", "kg", "p1", "p2", "pk1",
+                                                                "pk2", "pqg", "pkg")}
         for head_dim in args.head_dim:
             for BM, BN, warps, stages in shapes:
                 consts = dict(G=1, M=args.heads, R=args.rank, DP=max(16, triton.next_power_of_2(head_dim)),

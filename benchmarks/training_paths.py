@@ -67,8 +67,10 @@ def main(argv=None) -> int:
     parser.add_argument("--windows", type=int, nargs="+", default=[0], help="0: global (causal) attention")
     parser.add_argument("--static", action="store_true", help="with the static head mix")
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"], choices=["tiles", "blockwise", "auto"],
-                        help="auto: what backend='auto' trains on (the projected forward where it applies)")
+    parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"],
+                        choices=["tiles", "blockwise", "projected", "auto"],
+                        help="auto: what backend='auto' trains on (the projected forward where it applies); "
+                             "projected: the projected forward and backward (forced only, not yet timed)")
     parser.add_argument("--deterministic", action="store_true",
                         help="under torch.use_deterministic_algorithms(True): the blockwise path's key-side weight "
                              "gradients as partial sums added in a fixed order, not atomic adds")

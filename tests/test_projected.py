@@ -213,3 +213,92 @@ def test_gpu_projected_forward_trains_within_low_precision_bounds(H, head_dim, k
     assert_no_further_off_than_the_reference(torch.bfloat16, H, head_dim, kv_heads, DYNAMIC, B=1, T=256,
                                              window=window)
     assert calls
+
+
+BACKWARD_CASES = [
+    # B, H, H_kv, T, S, D, G, R, options
+    (1, 4, 4, 40, 40, 16, 1, 2, dict(causal=True)),
+    (1, 8, 2, 37, 37, 32, 1, 2, dict(causal=True, window=9)),  # grouped-query keys, a window, ragged tiles
+    (2, 8, 8, 24, 24, 16, 2, 1, dict(causal=False)),  # two head groups, rank 1, no mask
+    (2, 4, 2, 9, 45, 20, 1, 2, dict(causal=True, padding=True)),  # 9 queries at the end of 45 keys, key padding
+    (1, 6, 6, 30, 30, 16, 2, 2, dict(causal=True, fields=("query_w1", "key_gate"), post_on=False)),
+    (1, 4, 4, 21, 21, 16, 1, 2, dict(causal=True, fields=("key_w1", "query_gate"), pre_on=False)),
+    (1, 4, 4, 21, 21, 16, 1, 2, dict(causal=True, fields=("query_gate", "key_gate"))),
+]
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=case_id)
+def test_projected_backward_matches_reference(case):
+    """:func:`projected_backward` (float32, from the projected forward's ``lse``): ``dq``, ``dk``, ``dv`` and the
+    gradient of every present Compose field against float64 autograd through the reference."""
+    from headmix.ops.triton.projected_backward import projected_backward
+
+    B, H, Hkv, T, S, D, G, R, options = case
+    g = torch.Generator().manual_seed(5)
+    fields = options.get("fields", DYNAMIC)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_()
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    pre = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("pre_on", True) else None
+    post = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("post_on", True) else None
+    padding = None
+    if options.get("padding"):
+        padding = torch.ones(B, S, dtype=torch.bool)
+        padding[0, : S // 3] = False
+        padding[-1, :] = False
+    causal, window = options["causal"], options.get("window")
+    mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window, key_padding=padding)
+    k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
+    out = composed_attention(q, k_rep, v_rep, scale=D**-0.5, mask=mask, pre=pre, post=post, groups=G)
+    do = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    named = [("dq", q), ("dk", k), ("dv", v)] + [(f"{c}.{f}", getattr(w, f)) for c, w in (("pre", pre), ("post", post))
+                                                 if w is not None for f in FIELDS if getattr(w, f) is not None]
+    expected = dict(zip([n for n, _ in named], torch.autograd.grad(out, [t for _, t in named], do)))
+
+    args = [t.detach().float().to(DEVICE) for t in (q, k, v)]
+    pre32, post32 = (None if w is None else ComposeWeights(**{f: None if getattr(w, f) is None else
+                                                             getattr(w, f).detach().float().to(DEVICE)
+                                                             for f in FIELDS}) for w in (pre, post))
+    tensor_mask = None if padding is None else padding[:, None, None, :].to(DEVICE)
+    call = (D**-0.5, tensor_mask, pre32, post32, G, causal, window or 0, S - T)
+    _, lse = projected.projected_forward(*args, *call)
+    dq, dk, dv, dpre, dpost = projected_backward(do.float().to(DEVICE), *args, lse, *call)
+    got = {"dq": dq, "dk": dk, "dv": dv, **{f"pre.{f}": t for f, t in dpre.items()},
+           **{f"post.{f}": t for f, t in dpost.items()}}
+    assert got.keys() == expected.keys()
+    errors = {n: ((got[n].double().cpu() - e).norm() / e.norm().clamp_min(1e-30)).item() for n, e in expected.items()}
+    assert all(e <= 1e-5 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("case", [(1, 8, 18, 18, 16, 1, 2, dict(causal=True, kv_heads=2)),
+                                  (2, 4, 5, 25, 16, 2, 1, dict(causal=True, padding=True)),
+                                  (1, 4, 17, 17, 16, 1, 2, dict(causal=True, window=5, fields=("query_w1", "key_gate"),
+                                                                post_on=False))], ids=["gqa", "padding",
+                                                                                       "window-partial"])
+def test_forced_projected_path_trains_through_the_op(case, monkeypatch):
+    """``TRAINING_KERNELS = "projected"``: the custom op's forward and backward on the projected kernels (spied),
+    output and every gradient against the float64 reference; with a static mix a clear error."""
+    from headmix.ops.triton import projected_backward
+
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "projected")
+    calls = []
+    spy(monkeypatch, calls)
+    real = projected_backward.projected_backward
+    monkeypatch.setattr(projected_backward, "projected_backward", lambda *a: calls.append("bwd") or real(*a))
+    *shape, options = case
+    compare(*shape, fields=options.pop("fields", DYNAMIC), **options)
+    assert len(calls) == 2 and calls[-1] == "bwd"
+    with pytest.raises(ValueError, match="without a static mix"):
+        compare(1, 4, 8, 8, 16, 1, 2, causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H, head_dim, kv_heads, window", [(16, 64, 16, None), (16, 64, 16, 64), (32, 80, 8, None)],
+                         ids=["16x64", "16x64-w64", "32x80"])
+def test_gpu_forced_projected_path_trains_within_low_precision_bounds(dtype, H, head_dim, kv_heads, window,
+                                                                       monkeypatch):
+    """``TRAINING_KERNELS = "projected"`` (forward and backward in the projected form, one rounding of ``S'`` on both
+    sides) in bf16 and fp16: the rule of the other GPU tests."""
+    monkeypatch.setattr(launch, "TRAINING_KERNELS", "projected")
+    assert_no_further_off_than_the_reference(dtype, H, head_dim, kv_heads, DYNAMIC, B=1, T=256, window=window)

@@ -16,7 +16,7 @@ from triton.runtime.errors import OutOfResources
 
 from ...masks import MaskSpec, as_mask_spec
 from ...reference import ComposeWeights
-from . import launch, projected
+from . import launch, projected, projected_backward
 from .blockwise import blockwise_backward, blockwise_forward
 from .launch import FIELDS, check_supported, padded_heads, training_kernels, triton_backward, triton_forward
 
@@ -98,6 +98,8 @@ def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offse
     every training shape measured, docs/kernels.md) before the blockwise backward, else the forward of the kernels
     :func:`training_kernels` names (a forced ``TRAINING_KERNELS`` keeps its own forward)."""
     forward = training_choice(q, k, v, groups, pre, post, window)[0]
+    if forward == "projected":
+        _check_projected(q, k, pre, post, groups)
     if forward != "tiles":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         run = projected.projected_forward if forward == "projected" else blockwise_forward
@@ -107,7 +109,13 @@ def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offse
 
 def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
     """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
-    if kernels_for(q, k, v, groups, pre, post, window) == "blockwise":
+    backward = kernels_for(q, k, v, groups, pre, post, window)
+    if backward == "projected":
+        _check_projected(q, k, pre, post, groups)
+        check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
+        return projected_backward.projected_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window,
+                                                     offset)
+    if backward == "blockwise":
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
         return blockwise_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
     return triton_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset)
@@ -150,12 +158,19 @@ def inference_forward(q, k, v, scale, mask, pre, post, groups, causal, window, o
     return triton_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset)[0]
 
 
+def _check_projected(q: Tensor, k: Tensor, pre, post, groups: int) -> None:
+    if not projected.applies(q, k, pre, post, groups):
+        raise ValueError("TRAINING_KERNELS = 'projected' takes Composes without a static mix, of rank 1 or 2, and head "
+                         f"dims of at least 16 (got head dim {q.shape[-1]}, a static mix: "
+                         f"{any(w is not None and w.static is not None for w in (pre, post))})")
+
+
 def training_choice(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, window) -> tuple[str, str]:
     """``(forward, backward)`` :func:`train_forward` and :func:`train_backward` run for these inputs: with
     ``TRAINING_KERNELS`` ``"auto"`` the projected forward where it applies, the backward is the blockwise one and the
     inputs are not float16; otherwise the backward's own forward. A backward recomputes ``P = exp(S' - lse)`` with its
-    own rounding of ``S'``, so an ``lse`` from another forward adds that forward's rounding to the gradients: on the H200
-    (2026-12-02, T = 256, ``tests/test_projected.py``'s GPU rule) that stayed within the reference's own bf16 error
+    own rounding of ``S'``, so an ``lse`` from another forward adds that forward's rounding to the gradients: on the
+    H200 (2026-12-02, T = 256, ``tests/test_projected.py``'s GPU rule) that stayed within the reference's own bf16 error
     with the blockwise backward, and went past it with the tile backward (bf16, window 64: a weight gradient) and in
     float16 (whose backward mixes in tf32: the reference's float16 error, ~2e-3, is below the float16 sums'
     rounding)."""
