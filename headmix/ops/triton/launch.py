@@ -48,9 +48,7 @@ WIDE_GROUPS_ON_AUTO = False
 # blockwise training path"): 16 x 64 20.9 -> 18.2, window 256 5.3 -> 13.3; 16 x 128 59.8 -> 19.0, window 256 16.4 ->
 # 14.2; 32 x 80 in one group 351.7 -> 38.5, window 256 96.8 -> 16.8; 32 x 128 404.9 -> 40.2, window 256 112.1 ->
 # 18.1; with the static mix (2026-11-30) 16 x 64 21.0 -> 66.9. So auto takes the blockwise path without a static mix
-# everywhere but windowed groups of up to 16 heads with padded head dims up to 64. "projected": the projected forward
-# and backward (projected.py, projected_backward.py: the cross-head sums once per (query, key) pair, one head's tile at
-# a time; no static mix, rank 1 or 2), only when forced: exact in the interpreter, not yet timed on a GPU.
+# everywhere but windowed groups of up to 16 heads with padded head dims up to 64. "projected": only forced, untimed.
 TRAINING_KERNELS = "auto"
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
@@ -157,9 +155,8 @@ def auto_refusal(heads_per_group: int, static: bool = True) -> str | None:
 
 
 def training_kernels(padded_heads: int, head_dim: int, static: bool, window: int = 0) -> str:
-    """"tiles" or "blockwise" (or a forced "projected"): which kernels train a group of ``padded_heads`` heads of
-    ``head_dim`` dimensions, ``static`` whether a Compose has a static mix, ``window`` the sliding window (0: none)
-    (:data:`TRAINING_KERNELS`)."""
+    """"tiles" or "blockwise" (or a forced "projected"): which kernels train ``padded_heads`` heads of ``head_dim``
+    dims, ``static`` whether a Compose has a static mix, ``window`` the window (:data:`TRAINING_KERNELS`)."""
     check_choice("TRAINING_KERNELS", TRAINING_KERNELS, ("auto", "tiles", "blockwise", "projected"))
     if TRAINING_KERNELS != "auto":
         return TRAINING_KERNELS

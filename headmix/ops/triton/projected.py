@@ -183,6 +183,20 @@ def _pair(T, S, off, BM: tl.constexpr, BN: tl.constexpr, CAUSAL: tl.constexpr, W
 
 
 @triton.jit
+def _pair_group(G: tl.constexpr):
+    """A sums program's ``(batch x group, batch, group)``."""
+    bg = tl.program_id(2)
+    return bg, bg // G, bg % G
+
+
+@triton.jit
+def _zero_sums(BM: tl.constexpr, BN: tl.constexpr):
+    """Four float32 ``(BM, BN)`` accumulators of a tile pair's sums."""
+    return (tl.zeros((BM, BN), dtype=tl.float32), tl.zeros((BM, BN), dtype=tl.float32),
+            tl.zeros((BM, BN), dtype=tl.float32), tl.zeros((BM, BN), dtype=tl.float32))
+
+
+@triton.jit
 def _pre_sums_kernel(q_ptr, k_ptr, uv_ptr, q1, k1, sqb, sqh, sqt, skb, skh, sks, T, S, D, off, scale, rep,
                      G: tl.constexpr, M: tl.constexpr, R: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, FLAGS: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
@@ -190,14 +204,9 @@ def _pre_sums_kernel(q_ptr, k_ptr, uv_ptr, q1, k1, sqb, sqh, sqt, skb, skh, sks,
     """The pre-Compose's sums ``u_r, v_r`` of one tile pair (every head's scores in a loop), stored."""
     offs_i, i_ok, offs_j, j_ok, seen = _pair(T, S, off, BM, BN, CAUSAL, WINDOW)
     if seen:
-        bg = tl.program_id(2)
-        b = bg // G
-        g = bg % G
+        bg, b, g = _pair_group(G)
         offs_d = tl.arange(0, DP)
-        u0 = tl.zeros((BM, BN), dtype=tl.float32)
-        u1 = tl.zeros((BM, BN), dtype=tl.float32)
-        v0 = tl.zeros((BM, BN), dtype=tl.float32)
-        v1 = tl.zeros((BM, BN), dtype=tl.float32)
+        u0, u1, v0, v1 = _zero_sums(BM, BN)
         for m in range(M):
             qt = _q_tile(q_ptr, b, g * M + m, offs_i, i_ok, offs_d, offs_d < D, sqb, sqh, sqt)
             x = _scores(qt, k_ptr, b, g * M + m, rep, offs_j, j_ok, offs_d, offs_d < D, skb, skh, sks, scale, IEEE)
@@ -215,15 +224,10 @@ def _post_sums_kernel(q_ptr, k_ptr, uv_ptr, pv_ptr, lse_ptr, mask_ptr, q2, k2, q
     """The post-Compose's sums ``U_r, V_r`` of one tile pair, from every head's ``P_g = exp(S'_g - lse_g)``, stored."""
     offs_i, i_ok, offs_j, j_ok, seen = _pair(T, S, off, BM, BN, CAUSAL, WINDOW)
     if seen:
-        bg = tl.program_id(2)
-        b = bg // G
-        g = bg % G
+        bg, b, g = _pair_group(G)
         offs_d = tl.arange(0, DP)
         u0, u1, v0, v1 = _load_sums(uv_ptr, bg, offs_i, i_ok, offs_j, j_ok, T, S, R, BM, BN, FLAGS)
-        pu0 = tl.zeros((BM, BN), dtype=tl.float32)
-        pu1 = tl.zeros((BM, BN), dtype=tl.float32)
-        pv0 = tl.zeros((BM, BN), dtype=tl.float32)
-        pv1 = tl.zeros((BM, BN), dtype=tl.float32)
+        pu0, pu1, pv0, pv1 = _zero_sums(BM, BN)
         valid = _valid(b, offs_i, offs_j, T, S, off, mask_ptr, smb, smt, sms, CAUSAL, WINDOW, HAS_MASK)
         for m in range(M):
             qt = _q_tile(q_ptr, b, g * M + m, offs_i, i_ok, offs_d, offs_d < D, sqb, sqh, sqt)

@@ -28,8 +28,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .launch import FIELDS, _check, _flags, _mask_args
-from .projected import (SUMS_DTYPE, _add_sums, _compose_head, _fields, _load_sums, _pair, _post_sums_kernel,
-                        _pre_sums_kernel, _q_tile, _scores, _store_sums)
+from .projected import (SUMS_DTYPE, _add_sums, _compose_head, _fields, _load_sums, _pair, _pair_group,
+                        _post_sums_kernel, _pre_sums_kernel, _q_tile, _scores, _store_sums, _zero_sums)
 from .tiles import KEY_GATE, KEY_LOWRANK, QUERY_GATE, QUERY_LOWRANK, _key_range, _query_range, _valid
 
 ENABLED = False
@@ -95,15 +95,10 @@ def _dz_sums_kernel(do_ptr, v_ptr, dc_ptr, p2, pk2, sob, soh, sot, svb, svh, svs
     """``dU_r = Σ_g w2q'_r,g dz_g``, ``dV_r = Σ_g w2k'_r,g dz_g`` of one tile pair (``dz_g = dO_g V_g^T``), stored."""
     offs_i, i_ok, offs_j, j_ok, seen = _pair(T, S, off, BM, BN, CAUSAL, WINDOW)
     if seen:
-        bg = tl.program_id(2)
-        b = bg // G
-        g = bg % G
+        bg, b, g = _pair_group(G)
         offs_e = tl.arange(0, DVP)
         e_ok = offs_e < DV
-        a0 = tl.zeros((BM, BN), dtype=tl.float32)
-        a1 = tl.zeros((BM, BN), dtype=tl.float32)
-        c0 = tl.zeros((BM, BN), dtype=tl.float32)
-        c1 = tl.zeros((BM, BN), dtype=tl.float32)
+        a0, a1, c0, c1 = _zero_sums(BM, BN)
         for m in range(M):
             head = g * M + m
             dot_ = _rows_of(do_ptr, b, head, offs_i, i_ok, sob, soh, sot, offs_e, e_ok)
@@ -135,15 +130,11 @@ def _recompute(qt, k_ptr, v_ptr, dot_, uv_ptr, dc_ptr, mask_ptr, lse, q2, k2, qg
 
 
 @triton.jit
-def _post_rows_kernel(q_ptr, k_ptr, v_ptr, do_ptr, uv_ptr, pv_ptr, dc_ptr, lse_ptr, delta_ptr, mask_ptr,
-                      q2, k2, qg, kg, p1, pk1, pqg, pkg, gw1, gw2, gg,
-                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, smb, smt, sms,
-                      T, S, D, DV, off, scale, rep,
-                      G: tl.constexpr, M: tl.constexpr, R: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, POST_FLAGS: tl.constexpr,
-                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
-    """``Δ = Σ_j p dp`` of one head's query tile and the post-Compose's query-side weight gradients (row sums):
-    ``dw2q'_r = Σ_j dz U_r``, ``dw1q'_r = Σ_j dU_r p``, ``dg_q' = Σ_j dz p``."""
+def _query_head(q_ptr, do_ptr, lse_ptr, sqb, sqh, sqt, sob, soh, sot, T, S, D, DV, off, G: tl.constexpr,
+                M: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """A query-major per-head program's frame: ``(bh, b, head, g, m, bg, offs_i, i_ok, offs_d, d_ok, offs_e, e_ok,
+    lo, hi)``, its query tile, its ``dO`` tile and its rows' ``lse``."""
     pid_i = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // (G * M)
@@ -161,6 +152,21 @@ def _post_rows_kernel(q_ptr, k_ptr, v_ptr, do_ptr, uv_ptr, pv_ptr, dc_ptr, lse_p
     qt = _q_tile(q_ptr, b, head, offs_i, i_ok, offs_d, d_ok, sqb, sqh, sqt)
     dot_ = _rows_of(do_ptr, b, head, offs_i, i_ok, sob, soh, sot, offs_e, e_ok)
     lse = tl.load(lse_ptr + bh * T + offs_i, mask=i_ok, other=float("inf"))
+    return bh, b, head, g, m, bg, offs_i, i_ok, offs_d, d_ok, offs_e, e_ok, lo, hi, qt, dot_, lse
+
+
+@triton.jit
+def _post_rows_kernel(q_ptr, k_ptr, v_ptr, do_ptr, uv_ptr, pv_ptr, dc_ptr, lse_ptr, delta_ptr, mask_ptr,
+                      q2, k2, qg, kg, p1, pk1, pqg, pkg, gw1, gw2, gg,
+                      sqb, sqh, sqt, skb, skh, sks, svb, svh, svs, sob, soh, sot, smb, smt, sms,
+                      T, S, D, DV, off, scale, rep,
+                      G: tl.constexpr, M: tl.constexpr, R: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, FLAGS: tl.constexpr, POST_FLAGS: tl.constexpr,
+                      CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """``Δ = Σ_j p dp`` of one head's query tile and the post-Compose's query-side weight gradients (row sums):
+    ``dw2q'_r = Σ_j dz U_r``, ``dw1q'_r = Σ_j dU_r p``, ``dg_q' = Σ_j dz p``."""
+    bh, b, head, g, m, bg, offs_i, i_ok, offs_d, d_ok, offs_e, e_ok, lo, hi, qt, dot_, lse = _query_head(
+        q_ptr, do_ptr, lse_ptr, sqb, sqh, sqt, sob, soh, sot, T, S, D, DV, off, G, M, DP, DVP, BM, BN, CAUSAL, WINDOW)
     delta = tl.zeros((BM,), dtype=tl.float32)
     a1_0 = tl.zeros((BM,), dtype=tl.float32)
     a1_1 = tl.zeros((BM,), dtype=tl.float32)
@@ -200,17 +206,12 @@ def _dy_sums_kernel(q_ptr, k_ptr, v_ptr, do_ptr, uv_ptr, dc_ptr, dh_ptr, lse_ptr
     """The pre adjoint's sums ``dHu_r = Σ_g w2q_r,g dy_g``, ``dHv_r`` of one tile pair, ``dy_g = p_g (dp_g - Δ_g)``."""
     offs_i, i_ok, offs_j, j_ok, seen = _pair(T, S, off, BM, BN, CAUSAL, WINDOW)
     if seen:
-        bg = tl.program_id(2)
-        b = bg // G
-        g = bg % G
+        bg, b, g = _pair_group(G)
         offs_d = tl.arange(0, DP)
         d_ok = offs_d < D
         offs_e = tl.arange(0, DVP)
         e_ok = offs_e < DV
-        a0 = tl.zeros((BM, BN), dtype=tl.float32)
-        a1 = tl.zeros((BM, BN), dtype=tl.float32)
-        c0 = tl.zeros((BM, BN), dtype=tl.float32)
-        c1 = tl.zeros((BM, BN), dtype=tl.float32)
+        a0, a1, c0, c1 = _zero_sums(BM, BN)
         for m in range(M):
             head = g * M + m
             qt = _q_tile(q_ptr, b, head, offs_i, i_ok, offs_d, d_ok, sqb, sqh, sqt)
@@ -237,23 +238,8 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, uv_ptr, dc_ptr, dh_ptr, lse_
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
     """``dQ = scale Σ_j dx K`` of one head's query tile and the pre-Compose's query-side weight gradients:
     ``dw2q_r = Σ_j dy u_r``, ``dw1q_r = Σ_j dHu_r x``, ``dg_q = Σ_j dy x``."""
-    pid_i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // (G * M)
-    head = bh % (G * M)
-    g = head // M
-    m = head % M
-    bg = b * G + g
-    offs_i = pid_i * BM + tl.arange(0, BM)
-    i_ok = offs_i < T
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    offs_e = tl.arange(0, DVP)
-    e_ok = offs_e < DV
-    lo, hi = _key_range(pid_i * BM, T, S, off, BM, BN, CAUSAL, WINDOW)
-    qt = _q_tile(q_ptr, b, head, offs_i, i_ok, offs_d, d_ok, sqb, sqh, sqt)
-    dot_ = _rows_of(do_ptr, b, head, offs_i, i_ok, sob, soh, sot, offs_e, e_ok)
-    lse = tl.load(lse_ptr + bh * T + offs_i, mask=i_ok, other=float("inf"))
+    bh, b, head, g, m, bg, offs_i, i_ok, offs_d, d_ok, offs_e, e_ok, lo, hi, qt, dot_, lse = _query_head(
+        q_ptr, do_ptr, lse_ptr, sqb, sqh, sqt, sob, soh, sot, T, S, D, DV, off, G, M, DP, DVP, BM, BN, CAUSAL, WINDOW)
     delta = tl.load(delta_ptr + bh * T + offs_i, mask=i_ok, other=0.0)
     acc = tl.zeros((BM, DP), dtype=tl.float32)
     a1_0 = tl.zeros((BM,), dtype=tl.float32)
