@@ -436,6 +436,38 @@ def test_kernels_that_do_not_fit_the_gpu_raise_clearly_or_fall_back(monkeypatch)
     assert ((out.double().cpu() - ref).norm() / ref.norm()).item() <= 1e-5
 
 
+def test_tensors_past_32_bit_offsets_are_refused_or_fall_back(monkeypatch):
+    """A q, k or v with more elements than the kernels' 32-bit offsets address (``op.MAX_ELEMENTS``, lowered here):
+    a ValueError naming the tensor, its shape and the limit, before any launch; with ``fallback=True`` (``auto``) the
+    chunked path with a warning, equal to the reference."""
+    import headmix.ops
+
+    monkeypatch.setattr(headmix.ops, "_WARNED", set())
+    g = torch.Generator().manual_seed(8)
+    B, H, T, S, D = 1, 4, 6, 30, 16
+    q = torch.randn(B, H, T, D, generator=g)
+    k, v = (torch.randn(B, H, S, D, generator=g) for _ in range(2))
+    pre = as_float32(random_weights(B, T, S, 1, H, 2, DYNAMIC, g))
+    pre = ComposeWeights(**{f: None if getattr(pre, f) is None else getattr(pre, f).detach() for f in FIELDS})
+    mask = MaskSpec(causal=True, query_offset=S - T)
+    ref = composed_attention(q, k, v, scale=D**-0.5, mask=mask, pre=as_cpu(pre))
+    monkeypatch.setattr(op, "MAX_ELEMENTS", B * H * S * D - 1)  # k and v are past it, q is not
+    launches = []
+    monkeypatch.setattr(op, "inference_forward", lambda *a: launches.append(1))
+    args = [t.to(DEVICE) for t in (q, k, v)]
+    with pytest.raises(ValueError, match=r"k of shape \(1, 4, 30, 16\) has 1,920 elements: the kernels address at "
+                                         r"most 1,919 \(32-bit offsets\)"):
+        triton_dcmha.triton_composed_attention(*args, scale=D**-0.5, mask=mask, pre=pre)
+    with pytest.warns(RuntimeWarning, match="falls back"):
+        out = triton_dcmha.triton_composed_attention(*args, scale=D**-0.5, mask=mask, pre=pre, fallback=True)
+    assert not launches
+    assert torch.allclose(out.cpu(), ref, atol=1e-5)
+
+
+def as_cpu(w: ComposeWeights) -> ComposeWeights:
+    return ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).cpu() for f in FIELDS})
+
+
 def test_non_dense_inputs_get_gradients_in_place():
     """q, k, v as views with gaps (as torch.compile may hand them over): gradients land where they belong."""
     g = torch.Generator().manual_seed(5)

@@ -20,6 +20,9 @@ from . import launch, projected, projected_backward
 from .blockwise import blockwise_backward, blockwise_forward
 from .launch import FIELDS, check_supported, padded_heads, training_kernels, triton_backward, triton_forward
 
+# The most elements a q, k or v tensor may have: the kernels compute element offsets in 32 bits.
+MAX_ELEMENTS = 2**31 - 1
+
 # ``FALLBACK(error, what)`` -> a backend function to run instead of the kernels (``what``: "forward",
 # "backward" or "inference"); installed by the ops registry, which owns the policy. ``None``: always raise.
 FALLBACK: Callable[[Exception, str], Callable[..., Tensor]] | None = None
@@ -314,6 +317,15 @@ def triton_composed_attention(
     weights = [getattr(w, f) for w in (pre, post) if w is not None for f in FIELDS if getattr(w, f) is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *weights))
     check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=needs_grad, kv_heads=k.shape[1])
+    for name, big in (("q", q), ("k", k), ("v", v)):  # (before any launch: past it an offset would wrap around)
+        if big.numel() > MAX_ELEMENTS:
+            error = ValueError(f"triton backend: {name} of shape {tuple(big.shape)} has {big.numel():,} elements: the "
+                               f"kernels address at most {MAX_ELEMENTS:,} (32-bit offsets); split the batch, or use "
+                               "backend='chunked'")
+            if not fallback or FALLBACK is None:
+                raise error
+            return FALLBACK(error, "forward" if needs_grad else "inference")(q, k, v, scale=scale, mask=spec, pre=pre,
+                                                                             post=post, groups=groups)
     pre = None if pre is None or pre.is_identity() else pre
     post = None if post is None or post.is_identity() else post
     args = (q, k, v, kernel_mask(spec), float(scale), int(groups), bool(spec.causal),
