@@ -217,10 +217,10 @@ def test_gpu_projected_forward_trains_within_low_precision_bounds(H, head_dim, k
 
 BACKWARD_CASES = [
     # B, H, H_kv, T, S, D, G, R, options
-    (1, 4, 4, 40, 40, 16, 1, 2, dict(causal=True)),
-    (1, 8, 2, 37, 37, 32, 1, 2, dict(causal=True, window=9)),  # grouped-query keys, a window, ragged tiles
-    (2, 8, 8, 24, 24, 16, 2, 1, dict(causal=False)),  # two head groups, rank 1, no mask
-    (2, 4, 2, 9, 45, 20, 1, 2, dict(causal=True, padding=True)),  # 9 queries at the end of 45 keys, key padding
+    (1, 4, 4, 33, 33, 16, 1, 2, dict(causal=True)),
+    (1, 8, 2, 25, 25, 32, 1, 2, dict(causal=True, window=9)),  # grouped-query keys, a window, ragged tiles
+    (1, 8, 8, 24, 24, 16, 2, 1, dict(causal=False)),  # two head groups, rank 1, no mask
+    (2, 4, 2, 9, 30, 20, 1, 2, dict(causal=True, padding=True)),  # 9 queries at the end of 30 keys, key padding
     (1, 6, 6, 30, 30, 16, 2, 2, dict(causal=True, fields=("query_w1", "key_gate"), post_on=False)),
     (1, 4, 4, 21, 21, 16, 1, 2, dict(causal=True, fields=("key_w1", "query_gate"), pre_on=False)),
     (1, 4, 4, 21, 21, 16, 1, 2, dict(causal=True, fields=("query_gate", "key_gate"))),
@@ -269,7 +269,7 @@ def test_projected_backward_matches_reference(case):
     assert all(e <= 1e-5 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("case", [(1, 8, 18, 18, 16, 1, 2, dict(causal=True, kv_heads=2)),
+@pytest.mark.parametrize("case", [(1, 4, 18, 18, 16, 1, 2, dict(causal=True, kv_heads=2)),
                                   (2, 4, 5, 25, 16, 2, 1, dict(causal=True, padding=True)),
                                   (1, 4, 17, 17, 16, 1, 2, dict(causal=True, window=5, fields=("query_w1", "key_gate"),
                                                                 post_on=False))], ids=["gqa", "padding",
