@@ -14,7 +14,7 @@ from headmix.reference import ComposeWeights, compose, composed_attention
 
 pytest.importorskip("headmix.ops.triton")
 from headmix.ops.triton import launch, op, projected  # noqa: E402
-from test_triton import (DEVICE, DYNAMIC, FIELDS, ON_GPU, as_float32,  # noqa: E402
+from test_triton import (DEVICE, DYNAMIC, FIELDS, ON_GPU, as_cpu, as_float32,  # noqa: E402
                          assert_no_further_off_than_the_reference, compare, random_weights)
 
 CASES = [
@@ -34,6 +34,25 @@ def case_id(case) -> str:
     return f"{B}x{H}/{Hkv}x{T}x{S}x{D}-G{G}-R{R}-" + "-".join(f"{k}={v}" for k, v in options.items())
 
 
+def case_inputs(case, seed: int):
+    """Float64 ``q, k, v``, Compose weights (``None`` where a case turns one off), key padding (``None`` unless the
+    case asks: batch 0's first third padded, the last batch row entirely, so it sees nothing) of a case, and the
+    generator that drew them (for what a test draws next)."""
+    B, H, Hkv, T, S, D, G, R, options = case
+    g = torch.Generator().manual_seed(seed)
+    fields = options.get("fields", DYNAMIC)
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pre = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("pre_on", True) else None
+    post = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("post_on", True) else None
+    padding = None
+    if options.get("padding"):
+        padding = torch.ones(B, S, dtype=torch.bool)
+        padding[0, : S // 3] = False
+        padding[-1, :] = False
+    return q, k, v, pre, post, padding, g
+
+
 def reference_lse(q, k, scale, mask, pre, groups):
     """Each row's log-sum-exp of the pre-Composed scores over its allowed keys (``+inf`` where none is allowed)."""
     s = scale * q @ k.transpose(-1, -2)
@@ -50,17 +69,7 @@ def test_projected_forward_matches_reference(case):
     keys, head groups, windows, key padding, queries at the end of a longer key range, rank 1, one Compose absent,
     gates without low-rank terms."""
     B, H, Hkv, T, S, D, G, R, options = case
-    g = torch.Generator().manual_seed(3)
-    fields = options.get("fields", DYNAMIC)
-    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64) for _ in range(2))
-    pre = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("pre_on", True) else None
-    post = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("post_on", True) else None
-    padding = None
-    if options.get("padding"):
-        padding = torch.ones(B, S, dtype=torch.bool)
-        padding[0, : S // 3] = False
-        padding[-1, :] = False  # a batch row that sees nothing: output 0, lse +inf
+    q, k, v, pre, post, padding, _ = case_inputs(case, seed=3)
     causal, window = options["causal"], options.get("window")
     mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window, key_padding=padding)
     k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
@@ -195,10 +204,6 @@ def test_prefills_take_the_projected_forward_from_enough_scores(monkeypatch):
         assert torch.allclose(out.cpu(), expected, atol=1e-5)
 
 
-def as_cpu(w: ComposeWeights) -> ComposeWeights:
-    return ComposeWeights(**{f: None if getattr(w, f) is None else getattr(w, f).cpu() for f in FIELDS})
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("H, head_dim, kv_heads, window", [(16, 64, 16, None), (16, 128, 4, None), (32, 80, 32, 64)],
@@ -234,17 +239,8 @@ def test_projected_backward_matches_reference(case):
     from headmix.ops.triton.projected_backward import projected_backward
 
     B, H, Hkv, T, S, D, G, R, options = case
-    g = torch.Generator().manual_seed(5)
-    fields = options.get("fields", DYNAMIC)
-    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64).requires_grad_()
-    k, v = (torch.randn(B, Hkv, S, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
-    pre = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("pre_on", True) else None
-    post = random_weights(B, T, S, G, H // G, R, fields, g) if options.get("post_on", True) else None
-    padding = None
-    if options.get("padding"):
-        padding = torch.ones(B, S, dtype=torch.bool)
-        padding[0, : S // 3] = False
-        padding[-1, :] = False
+    q, k, v, pre, post, padding, g = case_inputs(case, seed=5)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
     causal, window = options["causal"], options.get("window")
     mask = attention_mask(torch.arange(S - T, S), torch.arange(S), causal=causal, window=window, key_padding=padding)
     k_rep, v_rep = (t.repeat_interleave(H // Hkv, dim=1) for t in (k, v))
