@@ -2,8 +2,8 @@
 
 For each shape (``HEADSxHEAD_DIM``, optionally ``:GROUPS``) and window, times the forward (which stores the row
 log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"blockwise"`` (each with its own forward)
-and, with ``--paths ... auto``, of ``"auto"`` (the projected forward where it applies, then auto's backward) (medians of
-``triton.testing.do_bench``), the backward's peak extra memory, and how far the two paths' bf16 results are apart
+and, with ``--paths ... projected auto``, of ``"projected"`` and ``"auto"`` (the projected kernels where they apply,
+``op.training_choice``) (medians of ``triton.testing.do_bench``), the backward's peak extra memory, and how far the two paths' bf16 results are apart
 (relative norms: output, largest gradient). Causal, rank 2, every dynamic Compose term, Compose weights 0.1 randn;
 ``--static`` adds the static mix. Prints a markdown table with the device, date and versions::
 

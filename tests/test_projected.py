@@ -160,26 +160,56 @@ def spy(monkeypatch, calls: list) -> None:
     monkeypatch.setattr(projected, "projected_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
 
 
-@pytest.mark.parametrize("training_kernels, window, taken", [("auto", None, 1), ("blockwise", None, 0),
-                                                              ("auto", 7, 0), ("tiles", 7, 0)])
-def test_auto_trains_on_the_projected_forward_before_the_blockwise_backward(training_kernels, window, taken,
-                                                                             monkeypatch):
-    """With ``TRAINING_KERNELS = "auto"`` a training call whose backward is the blockwise one (16 heads, global) runs
-    the projected forward; a windowed 16-head layer (tile backward) and a forced path keep their own forward. Output
-    and every gradient match the float64 reference either way."""
+@pytest.mark.parametrize("training_kernels, H, D, window, max_window, expected", [
+    ("auto", 16, 16, None, None, ("projected", "blockwise")),  # global: the blockwise backward
+    ("blockwise", 16, 16, None, None, ("blockwise", "blockwise")),
+    ("auto", 16, 16, 7, None, ("tiles", "tiles")),  # windowed, 16 heads of head dim <= 64: the tile backward
+    ("tiles", 16, 16, 7, None, ("tiles", "tiles")),
+    ("auto", 4, 80, 7, None, ("projected", "projected")),  # windowed, head dim 80: would be blockwise
+    ("auto", 4, 80, 7, 6, ("projected", "blockwise")),  # a window wider than PROJECTED_BACKWARD_MAX_WINDOW (lowered)
+], ids=["auto-global", "blockwise", "auto-window-tiles", "tiles", "auto-window-wide", "auto-wider-window"])
+def test_auto_trains_on_the_projected_kernels_where_the_backward_would_be_blockwise(training_kernels, H, D, window,
+                                                                                    max_window, expected,
+                                                                                    monkeypatch):
+    """With ``TRAINING_KERNELS = "auto"`` a training call whose backward would be the blockwise one runs the projected
+    forward, and, windowed up to ``op.PROJECTED_BACKWARD_MAX_WINDOW`` keys, the projected backward too; a windowed
+    layer on the tile backward and a forced path keep their own kernels. The kernels run are the ones
+    ``op.training_choice`` names (spied), and output and every gradient match the float64 reference either way."""
+    from headmix.ops.triton import projected_backward
+
     calls = []
     spy(monkeypatch, calls)
+    real = projected_backward.projected_backward
+    monkeypatch.setattr(projected_backward, "projected_backward", lambda *a: calls.append("bwd") or real(*a))
     monkeypatch.setattr(launch, "TRAINING_KERNELS", training_kernels)
-    compare(1, 16, 18, 18, 16, 1, 2, causal=True, window=window, fields=DYNAMIC, kv_heads=4)
-    assert len(calls) == taken
+    if max_window is not None:
+        monkeypatch.setattr(op, "PROJECTED_BACKWARD_MAX_WINDOW", max_window)
+    q = torch.zeros(1, H, 18, D)
+    w = as_float32(random_weights(1, 18, 18, 1, H, 2, DYNAMIC, torch.Generator().manual_seed(0)))
+    assert op.training_choice(q, q[:, : H // 4], q[:, : H // 4], 1, w, w, window) == expected
+    compare(1, H, 18, 18, D, 1, 2, causal=True, window=window, fields=DYNAMIC, kv_heads=H // 4)
+    assert calls.count("bwd") == (expected[1] == "projected")
+    assert len(calls) - calls.count("bwd") == (expected[0] == "projected")
 
 
-def test_float16_training_keeps_the_backwards_own_forward():
-    """In float16 ``auto`` trains on the backward's own forward (docs of ``op.training_choice``)."""
+def test_float16_training_keeps_the_backwards_own_forward_unless_both_are_projected():
+    """In float16 ``auto`` trains a global layer on the backward's own forward, a windowed one whose backward would be
+    the blockwise one on the projected forward and backward (docs of ``op.training_choice``)."""
     q = torch.randn(1, 16, 8, 16)
     w = as_float32(random_weights(1, 8, 8, 1, 16, 2, DYNAMIC, torch.Generator().manual_seed(0)))
     assert op.training_choice(q, q, q, 1, w, w, 0) == ("projected", "blockwise")
     assert op.training_choice(q.half(), q.half(), q.half(), 1, w, w, 0) == ("blockwise", "blockwise")
+    wide = torch.randn(1, 16, 8, 80).half()
+    assert op.training_choice(wide, wide, wide, 1, w, w, 64) == ("projected", "projected")
+
+
+def test_windowed_groups_of_more_than_16_heads_keep_the_blockwise_backward():
+    """32 heads in one group, windowed: the projected forward, then the blockwise backward (no clear gain measured for
+    the projected one there: ``op.PROJECTED_BACKWARD_MAX_WINDOW``'s note); 16 heads of head dim 80: both projected."""
+    for H, D, expected in ((32, 80, ("projected", "blockwise")), (16, 80, ("projected", "projected"))):
+        q = torch.zeros(1, H, 8, D)
+        w = as_float32(random_weights(1, 8, 8, 1, H, 2, DYNAMIC, torch.Generator().manual_seed(0)))
+        assert op.training_choice(q, q, q, 1, w, w, 256) == expected
 
 
 def test_prefills_take_the_projected_forward_from_enough_scores(monkeypatch):
@@ -211,7 +241,7 @@ def test_prefills_take_the_projected_forward_from_enough_scores(monkeypatch):
 def test_gpu_projected_forward_trains_within_low_precision_bounds(H, head_dim, kv_heads, window, monkeypatch):
     """Training on ``auto`` in bf16 where it takes the projected forward (then the blockwise backward): the output
     within 1e-2 of float32 and no error above the reference implementation's own in bf16 (the rule of the other GPU
-    tests)."""
+    tests). (Windowed 16-head layers of head dim 80 and above also take the projected backward: the forced cases.)"""
     calls = []
     spy(monkeypatch, calls)
     assert launch.TRAINING_KERNELS == "auto"

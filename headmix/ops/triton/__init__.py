@@ -57,8 +57,8 @@ Layout of this package, by role:
 * :mod:`.projected`: the projected forward (each Compose's cross-head sums computed once per (query, key) pair, the
   heads in a loop, one head's tile at a time), auto's training forward before the blockwise backward and its prefill
   forward at larger sizes;
-* :mod:`.projected_backward`: the backward in the same form (only with ``launch.TRAINING_KERNELS = "projected"``: not
-  yet timed);
+* :mod:`.projected_backward`: the backward in the same form, auto's for windowed layers that would otherwise train on
+  the blockwise backward;
 * :mod:`.launch`: what the kernels take (:func:`check_supported`), tile shapes, launches;
 * :mod:`.op`: the ``torch.library`` custom ops with autograd, and the entry point
   :func:`triton_composed_attention`. What runs when a kernel does not fit the GPU is the ops registry's

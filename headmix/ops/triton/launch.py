@@ -48,7 +48,7 @@ WIDE_GROUPS_ON_AUTO = False
 # blockwise training path"): 16 x 64 20.9 -> 18.2, window 256 5.3 -> 13.3; 16 x 128 59.8 -> 19.0, window 256 16.4 ->
 # 14.2; 32 x 80 in one group 351.7 -> 38.5, window 256 96.8 -> 16.8; 32 x 128 404.9 -> 40.2, window 256 112.1 ->
 # 18.1; with the static mix (2026-11-30) 16 x 64 21.0 -> 66.9. So auto takes the blockwise path without a static mix
-# everywhere but windowed groups of up to 16 heads with padded head dims up to 64. "projected": only forced, untimed.
+# everywhere but windowed groups of <= 16 heads, head dims <= 64; op.training_choice adds the projected kernels.
 TRAINING_KERNELS = "auto"
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at

@@ -98,8 +98,8 @@ def inference_kernels(padded_heads: int, head_dim: int, static: bool, window: in
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
     """``(O, lse)`` for training, on the forward :func:`training_choice` names: the projected forward (the fastest at
-    every training shape measured, docs/kernels.md) before the blockwise backward, else the forward of the kernels
-    :func:`training_kernels` names (a forced ``TRAINING_KERNELS`` keeps its own forward)."""
+    every training shape measured, docs/kernels.md) before the blockwise or projected backward, else the forward of
+    the kernels :func:`training_kernels` names (a forced ``TRAINING_KERNELS`` keeps its own forward)."""
     forward = training_choice(q, k, v, groups, pre, post, window)[0]
     if forward == "projected":
         _check_projected(q, k, pre, post, groups)
@@ -111,8 +111,8 @@ def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offse
 
 
 def train_backward(do, q, k, v, lse, scale, mask, pre, post, groups, causal, window, offset):
-    """Gradients as :func:`triton_backward`, on the kernels :func:`training_kernels` names."""
-    backward = kernels_for(q, k, v, groups, pre, post, window)
+    """Gradients as :func:`triton_backward`, on the backward :func:`training_choice` names."""
+    backward = training_choice(q, k, v, groups, pre, post, window)[1]
     if backward == "projected":
         _check_projected(q, k, pre, post, groups)
         check_supported(tuple(q.shape), v.shape[-1], groups, q.dtype, training=True, kv_heads=k.shape[1])
@@ -168,19 +168,35 @@ def _check_projected(q: Tensor, k: Tensor, pre, post, groups: int) -> None:
                          f"{any(w is not None and w.static is not None for w in (pre, post))})")
 
 
+# ``auto`` trains a windowed layer of up to 16 heads per group whose backward would be the blockwise one (head dims
+# above 64) on the projected forward and backward, up to this window. Measured on two H200 machines (2026-12-02, bf16,
+# B = 8 x 2048, causal, rank 2, every dynamic term; backward ms, blockwise -> projected, first / second machine;
+# docs/kernels.md, "The projected backward timed"): window 256: 16 x 128 7.13 -> 6.28 / 6.25 -> 5.82; 32 heads in one
+# group (kept on the blockwise backward: no clear gain) 32 x 80 13.08 -> 12.25 / 11.24 -> 11.60, 32 x 128 14.36 ->
+# 12.51 / 12.11 -> 11.92; global: 16 x 64 10.15 -> 17.8, 32 x 80 23.76 -> 42.11. Between 256 keys and global: not
+# measured.
+PROJECTED_BACKWARD_MAX_WINDOW = 256
+
+
 def training_choice(q: Tensor, k: Tensor, v: Tensor, groups: int, pre, post, window) -> tuple[str, str]:
-    """``(forward, backward)`` :func:`train_forward` and :func:`train_backward` run for these inputs: with
-    ``TRAINING_KERNELS`` ``"auto"`` the projected forward where it applies, the backward is the blockwise one and the
-    inputs are not float16; otherwise the backward's own forward. A backward recomputes ``P = exp(S' - lse)`` with its
-    own rounding of ``S'``, so an ``lse`` from another forward adds that forward's rounding to the gradients: on the
-    H200 (2026-12-02, T = 256, ``tests/test_projected.py``'s GPU rule) that stayed within the reference's own bf16 error
-    with the blockwise backward, and went past it with the tile backward (bf16, window 64: a weight gradient) and in
-    float16 (whose backward mixes in tf32: the reference's float16 error, ~2e-3, is below the float16 sums'
-    rounding)."""
+    """``(forward, backward)`` :func:`train_forward` and :func:`train_backward` run for these inputs. With
+    ``TRAINING_KERNELS`` ``"auto"``, where the backward would be the blockwise one and the projected kernels apply: a
+    window of up to :data:`PROJECTED_BACKWARD_MAX_WINDOW` keys in groups of up to 16 heads trains on the projected
+    forward and backward; otherwise the projected forward and the blockwise backward, except in float16 (the
+    blockwise forward then).
+    Otherwise the backward's own forward. A backward recomputes ``P = exp(S' - lse)`` with its own rounding of ``S'``,
+    so an ``lse`` from another forward adds that forward's rounding to the gradients: on the H200 (2026-12-02, T =
+    256, ``tests/test_projected.py``'s GPU rule) that stayed within the reference's own bf16 error with the blockwise
+    backward, and went past it with the tile backward (bf16, window 64: a weight gradient) and in float16 (whose
+    backward mixes in tf32: the reference's float16 error, ~2e-3, is below the float16 sums' rounding); the projected
+    forward with its own backward passes in both."""
     backward = kernels_for(q, k, v, groups, pre, post, window)
-    auto = (launch.TRAINING_KERNELS == "auto" and backward == "blockwise" and q.dtype != torch.float16
-            and projected.applies(q, k, pre, post, groups))
-    return ("projected" if auto else backward), backward
+    if launch.TRAINING_KERNELS != "auto" or backward != "blockwise" or not projected.applies(q, k, pre, post, groups):
+        return backward, backward
+    narrow = padded_heads(q.shape[1] // groups) <= launch.MATRIX_FORM_HEADS
+    if window and window <= PROJECTED_BACKWARD_MAX_WINDOW and narrow:
+        return "projected", "projected"
+    return ("blockwise" if q.dtype == torch.float16 else "projected"), backward
 
 
 @torch.library.custom_op("headmix::dcmha_forward", mutates_args=())

@@ -16,8 +16,11 @@ backward is the forward's pattern again, five launches after the forward's two s
 5. ``_dkv_kernel`` (key tiles x heads): ``dK = scale dx^T Q``, ``dV = P'^T dO`` and every key-side weight gradient
    (column sums).
 
-No atomics (every output element has one writer), so the result is deterministic. Off by default: not yet timed on a
-GPU (:data:`ENABLED`; docs/kernels.md, "The projected forward", has the estimate and the plan it follows).
+No atomics (every output element has one writer), so the result is deterministic. Every kernel recomputes its tiles'
+scores (``QKᵀ``, ``dO Vᵀ``) once more, so where a query sees many keys the blockwise backward (which keeps them) is
+faster; ``auto`` trains windowed layers on this one where its backward would otherwise be the blockwise one
+(:data:`headmix.ops.triton.op.PROJECTED_BACKWARD_MAX_WINDOW`; timings in docs/kernels.md, "The projected backward
+timed").
 """
 
 from __future__ import annotations
@@ -32,12 +35,14 @@ from .projected import (SUMS_DTYPE, _add_sums, _compose_head, _fields, _load_sum
                         _post_sums_kernel, _pre_sums_kernel, _q_tile, _scores, _store_sums, _zero_sums)
 from .tiles import KEY_GATE, KEY_LOWRANK, QUERY_GATE, QUERY_LOWRANK, _key_range, _query_range, _valid
 
-ENABLED = False
-# Tiles (BM, BN, warps, stages); the forward's sums kernels keep projected.TILES. Not timed: chosen to compile without
-# spills for sm_90 (`python benchmarks/kernel_resources.py --projected`, triton 3.9, head dim 64: at (32, 32, 4, 2)
-# the pre adjoint's sums kernel spilled 632 bytes, the key-major one 72, the post rows one 48).
-TILES = {"dz_sums": (32, 64, 4, 2), "post_rows": (64, 32, 8, 2), "dy_sums": (16, 32, 4, 2), "dq": (32, 32, 4, 2),
-         "dkv": (16, 32, 4, 2)}
+# Tiles (BM, BN, warps, stages); the forward's sums kernels keep projected.TILES. The best of an 8-candidate sweep per
+# kernel, one kernel at a time (H200, triton 3.6, bf16, 16 x 64, B = 8 x 2048, causal; backward ms with the kernel at
+# the candidate): 23.8 at the first, spill-free offline choice (post_rows (64, 32, 8, 2), dq (32, 32, 4, 2), dkv (16,
+# 32, 4, 2), dz_sums (32, 64, 4, 2)) -> 17.8. Three of them spill a little on the device (post_rows 16, dq 46, dkv 6
+# bytes) and are still the fastest; at window 256 they took 6.28 against 7.37 ms (16 x 128), 12.25 against 14.34
+# (32 x 80), 12.51 against 14.59 (32 x 128). docs/kernels.md, "The projected backward timed".
+TILES = {"dz_sums": (64, 32, 4, 2), "post_rows": (64, 32, 4, 2), "dy_sums": (16, 32, 4, 2), "dq": (64, 32, 4, 2),
+         "dkv": (32, 32, 4, 2)}
 
 
 @triton.jit
