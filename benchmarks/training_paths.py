@@ -69,8 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--paths", nargs="+", default=["tiles", "blockwise"],
                         choices=["tiles", "blockwise", "projected", "auto"],
-                        help="auto: what backend='auto' trains on (the projected forward where it applies); "
-                             "projected: the projected forward and backward (forced only, not yet timed)")
+                        help="auto: what backend='auto' trains on (op.training_choice: the projected kernels where "
+                             "they apply); projected: the projected forward and backward, forced")
     parser.add_argument("--deterministic", action="store_true",
                         help="under torch.use_deterministic_algorithms(True): the blockwise path's key-side weight "
                              "gradients as partial sums added in a fixed order, not atomic adds")
