@@ -223,8 +223,8 @@ def projected_table(args) -> int:
     tiles = dict(pj.TILES, **pb.TILES)
     fp32 = {"lse_ptr", "delta_ptr", "dk_ptr", "dv_ptr", "gw1", "gw2", "gg", "gpw1", "gpw2", "gpg"}
     print(f"# projected forward and backward kernels compiled for sm_{args.arch} with triton {triton.__version__}: "
-          f"{args.heads} heads per group, rank {args.rank}, {args.dtype} inputs, float16 sums, causal, every argument specialised "
-          "as a multiple of 16")
+          f"{args.heads} heads per group, rank {args.rank}, {args.dtype} inputs, float16 sums, causal, every argument "
+          "specialised as a multiple of 16")
     print("| kernel | head dim | BLOCK_M x BLOCK_N | warps | stages | registers/thread | spill bytes/thread "
           "| shared KB |")
     print("|---|---|---|---|---|---|---|---|")

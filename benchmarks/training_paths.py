@@ -3,9 +3,10 @@
 For each shape (``HEADSxHEAD_DIM``, optionally ``:GROUPS``) and window, times the forward (which stores the row
 log-sum-exp) and the backward of ``launch.TRAINING_KERNELS = "tiles"`` and ``"blockwise"`` (each with its own forward)
 and, with ``--paths ... projected auto``, of ``"projected"`` and ``"auto"`` (the projected kernels where they apply,
-``op.training_choice``) (medians of ``triton.testing.do_bench``), the backward's peak extra memory, and how far the two paths' bf16 results are apart
-(relative norms: output, largest gradient). Causal, rank 2, every dynamic Compose term, Compose weights 0.1 randn;
-``--static`` adds the static mix. Prints a markdown table with the device, date and versions::
+``op.training_choice``) (medians of ``triton.testing.do_bench``), the backward's peak extra memory, and how far the
+two paths' bf16 results are apart (relative norms: output, largest gradient). Causal, rank 2, every dynamic Compose
+term, Compose weights 0.1 randn; ``--static`` adds the static mix. Prints a markdown table with the device, date and
+versions::
 
     python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256
     python benchmarks/training_paths.py --device cpu --batch 1 --seq 32 --shapes 4x16 --dtype float32   # interpreter

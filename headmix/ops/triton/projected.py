@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ...masks import MaskSpec
 from .launch import FIELDS, _check, _flags, _mask_args
 from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, _key_range, _valid
 
@@ -329,18 +330,6 @@ def _rows_per_block(B: int, groups: int, R: int, T: int, S: int, dtype: torch.dt
     return max(MIN_BLOCK_ROWS, MAX_SUMS_BYTES // per_row // MIN_BLOCK_ROWS * MIN_BLOCK_ROWS)
 
 
-def _key_span(i0: int, i1: int, S: int, offset: int, causal: bool, window: int) -> tuple[int, int]:
-    """Keys ``[lo, hi)`` that queries ``i0 .. i1 - 1`` (query ``i`` at key ``i + offset``) may see."""
-    lo, hi = 0, S
-    if causal:
-        hi = min(S, max(0, i1 + offset))
-    if window:
-        lo = min(S, max(0, i0 + offset - window + 1))
-        if not causal:
-            hi = min(S, max(0, i1 - 1 + offset + window))
-    return lo, max(lo, hi)
-
-
 def applies(q: Tensor, k: Tensor, pre, post, groups: int) -> bool:
     """Whether :func:`projected_forward` takes this call: no static head mix, rank 1 or 2, head dims of at least 16."""
     if any(w is not None and w.static is not None for w in (pre, post)) or q.shape[-1] < 16:
@@ -377,9 +366,10 @@ def projected_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tenso
         while mask.dim() < 4:
             mask = mask[None]
         mask = mask.expand(mask.shape[0], 1, T, S)
+    structure = MaskSpec(causal=causal, window=window or None, query_offset=offset)
     for i0 in range(0, T, rows):
         i1 = min(T, i0 + rows)
-        lo, hi = _key_span(i0, i1, S, offset, causal, window)
+        lo, hi = structure.key_range(i0, i1, S, T)
         if hi == lo:  # (no key for these rows: zeros, +inf)
             continue
         block = [None if w is None else w.query_slice(i0, i1).key_slice(lo, hi) for w in (pre, post)]

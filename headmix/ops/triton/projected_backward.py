@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import projected  # (projected.TILES, read at each call: a benchmark's sweep may change them)
 from .launch import FIELDS, _check, _flags, _mask_args
 from .projected import (SUMS_DTYPE, _add_sums, _compose_head, _fields, _load_sums, _pair, _pair_group,
                         _post_sums_kernel, _pre_sums_kernel, _q_tile, _scores, _store_sums, _zero_sums)
@@ -414,8 +415,6 @@ def projected_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor,
 
     def key_tiles(BM, BN):
         return triton.cdiv(S, BN), B * H
-
-    from . import projected  # (its tiles, read at call time)
 
     if flags & low:  # the forward's sums again
         launch(_pre_sums_kernel, projected.TILES["pre_sums"], pairs, q, k, uv, q1, k1, *qk, T, S, D, offset, scale,
