@@ -15,7 +15,7 @@ from headmix.reference import ComposeWeights, compose, composed_attention
 pytest.importorskip("headmix.ops.triton")
 from headmix.ops.triton import launch, op, projected  # noqa: E402
 from test_triton import (DEVICE, DYNAMIC, FIELDS, ON_GPU, as_cpu, as_float32,  # noqa: E402
-                         assert_no_further_off_than_the_reference, compare, random_weights)
+                         assert_no_further_off_than_the_reference, compare, float32_leaves, random_weights)
 
 CASES = [
     # B, H, H_kv, T, S, D, G, R, options
@@ -280,10 +280,7 @@ def test_projected_backward_matches_reference(case):
                                                  if w is not None for f in FIELDS if getattr(w, f) is not None]
     expected = dict(zip([n for n, _ in named], torch.autograd.grad(out, [t for _, t in named], do)))
 
-    args = [t.detach().float().to(DEVICE) for t in (q, k, v)]
-    pre32, post32 = (None if w is None else ComposeWeights(**{f: None if getattr(w, f) is None else
-                                                             getattr(w, f).detach().float().to(DEVICE)
-                                                             for f in FIELDS}) for w in (pre, post))
+    *args, pre32, post32 = float32_leaves(q, k, v, pre, post)
     tensor_mask = None if padding is None else padding[:, None, None, :].to(DEVICE)
     call = (D**-0.5, tensor_mask, pre32, post32, G, causal, window or 0, S - T)
     _, lse = projected.projected_forward(*args, *call)
