@@ -11,8 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_positive_int
+from ..ops import _HAS_TRITON, _triton_module
 
 DEFAULT_BASE = 10000.0  # theta of Su et al. (2021), LLaMA and GPT-NeoX
+#: Eager CUDA tensors of at least this many numbers rotate in one Triton kernel (:mod:`headmix.ops.triton.rotary`),
+#: smaller ones (a decoding step, a short prefill) in the PyTorch code below, whose C++ calls cost less host time
+KERNEL_MIN_NUMEL = 1 << 20
 
 
 class RotaryEmbedding(nn.Module):
@@ -67,6 +71,14 @@ class RotaryEmbedding(nn.Module):
         if cos_sin is None or cos_sin[0].dtype != compute_dtype:
             cos_sin = self.cos_sin(positions, compute_dtype)
         cos, sin = cos_sin
+        if kernel_takes(x, compute_dtype):
+            return _triton_module().rotary.triton_rotary(x, cos, sin, self.head_dim, self.rot_dim)
+        return self.rotate(x, cos, sin)
+
+    def rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """The rotation in PyTorch, given the tables (:meth:`cos_sin` in ``x``'s compute dtype): the spec of the
+        Triton kernel that :meth:`forward` runs where :func:`kernel_takes` says."""
+        compute_dtype = cos.dtype
         shape = x.shape
         blocks = x.reshape(*shape[:-1], shape[-1] // self.head_dim, self.head_dim)
         rot, rest = blocks[..., : self.rot_dim], blocks[..., self.rot_dim :]
@@ -77,3 +89,14 @@ class RotaryEmbedding(nn.Module):
         if rest.shape[-1] == 0:  # every channel rotates: no concatenation (a copy of x, and its backward)
             return out.reshape(shape)
         return torch.cat([out, rest], dim=-1).reshape(shape)
+
+
+def kernel_takes(x: Tensor, compute_dtype: torch.dtype) -> bool:
+    """Whether :meth:`RotaryEmbedding.forward` rotates ``x`` in the Triton kernel (:mod:`headmix.ops.triton.rotary`:
+    the arithmetic and rounding of :meth:`RotaryEmbedding.rotate`): eager CUDA tensors ``(B, H, T, C)`` of
+    :data:`KERNEL_MIN_NUMEL` numbers or more computed in float32 (not float64), plain tensors (not a tensor subclass
+    such as a fake or functorch-wrapped one), outside ``torch.compile`` (inductor fuses the PyTorch code itself) and
+    autocast."""
+    return (type(x) is Tensor and x.is_cuda and _HAS_TRITON and x.dim() == 4 and compute_dtype == torch.float32
+            and x.numel() >= KERNEL_MIN_NUMEL and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cuda"))

@@ -65,7 +65,8 @@ Layout of this package, by role:
   policy (:mod:`headmix.ops`), not the op's;
 * :mod:`.norm`: RMS normalisation of short rows (QK-norm, the dynamic-weight factors), which
   :func:`headmix.ops.rms_norm` runs in eager CUDA code;
-* :mod:`.rows`: a decoding step's DCMHA dynamic weights, packed (``DynamicWeightProjection.rows``).
+* :mod:`.rows`: a decoding step's DCMHA dynamic weights, packed (``DynamicWeightProjection.rows``);
+* :mod:`.rotary`: rotary position embeddings in one kernel, which ``RotaryEmbedding`` runs in eager CUDA code.
 
 Names inside the kernels (one scheme throughout):
 
@@ -88,7 +89,7 @@ from __future__ import annotations
 from .launch import (FIELDS, MAX_HEADS_PER_GROUP, MIX_PRECISION, SMALL_TILE_HEADS, SPLIT_TARGET_PROGRAMS,
                      TILES, check_supported, launch_meta, next_pow2, padded_heads, tensor_core_flops, tile_key,
                      tile_shape, triton_backward, triton_forward)
-from . import rows  # noqa: F401  (the headmix::dynamic_rows op)
+from . import rotary, rows  # noqa: F401  (rows: the headmix::dynamic_rows op)
 from .op import flatten, triton_composed_attention
 
 __all__ = ["FIELDS", "MAX_HEADS_PER_GROUP", "MIX_PRECISION", "SMALL_TILE_HEADS", "SPLIT_TARGET_PROGRAMS",
