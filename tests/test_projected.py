@@ -155,6 +155,15 @@ def test_projected_forward_takes_no_static_mix_and_ranks_up_to_two():
         projected.projected_forward(q, q, q, 1.0, None, rank3, None, 1, True, 0, 0)
 
 
+def training_choice(H: int, D: int, window: int | None, dtype=torch.float32, kv_heads: int | None = None, T: int = 8):
+    """``op.training_choice`` for one group of ``H`` heads of head dim ``D`` (``kv_heads`` key/value heads), rank 2,
+    every dynamic term: it reads shapes, dtype, window and which terms are present, not values."""
+    q = torch.zeros(1, H, T, D, dtype=dtype)
+    kv = q[:, : kv_heads or H]
+    w = as_float32(random_weights(1, T, T, 1, H, 2, DYNAMIC, torch.Generator().manual_seed(0)))
+    return op.training_choice(q, kv, kv, 1, w, w, window)
+
+
 def spy(monkeypatch, calls: list) -> None:
     real = projected.projected_forward
     monkeypatch.setattr(projected, "projected_forward", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
@@ -184,9 +193,7 @@ def test_auto_trains_on_the_projected_kernels_where_the_backward_would_be_blockw
     monkeypatch.setattr(launch, "TRAINING_KERNELS", training_kernels)
     if max_window is not None:
         monkeypatch.setattr(op, "PROJECTED_BACKWARD_MAX_WINDOW", max_window)
-    q = torch.zeros(1, H, 18, D)
-    w = as_float32(random_weights(1, 18, 18, 1, H, 2, DYNAMIC, torch.Generator().manual_seed(0)))
-    assert op.training_choice(q, q[:, : H // 4], q[:, : H // 4], 1, w, w, window) == expected
+    assert training_choice(H, D, window, kv_heads=H // 4, T=18) == expected
     compare(1, H, 18, 18, D, 1, 2, causal=True, window=window, fields=DYNAMIC, kv_heads=H // 4)
     assert calls.count("bwd") == (expected[1] == "projected")
     assert len(calls) - calls.count("bwd") == (expected[0] == "projected")
@@ -195,21 +202,16 @@ def test_auto_trains_on_the_projected_kernels_where_the_backward_would_be_blockw
 def test_float16_training_keeps_the_backwards_own_forward_unless_both_are_projected():
     """In float16 ``auto`` trains a global layer on the backward's own forward, a windowed one whose backward would be
     the blockwise one on the projected forward and backward (docs of ``op.training_choice``)."""
-    q = torch.randn(1, 16, 8, 16)
-    w = as_float32(random_weights(1, 8, 8, 1, 16, 2, DYNAMIC, torch.Generator().manual_seed(0)))
-    assert op.training_choice(q, q, q, 1, w, w, 0) == ("projected", "blockwise")
-    assert op.training_choice(q.half(), q.half(), q.half(), 1, w, w, 0) == ("blockwise", "blockwise")
-    wide = torch.randn(1, 16, 8, 80).half()
-    assert op.training_choice(wide, wide, wide, 1, w, w, 64) == ("projected", "projected")
+    assert training_choice(16, 16, 0) == ("projected", "blockwise")
+    assert training_choice(16, 16, 0, torch.float16) == ("blockwise", "blockwise")
+    assert training_choice(16, 80, 64, torch.float16) == ("projected", "projected")
 
 
 def test_windowed_groups_of_more_than_16_heads_keep_the_blockwise_backward():
     """32 heads in one group, windowed: the projected forward, then the blockwise backward (no clear gain measured for
     the projected one there: ``op.PROJECTED_BACKWARD_MAX_WINDOW``'s note); 16 heads of head dim 80: both projected."""
-    for H, D, expected in ((32, 80, ("projected", "blockwise")), (16, 80, ("projected", "projected"))):
-        q = torch.zeros(1, H, 8, D)
-        w = as_float32(random_weights(1, 8, 8, 1, H, 2, DYNAMIC, torch.Generator().manual_seed(0)))
-        assert op.training_choice(q, q, q, 1, w, w, 256) == expected
+    assert training_choice(32, 80, 256) == ("projected", "blockwise")
+    assert training_choice(16, 80, 256) == ("projected", "projected")
 
 
 def test_prefills_take_the_projected_forward_from_enough_scores(monkeypatch):

@@ -243,16 +243,24 @@ def _post_sums_kernel(q_ptr, k_ptr, uv_ptr, pv_ptr, lse_ptr, mask_ptr, q2, k2, q
 
 
 @triton.jit
-def _head_frame(T, S, off, G: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """A per-head program's ``(bh, b, head, g, m, bg, offs_i, i_ok, lo, hi)``."""
-    pid_i = tl.program_id(0)
+def _head_program(G: tl.constexpr, M: tl.constexpr):
+    """A per-head program's ``(bh, b, head, g, m, bg)`` from grid axis 1 (one (batch, query head) each)."""
     bh = tl.program_id(1)
     b = bh // (G * M)
     head = bh % (G * M)
+    g = head // M
+    return bh, b, head, g, head % M, b * G + g
+
+
+@triton.jit
+def _head_frame(T, S, off, G: tl.constexpr, M: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """A query-major per-head program's ``(bh, b, head, g, m, bg, offs_i, i_ok, lo, hi)``."""
+    pid_i = tl.program_id(0)
+    bh, b, head, g, m, bg = _head_program(G, M)
     offs_i = pid_i * BM + tl.arange(0, BM)
     lo, hi = _key_range(pid_i * BM, T, S, off, BM, BN, CAUSAL, WINDOW)
-    return bh, b, head, head // M, head % M, b * G + head // M, offs_i, offs_i < T, lo, hi
+    return bh, b, head, g, m, bg, offs_i, offs_i < T, lo, hi
 
 
 @triton.jit

@@ -32,9 +32,9 @@ from torch import Tensor
 
 from . import projected  # (projected.TILES, read at each call: a benchmark's sweep may change them)
 from .launch import FIELDS, _check, _flags, _mask_args
-from .projected import (SUMS_DTYPE, _add_sums, _compose_head, _fields, _load_sums, _pair, _pair_group,
-                        _post_sums_kernel, _pre_sums_kernel, _q_tile, _scores, _store_sums, _zero_sums)
-from .tiles import KEY_GATE, KEY_LOWRANK, QUERY_GATE, QUERY_LOWRANK, _key_range, _query_range, _valid
+from .projected import (SUMS_DTYPE, _add_sums, _compose_head, _fields, _head_frame, _head_program, _load_sums, _pair,
+                        _pair_group, _post_sums_kernel, _pre_sums_kernel, _q_tile, _scores, _store_sums, _zero_sums)
+from .tiles import KEY_GATE, KEY_LOWRANK, QUERY_GATE, QUERY_LOWRANK, _query_range, _valid
 
 # Tiles (BM, BN, warps, stages); the forward's sums kernels keep projected.TILES. The best of an 8-candidate sweep per
 # kernel, one kernel at a time (H200, triton 3.6, bf16, 16 x 64, B = 8 x 2048, causal; backward ms with the kernel at
@@ -59,6 +59,21 @@ def _rows_of(ptr, b, head, offs, ok, sb, sh, st, offs_d, d_ok):
     """A ``(BLOCK, DP)`` tile of rows ``offs`` of head ``head`` (zeros past the head dim)."""
     return tl.load(ptr + b * sb + head * sh + offs[:, None] * st + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
                    other=0.0)
+
+
+@triton.jit
+def _head_dims(D, DV, DP: tl.constexpr, DVP: tl.constexpr):
+    """``(offs_d, d_ok, offs_e, e_ok)``: the (padded) key and value head dims and which of them are real."""
+    offs_d = tl.arange(0, DP)
+    offs_e = tl.arange(0, DVP)
+    return offs_d, offs_d < D, offs_e, offs_e < DV
+
+
+@triton.jit
+def _zero_grads(N: tl.constexpr):
+    """One side's weight-gradient accumulators over ``N`` rows or columns: ``w1``, ``w2`` (ranks 0, 1), gate."""
+    zero = tl.zeros((N,), dtype=tl.float32)
+    return zero, zero, zero, zero, zero
 
 
 @triton.jit
@@ -141,20 +156,8 @@ def _query_head(q_ptr, do_ptr, lse_ptr, sqb, sqh, sqt, sob, soh, sot, T, S, D, D
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """A query-major per-head program's frame: ``(bh, b, head, g, m, bg, offs_i, i_ok, offs_d, d_ok, offs_e, e_ok,
     lo, hi)``, its query tile, its ``dO`` tile and its rows' ``lse``."""
-    pid_i = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // (G * M)
-    head = bh % (G * M)
-    g = head // M
-    m = head % M
-    bg = b * G + g
-    offs_i = pid_i * BM + tl.arange(0, BM)
-    i_ok = offs_i < T
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    offs_e = tl.arange(0, DVP)
-    e_ok = offs_e < DV
-    lo, hi = _key_range(pid_i * BM, T, S, off, BM, BN, CAUSAL, WINDOW)
+    bh, b, head, g, m, bg, offs_i, i_ok, lo, hi = _head_frame(T, S, off, G, M, BM, BN, CAUSAL, WINDOW)
+    offs_d, d_ok, offs_e, e_ok = _head_dims(D, DV, DP, DVP)
     qt = _q_tile(q_ptr, b, head, offs_i, i_ok, offs_d, d_ok, sqb, sqh, sqt)
     dot_ = _rows_of(do_ptr, b, head, offs_i, i_ok, sob, soh, sot, offs_e, e_ok)
     lse = tl.load(lse_ptr + bh * T + offs_i, mask=i_ok, other=float("inf"))
@@ -174,11 +177,7 @@ def _post_rows_kernel(q_ptr, k_ptr, v_ptr, do_ptr, uv_ptr, pv_ptr, dc_ptr, lse_p
     bh, b, head, g, m, bg, offs_i, i_ok, offs_d, d_ok, offs_e, e_ok, lo, hi, qt, dot_, lse = _query_head(
         q_ptr, do_ptr, lse_ptr, sqb, sqh, sqt, sob, soh, sot, T, S, D, DV, off, G, M, DP, DVP, BM, BN, CAUSAL, WINDOW)
     delta = tl.zeros((BM,), dtype=tl.float32)
-    a1_0 = tl.zeros((BM,), dtype=tl.float32)
-    a1_1 = tl.zeros((BM,), dtype=tl.float32)
-    a2_0 = tl.zeros((BM,), dtype=tl.float32)
-    a2_1 = tl.zeros((BM,), dtype=tl.float32)
-    ag = tl.zeros((BM,), dtype=tl.float32)
+    a1_0, a1_1, a2_0, a2_1, ag = _zero_grads(BM)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         j_ok = offs_j < S
@@ -213,10 +212,7 @@ def _dy_sums_kernel(q_ptr, k_ptr, v_ptr, do_ptr, uv_ptr, dc_ptr, dh_ptr, lse_ptr
     offs_i, i_ok, offs_j, j_ok, seen = _pair(T, S, off, BM, BN, CAUSAL, WINDOW)
     if seen:
         bg, b, g = _pair_group(G)
-        offs_d = tl.arange(0, DP)
-        d_ok = offs_d < D
-        offs_e = tl.arange(0, DVP)
-        e_ok = offs_e < DV
+        offs_d, d_ok, offs_e, e_ok = _head_dims(D, DV, DP, DVP)
         a0, a1, c0, c1 = _zero_sums(BM, BN)
         for m in range(M):
             head = g * M + m
@@ -248,11 +244,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dq_ptr, uv_ptr, dc_ptr, dh_ptr, lse_
         q_ptr, do_ptr, lse_ptr, sqb, sqh, sqt, sob, soh, sot, T, S, D, DV, off, G, M, DP, DVP, BM, BN, CAUSAL, WINDOW)
     delta = tl.load(delta_ptr + bh * T + offs_i, mask=i_ok, other=0.0)
     acc = tl.zeros((BM, DP), dtype=tl.float32)
-    a1_0 = tl.zeros((BM,), dtype=tl.float32)
-    a1_1 = tl.zeros((BM,), dtype=tl.float32)
-    a2_0 = tl.zeros((BM,), dtype=tl.float32)
-    a2_1 = tl.zeros((BM,), dtype=tl.float32)
-    ag = tl.zeros((BM,), dtype=tl.float32)
+    a1_0, a1_1, a2_0, a2_1, ag = _zero_grads(BM)
     for start_j in range(lo, hi, BN):
         offs_j = start_j + tl.arange(0, BN)
         j_ok = offs_j < S
@@ -291,31 +283,15 @@ def _dkv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, dk_ptr, dv_ptr, uv_ptr, pv_ptr, dc_
     grouped heads), and every key-side weight gradient of both Composes (column sums), pre (``gw*``) and post
     (``gpw*``)."""
     pid_j = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // (G * M)
-    head = bh % (G * M)
-    g = head // M
-    m = head % M
-    bg = b * G + g
+    bh, b, head, g, m, bg = _head_program(G, M)
     offs_j = pid_j * BN + tl.arange(0, BN)
     j_ok = offs_j < S
-    offs_d = tl.arange(0, DP)
-    d_ok = offs_d < D
-    offs_e = tl.arange(0, DVP)
-    e_ok = offs_e < DV
+    offs_d, d_ok, offs_e, e_ok = _head_dims(D, DV, DP, DVP)
     lo, hi = _query_range(pid_j * BN, T, S, off, BM, BN, CAUSAL, WINDOW)
     dk = tl.zeros((BN, DP), dtype=tl.float32)
     dv = tl.zeros((BN, DVP), dtype=tl.float32)
-    e1_0 = tl.zeros((BN,), dtype=tl.float32)
-    e1_1 = tl.zeros((BN,), dtype=tl.float32)
-    e2_0 = tl.zeros((BN,), dtype=tl.float32)
-    e2_1 = tl.zeros((BN,), dtype=tl.float32)
-    eg = tl.zeros((BN,), dtype=tl.float32)
-    c1_0 = tl.zeros((BN,), dtype=tl.float32)
-    c1_1 = tl.zeros((BN,), dtype=tl.float32)
-    c2_0 = tl.zeros((BN,), dtype=tl.float32)
-    c2_1 = tl.zeros((BN,), dtype=tl.float32)
-    cg = tl.zeros((BN,), dtype=tl.float32)
+    e1_0, e1_1, e2_0, e2_1, eg = _zero_grads(BN)  # the pre-Compose's key side
+    c1_0, c1_1, c2_0, c2_1, cg = _zero_grads(BN)  # the post-Compose's
     for start_i in range(lo, hi, BM):
         offs_i = start_i + tl.arange(0, BM)
         i_ok = offs_i < T
