@@ -35,6 +35,11 @@ The anchor: a variant ``hf-llama:<preset>`` is transformers' own ``LlamaForCausa
     python benchmarks/lm_speed.py --variants tiny-transformer++ tiny-dcformer++ --device cpu --seq 64 \\
         --train-batch 2 --steps 2 --warmup 1 --prompt 16 --new-tokens 8 --batches 1     # CPU smoke run
 
+``--profile N`` adds, after the training table, where N eager steps of each variant spend their time (the ops and
+kernels with the most self device time per step, by input shapes)::
+
+    python benchmarks/lm_speed.py --variants transformer++-405m dcformer++-405m --skip-generate --steps 4 --profile 2
+
 Variants are preset names, plus ``<preset>:global`` (every layer global, no QK-norm: DCFormer
 rather than DCFormer++).
 
@@ -140,23 +145,33 @@ def matmul_rate(device, dtype) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
-def train_speed(model, batch, seq, steps, warmup, device, compile_scope: str | None = None) -> tuple[float, float]:
-    """(tokens/s, peak GiB) of optimizer steps on random tokens; ``compile_scope``: through ``torch.compile``
-    (see :func:`compiled`; the warm-up steps include the compilation)."""
+def training_step(model, batch: int, seq: int, device, compile_scope: str | None = None):
+    """A function running one optimizer step (AdamW) of ``model`` on a fixed batch of random tokens; ``compile_scope``:
+    through ``torch.compile`` (see :func:`compiled`)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     model.train()
     run = compiled(model, compile_scope) if compile_scope else model
+
+    def step() -> None:
+        run(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def train_speed(model, batch, seq, steps, warmup, device, compile_scope: str | None = None) -> tuple[float, float]:
+    """(tokens/s, peak GiB) of optimizer steps on random tokens; ``compile_scope``: through ``torch.compile``
+    (see :func:`compiled`; the warm-up steps include the compilation)."""
+    step = training_step(model, batch, seq, device, compile_scope)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         if i == warmup:
             sync(device)
             t0 = time.perf_counter()
-        loss = run(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
     sync(device)
     elapsed = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
@@ -296,6 +311,43 @@ def isolated_row(variant: str, batch: int, argv: list[str] | None) -> tuple[floa
     return pre, dec, first, {key: tuple(value) for key, value in spread.items()}
 
 
+def profile_training(variant: str, backend: str, device, dtype, seq: int, batch: int, steps: int, top: int,
+                     num_layers: int | None = None) -> None:
+    """Print where ``steps`` eager training steps of ``variant`` spend their time (after two warm-up steps): the
+    ``top`` operators and kernels by self time per step -- device time on CUDA, CPU time on the CPU -- grouped by
+    name and input shapes (``torch.profiler``), with the wall time and the profiled total per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = build(variant, backend, device, dtype, num_layers)
+    cuda = device.type == "cuda"
+    step = training_step(model, batch, seq, device)
+    for _ in range(2):
+        step()
+    sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    t0 = time.perf_counter()
+    with profile(activities=activities, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    wall = (time.perf_counter() - t0) / steps * 1e3
+    events = prof.key_averages(group_by_input_shape=True)
+    self_ms = [((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps, e) for e in events]
+    self_ms = sorted(((ms, e) for ms, e in self_ms if ms > 0), key=lambda pair: -pair[0])
+    where = "device" if cuda else "CPU"
+    print(f"\n# {variant}: {wall:.1f} ms a step under the profiler (wall), {sum(ms for ms, _ in self_ms):.1f} ms of "
+          f"self {where} time; top {top} by self {where} time per step (ops and kernels, by input shapes)")
+    print("| ms/step | calls/step | op or kernel | input shapes |")
+    print("|---|---|---|---|")
+    for ms, e in self_ms[:top]:
+        shapes = str(e.input_shapes)[:100] if e.input_shapes and any(e.input_shapes) else ""
+        print(f"| {ms:.2f} | {e.count / steps:g} | {e.key[:90]} | {shapes} |", flush=True)
+    del model, step
+    if cuda:
+        torch.cuda.empty_cache()
+
+
 def non_embedding_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
 
@@ -372,6 +424,11 @@ def main(argv=None) -> int:
                         help="generation rows in one process, every model built and warmed first, then this many "
                              "rounds of --repeats timed calls per row, the rows taking turns (a host whose speed "
                              "drifts moves every row alike; the table gives the medians over all rounds)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after the training table, profile this many eager training steps of each variant and "
+                             "print where their time goes (torch.profiler: ops and kernels by self time and input "
+                             "shapes; --profile-top rows each)")
+    parser.add_argument("--profile-top", type=int, default=30, help="rows of each --profile table (default 30)")
     parser.add_argument("--emit-row", action="store_true", help=argparse.SUPPRESS)  # (--isolate's child processes)
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -379,6 +436,9 @@ def main(argv=None) -> int:
     if args.rounds < 1 or (args.rounds > 1 and args.isolate):
         raise ValueError(f"--rounds is {args.rounds}: expected a positive number, and 1 with --isolate (rounds take "
                          "turns in one process)")
+    if args.profile < 0 or args.profile_top < 1:
+        raise ValueError(f"--profile is {args.profile} and --profile-top {args.profile_top}: expected a number of "
+                         "steps (0: no profile) and a positive number of rows")
     if args.num_layers is not None and args.num_layers < 1:
         raise ValueError(f"--num-layers is {args.num_layers}: expected a positive number of blocks")
     device = torch.device(args.device)
@@ -415,6 +475,9 @@ def main(argv=None) -> int:
             print(f"| {label} | {r['params'] / 1e6:.1f}M | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} | "
                   f"{r['peak_gib']:.1f} | {r['tokens_per_s'] / first:.2f} |", flush=True)
             rows.append(("train", variant, r["tokens_per_s"]))
+        for variant in args.variants if args.profile else ():
+            profile_training(variant, args.backend, device, dtype, args.seq, args.train_batch, args.profile,
+                             args.profile_top, args.num_layers)
     if not args.skip_generate:
         import transformers
 

@@ -17,10 +17,16 @@ def test_lm_speed_script_prints_both_tables():
     done = subprocess.run(
         [sys.executable, str(BENCHMARKS / "lm_speed.py"), "--variants", "tiny-transformer++", "tiny-dcformer++:global",
          "--device", "cpu", "--seq", "32", "--train-batch", "2", "--steps", "1", "--warmup", "1", "--prompt", "8",
-         "--new-tokens", "4", "--batches", "1", "--num-layers", "2"],
+         "--new-tokens", "4", "--batches", "1", "--num-layers", "2", "--profile", "1", "--profile-top", "5"],
         capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stderr
+    # --profile: a table per variant of the ops with the most self time per step, largest first
+    headers = [line for line in done.stdout.splitlines() if line.startswith("# tiny-") and "top 5" in line]
+    assert [h.split(": ")[0] for h in headers] == ["# tiny-transformer++", "# tiny-dcformer++:global"]
+    profiled = [line for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    times = [float(line.split("|")[1]) for line in profiled]
+    assert len(times) == 10 and times[:5] == sorted(times[:5], reverse=True) and min(times) > 0
     train = [line for line in done.stdout.splitlines() if line.startswith("| tiny-") and "%" in line]
     generate = [line for line in done.stdout.splitlines() if line.startswith("| tiny-") and "%" not in line]
     assert len(train) == 2 and len(generate) == 2
