@@ -31,8 +31,8 @@ def compile_kernel(fn, constants: dict, pointers: dict, warps: int, arch: int, d
                    maxnreg: int | None = None, stages: int = 1) -> dict:
     """Compile ``fn`` for ``sm_{arch}``: registers, spill bytes, shared memory and a PTX hash. ``divisible``: the
     arguments (pointers, integers) to compile as multiples of 16, as Triton's launcher specialises them when they are
-    at run time; the layouts Triton picks follow them (docs/kernels.md, "Third pass"), so name those of the launch being
-    studied (``"all"``: every pointer and integer argument the kernel does not mark ``do_not_specialize``)."""
+    at run time; the layouts Triton picks follow them (docs/kernels_log.md, "Third pass"), so name those of the launch
+    being studied (``"all"``: every pointer and integer argument the kernel does not mark ``do_not_specialize``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

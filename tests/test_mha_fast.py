@@ -232,7 +232,7 @@ def test_windowed_layer_under_torch_compile_matches_eager_on_cuda():
     dynamo's state is reset first: after another test compiled the same ``Attention.forward`` at another length,
     this compile is a recompile, dynamo marks the sequence length dynamic, and torch 2.11's inductor fails to
     lower flex_attention with a symbolic length (LoweringException 'ShapeAsConstantBuffer' object has no attribute
-    'dtype', H200, 2026-11-30; docs/kernels.md). Static shapes are what this test checks."""
+    'dtype', H200, 2026-11-30; docs/kernels_log.md). Static shapes are what this test checks."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     layer = MultiHeadAttention(256, 4, window=256, rotary=True).cuda().to(torch.bfloat16)

@@ -47,7 +47,7 @@ Backend = Callable[..., Tensor]
 #: in the step's CUDA graph; or ``"reference"``, the materialised path, fused by inductor. Measured (H200,
 #: DCFormer++-405M, batch 16): 3,267 decode tokens/s on the kernels, 2,374 on the materialised path, and a quarter
 #: of the compile time (docs/results.md, "Generation: static cache and compiled decoding"); the attention core
-#: alone at a 4096-key cache is faster materialised (docs/kernels.md, "Decoding on the device").
+#: alone at a 4096-key cache is faster materialised (docs/kernels_log.md, "Decoding on the device").
 COMPILED_DECODE = "triton"
 
 _BACKENDS: dict[str, Backend] = {
@@ -148,7 +148,7 @@ def resolve_backend(name: str, query_len: int, chunk_size: int, like: Tensor | N
         _triton_module()  # imports and registers the kernels
     if name == "auto":
         # The kernels whenever they take the shape: training, prefill and decoding (the split-key kernel).
-        # Decoding, measured on an H100 against a 4096-token cache (docs/kernels.md): head dim 64: 0.55-0.56 vs
+        # Decoding, measured on an H100 against a 4096-token cache (docs/kernels_log.md): head dim 64: 0.55-0.56 vs
         # 1.13 ms per step (batch 1) and 0.74-0.75 vs 1.24 ms (batch 16) for the materialised path; head dim 128:
         # 0.76-0.80 vs 1.02 ms and 0.92-0.98 vs 1.25 ms.
         if like is not None and like.is_cuda and torch.compiler.is_compiling() and not torch.is_grad_enabled() \
@@ -187,10 +187,10 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
 
     Eager CUDA tensors of at least :data:`TRITON_NORM_MIN_NUMEL` numbers in rows of up to :data:`SHORT_ROW` run
     :mod:`headmix.ops.triton.norm`'s kernels, forward and backward (at QK-norm's 64 channels of 8 x 2048 tokens x 16
-    heads on an H200: 17 + 32 us of kernels against PyTorch's 215 us forward, 523 us forward+backward: docs/kernels.md,
-    "RMS norm of short rows"); inside ``torch.compile`` (inductor fuses the norm itself), under autocast, on the CPU,
-    without triton, for smaller tensors or longer rows, PyTorch's ``rms_norm``. The results agree to rounding
-    (float32 arithmetic, one rounding of the output: ``tests/test_norm.py``)."""
+    heads on an H200: 17 + 32 us of kernels against PyTorch's 215 us forward, 523 us forward+backward:
+    docs/kernels_log.md, "RMS norm of short rows"); inside ``torch.compile`` (inductor fuses the norm itself), under
+    autocast, on the CPU, without triton, for smaller tensors or longer rows, PyTorch's ``rms_norm``. The results agree
+    to rounding (float32 arithmetic, one rounding of the output: ``tests/test_norm.py``)."""
     if (x.is_cuda and _HAS_TRITON and x.shape[-1] <= SHORT_ROW and x.numel() >= TRITON_NORM_MIN_NUMEL
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")):
         from .triton.norm import triton_rms_norm

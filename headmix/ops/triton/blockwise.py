@@ -2,8 +2,8 @@
 
 The tile kernels (:mod:`.forward`, :mod:`.backward`) never write a ``(query x key)`` tensor, and pay for it: every
 program holds all heads of a group next to tensor-core products, so its tiles are small, its registers spill and the
-tensor cores idle (docs/kernels.md, "Kernels v2"). This path takes the other side of the trade, for training. Queries
-go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H x C x L`` float32 at most
+tensor cores idle (docs/kernels_log.md, "Kernels v2"). This path takes the other side of the trade, for training.
+Queries go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H x C x L`` float32 at most
 :data:`BLOCK_ELEMENTS`, ``L`` the keys the block may see); per block
 
 * ``S = Q K^T`` and ``dP' = dO V^T`` (float32 out), ``O = P' V``, ``dQ = dS K``, ``dK += dS^T Q``, ``dV += P'^T dO``:
@@ -15,7 +15,7 @@ go in blocks of ``C`` rows (:func:`block_rows`: the buffers are bounded, ``B x H
   the tile table sets (:data:`TILES`: a few keys per thread, a group's heads over 2-4 lanes or warps): the Compose's
   sums over heads (``h_r = sum_m w1[r, m] x_m``) and the sums along a tile's keys or queries (weight gradients, softmax
   statistics) are in-thread adds, then warp shuffles or shared-memory round trips, which with the Compose's
-  arithmetic bound the kernels (docs/kernels.md, "Second pass" and "Third pass");
+  arithmetic bound the kernels (docs/kernels_log.md, "Second pass" and "Third pass");
 * sums along a row (softmax statistics, ``Delta``, query-side weight gradients) are per key chunk and the static
   mix's gradient per program: partial sums, added by the host in a fixed order. Sums down a column (key-side weight
   gradients) are atomic adds into the gradient, whose order varies from run to run; under
@@ -50,7 +50,7 @@ BLOCK_ELEMENTS = 1 << 27  # B x H x C x L elements per query block's float32 buf
 # more). VEC is the alignment of a row's start that the kernels promise Triton (the host lowers it to the largest power
 # of two dividing the block's key count): with it, and the tile's shape, Triton picks the layout (keys per thread,
 # heads over lanes or warps), which sets how the sums over heads, keys and queries cross lanes and warps
-# (docs/kernels.md, "Third pass"). On an H200 (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms,
+# (docs/kernels_log.md, "Third pass"). On an H200 (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms,
 # one kernel's tile varied at a time, `training_paths.py --sweep-tiles`): 16 x 64 from (4, 32, 2, 4) everywhere, 15.46:
 # pre (2, 32, 2, 4) 15.44, (8, 32, 4, 2) 15.77, (8, 16, 4, 16) 16.10; post (2, 64, 2, 4) 14.59, (2, 32, 2, 4) 15.20,
 # (8, 32, 4, 2) 15.89, (8, 16, 4, 16) 18.31; adjoint (2, 32, 1, 4) 14.79, (2, 64, 2, 4) 15.52, (4, 16, 1, 4) 15.64,

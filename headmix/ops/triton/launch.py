@@ -25,7 +25,7 @@ MAX_HEADS_PER_GROUP = 32  # forward and backward
 # Compose (tiles._compose_rank) and narrower head-dim chunks (head_dim_chunks): compiled offline for sm_90
 # (benchmarks/kernel_resources.py --heads 32 --head-dim 128 --no-static), the per-position-matrix kernels need
 # 288 / 192 / 320 / 416 KB of shared memory (forward / backward query stages 1, 2 / backward key), an H100/H200
-# has 227 KB; docs/kernels.md, "32 heads per group".
+# has 227 KB; docs/kernels_log.md, "32 heads per group".
 MATRIX_FORM_HEADS = 16
 # The form of each phase's kernels in those wider groups: "rank" or "matrix" (with the chunks of head_dim_chunks the
 # matrix-form forward fits too: 128 KB and 1,544 spilled bytes per thread at 32 x 128 against the rank form's 64 KB
@@ -35,7 +35,7 @@ MATRIX_FORM_HEADS = 16
 # 32x32 tiles; larger tiles do not fit (278-295 KB of shared memory).
 WIDE_FORMS = {"fwd": "rank", "bwd": "rank"}
 # backend="auto" does not choose those wider groups' tile kernels: measured on an H200 (2026-11-30, bf16, B=8 x 2048,
-# 32 heads in one group, static mix off; docs/kernels.md, "32 heads per group"), they train 1.9-2.1x SLOWER than the
+# 32 heads in one group, static mix off; docs/kernels_log.md, "32 heads per group"), they train 1.9-2.1x SLOWER than the
 # chunked path (fwd+bwd 347 / 400 ms at head dim 80 / 128, chunked 180 / 187 ms). Without a static mix such groups
 # train on the blockwise path (TRAINING_KERNELS below: 46 / 48 ms), which auto chooses; with one auto keeps them on the
 # chunked path and says why once; backend="triton" runs the tile kernels; True lets auto choose them.
@@ -44,7 +44,7 @@ WIDE_GROUPS_ON_AUTO = False
 # (forward.py, backward.py: nothing quadratic in memory), "blockwise" (blockwise.py: materialised query blocks, the
 # products on cuBLAS, the Compose in Triton at memory speed, a bounded buffer), or "auto": blockwise where it measured
 # faster. On an H200 (2026-12-01, bf16, B = 8 x 2048, causal, rank 2, forward+backward ms, tiles -> blockwise;
-# `python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256`, docs/kernels.md "The
+# `python benchmarks/training_paths.py --shapes 16x64 16x128 32x80:1 32x128:1 --windows 0 256`, docs/kernels_log.md "The
 # blockwise training path"): 16 x 64 20.9 -> 18.2, window 256 5.3 -> 13.3; 16 x 128 59.8 -> 19.0, window 256 16.4 ->
 # 14.2; 32 x 80 in one group 351.7 -> 38.5, window 256 96.8 -> 16.8; 32 x 128 404.9 -> 40.2, window 256 112.1 ->
 # 18.1; with the static mix (2026-11-30) 16 x 64 21.0 -> 66.9. So auto takes the blockwise path without a static mix
@@ -52,9 +52,9 @@ WIDE_GROUPS_ON_AUTO = False
 TRAINING_KERNELS = "auto"
 # Head-dim chunks of those wider groups' kernels: the output chunk one program writes, per phase, and the chunks of the
 # forward's score products (the backward's are half its output chunk, as below). From offline sm_90 compiles at
-# 32 x 128, static mix off (docs/kernels.md): the forward writing 64-wide output chunks spills 1,320 bytes per thread
-# against 976 at 32, and recomputes the scores for half as many chunks; the backward's two 32-wide accumulators (dK
-# and dV) already take 128 of a thread's 255 registers.
+# 32 x 128, static mix off (docs/kernels_log.md): the forward writing 64-wide output chunks spills 1,320 bytes per
+# thread against 976 at 32, and recomputes the scores for half as many chunks; the backward's two 32-wide accumulators
+# (dK and dV) already take 128 of a thread's 255 registers.
 WIDE_OUTPUT_CHUNK = {"fwd": 64, "bwd": 32}
 WIDE_SCORE_CHUNK = 32
 # The Compose fields in the dataclass's order: bit i of a kernel's flags is field i (tiles.py names the bits;
@@ -73,7 +73,7 @@ FIELDS = COMPOSE_FIELDS
 TILES: dict[tuple, tuple[int, int, int, int]] = {
     ("fwd", 16): (16, 16, 4, 1), ("fwd", 4): (32, 32, 4, 1),  # measured: docs/triton_tiles_h100.md
     ("bwd", 16): (16, 16, 8, 1), ("bwd", 4): (32, 32, 4, 1),
-    ("fwd", 32): (16, 16, 8, 1), ("bwd", 32): (16, 16, 8, 1),  # offline sm_90 figures only (docs/kernels.md)
+    ("fwd", 32): (16, 16, 8, 1), ("bwd", 32): (16, 16, 8, 1),  # offline sm_90 figures only (docs/kernels_log.md)
     # Padded head dims above 64 (80, 96, 128) where they differ: at 4 warps the 16-head forward compiles to 32
     # registers and 7.8 KB of local memory per thread, at 8 to 255 and 632 B; measured on an H200 (2026-11-30, bf16,
     # 8 x 2048, causal, static off): forward 12.18 -> 7.60 ms, forward+backward 64.95 -> 60.17 ms
@@ -99,7 +99,7 @@ def tile_shape(phase: str, padded_heads: int, head_dim: int = 64) -> tuple[int, 
 
 # Operands of the head-mixing products of the pre- and post-softmax Compose (and of their gradients), by input
 # dtype; float32 inputs always mix in exact float32. "bf16" (fastest) or "tf32" (float32 operands, 10-bit mantissa);
-# accumulation is float32 either way. Measured on an H200 (2026-11-30, docs/kernels.md "Mixing precision"): bf16
+# accumulation is float32 either way. Measured on an H200 (2026-11-30, docs/kernels_log.md "Mixing precision"): bf16
 # pre-softmax mixing trains DCFormer++-405M 6.3% faster than tf32 (34.1k against 32.1k tokens/s) and, with bf16
 # inputs, leaves the kernels' largest error at 0.011-0.013 against the float32 reference where the reference
 # implementation run in bf16 is at 0.020-0.023; with fp16 inputs it would be 0.0073 against fp16's own 0.0027,
@@ -119,13 +119,14 @@ def mix_precision(dtype: torch.dtype) -> dict[str, str]:
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
 SPLIT_TARGET_PROGRAMS = 128
 # ... with at least this many keys per query (decoding): a split's two more launches cost a host-bound prefill more host
-# time than they save GPU time (H200, 16 x 64, 1 x 512: 298 against 89 us; docs/kernels.md, "The prefill's host time").
+# time than they save GPU time (H200, 16 x 64, 1 x 512: 298 against 89 us; docs/kernels_log.md, "The prefill's host
+# time").
 SPLIT_MIN_KEYS_PER_QUERY = 4
 SPLIT_SUM_BLOCK = 256  # elements per program of the sum of the splits' partial outputs
 SPLITS_READ = 8  # splits whose statistics (one-query kernel) or partial outputs (the sum) are read at once
 # What decodes one query (T = 1, no gradients): "one_query", :func:`_one_query_kernel` ((heads x keys) tiles, each
-# Compose term as written), or "tiles", the forward's split-key path (docs/kernels.md, "Decoding on the device": H200,
-# 4096 keys, graph: 0.059 / 0.295 / 0.073 against 0.080 / 0.563 / 0.121 ms, head dim 64 batch 1, 16, 128 batch 1).
+# Compose term as written), or "tiles", the forward's split-key path (docs/kernels_log.md, "Decoding on the device":
+# H200, 4096 keys, graph: 0.059 / 0.295 / 0.073 against 0.080 / 0.563 / 0.121 ms, head dim 64 batch 1, 16, 128 batch 1).
 DECODE_KERNEL = "one_query"
 # (keys per tile, head-dim chunk of the score products, warps) of the one-query kernel by (padded) head dim. 64: H200,
 # 2026-12-01, bf16, 16 heads, rank 2, no static mix, graph replay, us at (batch, keys) (1, 256) (1, 640) (16, 256)

@@ -3,7 +3,7 @@
 Why it exists: PyTorch's CUDA ``rms_norm`` (2.11) gives each row a thread block, which at the rows DCFormer++
 normalises (QK-norm: a head's 64 channels; the dynamic-weight factors: ``M`` = 16 numbers) leaves the block
 mostly idle: on an H200 one QK-norm of 8 x 2048 tokens x 16 heads x 64 (16.8 MB) took 214 us forward, 518 us
-forward+backward, against ~7 us to read and write the tensor once (``docs/kernels.md``, "RMS norm of short rows").
+forward+backward, against ~7 us to read and write the tensor once (``docs/kernels_log.md``, "RMS norm of short rows").
 Here one program normalises ``BR`` rows at once (``BR * BN`` ~ 4096 numbers), float32 arithmetic, one rounding of
 the output; the backward recomputes the normalised rows from the saved ``rstd`` and writes the weight's gradient
 as a partial sum per program, added in program order on the host (the same bits on every run).

@@ -85,7 +85,7 @@ def inference_kernels(padded_heads: int, head_dim: int, static: bool, window: in
     --windows 0 256`, and ``--batch 1``): batch 16: 16 x 64 0.82 / 0.98, window 256 0.60 / 1.17; 16 x 128 1.21 /
     **1.00** (6.7e7 scores), window 256 0.89 / 1.11; batch 1: 16 x 64 0.38 / 1.04, window 0.32 / 1.09; 16 x 128 0.34
     / 1.11, window 0.33 / 1.13. At B = 8 x 2048 (5.4e8 scores) the blockwise training forward of a global 16 x 64
-    layer took 3.8-4.3 ms against the tile forward's 4.9 (docs/kernels.md, 2026-11-30 and 12-01). A forced
+    layer took 3.8-4.3 ms against the tile forward's 4.9 (docs/kernels_log.md, 2026-11-30 and 12-01). A forced
     :data:`~headmix.ops.triton.launch.TRAINING_KERNELS` holds here too."""
     trains = training_kernels(padded_heads, head_dim, static, window)  # (also checks the setting)
     if launch.TRAINING_KERNELS != "auto" or trains == "tiles":
@@ -98,7 +98,7 @@ def inference_kernels(padded_heads: int, head_dim: int, static: bool, window: in
 
 def train_forward(q, k, v, scale, mask, pre, post, groups, causal, window, offset) -> tuple[Tensor, Tensor]:
     """``(O, lse)`` for training, on the forward :func:`training_choice` names: the projected forward (the fastest at
-    every training shape measured, docs/kernels.md) before the blockwise or projected backward, else the forward of
+    every training shape measured, docs/kernels_log.md) before the blockwise or projected backward, else the forward of
     the kernels :func:`training_kernels` names (a forced ``TRAINING_KERNELS`` keeps its own forward)."""
     forward = training_choice(q, k, v, groups, pre, post, window)[0]
     if forward == "projected":
@@ -130,9 +130,10 @@ BLOCKWISE_MIN_QUERIES = 128
 
 # Without gradients the projected forward needs about this many scores (batch x heads x queries x keys per query) to
 # beat the tile forward: its four launches cost host time the tile forward's one does not. Measured on an H200
-# (2026-12-02, bf16, 16 x 64, causal, rank 2, every dynamic term; .devm-style script of that day, in docs/kernels.md),
-# ms GPU / host per call: batch 1 x 512 (4.2e6 scores) tile forward 0.56 / 0.18, projected 0.40 / 0.39 (window 256:
-# 0.41 / 0.16 against 0.46 / 0.36); batch 16 x 512 (6.7e7) GPU 1.04 against 0.69 (window 256: 0.80 against 0.65).
+# (2026-12-02, bf16, 16 x 64, causal, rank 2, every dynamic term; .devm-style script of that day, in
+# docs/kernels_log.md), ms GPU / host per call: batch 1 x 512 (4.2e6 scores) tile forward 0.56 / 0.18, projected 0.40 /
+# 0.39 (window 256: 0.41 / 0.16 against 0.46 / 0.36); batch 16 x 512 (6.7e7) GPU 1.04 against 0.69 (window 256: 0.80
+# against 0.65).
 PROJECTED_MIN_SCORES = 1 << 24
 
 
@@ -171,8 +172,8 @@ def _check_projected(q: Tensor, k: Tensor, pre, post, groups: int) -> None:
 # ``auto`` trains a windowed layer of up to 16 heads per group whose backward would be the blockwise one (head dims
 # above 64) on the projected forward and backward, up to this window. Measured on two H200 machines (2026-12-02, bf16,
 # B = 8 x 2048, causal, rank 2, every dynamic term; backward ms, blockwise -> projected, first / second machine;
-# docs/kernels.md, "The projected backward timed"): window 256: 16 x 128 7.13 -> 6.28 / 6.25 -> 5.82; 32 heads in one
-# group (kept on the blockwise backward: no clear gain) 32 x 80 13.08 -> 12.25 / 11.24 -> 11.60, 32 x 128 14.36 ->
+# docs/kernels_log.md, "The projected backward timed"): window 256: 16 x 128 7.13 -> 6.28 / 6.25 -> 5.82; 32 heads in
+# one group (kept on the blockwise backward: no clear gain) 32 x 80 13.08 -> 12.25 / 11.24 -> 11.60, 32 x 128 14.36 ->
 # 12.51 / 12.11 -> 11.92; global: 16 x 64 10.15 -> 17.8, 32 x 80 23.76 -> 42.11. Between 256 keys and global: not
 # measured.
 PROJECTED_BACKWARD_MAX_WINDOW = 256

@@ -21,7 +21,7 @@ tensor-core ``tl.dot``:
 
 The score products run four times per (query, key, head) element (kernels 1 to 4) and ``P' V`` once; the per-head
 kernels read ``4R`` stored sums per element (16-bit: L2-resident while a query tile's heads run). Measured against the
-tile and blockwise forwards in docs/kernels.md ("The projected forward").
+tile and blockwise forwards in docs/kernels_log.md ("The projected forward").
 
 Forward only: the training forward (either backward takes its ``lse``), an evaluation, a prefill. Rank 1 or 2, no
 static head mix (the released models train without it). The sums buffers take ``4 R B G T S`` numbers, in
@@ -40,7 +40,8 @@ from .launch import FIELDS, _check, _flags, _mask_args
 from .tiles import KEY_GATE, KEY_LOWRANK, NEG, QUERY_GATE, QUERY_LOWRANK, _key_range, _valid
 
 # Tiles (BM, BN, warps, software-pipeline stages) of the four kernels: the best of a sweep of each kernel's tile in
-# turn at 16 x 64, B = 8 x 2048, causal (H200, 2026-12-02, docs/kernels.md); the interpreter (CPU tests) takes them too.
+# turn at 16 x 64, B = 8 x 2048, causal (H200, 2026-12-02, docs/kernels_log.md); the interpreter (CPU tests) takes them
+# too.
 TILES = {"pre_sums": (64, 32, 4, 3), "stats": (64, 32, 4, 3), "post_sums": (32, 64, 4, 2), "out": (32, 32, 4, 3)}
 # The sums buffers' dtype by input dtype (float32 inputs keep float32: the path is then exact to rounding). Half
 # inputs: float16 (at 16 x 64, B = 8 x 2048 the output's largest error against a float32 run was 3.98e-3 with float16

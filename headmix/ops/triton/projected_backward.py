@@ -19,7 +19,7 @@ backward is the forward's pattern again, five launches after the forward's two s
 No atomics (every output element has one writer), so the result is deterministic. Every kernel recomputes its tiles'
 scores (``QKᵀ``, ``dO Vᵀ``) once more, so where a query sees many keys the blockwise backward (which keeps them) is
 faster; ``auto`` trains windowed layers on this one where its backward would otherwise be the blockwise one
-(:data:`headmix.ops.triton.op.PROJECTED_BACKWARD_MAX_WINDOW`; timings in docs/kernels.md, "The projected backward
+(:data:`headmix.ops.triton.op.PROJECTED_BACKWARD_MAX_WINDOW`; timings in docs/kernels_log.md, "The projected backward
 timed").
 """
 
@@ -41,7 +41,7 @@ from .tiles import KEY_GATE, KEY_LOWRANK, QUERY_GATE, QUERY_LOWRANK, _query_rang
 # the candidate): 23.8 at the first, spill-free offline choice (post_rows (64, 32, 8, 2), dq (32, 32, 4, 2), dkv (16,
 # 32, 4, 2), dz_sums (32, 64, 4, 2)) -> 17.8. Three of them spill a little on the device (post_rows 16, dq 46, dkv 6
 # bytes) and are still the fastest; at window 256 they took 6.28 against 7.37 ms (16 x 128), 12.25 against 14.34
-# (32 x 80), 12.51 against 14.59 (32 x 128). docs/kernels.md, "The projected backward timed".
+# (32 x 80), 12.51 against 14.59 (32 x 128). docs/kernels_log.md, "The projected backward timed".
 TILES = {"dz_sums": (64, 32, 4, 2), "post_rows": (64, 32, 4, 2), "dy_sums": (16, 32, 4, 2), "dq": (64, 32, 4, 2),
          "dkv": (32, 32, 4, 2)}
 

@@ -4,7 +4,7 @@
 Why it exists: eagerly that code runs about ten elementwise kernels per tensor and as many in the backward (float32
 copies of the rotated part and of its rotated half, a concatenation, two products, a sum, the cast back, and the
 gradients' zero-filled slices); in a Transformer++-405M training step on an H200 they took ~34 of 138 ms (2026-12-02,
-docs/kernels.md, "Rotary embeddings in one kernel"). Here one program rotates ``BT`` positions of one (batch, head)
+docs/kernels_log.md, "Rotary embeddings in one kernel"). Here one program rotates ``BT`` positions of one (batch, head)
 row: it reads the input once, computes in float32 with the same products (``x1 cos - x2 sin``, ``x2 cos + x1 sin``)
 and rounds once, as the spec does; the backward is the same kernel rotating the other way. With Triton's fused
 multiply-adds (its default) a result may differ from the spec's by one rounding (H200, bf16, the queries of an 8 x

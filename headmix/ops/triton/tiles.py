@@ -159,7 +159,7 @@ def _store_static_grad(part, gm, hm, M: tl.constexpr):
     tl.store(part + hm[None, :] * M + hm[:, None], tl.sum(gm, 0), mask=h_ok[:, None] & h_ok[None, :])
 
 
-# -- the rank-R form (more than 16 heads per group: the backward kernels; docs/kernels.md, "32 heads per group") --
+# -- the rank-R form (more than 16 heads per group: the backward kernels; docs/kernels_log.md, "32 heads per group") --
 # The same Compose on the tile's own (MP, BM, BN) layout (heads, queries, keys), without per-position matrices: at
 # query i and key j
 #   y[m] = x[m] + sum_n W[n, m] x[n] + sum_r w2q[i, r, m] h_r + sum_r w2k[j, r, m] h'_r + (gq[i, m] + gk[j, m]) x[m]
