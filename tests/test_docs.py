@@ -13,8 +13,8 @@ DOCS = ROOT / "docs"
 # a page's name (bare, with docs/, or as a Markdown link, in backticks or not), then within a few characters (a comma,
 # a parenthesis, a line break with a comment's "#"; not a quote: the page's name closing a string literal) a quoted
 # title
-REFERENCE = re.compile(r"([A-Za-z_]+\.md)(?:`{0,2}|\]\([A-Za-z_]+\.md\))(?=[,() \t\n])\)?,?[ \t]*(?:\n[ \t]*#?[ \t]*)?\(?"
-                       r"\"([^\"]{3,90})\"")
+REFERENCE = re.compile(r"([A-Za-z_]+\.md)(?:`{0,2}|\]\([A-Za-z_]+\.md\))(?=[,() \t\n])"
+                       r"\)?,?[ \t]*(?:\n[ \t]*#?[ \t]*)?\(?\"([^\"]{3,90})\"")
 
 
 def sections(page: Path) -> list[str]:
