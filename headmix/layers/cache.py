@@ -222,13 +222,14 @@ class LayerCache:
         """Empty the layer (keeps its window and recording mode)."""
         self.state, self.positions, self.valid, self.seen = {}, None, None, 0
 
-    def offload(self) -> None:  # transformers' offloading hooks: not supported, nothing to move
-        pass
+    def offload(self) -> None:
+        """transformers' hook to move a layer's cache to the CPU: offloading is not supported, nothing moves."""
 
     def prefetch(self) -> None:
-        pass
+        """transformers' hook to bring an offloaded layer back: nothing was offloaded, nothing moves."""
 
     def nbytes(self) -> int:
+        """Bytes held by this layer's cached tensors."""
         return sum(t.numel() * t.element_size() for t in _leaves(self.state))
 
 
@@ -451,11 +452,12 @@ class StaticLayerCache:
         self.length.zero_()
         self._seen = 0
 
-    def offload(self) -> None:  # transformers' offloading hooks: not supported, nothing to move
-        pass
+    def offload(self) -> None:
+        """transformers' hook to move a layer's cache to the CPU: offloading is not supported, nothing moves."""
 
     def prefetch(self) -> None:
-        pass
+        """transformers' hook to bring an offloaded layer back: nothing was offloaded, nothing moves."""
 
     def nbytes(self) -> int:
+        """Bytes held by this layer's buffers (0 before the first write allocates them)."""
         return 0 if self.state is None else sum(t.numel() * t.element_size() for t in _leaves(self.state))

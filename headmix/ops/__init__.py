@@ -102,6 +102,8 @@ def register_backend(name: str, fn: Backend) -> None:
 
 
 def available_backends() -> tuple[str, ...]:
+    """The names a layer's ``backend=`` takes: ``"auto"``, ``"reference"``, ``"chunked"``, and ``"triton"`` where
+    triton is installed."""
     return ("auto", *_BACKENDS, *(("triton",) if _HAS_TRITON and "triton" not in _BACKENDS else ()))
 
 
