@@ -119,8 +119,7 @@ def mix_precision(dtype: torch.dtype) -> dict[str, str]:
 # Split the keys when the query blocks alone give fewer programs than this (decoding): about one per H100 SM.
 SPLIT_TARGET_PROGRAMS = 128
 # ... with at least this many keys per query (decoding): a split's two more launches cost a host-bound prefill more host
-# time than they save GPU time (H200, 16 x 64, 1 x 512: 298 against 89 us; docs/kernels_log.md, "The prefill's host
-# time").
+# time than they save GPU time (H200, 16 x 64, 1 x 512: 298 against 89 us; kernels_log.md, "The prefill's host time").
 SPLIT_MIN_KEYS_PER_QUERY = 4
 SPLIT_SUM_BLOCK = 256  # elements per program of the sum of the splits' partial outputs
 SPLITS_READ = 8  # splits whose statistics (one-query kernel) or partial outputs (the sum) are read at once
