@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_positive_int
-from ..ops import _HAS_TRITON, _triton_module
+from ..ops import _eager_triton, _triton_module
 
 DEFAULT_BASE = 10000.0  # theta of Su et al. (2021), LLaMA and GPT-NeoX
 #: Eager CUDA tensors of at least this many numbers rotate in one Triton kernel (:mod:`headmix.ops.triton.rotary`),
@@ -97,6 +97,5 @@ def kernel_takes(x: Tensor, compute_dtype: torch.dtype) -> bool:
     :data:`KERNEL_MIN_NUMEL` numbers or more computed in float32 (not float64), plain tensors (not a tensor subclass
     such as a fake or functorch-wrapped one), outside ``torch.compile`` (inductor fuses the PyTorch code itself) and
     autocast."""
-    return (type(x) is Tensor and x.is_cuda and _HAS_TRITON and x.dim() == 4 and compute_dtype == torch.float32
-            and x.numel() >= KERNEL_MIN_NUMEL and not torch.compiler.is_compiling()
-            and not torch.is_autocast_enabled("cuda"))
+    return (type(x) is Tensor and x.dim() == 4 and compute_dtype == torch.float32
+            and _eager_triton(x, KERNEL_MIN_NUMEL))

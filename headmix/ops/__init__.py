@@ -184,6 +184,14 @@ SHORT_ROW = 256
 TRITON_NORM_MIN_NUMEL = 1 << 20
 
 
+def _eager_triton(x: Tensor, min_numel: int) -> bool:
+    """Whether an eager helper kernel of :mod:`.triton` (the RMS norm, rotary embeddings) may take ``x``: a CUDA tensor
+    of at least ``min_numel`` numbers with triton installed, outside ``torch.compile`` (inductor fuses the kernel's
+    PyTorch spec itself) and autocast. Each caller adds what its kernel itself needs."""
+    return (x.is_cuda and _HAS_TRITON and x.numel() >= min_numel and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cuda"))
+
+
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tensor:
     """:func:`torch.nn.functional.rms_norm` over the last dim of ``x`` (``weight``: ``(x.shape[-1],)`` or ``None``).
 
@@ -193,8 +201,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6) -> Tens
     docs/kernels_log.md, "RMS norm of short rows"); inside ``torch.compile`` (inductor fuses the norm itself), under
     autocast, on the CPU, without triton, for smaller tensors or longer rows, PyTorch's ``rms_norm``. The results agree
     to rounding (float32 arithmetic, one rounding of the output: ``tests/test_norm.py``)."""
-    if (x.is_cuda and _HAS_TRITON and x.shape[-1] <= SHORT_ROW and x.numel() >= TRITON_NORM_MIN_NUMEL
-            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cuda")):
+    if x.shape[-1] <= SHORT_ROW and _eager_triton(x, TRITON_NORM_MIN_NUMEL):
         from .triton.norm import triton_rms_norm
 
         return triton_rms_norm(x, weight, eps)

@@ -1,5 +1,5 @@
 """Rotary position embedding ("rotate half") in one Triton kernel, forward and backward; the spec is
-:meth:`headmix.layers.rotary.RotaryEmbedding.forward`'s PyTorch code.
+:meth:`headmix.layers.rotary.RotaryEmbedding.rotate`, the PyTorch code.
 
 Why it exists: eagerly that code runs about ten elementwise kernels per tensor and as many in the backward (float32
 copies of the rotated part and of its rotated half, a concatenation, two products, a sum, the cast back, and the
